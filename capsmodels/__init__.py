@@ -1,0 +1,1 @@
+"""capsmodels: capsule networks, routing, datasets, probes and the training loop (PyTorch only)."""

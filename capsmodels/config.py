@@ -1,0 +1,241 @@
+"""Typed configuration of one training run: model, data and training sections.
+
+The same schema is used by `capsweep train CONFIG.yaml` and as the base of every sweep trial, so a
+trial's resolved config can be replayed with `capsweep train` unchanged. Plain dataclasses (no
+OmegaConf here: `capsmodels` stays free of the sweep stack); `sweeps` wraps them in OmegaConf
+structured configs for merging and type checking.
+
+Presets (timm style) are partial dicts applied on top of the dataclass defaults and below the
+user's file, so `model.preset: sabour` gives Sabour's network and any key in the file still wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ROUTINGS = ("dynamic", "em", "uniform")
+SQUASHES = ("sabour", "exp", "tanh")
+INITS = ("std", "fan")
+ARCHS = ("capsnet", "cnn")
+DATASETS = ("fashion_mnist", "mnist", "mnist5k", "digits", "cifar10", "svhn", "smallnorb", "sign")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed. Its message is one line naming the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """CapsNet family (or the CNN baseline). Defaults are Sabour et al. 2017 except where noted."""
+    preset: str = "small"             # name in capsmodels.networks.PRESETS, applied below the file
+    arch: str = "capsnet"             # capsnet | cnn (plain CNN baseline of matched size)
+    conv_channels: list = field(default_factory=lambda: [256])   # stem conv layers (ReLU)
+    conv_kernel: int = 9
+    primary_channels: int = 32        # capsule channels of PrimaryCaps
+    primary_dim: int = 8              # pose dimension of each primary capsule
+    primary_kernel: int = 9
+    primary_stride: int = 2
+    depth: int = 0                    # hidden fully connected capsule layers; 0 = Sabour's CapsNet
+    num_caps: int = 32                # capsules per hidden layer
+    caps_dim: int = 8                 # pose dimension of hidden capsules
+    out_dim: int = 16                 # pose dimension of class capsules
+    routing: str = "dynamic"          # dynamic | em | uniform (couplings fixed at 1/n_out)
+    iterations: int = 3               # routing iterations (1 = uniform couplings for dynamic)
+    detach_inner: bool = False        # detach u_hat in inner routing iterations (as some public code)
+    bias: bool = False                # bias before the squash (Peer et al. 2019)
+    squash: str = "sabour"            # sabour | exp | tanh
+    init: str = "std"                 # std: N(0, init_std) as public code | fan: keeps lengths ~1
+    init_std: float = 0.01
+    init_scale: float = 1.0           # multiplier on the fan-based scale (a sweep axis in `hunt`)
+    decoder: bool = True              # masked reconstruction decoder 512-1024-pixels
+    recon_weight: float = 0.0005
+    cnn_width: int = 0                # cnn baseline: hidden width of its dense layer (0 = matched size)
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"
+    root: Optional[str] = None        # None: $CAPSWEEP_DATA, else ~/.cache/capsweep (+ system paths)
+    train_size: float = 1.0           # <= 1.0: fraction of the training split; > 1: a count
+    val_size: float = 0.1             # carved from training data (fraction or count)
+    test_size: Optional[float] = None  # None: the whole test split; else a stratified subset
+    augment: bool = False             # Sabour's random shift by up to 2 pixels
+    download: bool = True             # fetch official files (checksum-verified) when missing
+    sign_samples: int = 4000          # size of the synthetic `sign` task
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_decay: float = 1.0             # multiplicative per epoch (Sabour used 0.96)
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda
+    threads: int = 0                  # torch intra-op threads; 0 = leave torch's default
+    max_steps_per_epoch: int = 0      # 0 = full epoch (a cap for smoke runs)
+    eval_batch: int = 256             # size of the fixed probe batch D from the validation split
+    grad_window: int = 10             # K: grad norms averaged over the last K steps of an epoch
+    dead_tau: float = 0.01            # a capsule is dead when max_x a_j(x) < tau
+    progress: bool = False            # tqdm bar per epoch (capsweep train turns it on)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _choice(field_name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field_name}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _at_least(field_name: str, value: Any, low: float, what: str = "") -> None:
+    if value < low:
+        raise ConfigError(f"{field_name}: {value!r} is not allowed; must be >= {low}{what}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and choice checks that types alone cannot express. Raises ConfigError (one line).
+
+    Shape checks that need the dataset's input size (a kernel larger than the image) live in
+    `capsmodels.networks.check_fits`, which is called before training starts.
+    """
+    m, d, t = cfg.model, cfg.data, cfg.train
+    from capsmodels.networks import PRESETS  # local: networks imports this module
+    _choice("model.preset", m.preset, tuple(PRESETS))
+    _choice("model.arch", m.arch, ARCHS)
+    _choice("model.routing", m.routing, ROUTINGS)
+    _choice("model.squash", m.squash, SQUASHES)
+    _choice("model.init", m.init, INITS)
+    _choice("data.name", d.name, DATASETS)
+    _choice("train.device", t.device, DEVICES)
+    _at_least("model.depth", m.depth, 0)
+    _at_least("model.iterations", m.iterations, 1)
+    for name in ("primary_channels", "primary_dim", "num_caps", "caps_dim", "out_dim",
+                 "conv_kernel", "primary_kernel", "primary_stride"):
+        _at_least(f"model.{name}", getattr(m, name), 1)
+    if not m.conv_channels or any(int(c) < 1 for c in m.conv_channels):
+        raise ConfigError(f"model.conv_channels: {list(m.conv_channels)!r} is not allowed; "
+                          "must be a non-empty list of positive integers")
+    if m.init_std <= 0 or m.init_scale <= 0:
+        raise ConfigError("model.init_std/model.init_scale: must be > 0")
+    _at_least("model.recon_weight", m.recon_weight, 0.0)
+    if not (0 < d.train_size <= 1.0 or (d.train_size > 1 and float(d.train_size).is_integer())):
+        raise ConfigError(f"data.train_size: {d.train_size!r} is not allowed; "
+                          "use a fraction in (0, 1] or a whole count > 1")
+    if not (0 < d.val_size < 1.0 or (d.val_size >= 1 and float(d.val_size).is_integer())):
+        raise ConfigError(f"data.val_size: {d.val_size!r} is not allowed; "
+                          "use a fraction in (0, 1) or a whole count >= 1")
+    if d.test_size is not None and not (0 < d.test_size <= 1.0 or
+                                        (d.test_size > 1 and float(d.test_size).is_integer())):
+        raise ConfigError(f"data.test_size: {d.test_size!r} is not allowed; "
+                          "use null, a fraction in (0, 1] or a whole count > 1")
+    _at_least("train.epochs", t.epochs, 1)
+    _at_least("train.batch_size", t.batch_size, 1)
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr: {t.lr!r} is not allowed; must be > 0")
+    if not 0 < t.lr_decay <= 1:
+        raise ConfigError(f"train.lr_decay: {t.lr_decay!r} is not allowed; must be in (0, 1]")
+    _at_least("train.threads", t.threads, 0)
+    _at_least("train.max_steps_per_epoch", t.max_steps_per_epoch, 0)
+    _at_least("train.eval_batch", t.eval_batch, 2)
+    _at_least("train.grad_window", t.grad_window, 1)
+    if not 0 < t.dead_tau < 1:
+        raise ConfigError(f"train.dead_tau: {t.dead_tau!r} is not allowed; must be in (0, 1)")
+    return cfg
+
+
+def _merge(base: dict, over: dict, path: str = "") -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{path}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Build a RunConfig from a nested dict: dataclass defaults <- model preset <- raw.
+
+    Unknown sections or keys raise ConfigError naming the key. Types are coerced the way YAML users
+    expect (an int where a float is declared); anything else that does not fit raises.
+    """
+    from capsmodels.networks import PRESETS
+    raw = raw or {}
+    sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+    for sec in raw:
+        if sec not in sections:
+            raise ConfigError(f"{sec}: unknown section; allowed: {', '.join(sections)}")
+    preset = (raw.get("model") or {}).get("preset", ModelConfig.preset)
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset: {preset!r} is not allowed; choose one of {', '.join(PRESETS)}")
+    merged = _merge({"model": dict(PRESETS[preset])}, {k: dict(v or {}) for k, v in raw.items()})
+    built = {}
+    for sec, cls in sections.items():
+        values = merged.get(sec, {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{sec}.{key}: unknown key; allowed: {', '.join(fields)}")
+            default = getattr(cls(), key)
+            if default is None:  # Optional fields: the annotation says which type
+                default = "" if "str" in str(fields[key].type) else None
+                if value is None:
+                    kwargs[key] = None
+                    continue
+            kwargs[key] = _coerce(f"{sec}.{key}", value, default)
+        built[sec] = cls(**kwargs)
+    return validate(RunConfig(**built))
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Coerce a YAML value to the type of the field's default, with a one-line error when it cannot."""
+    if value is None:
+        if default is None:
+            return None
+        raise ConfigError(f"{name}: null is not allowed; expected {type(default).__name__}")
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: {value!r} is not allowed; expected true or false")
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ConfigError(f"{name}: {value!r} is not allowed; expected an integer")
+        return int(value)
+    if isinstance(default, float) or default is None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: {value!r} is not allowed; expected a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: {value!r} is not allowed; expected a string")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: {value!r} is not allowed; expected a list")
+        return list(value)
+    return value
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'model': {'depth': 2}} -> {'model.depth': 2}: the MLflow param names."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
