@@ -1,0 +1,354 @@
+"""Read one sweep back from MLflow into a tidy pandas table (one row per trial) plus per-epoch histories.
+
+The sweep runner writes one parent run per sweep (tags capsweep.role=parent, capsweep.sweep=NAME) and
+one child run per trial (capsweep.role=trial, capsweep.sweep, capsweep.trial_id, capsweep.seed,
+capsweep.status in finished/diverged/failed/running, capsweep.error, capsweep.git_commit), params
+flattened with dots, per-epoch metrics with step = epoch. Runs of several sweeps in one experiment are
+kept apart by the capsweep.sweep tag.
+
+Final metrics come from `search_runs` (MLflow keeps each metric's latest value on the run, so no history
+call is needed for them). Histories are fetched in bulk, because `MlflowClient.get_metric_history` is one
+round trip per metric per run (thousands for a big sweep):
+  - SQL stores (sqlite, postgres, mysql): `SqlAlchemyStore.get_metric_history_bulk`, one SELECT per
+    metric key for up to 500 runs;
+  - a tracking server (http/https): the REST endpoint `GET /api/2.0/mlflow/metrics/get-history-bulk-interval`
+    (up to 100 runs per request, up to 2,500 points per run: an epoch history is never sampled);
+  - anything else (or an old server that lacks the endpoint): per-run `get_metric_history`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from analysis.errors import AnalysisError
+
+TAG_ROLE = "capsweep.role"
+TAG_SWEEP = "capsweep.sweep"
+TAG_TRIAL = "capsweep.trial_id"
+TAG_SEED = "capsweep.seed"
+TAG_STATUS = "capsweep.status"
+TAG_ERROR = "capsweep.error"
+TAG_COMMIT = "capsweep.git_commit"
+TAG_PARENT = "mlflow.parentRunId"
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_HISTORY_KEYS = ("val_acc", "test_acc", "grad_ratio")
+REQUIRED_PROBES = ("grad_ratio", "test_acc")   # a finished capsweep trial always logs these
+
+_SQL_CHUNK = 500        # run ids per SQL IN (...) list, well under every backend's parameter limit
+_REST_CHUNK = 100       # the server's MAX_RUNS_GET_METRIC_HISTORY_BULK
+_REST_MAX_PER_RUN = 2500  # the server's MAX_RESULTS_PER_RUN
+_TRIAL_COLUMNS = ("run_id", "run_name", "sweep", "trial_id", "seed", "status", "run_status", "error",
+                  "git_commit", "parent_run_id", "start_time", "end_time")
+
+
+@dataclass
+class SweepData:
+    """One sweep, read back. `trials` has one row per trial run:
+    identity columns (`run_id, run_name, sweep, trial_id, seed, status, run_status, error, git_commit,
+    parent_run_id, start_time, end_time`), the params under their dotted names (strings, as MLflow
+    stores them; names in `param_cols`), final metric values under their metric names (`test_acc`,
+    `grad_norm/l1`, ...; names in `metric_cols`), and from the histories `n_epochs`, `best_val_acc`,
+    `best_test_acc`, `test_acc_at_best_val`. `histories` is long: run_id, key, step, value.
+    """
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+    sweep: str
+    parent_run_id: Optional[str]
+    trials: pd.DataFrame
+    histories: pd.DataFrame
+    param_cols: list[str]
+    metric_cols: list[str]
+    notes: list[str] = field(default_factory=list)
+    sweeps_in_experiment: list[str] = field(default_factory=list)
+    history_method: str = ""
+    load_seconds: float = 0.0
+
+    def history(self, key: str) -> pd.DataFrame:
+        """Wide per-epoch table of one metric: index step (epoch), one column per run id."""
+        h = self.histories[self.histories["key"] == key]
+        return h.pivot_table(index="step", columns="run_id", values="value", aggfunc="last")
+
+
+def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
+    """None -> $MLFLOW_TRACKING_URI, else MLflow's own default `sqlite:///mlflow.db` (the sweeps' default)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_store_exists(tracking_uri: str) -> None:
+    """Opening a missing sqlite file (or folder store) with MLflow silently creates an empty store;
+    refuse instead, so a typo in the path gives a clear message rather than 'experiment not found'."""
+    path = None
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+        if path in ("", ":memory:"):
+            return
+    elif tracking_uri.startswith("file:"):
+        path = tracking_uri[len("file://"):] if tracking_uri.startswith("file://") else tracking_uri[5:]
+    elif "://" not in tracking_uri:
+        path = tracking_uri
+    if path is not None and not os.path.exists(path):
+        raise AnalysisError(f"tracking store {path} does not exist (from tracking URI {tracking_uri}); "
+                            "run a sweep first or pass --tracking-uri")
+
+
+def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
+               sweep: Optional[str] = None, history_keys: Iterable[str] = DEFAULT_HISTORY_KEYS,
+               progress: Optional[bool] = None) -> SweepData:
+    """Read sweep `sweep` of MLflow experiment `experiment` (None: the most recent sweep, with a note).
+
+    Raises AnalysisError (one line) when the store, experiment or sweep is missing, when the sweep has
+    no finished trial, or when its runs do not carry the capsweep probes. `progress`: a counter on
+    stderr while loading (None: only when stderr is a terminal).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    t0 = time.perf_counter()
+    uri = resolve_tracking_uri(tracking_uri)
+    check_store_exists(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except mlflow.exceptions.MlflowException as e:
+        raise AnalysisError(f"cannot read tracking store {uri}: {_one_line(e)}") from None
+    except Exception as e:  # connection refused, DNS, ... from requests/sqlalchemy
+        raise AnalysisError(f"cannot reach tracking store {uri}: {_one_line(e)}") from None
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments())
+        hint = f"; experiments there: {', '.join(names)}" if names else "; the store has no experiments"
+        raise AnalysisError(f"experiment {experiment!r} not found at {uri}{hint}")
+    exp_id = exp.experiment_id
+    notes: list[str] = []
+    show = sys.stderr.isatty() if progress is None else progress
+
+    parents = _search_all(client, exp_id, f"tags.`{TAG_ROLE}` = 'parent'")
+    parents_by_sweep: dict[str, list] = {}
+    for r in parents:
+        name = r.data.tags.get(TAG_SWEEP) or r.info.run_name
+        parents_by_sweep.setdefault(name, []).append(r)
+    sweeps = sorted(parents_by_sweep)
+    if not sweeps:  # trials without a parent (an interrupted start?): fall back to the trials' tags
+        some = _search_all(client, exp_id, f"tags.`{TAG_ROLE}` = 'trial'")
+        sweeps = sorted({r.data.tags.get(TAG_SWEEP, "") for r in some} - {""})
+        if not sweeps:
+            any_run = client.search_runs([exp_id], max_results=1)
+            if not any_run:
+                raise AnalysisError(f"experiment {experiment!r} has no runs; run a sweep into it first")
+            raise AnalysisError(f"experiment {experiment!r} has runs but none written by capsweep "
+                                f"(no '{TAG_SWEEP}' tag); pass the experiment a sweep logged to")
+    if sweep is None:
+        if parents_by_sweep:
+            sweep = max(parents_by_sweep, key=lambda s: max(r.info.start_time or 0 for r in parents_by_sweep[s]))
+        else:
+            sweep = sweeps[-1]
+        if len(sweeps) > 1:
+            notes.append(f"experiment {experiment!r} holds {len(sweeps)} sweeps ({', '.join(sweeps)}); "
+                         f"analysing the most recent, {sweep!r} (choose with --sweep)")
+    elif sweep not in sweeps:
+        raise AnalysisError(f"sweep {sweep!r} not found in experiment {experiment!r}; "
+                            f"sweeps there: {', '.join(sweeps)}")
+    sweep_parents = sorted(parents_by_sweep.get(sweep, []), key=lambda r: r.info.start_time or 0)
+    parent_id = sweep_parents[-1].info.run_id if sweep_parents else None
+    if len(sweep_parents) > 1:
+        notes.append(f"{len(sweep_parents)} parent runs are named {sweep!r}; their trials are analysed "
+                     f"together and the report is logged on the most recent ({parent_id})")
+    if parent_id is None:
+        notes.append(f"sweep {sweep!r} has no parent run; the report cannot be logged to MLflow")
+
+    runs = _search_all(client, exp_id,
+                       f"tags.`{TAG_SWEEP}` = '{_quote(sweep)}' and tags.`{TAG_ROLE}` = 'trial'",
+                       progress=show, what=f"trial runs of sweep {sweep}")
+    if not runs:
+        raise AnalysisError(f"sweep {sweep!r} of experiment {experiment!r} has no trial runs yet")
+    trials, param_cols, metric_cols = _trials_table(runs, sweep)
+
+    finished = trials["status"] == "finished"
+    if not finished.any():
+        counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
+        raise AnalysisError(f"sweep {sweep!r} has no finished trials ({counts}); nothing to analyse")
+    has_probes = np.ones(len(trials), dtype=bool)
+    for key in REQUIRED_PROBES:
+        has_probes &= trials[key].notna().to_numpy() if key in trials else False
+    if not (has_probes & finished.to_numpy()).any():
+        raise AnalysisError(f"no finished trial of sweep {sweep!r} logs the capsweep probes "
+                            f"({', '.join(REQUIRED_PROBES)}, grad_norm/l*); were these runs written by "
+                            "another tool?")
+    lacking = finished.to_numpy() & ~has_probes
+    if lacking.any():
+        trials.loc[lacking, "status"] = "incomplete"
+        notes.append(f"{int(lacking.sum())} finished trial(s) lack the probes "
+                     f"({', '.join(REQUIRED_PROBES)}) and are counted as incomplete")
+
+    histories, method = fetch_histories(client, list(trials["run_id"]), list(history_keys),
+                                        progress=show)
+    trials = _add_history_summaries(trials, histories)
+    return SweepData(experiment=experiment, experiment_id=exp_id, tracking_uri=uri, sweep=sweep,
+                     parent_run_id=parent_id, trials=trials, histories=histories,
+                     param_cols=param_cols, metric_cols=metric_cols, notes=notes,
+                     sweeps_in_experiment=sweeps, history_method=method,
+                     load_seconds=time.perf_counter() - t0)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return msg[:300] + ("..." if len(msg) > 300 else "")
+
+
+def _quote(s: str) -> str:
+    """Escape a value for an MLflow filter string literal."""
+    return s.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _search_all(client, exp_id: str, filter_string: str, progress: bool = False,
+                what: str = "runs") -> list:
+    """All active runs matching `filter_string`, page by page (1,000 per page, MLflow's cap for
+    search_runs over REST is 50,000 but big pages cost memory on the server)."""
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp_id], filter_string=filter_string, max_results=1000,
+                                  page_token=token)
+        out.extend(page)
+        if progress:
+            print(f"\rloading {what}: {len(out)}", end="", file=sys.stderr, flush=True)
+        token = page.token
+        if not token:
+            break
+    if progress:
+        print(file=sys.stderr)
+    return out
+
+
+def _status_of(run) -> str:
+    tag = run.data.tags.get(TAG_STATUS)
+    if tag:
+        return tag
+    return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed",
+            "RUNNING": "running", "SCHEDULED": "running"}.get(run.info.status, "failed")
+
+
+def _trials_table(runs: list, sweep: str) -> tuple[pd.DataFrame, list[str], list[str]]:
+    rows, param_keys, metric_keys = [], set(), set()
+    for r in runs:
+        tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        seed = tags.get(TAG_SEED, params.get("train.seed"))
+        row = {
+            "run_id": r.info.run_id, "run_name": r.info.run_name, "sweep": sweep,
+            "trial_id": tags.get(TAG_TRIAL, r.info.run_name),
+            "seed": int(seed) if seed is not None and str(seed).lstrip("-").isdigit() else seed,
+            "status": _status_of(r), "run_status": r.info.status, "error": tags.get(TAG_ERROR, ""),
+            "git_commit": tags.get(TAG_COMMIT, ""), "parent_run_id": tags.get(TAG_PARENT),
+            "start_time": r.info.start_time, "end_time": r.info.end_time,
+        }
+        row.update(params)
+        row.update({k: float(v) for k, v in metrics.items()})
+        param_keys.update(params)
+        metric_keys.update(metrics)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    param_cols = sorted(param_keys)
+    metric_cols = sorted(metric_keys)
+    for c in metric_cols:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    df = df[list(_TRIAL_COLUMNS) + param_cols + metric_cols]
+    return df.sort_values(["trial_id", "run_id"], key=lambda s: s.astype(str)).reset_index(drop=True), \
+        param_cols, metric_cols
+
+
+def _add_history_summaries(trials: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
+    """Best-epoch figures: best val/test accuracy, test accuracy at the best validation epoch."""
+    trials = trials.copy()
+    for col in ("n_epochs", "best_val_acc", "best_test_acc", "test_acc_at_best_val"):
+        trials[col] = np.nan
+    if histories.empty:
+        return trials
+    wide = histories.pivot_table(index=["run_id", "step"], columns="key", values="value", aggfunc="last")
+    idx = trials.set_index("run_id").index
+    for run_id, g in wide.groupby(level=0):
+        i = idx.get_loc(run_id)
+        g = g.droplevel(0)
+        trials.iloc[i, trials.columns.get_loc("n_epochs")] = len(g)
+        if "val_acc" in g and g["val_acc"].notna().any():
+            trials.iloc[i, trials.columns.get_loc("best_val_acc")] = g["val_acc"].max()
+            if "test_acc" in g:
+                trials.iloc[i, trials.columns.get_loc("test_acc_at_best_val")] = g["test_acc"].get(
+                    g["val_acc"].idxmax(), np.nan)
+        if "test_acc" in g and g["test_acc"].notna().any():
+            trials.iloc[i, trials.columns.get_loc("best_test_acc")] = g["test_acc"].max()
+    return trials
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metric histories in bulk
+
+def fetch_histories(client, run_ids: list[str], keys: list[str],
+                    progress: bool = False) -> tuple[pd.DataFrame, str]:
+    """Per-epoch values of `keys` for `run_ids` as a long table (run_id, key, step, value), with the
+    fetch method used. A metric logged twice at one step (a resumed trial) keeps its latest value."""
+    from mlflow.store.tracking.rest_store import RestStore
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    records: list[tuple] = []
+    method = "per-run get_metric_history"
+    fetch: Callable[[list[str], str], list[tuple]]
+    if store is not None and hasattr(store, "get_metric_history_bulk"):
+        method, chunk = "SQL bulk (get_metric_history_bulk)", _SQL_CHUNK
+
+        def fetch(ids, key):
+            got = store.get_metric_history_bulk(run_ids=ids, metric_key=key, max_results=10**9)
+            return [(m.run_id, m.key, m.step, m.timestamp, m.value) for m in got]
+    elif isinstance(store, RestStore) and _rest_bulk_available(store, run_ids[:1], keys[:1]):
+        method, chunk = "REST get-history-bulk-interval", _REST_CHUNK
+
+        def fetch(ids, key):
+            return _rest_bulk(store, ids, key)
+    else:
+        chunk = 1
+
+        def fetch(ids, key):
+            return [(ids[0], m.key, m.step, m.timestamp, m.value)
+                    for m in client.get_metric_history(ids[0], key)]
+    n_calls = len(keys) * ((len(run_ids) + chunk - 1) // chunk)
+    done = 0
+    for key in keys:
+        for start in range(0, len(run_ids), chunk):
+            records.extend(fetch(run_ids[start:start + chunk], key))
+            done += 1
+            if progress:
+                print(f"\rloading histories: {done}/{n_calls}", end="", file=sys.stderr, flush=True)
+    if progress and n_calls:
+        print(file=sys.stderr)
+    df = pd.DataFrame(records, columns=["run_id", "key", "step", "timestamp", "value"])
+    df["value"] = pd.to_numeric(df["value"], errors="coerce").astype(float)
+    df["step"] = df["step"].astype(int)
+    df = (df.sort_values(["run_id", "key", "step", "timestamp"])
+            .drop_duplicates(["run_id", "key", "step"], keep="last")
+            .drop(columns="timestamp").reset_index(drop=True))
+    return df, method
+
+
+def _rest_bulk(store, run_ids: list[str], key: str) -> list[tuple]:
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+    endpoint = "/api/2.0/mlflow/metrics/get-history-bulk-interval"
+    resp = http_request(store.get_host_creds(), endpoint, "GET",
+                        params={"run_ids": run_ids, "metric_key": key,
+                                "max_results": _REST_MAX_PER_RUN})
+    verify_rest_response(resp, endpoint)
+    return [(m["run_id"], m["key"], int(m.get("step", 0)), int(m.get("timestamp", 0)),
+             float(m.get("value", "nan"))) for m in resp.json().get("metrics", [])]
+
+
+def _rest_bulk_available(store, run_ids: list[str], keys: list[str]) -> bool:
+    """Servers older than MLflow 2.11 lack the endpoint: probe once, fall back to per-run calls."""
+    if not run_ids or not keys:
+        return False
+    try:
+        _rest_bulk(store, run_ids, keys[0])
+        return True
+    except Exception:
+        return False
