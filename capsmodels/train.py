@@ -1,0 +1,195 @@
+"""The training loop: `fit(config, report)` trains one configuration and reports once per epoch.
+
+It knows nothing of Ray or MLflow: a sweep's trainable passes a `report` callable that forwards the
+metrics to Ray Tune, `capsweep train` passes one that prints them. One clear path, nanoGPT style:
+build data -> build model -> for each epoch: train steps (grad norms recorded) -> evaluate ->
+probes on the fixed batch D -> report.
+
+Determinism: the model is initialised under `torch.manual_seed(seed)`, and every random choice of
+the loop (shuffling, augmentation) draws from one dedicated `torch.Generator` seeded from the same
+seed, whose state is part of the checkpoint. Probes run under `fork_rng`, so two runs with the same
+seed on the CPU repeat exactly, with or without resumes.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from capsmodels import config as cfgmod
+from capsmodels import data as datamod
+from capsmodels import losses, networks, probes
+
+Report = Callable[..., Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise cfgmod.ConfigError("train.device: 'cuda' was asked for but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator high-water mark, else the CPU RSS high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ds: torch.utils.data.TensorDataset, device: torch.device,
+             recon_weight: float, batch: int = 512) -> tuple[float, float]:
+    """(mean loss, accuracy) over a whole split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    x_all, y_all = ds.tensors
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(y_all), batch):
+        x = x_all[start:start + batch].to(device, non_blocking=True)
+        y = y_all[start:start + batch].to(device, non_blocking=True)
+        out = model(x)
+        loss, _ = losses.total_loss(out, x, y, recon_weight)
+        total_loss += float(loss) * len(y)
+        correct += int((out.scores.argmax(-1) == y).sum())
+    model.train(was_training)
+    n = max(len(y_all), 1)
+    return total_loss / n, correct / n
+
+
+def prepare(cfg: cfgmod.RunConfig, data: Optional[datamod.RawData] = None
+            ) -> tuple[datamod.Splits, torch.nn.Module, torch.device]:
+    """Everything that can fail on bad input, before any training: data, shape check, model."""
+    device = resolve_device(cfg.train.device)
+    raw = data if data is not None else datamod.load_raw(
+        cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.sign_samples)
+    splits = datamod.make_splits(raw, cfg.data, cfg.train.seed)
+    networks.check_fits(cfg.model, splits.in_shape)
+    torch.manual_seed(cfg.train.seed)
+    model = networks.build(cfg.model, splits.in_shape, splits.num_classes).to(device)
+    return splits, model, device
+
+
+def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
+        data: Optional[datamod.RawData] = None, state: Optional[dict] = None,
+        with_state: bool = False) -> dict:
+    """Train one configuration; call `report(metrics)` once per epoch; return the last metrics.
+
+    config: a RunConfig or a nested dict (validated here). data: the raw dataset when the caller has
+    it already (a sweep shares one copy per node through Ray's object store). state: a checkpoint
+    from an earlier report to continue from. with_state: call `report(metrics, state=...)` with a
+    checkpoint dict (model, optimiser, scheduler, generator, epoch) so a caller can persist it.
+
+    A non-finite loss ends the run with `status: diverged` in the last report instead of raising.
+    """
+    cfg = config if isinstance(config, cfgmod.RunConfig) else cfgmod.from_dict(config)
+    cfgmod.validate(cfg)
+    t = cfg.train
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    splits, model, device = prepare(cfg, data)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=t.lr_decay)
+    gen = torch.Generator().manual_seed(t.seed)
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        start_epoch = int(state["epoch"]) + 1
+
+    x_train, y_train = splits.train.tensors
+    x_eval = splits.val.tensors[0][: t.eval_batch].to(device)
+    tracker = probes.GradTracker(model.layer_weights(), t.grad_window)
+    n = len(y_train)
+    steps = math.ceil(n / t.batch_size)
+    if t.max_steps_per_epoch:
+        steps = min(steps, t.max_steps_per_epoch)
+    recon_w = cfg.model.recon_weight if cfg.model.decoder else 0.0
+    metrics: dict = {}
+    if state is not None and start_epoch >= t.epochs and state.get("metrics"):
+        # resumed from the final checkpoint (the caller lost the last report): say it again
+        metrics = dict(state["metrics"])
+        if report is not None:
+            report(metrics, state=state) if with_state else report(metrics)
+        return metrics
+
+    for epoch in range(start_epoch, t.epochs):
+        model.train()
+        tracker.reset()
+        perm = torch.randperm(n, generator=gen)
+        t0 = time.perf_counter()
+        seen, loss_sum, correct, diverged = 0, 0.0, 0, False
+        bar = _progress(steps, epoch, t) if t.progress else None
+        for step in range(steps):
+            idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
+            x, y = x_train[idx], y_train[idx]
+            if cfg.data.augment:
+                x = datamod.shift_augment(x, 2, generator=gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(x, y)
+            loss, _ = losses.total_loss(out, x, y, recon_w)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            tracker.record()
+            opt.step()
+            seen += len(y)
+            loss_sum += float(loss) * len(y)
+            correct += int((out.scores.detach().argmax(-1) == y).sum())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time = time.perf_counter() - t0
+        sched.step()
+
+        metrics = {"epoch": epoch,
+                   "train_loss": loss_sum / seen if seen else float("nan"),
+                   "train_acc": correct / seen if seen else float("nan")}
+        metrics.update(tracker.summary())
+        if not diverged:
+            metrics["val_loss"], metrics["val_acc"] = evaluate(model, splits.val, device, recon_w)
+            metrics["test_loss"], metrics["test_acc"] = evaluate(model, splits.test, device, recon_w)
+            diverged = not all(math.isfinite(metrics[k]) for k in ("val_loss", "test_loss"))
+        if not diverged:
+            metrics.update(probes.evaluation_probes(model, x_eval, t.dead_tau))
+        metrics["images_per_s"] = seen / train_time if train_time > 0 else 0.0
+        metrics["peak_mem_mb"] = peak_memory_mb(device)
+        metrics["time_s"] = train_time
+        metrics["status"] = "diverged" if diverged else ("finished" if epoch == t.epochs - 1 else "running")
+        if report is not None:
+            if with_state:
+                report(metrics, state=_state(model, opt, sched, gen, epoch, metrics))
+            else:
+                report(metrics)
+        if diverged:
+            break
+    return metrics
+
+
+def _state(model, opt, sched, gen, epoch: int, metrics: dict) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
+            "metrics": dict(metrics)}
+
+
+def _progress(steps: int, epoch: int, t: cfgmod.TrainConfig):
+    from tqdm.auto import tqdm
+    return tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", leave=True,
+                file=sys.stderr, dynamic_ncols=True)

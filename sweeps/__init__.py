@@ -1,0 +1,1 @@
+"""sweeps: Ray Tune + Optuna sweeps over CapsNet configs, specified in OmegaConf, logged to MLflow."""

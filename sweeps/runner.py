@@ -1,0 +1,254 @@
+"""Run a validated sweep: preflight checks, then Ray Tune with MLflow logging; resume and Ctrl-C.
+
+Order matters: every check that can refuse (tracking store reachable, the sweep name free or resumable,
+no other driver on the storage folder, the datasets readable) happens before Ray starts or any MLflow
+run is created, so a refused sweep leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")        # the classic progress table, our columns
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+
+from filelock import FileLock, Timeout  # noqa: E402
+from mlflow.entities import Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from capsmodels import config as runcfg  # noqa: E402
+from capsmodels import data as datamod  # noqa: E402
+from sweeps import search, tracking  # noqa: E402
+from sweeps.spec import SpecError, SweepSpec, objectives, storage_dir, to_yaml, total_trials, trial_config  # noqa: E402
+
+INJECT_ENV = ("CAPSWEEP_INJECT_FAILURE",)
+
+
+class SweepRefused(RuntimeError):
+    """A sweep that must not start (name taken, nothing to resume, storage in use). One line."""
+
+
+@dataclass
+class SweepResult:
+    name: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    storage: Path
+    trials: int
+    statuses: dict
+    interrupted: bool
+
+
+def dataset_keys(spec: SweepSpec) -> list[tuple[str, Optional[str], int]]:
+    """The datasets a sweep's trials can ask for, so the driver loads each once."""
+    base = runcfg.from_dict(spec.base)
+    names = [base.data.name]
+    entry = spec.space.get("data.name")
+    if entry:
+        names += list(next(iter(entry.values())))
+    return [(n, base.data.root, base.data.sign_samples) for n in dict.fromkeys(names)]
+
+
+def load_datasets(spec: SweepSpec) -> dict:
+    """Load every dataset once in the driver; Ray's object store shares it with the trials."""
+    out = {}
+    for name, root, sign_samples in dataset_keys(spec):
+        base = runcfg.from_dict(spec.base)
+        out[name] = datamod.load_raw(name, root, base.data.download, sign_samples)
+    return out
+
+
+def trial_params(config: dict, base: Optional[dict] = None) -> tuple[dict, int]:
+    """Flattened params (MLflow) and seed of one trial."""
+    resolved = runcfg.to_dict(runcfg.from_dict(trial_config(base or {}, config)))
+    flat = runcfg.flatten(resolved)
+    return flat, int(resolved["train"]["seed"])
+
+
+class _TrialParams:
+    """Picklable callables for the logger (Tune pickles callbacks into its experiment state)."""
+
+    def __init__(self, base: dict):
+        self.base = base
+
+    def params(self, config: dict) -> tuple[dict, int]:
+        return trial_params(config, self.base)
+
+    def yaml(self, config: dict) -> str:
+        import yaml
+        resolved = runcfg.to_dict(runcfg.from_dict(trial_config(self.base, config)))
+        return yaml.safe_dump(resolved, sort_keys=False)
+
+
+def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optional[Any], Path]:
+    """Checks that refuse a sweep before anything starts. Returns (client, experiment id, parent, exp dir)."""
+    tracking.check_reachable(spec.mlflow.tracking_uri)
+    storage = storage_dir(spec)
+    exp_dir = storage / spec.name
+    client = MlflowClient(spec.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(spec.mlflow.experiment)
+    parent = tracking.find_parent(client, exp.experiment_id, spec.name) if exp else None
+    has_state = _can_restore(exp_dir)
+    if resume:
+        if parent is None and not has_state:
+            raise SweepRefused(f"--resume: no sweep named {spec.name!r} in experiment "
+                               f"{spec.mlflow.experiment!r} nor Ray state in {exp_dir}; start it without --resume")
+        if not has_state:
+            raise SweepRefused(f"--resume: sweep {spec.name!r} has an MLflow run but no Ray Tune state in "
+                               f"{exp_dir}; was it run with another storage_path?")
+    else:
+        if parent is not None:
+            state = parent.info.status
+            raise SweepRefused(
+                f"name: a sweep named {spec.name!r} already exists in experiment {spec.mlflow.experiment!r} "
+                f"(parent run {parent.info.run_id}, {state}); use --resume to continue it, or name=<new name>")
+        if exp_dir.exists() and any(exp_dir.iterdir()):
+            raise SweepRefused(f"storage_path: {exp_dir} already holds a Ray experiment named {spec.name!r}; "
+                               "use --resume to continue it, or name=<new name>")
+    return client, (exp.experiment_id if exp else ""), parent, exp_dir
+
+
+def _can_restore(exp_dir: Path) -> bool:
+    from ray.tune import Tuner
+    try:
+        return exp_dir.is_dir() and Tuner.can_restore(str(exp_dir))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def acquire_lock(storage: Path, name: str) -> FileLock:
+    """One driver per sweep and storage folder: a second one is refused instead of corrupting state."""
+    storage.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(storage / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SweepRefused(f"sweep {name!r}: another driver is running it on {storage} "
+                           f"(lock {lock.lock_file}); wait for it or stop it first") from None
+    return lock
+
+
+def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> str:
+    tags = {tracking.ROLE: "parent", tracking.SWEEP: spec.name, tracking.STATUS: "running",
+            "mlflow.runName": spec.name}
+    commit = tracking.git_commit()
+    if commit:
+        tags[tracking.COMMIT] = commit
+    run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
+    rid = run.info.run_id
+    metrics, modes = objectives(spec)
+    params = {"sweep.search": spec.search.algorithm, "sweep.sampler": spec.search.sampler,
+              "sweep.metric": ",".join(metrics), "sweep.mode": ",".join(modes),
+              "sweep.num_samples": spec.num_samples, "sweep.seeds": ",".join(map(str, spec.seeds)),
+              "sweep.scheduler": spec.scheduler.name, "sweep.trials": total_trials(spec),
+              "sweep.space": ",".join(spec.space)}
+    client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_text(rid, to_yaml(spec), "spec.yaml")
+    return rid
+
+
+def init_ray(address: Optional[str], num_cpus: Optional[int]) -> None:
+    import ray
+    env = {k: os.environ[k] for k in INJECT_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def _reporter(spec: SweepSpec):
+    from ray.tune import CLIReporter
+    metrics, _ = objectives(spec)
+    cols = {"epoch": "epoch", "val_acc": "val_acc", "grad_ratio": "grad_ratio",
+            "dead_frac_max": "dead_max"}
+    for m in metrics:
+        cols.setdefault(m, m.replace("/", "_"))
+    params = {k: k.split(".")[-1] for k in list(spec.space)[:6]}
+    params[search.SEED_KEY] = "seed"
+    return CLIReporter(metric_columns=cols, parameter_columns=params, max_report_frequency=15,
+                       print_intermediate_tables=True)
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = None,
+              num_cpus: Optional[int] = None, verbose: int = 1) -> SweepResult:
+    """The whole sweep. Raises SpecError/SweepRefused/DataError/TrackingUnavailable before Ray starts."""
+    client, experiment_id, parent, exp_dir = preflight(spec, resume)
+    storage = exp_dir.parent
+    lock = acquire_lock(storage, spec.name)
+    try:
+        raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
+        if not experiment_id:
+            experiment_id = tracking.get_or_create_experiment(client, spec.mlflow.experiment)
+        if parent is None:
+            parent_id = create_parent(client, experiment_id, spec)
+        else:
+            parent_id = parent.info.run_id
+            client.update_run(parent_id, status="RUNNING")
+            client.set_tag(parent_id, tracking.STATUS, "running")
+        init_ray(address, num_cpus)
+        return _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose)
+    finally:
+        lock.release()
+
+
+def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose) -> SweepResult:
+    import ray
+    from ray import tune
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_entry, base=spec.base, raws=raws, cpus=spec.resources.cpu),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    tp = _TrialParams(spec.base)
+    logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
+                                        exp_dir, tp.params, tp.yaml)
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
+        run_config = tuner._local_tuner.get_run_config()   # swap in a logger bound to this driver
+        run_config.callbacks = [logger]
+        run_config.progress_reporter = _reporter(spec)
+    else:
+        param_space, search_alg, scheduler, num_samples = search.build(spec)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=(spec.max_concurrent or None)
+                                        if search_alg is None else None),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=str(storage), callbacks=[logger],
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                progress_reporter=_reporter(spec), verbose=verbose),
+        )
+    interrupted = False
+    try:
+        grid = tuner.fit()
+        trials = [r for r in grid]
+        errors = grid.num_errors
+    except KeyboardInterrupt:
+        interrupted = True
+        trials, errors = [], 0
+    statuses = dict(logger.statuses)
+    done = all(s in ("finished", "diverged", "failed", "stopped") for s in statuses.values())
+    expected = total_trials(spec)
+    if len(statuses) < expected or not done:
+        interrupted = True
+    if interrupted:
+        logger.close([], interrupted=True)
+    ray.shutdown()
+    return SweepResult(spec.name, spec.mlflow.experiment, experiment_id, parent_id, spec.mlflow.tracking_uri,
+                       storage, len(statuses), statuses, interrupted)
+
+
+def _trial_entry(config: dict, base: dict, raws: dict, cpus: float) -> None:
+    """Module-level (picklable) entry: pick this trial's dataset from the shared dict."""
+    from sweeps.trainable import run_trial
+    name = trial_config(base, config).get("data", {}).get("name") or runcfg.DataConfig.name
+    run_trial(config, base, raws.get(name), cpus)

@@ -1,0 +1,350 @@
+"""Sweep specs: typed OmegaConf configs merged as defaults <- file <- CLI dotlist, then validated.
+
+A spec is YAML like
+
+    name: depth
+    base: {model: {preset: tiny}, data: {name: mnist5k}, train: {epochs: 2}}   # the `capsweep train` schema
+    space:
+      model.depth: {grid: [0, 1, 2]}
+      train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+    search: {algorithm: optuna, sampler: tpe}
+    metric: val_acc
+    mode: max
+    seeds: [0, 1]
+
+Everything is validated here, before Ray or MLflow start: a mistake costs one line and exit 2, not a
+cluster allocation. YAML is read with OmegaConf (yaml.SafeLoader underneath: no object construction).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from capsmodels import config as runcfg
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "int", "logint")
+ALGORITHMS = ("grid", "random", "optuna")
+SAMPLERS = ("tpe", "cmaes", "nsga2", "random")
+SCHEDULERS = ("none", "asha")
+MODES = ("min", "max")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Metrics every trial reports, and per-layer ones (l = 0 .. depth+1). `sweeps` checks the spec's
+# metric against these so a typo fails before a single trial runs.
+SCALAR_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                  "grad_ratio", "dead_frac_max", "images_per_s", "peak_mem_mb", "time_s")
+LAYER_METRICS = ("grad_norm", "act_mean", "dead_frac", "tree_score", "routing_dynamics", "squash_gain")
+
+
+class SpecError(ValueError):
+    """A spec mistake: one line naming the field and what is allowed."""
+
+
+@dataclass
+class SearchSpec:
+    algorithm: str = "grid"     # grid | random | optuna
+    sampler: str = "tpe"        # optuna sampler: tpe | cmaes | nsga2 (several objectives) | random
+    seed: int = 0               # the searcher's own seed (trial seeds are `seeds`)
+
+
+@dataclass
+class SchedulerSpec:
+    name: str = "none"          # none | asha
+    grace_period: int = 1       # epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+
+
+@dataclass
+class ResourcesSpec:
+    cpu: float = 1.0            # CPUs per trial (also sets torch threads)
+    gpu: float = 0.0            # GPUs per trial; fractions share a GPU between trials
+
+
+@dataclass
+class MlflowSpec:
+    tracking_uri: str = "sqlite:///mlflow.db"   # MLflow's own default store, in the working folder
+    experiment: str = "capsweep"
+
+
+@dataclass
+class SweepSpec:
+    name: str = "sweep"
+    base: dict = field(default_factory=dict)         # a `capsweep train` config (model/data/train)
+    space: dict = field(default_factory=dict)        # dotted key -> {kind: values}
+    search: SearchSpec = field(default_factory=SearchSpec)
+    metric: Any = "val_acc"                          # a name, or a list for several objectives
+    mode: Any = "max"                                # min | max, or a list matching `metric`
+    num_samples: int = 1        # configurations to sample (random/optuna); grid: repeats of the grid
+    seeds: list = field(default_factory=lambda: [0])  # each configuration runs once per seed
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    max_concurrent: int = 0     # 0: as many as resources allow
+    max_failures: int = 2       # retries of a trial that raises, before it is marked failed
+    storage_path: str = "ray_results"                # Ray Tune experiment state (resume) lives here
+    mlflow: MlflowSpec = field(default_factory=MlflowSpec)
+
+
+def _fail(msg: str) -> None:
+    raise SpecError(msg)
+
+
+def resolve_spec_path(spec: str) -> Path:
+    """A path, or the name of a shipped spec (`smoke` -> sweeps/configs/smoke.yaml)."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / f"{spec}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    _fail(f"spec: {spec!r} is neither a file nor a shipped spec; shipped specs: {names}")
+
+
+def load_spec(spec: str, overrides: Optional[list[str]] = None) -> SweepSpec:
+    """defaults <- file <- CLI `key=value` overrides, typed and validated. Raises SpecError."""
+    path = resolve_spec_path(spec)
+    try:
+        file_cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError, OSError, OmegaConf errors
+        _fail(f"spec {path}: cannot be read as YAML: {_one_line(e)}")
+    if not isinstance(file_cfg, DictConfig):
+        _fail(f"spec {path}: must be a mapping of fields, got {type(file_cfg).__name__}")
+    try:
+        cli_cfg = OmegaConf.from_dotlist(list(overrides or []))
+    except Exception as e:
+        _fail(f"override: {_one_line(e)}; write overrides as key=value")
+    return from_config(OmegaConf.merge(file_cfg, cli_cfg), origin=str(path))
+
+
+def from_config(raw: DictConfig | dict, origin: str = "spec") -> SweepSpec:
+    """Type-check against the SweepSpec schema, then validate meaning."""
+    schema = OmegaConf.structured(SweepSpec)
+    if isinstance(raw, dict):
+        raw = OmegaConf.create(raw)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        spec: SweepSpec = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        _fail(_omegaconf_message(e))
+    spec.base = _plain(spec.base)
+    spec.space = _plain(spec.space)
+    validate(spec)
+    return spec
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(x, resolve=True)
+    return x
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    if "Key '" in msg and "not in" in msg:
+        allowed = ", ".join(f.name for f in __import__("dataclasses").fields(SweepSpec))
+        top = key.split(".")[0] if key else ""
+        if key and "." not in key:
+            return f"{key}: unknown field; allowed: {allowed}"
+        return f"{key}: unknown field" + (f" of {top}" if top else "")
+    if key:
+        return f"{key}: {msg}"
+    return msg
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def objectives(spec: SweepSpec) -> tuple[list[str], list[str]]:
+    metrics = spec.metric if isinstance(spec.metric, list) else [spec.metric]
+    modes = spec.mode if isinstance(spec.mode, list) else [spec.mode] * len(metrics)
+    return [str(m) for m in metrics], [str(m) for m in modes]
+
+
+def max_layer_index(base: runcfg.RunConfig, space: dict) -> int:
+    """The largest capsule layer index any trial of this sweep can report (depth + 1)."""
+    depths = [base.model.depth]
+    entry = space.get("model.depth")
+    if entry:
+        kind, values = next(iter(entry.items()))
+        depths += [int(v) for v in values] if kind in ("grid", "choice") else [int(values[1])]
+    return max(depths) + 1
+
+
+def metric_allowed(name: str, max_layer: int) -> bool:
+    if name in SCALAR_METRICS:
+        return True
+    m = re.fullmatch(r"([a-z_]+)/l(\d+)", name)
+    return bool(m) and m.group(1) in LAYER_METRICS and int(m.group(2)) <= max_layer
+
+
+def validate(spec: SweepSpec) -> SweepSpec:
+    """Meaning checks; each failure is one line naming the field and what is allowed."""
+    if not NAME_RE.match(spec.name):
+        _fail(f"name: {spec.name!r} is not allowed; use letters, digits, '_', '-', '.' (at most 100, "
+              "not starting with '.' or '-'), it names the Ray experiment folder and the MLflow parent run")
+    if spec.search.algorithm not in ALGORITHMS:
+        _fail(f"search.algorithm: {spec.search.algorithm!r} is not allowed; choose one of {', '.join(ALGORITHMS)}")
+    if spec.search.sampler not in SAMPLERS:
+        _fail(f"search.sampler: {spec.search.sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
+    if spec.scheduler.name not in SCHEDULERS:
+        _fail(f"scheduler.name: {spec.scheduler.name!r} is not allowed; choose one of {', '.join(SCHEDULERS)}")
+    if spec.num_samples < 1:
+        _fail(f"num_samples: {spec.num_samples} is not allowed; must be >= 1")
+    if not spec.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in spec.seeds):
+        _fail(f"seeds: {spec.seeds!r} is not allowed; must be a non-empty list of integers >= 0")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        _fail(f"seeds: {spec.seeds!r} has repeats; each seed once")
+    if spec.resources.cpu <= 0 or spec.resources.gpu < 0:
+        _fail("resources: cpu must be > 0 and gpu >= 0 (fractions allowed)")
+    if spec.resources.gpu > 1 and not float(spec.resources.gpu).is_integer():
+        _fail(f"resources.gpu: {spec.resources.gpu} is not allowed; fractions only below 1 (0.5, 0.25, ...)")
+    if spec.max_concurrent < 0:
+        _fail(f"max_concurrent: {spec.max_concurrent} is not allowed; must be >= 0 (0 = as resources allow)")
+    if spec.max_failures < 0:
+        _fail(f"max_failures: {spec.max_failures} is not allowed; must be >= 0")
+    if spec.scheduler.grace_period < 1 or spec.scheduler.reduction_factor < 2:
+        _fail("scheduler: grace_period must be >= 1 and reduction_factor >= 2")
+    if not spec.storage_path:
+        _fail("storage_path: must not be empty")
+    if not spec.mlflow.experiment.strip():
+        _fail("mlflow.experiment: must not be empty")
+    if not re.match(r"^(sqlite:///|https?://|file:|postgresql(\+\w+)?://|mysql(\+\w+)?://|databricks)",
+                    spec.mlflow.tracking_uri):
+        _fail(f"mlflow.tracking_uri: {spec.mlflow.tracking_uri!r} is not allowed; use sqlite:///PATH, "
+              "http(s)://HOST:PORT, postgresql://..., or file:PATH")
+
+    base = _validate_base(spec.base)
+    _validate_space(spec, base)
+
+    metrics, modes = objectives(spec)
+    if isinstance(spec.mode, list) and len(spec.mode) != len(metrics):
+        _fail(f"mode: {len(spec.mode)} modes for {len(metrics)} metrics; give one mode per metric")
+    for m in modes:
+        if m not in MODES:
+            _fail(f"mode: {m!r} is not allowed; choose min or max")
+    max_layer = max_layer_index(base, spec.space)
+    for m in metrics:
+        if not metric_allowed(m, max_layer):
+            _fail(f"metric: {m!r} is not reported by trials; use one of {', '.join(SCALAR_METRICS)} "
+                  f"or a per-layer probe {'|'.join(LAYER_METRICS)}/l<0..{max_layer}>")
+    if len(metrics) > 1:
+        if spec.search.algorithm != "optuna":
+            _fail("metric: several objectives need search.algorithm: optuna (sampler nsga2 or tpe)")
+        if spec.search.sampler == "cmaes":
+            _fail("search.sampler: cmaes optimises one objective; use nsga2 or tpe for several metrics")
+        if spec.scheduler.name != "none":
+            _fail("scheduler.name: asha needs a single metric; use none with several objectives")
+    if spec.search.algorithm == "grid":
+        for key, entry in spec.space.items():
+            kind = next(iter(entry))
+            if kind not in ("grid", "choice"):
+                _fail(f"space.{key}: {kind} needs search.algorithm random or optuna; grid search takes grid/choice lists")
+    if spec.search.algorithm == "optuna" and not spec.space:
+        _fail("space: optuna needs at least one entry to search over")
+    return spec
+
+
+def _validate_base(base: dict) -> runcfg.RunConfig:
+    try:
+        return runcfg.from_dict(base)
+    except runcfg.ConfigError as e:
+        _fail(f"base.{e}")
+
+
+def _validate_space(spec: SweepSpec, base: runcfg.RunConfig) -> None:
+    """Each entry is {kind: values}; each value, applied to the raw base (so a sampled
+    `model.preset` brings its own defaults), must give a valid run config."""
+    base_dict = runcfg.to_dict(base)
+    for key, entry in spec.space.items():
+        where = f"space.{key}"
+        if key == "train.seed":
+            _fail(f"{where}: seeds are set by the `seeds` field, not searched over")
+        sec, _, name = key.partition(".")
+        if sec not in ("model", "data", "train") or not name or name not in base_dict.get(sec, {}):
+            _fail(f"{where}: unknown key; use a dotted run-config key such as model.depth, train.lr")
+        if not isinstance(entry, dict) or len(entry) != 1:
+            _fail(f"{where}: must be one of {{{' | '.join(SPACE_KINDS)}: values}}")
+        kind, values = next(iter(entry.items()))
+        if kind not in SPACE_KINDS:
+            _fail(f"{where}: {kind!r} is not a space kind; allowed: {', '.join(SPACE_KINDS)}")
+        if not isinstance(values, list) or not values:
+            _fail(f"{where}.{kind}: must be a non-empty list")
+        if kind in ("grid", "choice"):
+            samples = values
+        else:
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                _fail(f"{where}.{kind}: must be [low, high] numbers")
+            lo, hi = values
+            if not lo < hi:
+                _fail(f"{where}.{kind}: empty range [{lo}, {hi}]; low must be < high")
+            if kind in ("loguniform", "logint") and lo <= 0:
+                _fail(f"{where}.{kind}: log ranges need low > 0, got {lo}")
+            if kind in ("int", "logint") and not (float(lo).is_integer() and float(hi).is_integer()):
+                _fail(f"{where}.{kind}: int ranges need whole bounds, got [{lo}, {hi}]")
+            samples = [lo, hi] if kind in ("uniform", "loguniform") else [int(lo), int(hi)]
+        for v in samples:
+            try:
+                runcfg.from_dict(trial_config(spec.base, {key: v}))
+            except runcfg.ConfigError as e:
+                _fail(f"{where}: value {v!r} gives an invalid trial: {e}")
+
+
+def trial_config(base: dict, params: dict) -> dict:
+    """The resolved nested run config of one trial: base <- sampled dotted params."""
+    import copy
+    out = copy.deepcopy(base)
+    for key, value in params.items():
+        if key.startswith("__"):
+            continue
+        sec, _, name = key.partition(".")
+        out.setdefault(sec, {})[name] = value
+    return out
+
+
+def grid_size(spec: SweepSpec) -> int:
+    n = 1
+    for entry in spec.space.values():
+        kind, values = next(iter(entry.items()))
+        if kind == "grid":
+            n *= len(values)
+    return n
+
+
+def total_trials(spec: SweepSpec) -> int:
+    """How many trials (MLflow child runs) the sweep will have when it completes."""
+    if spec.search.algorithm == "optuna":
+        return spec.num_samples * len(spec.seeds)
+    return spec.num_samples * grid_size(spec) * len(spec.seeds)
+
+
+def to_yaml(spec: SweepSpec) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(spec))
+
+
+def storage_dir(spec: SweepSpec, root: Optional[Path] = None) -> Path:
+    """The absolute Ray storage folder. The experiment folder below it is <storage>/<name>; `name`
+    is checked by NAME_RE, so it cannot climb out of the storage folder."""
+    p = Path(spec.storage_path).expanduser()
+    if not p.is_absolute():
+        p = (root or Path.cwd()) / p
+    p = p.resolve()
+    exp = (p / spec.name).resolve()
+    if p not in exp.parents:
+        _fail(f"name: {spec.name!r} would place results outside storage_path {p}")
+    return p
+
+
+def isfinite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,436 @@
+"""MLflow logging of a sweep: one parent run, one nested child run per Ray Tune trial.
+
+Why a driver-side Tune callback and not `setup_mlflow` in the trials:
+- one writer process, so a local SQLite store is never written by several processes at once;
+- each trial gets its own run through `MlflowClient` (no fluent global "active run"), found again by
+  its trial id after a retry or `--resume`: no duplicate runs, and params are logged exactly once,
+  which avoids "Changing param values is not allowed" (ray-project/ray #30649, #20473);
+- the tracking URI is used explicitly by the client, never read from a worker's environment
+  (ray-project/ray #36257).
+
+Delivery is at-least-once from Tune and exactly-once into MLflow: every write is a record in a
+queue, retried with exponential backoff while the tracking server is away, and metric steps already
+in a run are skipped. If the server stays away past `max_outage_s`, the queue is spooled to
+`<experiment dir>/mlflow_pending.jsonl` and the sweep stops with a message; `--resume` replays it.
+After a driver crash, epochs Tune recorded in its own result.json files but MLflow never got are
+backfilled on resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+log = logging.getLogger("capsweep.tracking")
+
+ROLE, SWEEP, TRIAL_ID, SEED, STATUS, ERROR, COMMIT = (
+    "capsweep.role", "capsweep.sweep", "capsweep.trial_id", "capsweep.seed", "capsweep.status",
+    "capsweep.error", "capsweep.git_commit")
+PARENT_TAG = "mlflow.parentRunId"
+PENDING_FILE = "mlflow_pending.jsonl"
+MAX_BATCH = 900          # MLflow's log_batch takes at most 1000 metrics per call
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server could not be reached (at start), or stayed away too long (mid-sweep)."""
+
+
+def git_commit() -> Optional[str]:
+    """The project's git commit, when it runs from a checkout (tag `capsweep.git_commit`)."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _transient(e: BaseException) -> bool:
+    """Errors worth retrying: the server is away or overloaded, not a bad request."""
+    if isinstance(e, MlflowException):
+        code = getattr(e, "error_code", "")
+        text = str(e)
+        return (code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED")
+                or "Max retries" in text or "Connection" in text or "API request" in text
+                or "database is locked" in text)
+    return isinstance(e, (OSError, ConnectionError, TimeoutError, socket.timeout))
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, before any training, when the tracking store cannot be used."""
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
+        raise TrackingUnavailable(
+            f"mlflow.tracking_uri: cannot reach {tracking_uri} ({' '.join(str(e).split())[:160]}); "
+            "start the tracking server or fix the URI") from None
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name)
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def find_parent(client: MlflowClient, experiment_id: str, sweep: str):
+    runs = client.search_runs([experiment_id],
+                              f"tags.`{ROLE}` = 'parent' and tags.`{SWEEP}` = '{sweep}'",
+                              max_results=10)
+    return runs[0] if runs else None
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                                  max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _finite_metrics(result: dict) -> dict[str, float]:
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if k in ("epoch", "training_iteration") or k.startswith(("time_", "timestamp")) and k != "time_s":
+            continue
+        if k in ("pid", "done", "iterations_since_restore", "timesteps_total", "episodes_total"):
+            continue
+        if math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+class MlflowSweepLogger(Callback):
+    """Ray Tune callback that mirrors a sweep into MLflow (see the module docstring)."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
+                 experiment_dir: Path, trial_params: Any, trial_yaml: Any,
+                 max_outage_s: float = 900.0, max_pending: int = 200_000):
+        # Tune pickles its callbacks into the experiment state (tuner.pkl); only these arguments
+        # travel, and a restored logger re-reads its state from MLflow itself (__setstate__).
+        self._args = dict(tracking_uri=tracking_uri, experiment_id=experiment_id,
+                          parent_run_id=parent_run_id, sweep=sweep, experiment_dir=str(experiment_dir),
+                          trial_params=trial_params, trial_yaml=trial_yaml,
+                          max_outage_s=max_outage_s, max_pending=max_pending)
+        self.uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_id = parent_run_id
+        self.sweep = sweep
+        self.experiment_dir = Path(experiment_dir)
+        self.trial_params = trial_params      # config dict -> (flat params dict, seed)
+        self.trial_yaml = trial_yaml          # config dict -> resolved trial config YAML text
+        self.max_outage_s = max_outage_s
+        self.max_pending = max_pending
+        self.commit = git_commit()
+        self.client = MlflowClient(tracking_uri)
+        self.queue: deque = deque()
+        self.run_ids: dict[str, str] = {}
+        self.last_step: dict[str, int] = {}
+        self.statuses: dict[str, str] = {}
+        self.outage_since: Optional[float] = None
+        self.next_try = 0.0
+        self.backoff = 1.0
+        self._load_existing()
+
+    def __getstate__(self) -> dict:
+        return {"_args": self._args}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state["_args"])
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        """Experiment start (also after --resume): deliver writes an earlier driver spooled."""
+        n = self.replay_spool()
+        if n:
+            print(f"capsweep: delivered {n} MLflow writes saved by an earlier run", flush=True)
+
+    # ---- queue -------------------------------------------------------------------------------
+    def _put(self, *record: Any) -> None:
+        self.queue.append(list(record))
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver queued records in order; on a transient error keep them and back off."""
+        now = time.monotonic()
+        if not force and self.outage_since is not None and now < self.next_try:
+            self._check_bounds(now)
+            return False
+        while self.queue:
+            try:
+                self._apply(self.queue[0])
+            except Exception as e:  # noqa: BLE001
+                if not _transient(e):
+                    log.warning("MLflow rejected %s: %s", self.queue[0][0], e)
+                    raise
+                if self.outage_since is None:
+                    self.outage_since = now
+                    print(f"capsweep: MLflow at {self.uri} is unreachable; buffering "
+                          f"{len(self.queue)} writes and retrying", flush=True)
+                self.next_try = now + self.backoff
+                self.backoff = min(self.backoff * 2, 60.0)
+                self._check_bounds(now)
+                return False
+            self.queue.popleft()
+        if self.outage_since is not None:
+            print(f"capsweep: MLflow at {self.uri} is back; buffered writes delivered", flush=True)
+        self.outage_since, self.backoff = None, 1.0
+        return True
+
+    def _check_bounds(self, now: float) -> None:
+        if self.outage_since is None:
+            return
+        if now - self.outage_since > self.max_outage_s or len(self.queue) > self.max_pending:
+            path = self.spool()
+            raise TrackingUnavailable(
+                f"MLflow at {self.uri} unreachable for {now - self.outage_since:.0f}s; "
+                f"{len(self.queue)} pending writes saved to {path}; run again with --resume once it is back")
+
+    def spool(self) -> Path:
+        path = self.experiment_dir / PENDING_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for rec in self.queue:
+                f.write(json.dumps(rec) + "\n")
+        self.queue.clear()
+        return path
+
+    def replay_spool(self) -> int:
+        path = self.experiment_dir / PENDING_FILE
+        if not path.exists():
+            return 0
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.queue.extend(records)
+        path.unlink()
+        self.flush()
+        return len(records)
+
+    def _apply(self, rec: list) -> None:
+        kind = rec[0]
+        if kind == "start":
+            _, trial_id, run_name, params, seed, yaml_text = rec
+            if trial_id in self.run_ids:
+                return
+            tags = {PARENT_TAG: self.parent_id, ROLE: "trial", SWEEP: self.sweep,
+                    TRIAL_ID: trial_id, SEED: str(seed), STATUS: "running",
+                    "mlflow.runName": run_name}
+            if self.commit:
+                tags[COMMIT] = self.commit
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
+            rid = run.info.run_id
+            self.client.log_batch(rid, params=[Param(k, _param_str(v)) for k, v in params.items()])
+            self.client.log_text(rid, yaml_text, "config.yaml")
+            self.run_ids[trial_id] = rid
+            self.last_step.setdefault(trial_id, -1)
+        elif kind == "reopen":
+            _, trial_id = rec
+            rid = self.run_ids[trial_id]
+            self.client.update_run(rid, status="RUNNING")
+            self.client.set_tag(rid, STATUS, "running")
+        elif kind == "interrupt":
+            _, trial_id = rec
+            rid = self.run_ids[trial_id]
+            self.client.set_tag(rid, STATUS, "interrupted")
+            self.client.set_terminated(rid, "KILLED")
+        elif kind == "metrics":
+            _, trial_id, step, metrics, ts = rec
+            if step <= self.last_step.get(trial_id, -1):
+                return       # already in MLflow (a replay after a restore): exactly once
+            items = [Metric(k, v, ts, step) for k, v in metrics.items()]
+            items.append(Metric("epoch", float(step), ts, step))
+            for i in range(0, len(items), MAX_BATCH):
+                self.client.log_batch(self.run_ids[trial_id], metrics=items[i:i + MAX_BATCH])
+            self.last_step[trial_id] = step
+        elif kind == "end":
+            _, trial_id, status, error = rec
+            rid = self.run_ids[trial_id]
+            tags = [RunTag(STATUS, status)]
+            if error:
+                tags.append(RunTag(ERROR, error[:4900]))
+            self.client.log_batch(rid, tags=tags)
+            if error:
+                self.client.log_text(rid, error, "error.txt")
+            self.client.set_terminated(rid, "FAILED" if status == "failed" else "FINISHED")
+        elif kind == "parent_end":
+            _, summary, status = rec
+            self.client.log_batch(self.parent_id, metrics=[
+                Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()])
+            self.client.set_tag(self.parent_id, STATUS, status)
+            self.client.set_terminated(self.parent_id, "FINISHED" if status == "finished" else "KILLED")
+        else:
+            raise ValueError(f"unknown record {kind}")
+
+    # ---- state from an earlier driver ---------------------------------------------------------
+    def _load_existing(self) -> None:
+        """Map trial ids to the runs an earlier driver created, with their last logged epoch."""
+        for run in child_runs(self.client, self.experiment_id, self.parent_id):
+            tid = run.data.tags.get(TRIAL_ID)
+            if not tid:
+                continue
+            self.run_ids[tid] = run.info.run_id
+            epochs = run.data.metrics.get("epoch")
+            self.last_step[tid] = -1
+            if epochs is not None:
+                hist = self.client.get_metric_history(run.info.run_id, "epoch")
+                self.last_step[tid] = max((m.step for m in hist), default=-1)
+            self.statuses[tid] = run.data.tags.get(STATUS, "running")
+
+    def backfill(self, trial_id: str, trial_dir: Optional[Path]) -> None:
+        """Deliver epochs that Ray recorded in result.json but MLflow never received (driver crash)."""
+        if trial_dir is None:
+            return
+        path = Path(trial_dir) / "result.json"
+        if not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                continue     # a line cut by the crash
+            if "epoch" in result:
+                self._put("metrics", trial_id, int(result["epoch"]), _finite_metrics(result),
+                          int(result.get("timestamp", time.time()) * 1000))
+
+    # ---- Tune callback hooks --------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ensure_run(trial)
+
+    def on_trial_restore(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ensure_run(trial)
+
+    def _ensure_run(self, trial) -> None:
+        tid = trial.trial_id
+        if tid not in self.run_ids and not any(r[0] == "start" and r[1] == tid for r in self.queue):
+            params, seed = self.trial_params(trial.config)
+            self._put("start", tid, f"{self.sweep}-{tid}", params, seed, self.trial_yaml(trial.config))
+        elif self.statuses.get(tid) == "interrupted":
+            self._put("reopen", tid)
+        self.statuses.setdefault(tid, "running")
+        if self.statuses[tid] == "interrupted":
+            self.statuses[tid] = "running"
+        self.backfill(tid, _trial_dir(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        self._ensure_run(trial) if trial.trial_id not in self.run_ids else None
+        if "epoch" not in result:
+            return
+        self._put("metrics", trial.trial_id, int(result["epoch"]), _finite_metrics(result),
+                  int(time.time() * 1000))
+        if result.get("status") == "diverged":
+            self.statuses[trial.trial_id] = "diverged"
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._finish(trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._finish(trial, _error_text(trial))
+
+    def _finish(self, trial, error: Optional[str]) -> None:
+        tid = trial.trial_id
+        if tid not in self.run_ids:
+            self._ensure_run(trial)
+        last = trial.last_result or {}
+        if error:
+            status = "failed"
+        elif last.get("status") == "diverged" or self.statuses.get(tid) == "diverged":
+            status = "diverged"
+        elif last.get("status") == "finished":
+            status = "finished"
+        else:
+            status = "stopped"    # ended early by the scheduler (ASHA)
+        self.statuses[tid] = status
+        self._put("end", tid, status, error)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.queue:
+            self.flush()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.close(trials)
+
+    def close(self, trials: Iterable, interrupted: bool = False) -> None:
+        """End-of-sweep bookkeeping: no run left RUNNING, parent summary, queue drained."""
+        for trial in trials:
+            tid = trial.trial_id
+            if tid in self.run_ids and self.statuses.get(tid) in (None, "running"):
+                if trial.status == "TERMINATED":
+                    self._finish(trial, None)
+                elif trial.status == "ERROR":
+                    self._finish(trial, _error_text(trial))
+        if interrupted:
+            for tid, status in list(self.statuses.items()):
+                if status == "running" and tid in self.run_ids:
+                    self.statuses[tid] = "interrupted"
+                    self._put("interrupt", tid)
+            self._drain()
+            return
+        counts = {s: sum(1 for v in self.statuses.values() if v == s)
+                  for s in ("finished", "diverged", "failed", "stopped")}
+        summary = {f"trials_{k}": v for k, v in counts.items()}
+        summary["trials_total"] = len(self.run_ids) + sum(1 for r in self.queue if r[0] == "start")
+        self._put("parent_end", summary, "finished")
+        self._drain()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.max_outage_s
+        while self.queue:
+            if self.flush(force=True):
+                break
+            if time.monotonic() > deadline:
+                path = self.spool()
+                raise TrackingUnavailable(
+                    f"MLflow at {self.uri} unreachable; pending writes saved to {path}; "
+                    "run again with --resume once it is back")
+            time.sleep(min(self.backoff, max(0.0, deadline - time.monotonic())))
+
+
+def _param_str(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return s[:6000]
+
+
+def _trial_dir(trial) -> Optional[Path]:
+    for attr in ("local_path", "path"):
+        p = getattr(trial, attr, None)
+        if p and os.path.isdir(str(p)):
+            return Path(p)
+    return None
+
+
+def _error_text(trial) -> str:
+    msg = getattr(trial, "error_msg", None)
+    if not msg:
+        path = getattr(trial, "error_file", None)
+        try:
+            msg = Path(path).read_text() if path else None
+        except OSError:
+            msg = None
+    return (msg or "trial failed (no error message recorded by Ray)").strip()
