@@ -33,6 +33,9 @@ def _input_errors():
 def cmd_train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from capsmodels import config as runcfg
+    if args.config and "=" in args.config and not Path(args.config).is_file():
+        args.overrides = [args.config, *args.overrides]     # `capsweep train key=value ...`
+        args.config = None
     try:
         raw = {}
         if args.config:

@@ -1,0 +1,84 @@
+"""Shared helpers for the tests that run real sweeps (real Ray, real MLflow store)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A CapsNet small enough for 8x8 digits: 8x8 -> conv 3x3 -> 6x6 -> primary 3x3/2 -> 2x2 x 4 caps
+TINY_BASE = """
+base:
+  model: {preset: tiny, conv_channels: [8], conv_kernel: 3, primary_channels: 4, primary_dim: 4,
+          primary_kernel: 3, primary_stride: 2, num_caps: 6, caps_dim: 4, out_dim: 6, decoder: false}
+  data: {name: digits, train_size: 300, val_size: 100, test_size: 200}
+  train: {epochs: %(epochs)d, batch_size: 50, eval_batch: 64, threads: 1}
+"""
+
+
+def write_spec(path: Path, name: str, space: str, seeds="[0, 1]", epochs: int = 2, extra: str = "",
+               tracking_uri: str | None = None, storage: str | None = None) -> Path:
+    text = f"name: {name}\n" + TINY_BASE % {"epochs": epochs} + textwrap.dedent(f"""
+        space:
+        {textwrap.indent(textwrap.dedent(space).strip(), '  ')}
+        metric: val_acc
+        mode: max
+        seeds: {seeds}
+        resources: {{cpu: 1}}
+        """)
+    if tracking_uri:
+        text += f"mlflow: {{tracking_uri: '{tracking_uri}', experiment: capsweep}}\n"
+    if storage:
+        text += f"storage_path: '{storage}'\n"
+    text += textwrap.dedent(extra)
+    path.write_text(text)
+    return path
+
+
+def capsweep_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sweeps.cli", *args]
+
+
+def env_for_subprocess(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "RAY_DEDUP_LOGS": "0",
+                "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    env.update(extra)
+    return env
+
+
+def children(client: MlflowClient, experiment: str = "capsweep", sweep: str | None = None):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    flt = "tags.`capsweep.role` = 'trial'"
+    if sweep:
+        flt += f" and tags.`capsweep.sweep` = '{sweep}'"
+    return client.search_runs([exp.experiment_id], flt, max_results=1000)
+
+
+def parents(client: MlflowClient, experiment: str = "capsweep"):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], "tags.`capsweep.role` = 'parent'", max_results=100)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

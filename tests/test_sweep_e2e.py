@@ -1,0 +1,143 @@
+"""A real Ray Tune sweep end to end on a tiny config, checked through MLflow's own API, then the report.
+
+Also: resume after the driver is SIGKILLed mid-sweep (every trial exactly once, finished trials not
+rerun, nothing left RUNNING, the same parent run), a second sweep of the same name refused, and a
+trial that raises retried then marked failed while the sweep completes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.sweep_helpers import (ROOT, capsweep_cmd, children, env_for_subprocess, parents, run, wait_for,
+                                 write_spec)
+
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """One real sweep (depth 0/1 x 2 seeds x 2 epochs), run as a user runs it, reused by the checks."""
+    work = tmp_path_factory.mktemp("sweep")
+    spec = write_spec(work / "tiny.yaml", "tiny", "model.depth: {grid: [0, 1]}")
+    proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "2"), work, env_for_subprocess())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    return work, client, proc
+
+
+def test_sweep_logs_one_child_run_per_trial(finished_sweep):
+    work, client, proc = finished_sweep
+    assert "capsweep report --experiment capsweep --sweep tiny" in proc.stdout
+    (parent,) = parents(client)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["capsweep.sweep"] == "tiny"
+    assert parent.data.metrics["trials_finished"] == 4
+    kids = children(client)
+    assert len(kids) == 4
+    combos = sorted((r.data.params["model.depth"], r.data.params["train.seed"]) for r in kids)
+    assert combos == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    for r in kids:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["capsweep.status"] == "finished"
+        assert r.data.tags["capsweep.seed"] == r.data.params["train.seed"]
+        assert r.data.tags["capsweep.trial_id"]
+        assert r.data.params["data.name"] == "digits"
+        assert r.data.params["model.routing"] == "dynamic"
+
+
+def test_metric_histories_have_one_point_per_epoch(finished_sweep):
+    work, client, _ = finished_sweep
+    for r in children(client):
+        depth = int(r.data.params["model.depth"])
+        names = ["val_acc", "test_acc", "train_loss", "grad_ratio", "images_per_s"]
+        names += [f"grad_norm/l{l}" for l in range(depth + 2)]
+        names += [f"dead_frac/l{l}" for l in range(depth + 2)]
+        names += [f"tree_score/l{l}" for l in range(1, depth + 2)]
+        names += [f"routing_dynamics/l{l}" for l in range(1, depth + 2)]
+        for name in names:
+            hist = client.get_metric_history(r.info.run_id, name)
+            assert sorted(m.step for m in hist) == [0, 1], (name, [m.step for m in hist])
+        assert 0.0 <= r.data.metrics["val_acc"] <= 1.0
+
+
+def test_artifacts_spec_and_resolved_config(finished_sweep):
+    work, client, _ = finished_sweep
+    (parent,) = parents(client)
+    spec_text = open(client.download_artifacts(parent.info.run_id, "spec.yaml")).read()
+    assert yaml.safe_load(spec_text)["name"] == "tiny"
+    for r in children(client):
+        cfg = yaml.safe_load(open(client.download_artifacts(r.info.run_id, "config.yaml")).read())
+        assert cfg["model"]["depth"] == int(r.data.params["model.depth"])
+        assert cfg["train"]["seed"] == int(r.data.params["train.seed"])
+        assert cfg["model"]["conv_kernel"] == 3
+
+
+def test_report_on_the_real_sweep(finished_sweep):
+    from analysis.cli import main as report_main
+    work, client, _ = finished_sweep
+    out = work / "report"
+    code = report_main(["--experiment", "capsweep", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
+                        "--sweep", "tiny", "--out", str(out), "--bootstrap", "500"])
+    assert code == 0
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["escaped"] in ("yes", "no")
+    assert (out / "report.html").stat().st_size > 1000
+    (parent,) = parents(client)
+    names = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert any(n.endswith("verdict.json") for n in names)
+
+
+def test_same_name_is_refused(finished_sweep):
+    work, client, _ = finished_sweep
+    proc = run(capsweep_cmd("run", str(work / "tiny.yaml")), work, env_for_subprocess(), timeout=120)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "--resume" in proc.stderr
+    assert len(children(client)) == 4 and len(parents(client)) == 1
+
+
+def test_driver_killed_then_resumed(tmp_path):
+    """SIGKILL the driver mid-sweep; --resume finishes: each trial once, finished ones not rerun."""
+    spec = write_spec(tmp_path / "res.yaml", "res", "model.depth: {grid: [0, 1, 2]}", seeds="[0]", epochs=4)
+    env = env_for_subprocess()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    proc = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "1"), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # kill once one trial has finished and the next has logged an epoch: truly mid-sweep
+        def mid_sweep():
+            runs = children(client, sweep="res")
+            done = [r for r in runs if r.info.status == "FINISHED"]
+            running = [r for r in runs if r.info.status == "RUNNING" and "epoch" in r.data.metrics]
+            return done and running
+        wait_for(mid_sweep, timeout=300, what="one trial finished and one running")
+        time.sleep(1.5)     # let Tune persist its experiment state once more
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {r.data.tags["capsweep.trial_id"]: r for r in children(client, sweep="res")}
+    finished_before = {t: r.info.end_time for t, r in before.items() if r.info.status == "FINISHED"}
+    (parent_before,) = parents(client)
+
+    proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "1", "--resume"), tmp_path, env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = children(client, sweep="res")
+    assert len(after) == 3
+    assert len({r.data.tags["capsweep.trial_id"] for r in after}) == 3
+    (parent_after,) = parents(client)
+    assert parent_after.info.run_id == parent_before.info.run_id
+    assert parent_after.info.status == "FINISHED"
+    for r in after:
+        assert r.info.status == "FINISHED", r.data.tags
+        hist = client.get_metric_history(r.info.run_id, "val_acc")
+        assert sorted(m.step for m in hist) == [0, 1, 2, 3]        # no epoch lost, none duplicated
+        tid = r.data.tags["capsweep.trial_id"]
+        if tid in finished_before:                                  # finished trials were not rerun
+            assert r.info.end_time == finished_before[tid]
