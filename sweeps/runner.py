@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")        # the classic progress table, our columns
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+# The MLflow client's own retries block for minutes inside one call; the logger buffers and retries
+# itself without stalling Tune's event loop, so each call fails fast.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 from filelock import FileLock, Timeout  # noqa: E402
 from mlflow.entities import Param, RunTag  # noqa: E402
@@ -87,12 +90,18 @@ class _TrialParams:
 
 def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optional[Any], Path]:
     """Checks that refuse a sweep before anything starts. Returns (client, experiment id, parent, exp dir)."""
-    tracking.check_reachable(spec.mlflow.tracking_uri)
     storage = storage_dir(spec)
     exp_dir = storage / spec.name
-    client = MlflowClient(spec.mlflow.tracking_uri)
-    exp = client.get_experiment_by_name(spec.mlflow.experiment)
+    uri = spec.mlflow.tracking_uri
+    sqlite_path = _sqlite_path(uri)
+    client = MlflowClient(uri) if sqlite_path is None or sqlite_path.exists() else None
+    if sqlite_path is None:
+        tracking.check_reachable(uri)
+    elif not os.access(sqlite_path.parent if sqlite_path.parent.exists() else Path.cwd(), os.W_OK):
+        raise SweepRefused(f"mlflow.tracking_uri: cannot write {sqlite_path}")
+    exp = client.get_experiment_by_name(spec.mlflow.experiment) if client else None
     parent = tracking.find_parent(client, exp.experiment_id, spec.name) if exp else None
+    client = client or _LazyClient(uri)
     has_state = _can_restore(exp_dir)
     if resume:
         if parent is None and not has_state:
@@ -111,6 +120,25 @@ def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optiona
             raise SweepRefused(f"storage_path: {exp_dir} already holds a Ray experiment named {spec.name!r}; "
                                "use --resume to continue it, or name=<new name>")
     return client, (exp.experiment_id if exp else ""), parent, exp_dir
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a sqlite:/// URI (relative to the working folder), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).expanduser().resolve()
+
+
+class _LazyClient:
+    """An MlflowClient created on first use: a refused sweep must not create an empty mlflow.db."""
+
+    def __init__(self, uri: str):
+        self._uri, self._client = uri, None
+
+    def __getattr__(self, name: str):
+        if self._client is None:
+            self._client = MlflowClient(self._uri)
+        return getattr(self._client, name)
 
 
 def _can_restore(exp_dir: Path) -> bool:
@@ -182,9 +210,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     """The whole sweep. Raises SpecError/SweepRefused/DataError/TrackingUnavailable before Ray starts."""
     client, experiment_id, parent, exp_dir = preflight(spec, resume)
     storage = exp_dir.parent
+    raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
     lock = acquire_lock(storage, spec.name)
     try:
-        raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
         if not experiment_id:
             experiment_id = tracking.get_or_create_experiment(client, spec.mlflow.experiment)
         if parent is None:

@@ -156,6 +156,7 @@ class MlflowSweepLogger(Callback):
         self.run_ids: dict[str, str] = {}
         self.last_step: dict[str, int] = {}
         self.statuses: dict[str, str] = {}
+        self.retries: dict[str, int] = {}
         self.outage_since: Optional[float] = None
         self.next_try = 0.0
         self.backoff = 1.0
@@ -244,12 +245,22 @@ class MlflowSweepLogger(Callback):
                     "mlflow.runName": run_name}
             if self.commit:
                 tags[COMMIT] = self.commit
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
+            # idempotent: a retry after a half-delivered start finds the run it created
+            found = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{TRIAL_ID}` = '{trial_id}'",
+                max_results=1)
+            run = found[0] if found else self.client.create_run(self.experiment_id, tags=tags,
+                                                                run_name=run_name)
             rid = run.info.run_id
-            self.client.log_batch(rid, params=[Param(k, _param_str(v)) for k, v in params.items()])
+            if not run.data.params:
+                self.client.log_batch(rid, params=[Param(k, _param_str(v)) for k, v in params.items()])
             self.client.log_text(rid, yaml_text, "config.yaml")
             self.run_ids[trial_id] = rid
             self.last_step.setdefault(trial_id, -1)
+        elif kind == "tag":
+            _, trial_id, key, value = rec
+            self.client.set_tag(self.run_ids[trial_id], key, value)
         elif kind == "reopen":
             _, trial_id = rec
             rid = self.run_ids[trial_id]
@@ -346,6 +357,13 @@ class MlflowSweepLogger(Callback):
                   int(time.time() * 1000))
         if result.get("status") == "diverged":
             self.statuses[trial.trial_id] = "diverged"
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        """A trial raised and Tune will retry it (FailureConfig.max_failures): same run, count it."""
+        tid = trial.trial_id
+        self.retries[tid] = self.retries.get(tid, 0) + 1
+        if tid in self.run_ids or any(r[0] == "start" and r[1] == tid for r in self.queue):
+            self._put("tag", tid, "capsweep.retries", str(self.retries[tid]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._finish(trial, None)

@@ -1,0 +1,177 @@
+"""Faults injected for real: a trial that raises, a tracking server that is down at start or goes
+away mid-sweep, a second driver on the same sweep, a corrupt dataset file. Each ends with a clear
+message or a completed sweep, never with lost or duplicated results."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.sweep_helpers import capsweep_cmd, children, env_for_subprocess, parents, run, wait_for, write_spec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(db: Path, artifacts: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient(f"http://127.0.0.1:{port}")
+
+    def up():
+        try:
+            client.search_experiments(max_results=1)
+            return True
+        except Exception:  # noqa: BLE001
+            if proc.poll() is not None:
+                raise AssertionError("mlflow server exited")
+            return False
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        wait_for(up, timeout=90, interval=1, what="mlflow server")
+    finally:
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_trial_that_raises_is_retried_then_failed(tmp_path):
+    spec = write_spec(tmp_path / "f.yaml", "faulty", "model.depth: {grid: [0, 1]}", seeds="[0]",
+                      extra="max_failures: 1\n")
+    env = env_for_subprocess(CAPSWEEP_INJECT_FAILURE="model.depth=1")
+    proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "2"), tmp_path, env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 failed" in proc.stdout and "1 finished" in proc.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {r.data.params["model.depth"]: r for r in children(client)}
+    assert len(children(client)) == 2                       # retries reuse the trial's one run
+    bad, good = runs["1"], runs["0"]
+    assert bad.info.status == "FAILED"
+    assert bad.data.tags["capsweep.status"] == "failed"
+    assert "injected failure" in bad.data.tags["capsweep.error"]
+    assert bad.data.tags["capsweep.retries"] == "1"
+    assert "injected failure" in open(client.download_artifacts(bad.info.run_id, "error.txt")).read()
+    assert good.info.status == "FINISHED"
+    # the report lists the failed trial
+    from analysis.cli import main as report_main
+    out = tmp_path / "rep"
+    assert report_main(["--experiment", "capsweep", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                        "--out", str(out), "--bootstrap", "200", "--no-log-artifacts"]) == 0
+    assert bad.info.run_id in (out / "verdict.json").read_text()
+    assert "failed" in (out / "report.md").read_text()
+
+
+def test_unreachable_tracking_server_refuses_before_training(tmp_path):
+    port = free_port()
+    spec = write_spec(tmp_path / "u.yaml", "unreach", "model.depth: {grid: [0]}", seeds="[0]",
+                      tracking_uri=f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    proc = run(capsweep_cmd("run", str(spec)), tmp_path, env_for_subprocess(), timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and f"http://127.0.0.1:{port}" in err[0], proc.stderr
+    assert not (tmp_path / "ray_results").exists()
+    assert time.monotonic() - t0 < 60
+
+
+def test_tracking_server_restarts_mid_sweep_nothing_lost(tmp_path):
+    port = free_port()
+    db, art = tmp_path / "srv.db", tmp_path / "artifacts"
+    server = start_mlflow_server(db, art, port)
+    uri = f"http://127.0.0.1:{port}"
+    spec = write_spec(tmp_path / "o.yaml", "outage", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=6,
+                      tracking_uri=uri)
+    sweep = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "2"), cwd=tmp_path,
+                             env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    client = MlflowClient(uri)
+    try:
+        wait_for(lambda: any("epoch" in r.data.metrics for r in children(client)), timeout=180,
+                 what="first epoch logged")
+        stop(server)                                  # the server goes away mid-sweep ...
+        time.sleep(8)                                 # ... while trials keep reporting epochs
+        server = start_mlflow_server(db, art, port)   # ... and comes back on the same store
+        out, _ = sweep.communicate(timeout=400)
+        assert sweep.returncode == 0, out[-3000:]
+        assert "unreachable" in out and "delivered" in out
+        runs = children(client)
+        assert len(runs) == 2
+        for r in runs:
+            steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc"))
+            assert steps == list(range(6)), steps      # every epoch once: none lost, none doubled
+            assert r.info.status == "FINISHED"
+        (parent,) = parents(client)
+        assert parent.info.status == "FINISHED"
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+        stop(server)
+
+
+def test_second_driver_on_the_same_sweep_is_refused(tmp_path):
+    spec = write_spec(tmp_path / "d.yaml", "dup", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=6)
+    env = env_for_subprocess()
+    first = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "1"), cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        wait_for(lambda: children(client), timeout=180, what="first sweep running")
+        second = run(capsweep_cmd("run", str(spec)), tmp_path, env, timeout=120)
+        assert second.returncode == 2 and "already exists" in second.stderr, second.stderr
+        third = run(capsweep_cmd("run", str(spec), "--resume"), tmp_path, env, timeout=120)
+        assert third.returncode == 2 and "another driver" in third.stderr, third.stderr
+        assert len(third.stderr.strip().splitlines()) == 1
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert len(parents(client)) == 1
+
+
+def test_corrupt_dataset_file_is_named_before_ray_starts(tmp_path):
+    root = tmp_path / "data"
+    (root / "fashion_mnist").mkdir(parents=True)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        images = "images" in stem
+        n = 20
+        header = struct.pack(">IIII", 2051, n, 28, 28) if images else struct.pack(">II", 2049, n)
+        body = bytes(n * 784) if images else bytes(n)
+        data = header + body
+        if stem == "train-images-idx3-ubyte":
+            data = data[: len(data) // 2]          # truncated
+        with gzip.open(root / "fashion_mnist" / f"{stem}.gz", "wb") as f:
+            f.write(data)
+    spec = write_spec(tmp_path / "c.yaml", "corrupt", "model.depth: {grid: [0]}", seeds="[0]")
+    proc = run(capsweep_cmd("run", str(spec), f"base.data.name=fashion_mnist", f"base.data.root={root}",
+                            "base.data.download=false", "base.data.train_size=10", "base.data.val_size=5"),
+               tmp_path, env_for_subprocess(), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "train-images-idx3-ubyte" in err[0], proc.stderr
+    assert not (tmp_path / "ray_results").exists()
+    assert not (tmp_path / "mlflow.db").exists() or not children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
