@@ -28,6 +28,7 @@ Every problem with data reaches the user as a one-line `DataError` naming the da
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -39,6 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout as FileLockTimeout
 from torch.utils.data import TensorDataset
 
 from capsmodels.config import DATASETS, DataConfig
@@ -175,6 +177,7 @@ FIXED_TEST = {"mnist5k": 1000, "digits": 360}   # stratified, seed FIXED_SEED, f
 FIXED_SEED = 0
 SMALLNORB_FACTOR = 3     # 96x96 -> 32x32 by 3x3 area averaging (as the CapsNet papers' 32x32 inputs)
 SIGN_SIZE = 8            # sign task: each scalar fills a 1x8x8 image
+LOCK_TIMEOUT_S = 3600.0  # how long to wait for another process downloading the same dataset
 _CACHE_VERSION = "1"     # bump when a decoder changes, to invalidate decoded caches
 
 
@@ -242,20 +245,29 @@ def _files(name: str, root: str | None, download: bool) -> dict:
         return found
     base = _writable_base(root)
     dl_dir = base / _DOWNLOAD_SUBDIR[name] if base else None
+    # One process per machine downloads/extracts; the others wait, then find the files.
+    lock = FileLock(str(base / f".{name}.download.lock")) if base else contextlib.nullcontext()
     try:
-        if name == "cifar10":
-            found = _cifar_from_archive(name, root, dl_dir)
+        with lock.acquire(timeout=LOCK_TIMEOUT_S) if base else lock:
+            found, missing = _locate(name, _candidates(name, root))
             if found:
                 return found
-        if not download:
-            raise FetchError("download disabled (data.download: false)")
-        if dl_dir is None:
-            raise FetchError("no writable folder to download into; set $CAPSWEEP_DATA")
-        for remote in SOURCES[name]:
-            if not (dl_dir / remote.filename).is_file():
-                _download_one(name, remote, dl_dir)
-        if name == "cifar10":
-            _extract(name, dl_dir / _CIFAR_ARCHIVE, dl_dir, remove=True)
+            if name == "cifar10":
+                found = _cifar_from_archive(name, root, dl_dir)
+                if found:
+                    return found
+            if not download:
+                raise FetchError("download disabled (data.download: false)")
+            if dl_dir is None:
+                raise FetchError("no writable folder to download into; set $CAPSWEEP_DATA")
+            for remote in SOURCES[name]:
+                if not (dl_dir / remote.filename).is_file():
+                    _download_one(name, remote, dl_dir)
+            if name == "cifar10":
+                _extract(name, dl_dir / _CIFAR_ARCHIVE, dl_dir, remove=True)
+    except FileLockTimeout:
+        raise _fail(name, f"waited {LOCK_TIMEOUT_S:.0f} s for another process downloading into {dl_dir} "
+                          f"(lock {base / f'.{name}.download.lock'}); remove the lock file if none is running") from None
     except FetchError as e:
         bases = ", ".join(str(b) for b in data_root(root))
         where = dl_dir or (Path(root).expanduser() if root else Path.home() / ".cache" / "capsweep")
