@@ -1,0 +1,399 @@
+"""Tests of the analysis package against a real MLflow store (sqlite in tmp), no mocks.
+
+The store holds runs written in the sweep runner's layout with known values:
+  sweep "s1": a depth-0 reference (3 seeds) and six depth >= 1 configurations, one built to escape
+  (E: healthy grad ratios, few dead capsules, better accuracy) and five built not to, one reason each
+  (V vanishing grad_ratio + a failed seed, D many dead capsules, A accuracy below the shallow net,
+  C collapsed: grad_ratio 1 but every layer's gradient 1e-6, X a diverged seed), plus a CNN baseline;
+  sweep "tiny" (logged last): depth 0..3, one seed each, accuracies chosen for a hand-computed Spearman rho;
+  experiments "empty", "othertool" (runs without capsweep tags or probes) and "noprobes" (capsweep tags,
+  no probes).
+Expected numbers are derived here independently (the bootstrap is written out with numpy, rho by hand).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import struct
+import time
+import zlib
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from analysis import cli
+from analysis.load import fetch_histories, load_sweep
+from analysis.report import write_report
+from analysis.stats import bootstrap_mean
+from analysis.verdict import Thresholds, compute_verdict, verdict_json
+
+EPOCHS = 3
+BASE = {"model.arch": "capsnet", "model.routing": "dynamic", "model.iterations": 3, "model.caps_dim": 8,
+        "data.name": "mnist5k", "data.train_size": 1.0, "train.dead_tau": 0.01}
+E_GRAD, E_DEAD, E_ACC = [0.5, 0.6, 0.7], [0.1, 0.05, 0.2], [0.92, 0.93, 0.91]
+TINY_ACC = [0.9, 0.7, 0.8, 0.6]  # depth 0, 1, 2, 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing runs in the sweep layout
+
+def start_sweep(client: MlflowClient, exp_id: str, sweep: str) -> str:
+    run = client.create_run(exp_id, run_name=sweep, tags={"capsweep.role": "parent", "capsweep.sweep": sweep})
+    client.log_batch(run.info.run_id, params=[Param("sweep.name", sweep)])
+    return run.info.run_id
+
+
+def capsnet_metrics(depth: int, *, grad_ratio: float, dead_hidden: float, test_acc: float,
+                    grad_scale: float = 0.05) -> dict[str, float]:
+    """Final-epoch metrics of a CapsNet with `depth` hidden layers. Grad norms fall geometrically from
+    l1 (= grad_scale) to l{depth+1} (= grad_scale / grad_ratio), so their ratio is grad_ratio; l0 =
+    grad_scale. Hidden layers have dead_frac = dead_hidden, primaries and class capsules 0."""
+    last = depth + 1
+    ratio = grad_ratio if depth > 0 else 1.0
+    m = {"test_acc": test_acc, "val_acc": test_acc + 0.01, "train_acc": test_acc + 0.02,
+         "test_loss": 1 - test_acc, "val_loss": 1 - test_acc, "train_loss": 0.9 - test_acc,
+         "grad_ratio": ratio, "images_per_s": 500.0, "peak_mem_mb": 100.0, "time_s": 1.0,
+         "grad_norm/l0": grad_scale}
+    for l in range(1, last + 1):
+        frac = (l - 1) / (last - 1) if last > 1 else 0.0
+        m[f"grad_norm/l{l}"] = grad_scale * (1.0 / ratio) ** frac
+    for l in range(0, last + 1):
+        m[f"dead_frac/l{l}"] = dead_hidden if 1 <= l <= depth else 0.0
+        m[f"act_mean/l{l}"] = 0.3
+        m[f"squash_gain/l{l}"] = 0.4
+        if l >= 1:
+            m[f"tree_score/l{l}"] = 0.3
+            m[f"routing_dynamics/l{l}"] = 0.02
+    return m
+
+
+def log_trial(client: MlflowClient, exp_id: str, parent_id: str, sweep: str, trial_id: str,
+              params: dict, final: dict[str, float], status: str = "finished", error: str = "") -> str:
+    """One trial: params, EPOCHS epochs of each metric ramping up to `final` (the last epoch logs
+    exactly `final`), the capsweep tags, MLflow status FAILED for failed trials, else FINISHED."""
+    tags = {"mlflow.parentRunId": parent_id, "capsweep.role": "trial", "capsweep.sweep": sweep,
+            "capsweep.trial_id": trial_id, "capsweep.seed": str(params["train.seed"]),
+            "capsweep.status": status, "capsweep.git_commit": "abc1234"}
+    if error:
+        tags["capsweep.error"] = error
+    rid = client.create_run(exp_id, run_name=trial_id, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    metrics = []
+    for e in range(EPOCHS):
+        for k, v in final.items():
+            val = v if e == EPOCHS - 1 or math.isnan(v) else v * (0.5 + 0.5 * (e + 1) / EPOCHS)
+            metrics.append(Metric(k, val, now + e, e))
+        metrics.append(Metric("epoch", float(e), now + e, e))
+    client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(rid, "FAILED" if status == "failed" else "FINISHED")
+    return rid
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("capsweep", artifact_location=str(root / "artifacts"))
+    ids: dict = {"uri": uri, "root": root, "configs": {}}
+
+    parent = start_sweep(c, exp, "s1")
+    ids["parent"] = parent
+    count = iter(range(1000))
+
+    def trial(name, params, seed, final, status="finished", error=""):
+        p = {**BASE, **params, "train.seed": seed}
+        rid = log_trial(c, exp, parent, "s1", f"t{next(count):03d}", p, final, status, error)
+        ids["configs"].setdefault(name, []).append(rid)
+
+    def cfg(depth, init, lr):
+        return {"model.depth": depth, "model.init": init, "train.lr": lr}
+
+    for s, a in enumerate([0.90, 0.91, 0.89]):
+        trial("R", cfg(0, "std", 0.001), s, capsnet_metrics(0, grad_ratio=1, dead_hidden=0, test_acc=a,
+                                                            grad_scale=0.04))
+    for s, (g, d, a) in enumerate(zip(E_GRAD, E_DEAD, E_ACC)):
+        trial("E", cfg(2, "fan", 0.001), s, capsnet_metrics(2, grad_ratio=g, dead_hidden=d, test_acc=a,
+                                                            grad_scale=0.04))
+    for s, g in enumerate([0.01, 0.02, 0.015]):
+        trial("V", cfg(2, "std", 0.001), s, capsnet_metrics(2, grad_ratio=g, dead_hidden=0.1, test_acc=0.92))
+    trial("V", cfg(2, "std", 0.001), 3, {}, status="failed", error="RuntimeError: CUDA out of memory")
+    for s, d in enumerate([0.8, 0.7, 0.9]):
+        trial("D", cfg(1, "fan", 0.001), s, capsnet_metrics(1, grad_ratio=0.5, dead_hidden=d, test_acc=0.92))
+    for s, a in enumerate([0.80, 0.82, 0.81]):
+        trial("A", cfg(3, "fan", 0.001), s, capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=a))
+    for s in range(3):
+        trial("C", cfg(2, "fan", 0.01), s, capsnet_metrics(2, grad_ratio=1.0, dead_hidden=0.1, test_acc=0.92,
+                                                           grad_scale=1e-6))
+    for s in range(2):
+        trial("X", cfg(3, "fan", 0.01), s, capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.92))
+    diverged = {**capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.1),
+                "test_loss": float("nan"), "val_loss": float("nan")}
+    trial("X", cfg(3, "fan", 0.01), 2, diverged, status="diverged")
+    cnn = {"test_acc": 0.95, "val_acc": 0.95, "grad_ratio": 1.0, "grad_norm/l0": 0.1, "grad_norm/l1": 0.1}
+    for s in range(2):
+        trial("CNN", {**cfg(0, "std", 0.001), "model.arch": "cnn"}, s, cnn)
+    c.set_terminated(parent, "FINISHED")
+
+    time.sleep(0.01)  # "tiny" starts later: the most recent sweep
+    tiny = start_sweep(c, exp, "tiny")
+    ids["tiny_parent"] = tiny
+    for depth, a in enumerate(TINY_ACC):
+        log_trial(c, exp, tiny, "tiny", f"d{depth}", {**BASE, "model.depth": depth, "train.seed": 0},
+                  capsnet_metrics(depth, grad_ratio=0.5, dead_hidden=0.1, test_acc=a))
+    c.set_terminated(tiny, "FINISHED")
+
+    c.create_experiment("empty")
+    other = c.create_experiment("othertool")
+    for i in range(2):
+        rid = c.create_run(other, run_name=f"other{i}").info.run_id
+        c.log_batch(rid, metrics=[Metric("loss", 0.5, 0, 0)], params=[Param("lr", "0.1")])
+        c.set_terminated(rid, "FINISHED")
+    noprobes = c.create_experiment("noprobes")
+    p = start_sweep(c, noprobes, "np")
+    log_trial(c, noprobes, p, "np", "t0", {**BASE, "model.depth": 1, "train.seed": 0}, {"loss": 0.3})
+    return ids
+
+
+@pytest.fixture(scope="module")
+def s1(store):
+    data = load_sweep("capsweep", store["uri"], "s1", progress=False)
+    return data, compute_verdict(data)
+
+
+def _config_of(verdict: dict, run_id: str) -> dict:
+    return next(c for c in verdict["configurations"] if run_id in c["run_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+def test_load_table_has_one_row_per_trial_of_the_sweep(store, s1):
+    data, _ = s1
+    t = data.trials
+    assert len(t) == 3 + 3 + 4 + 3 + 3 + 3 + 3 + 2  # R E V D A C X CNN; tiny's 4 runs are kept apart
+    assert set(t["sweep"]) == {"s1"} and data.parent_run_id == store["parent"]
+    assert {"model.depth", "model.init", "train.lr", "train.seed"} <= set(data.param_cols)
+    assert t["status"].value_counts().to_dict() == {"finished": 22, "failed": 1, "diverged": 1}
+    e = t[t["run_id"].isin(store["configs"]["E"])].sort_values("seed")
+    assert e["grad_ratio"].tolist() == E_GRAD and e["test_acc"].tolist() == E_ACC
+    assert e["best_val_acc"].tolist() == pytest.approx([a + 0.01 for a in E_ACC])
+    assert e["n_epochs"].tolist() == [EPOCHS] * 3
+    assert data.history_method.startswith("SQL bulk")
+
+
+def test_bulk_histories_equal_per_run_histories(store):
+    client = MlflowClient(store["uri"])
+    runs = store["configs"]["E"] + store["configs"]["X"]
+    bulk, method = fetch_histories(client, runs, ["val_acc", "grad_ratio", "test_loss"])
+    assert method.startswith("SQL bulk")
+    for rid in runs:
+        for key in ("val_acc", "grad_ratio", "test_loss"):
+            ref = sorted((m.step, m.value) for m in client.get_metric_history(rid, key))
+            got = bulk[(bulk["run_id"] == rid) & (bulk["key"] == key)].sort_values("step")
+            assert got["step"].tolist() == [s for s, _ in ref]
+            np.testing.assert_array_equal(got["value"].to_numpy(), [v for _, v in ref])
+
+
+def test_default_sweep_is_the_most_recent_with_a_note(store):
+    data = load_sweep("capsweep", store["uri"], None, progress=False)
+    assert data.sweep == "tiny" and len(data.trials) == 4
+    assert any("2 sweeps" in n and "'tiny'" in n for n in data.notes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The verdict
+
+def test_verdict_finds_exactly_the_escaping_configuration(store, s1):
+    _, v = s1
+    cfg = store["configs"]
+    escaping = _config_of(v, cfg["E"][0])
+    assert v["escaped"] == "yes"
+    assert [e["id"] for e in v["escapes"]] == [escaping["id"]]
+    assert [c["id"] for c in v["configurations"] if c["escaped"]] == [escaping["id"]]
+    assert escaping["reasons"] == []
+    expected = {"V": ["1 failed", "vanishing gradients"], "D": ["starved capsules"],
+                "A": ["accuracy below the shallow"], "C": ["collapsed gradients"], "X": ["1 diverged"]}
+    for name, words in expected.items():
+        c = _config_of(v, cfg[name][0])
+        assert c["role"] == "candidate" and not c["escaped"]
+        assert len(c["reasons"]) == len(words), (name, c["reasons"])
+        for w, r in zip(words, c["reasons"]):
+            assert w in r, (name, c["reasons"])
+    assert _config_of(v, cfg["R"][0])["role"] == "reference"
+    assert _config_of(v, cfg["CNN"][0])["role"] == "baseline"
+    # C is healthy by ratio: only its absolute norms (1e-6 / median 0.04 of the shallow) give it away
+    c = _config_of(v, cfg["C"][0])
+    assert c["figures"]["grad_ratio"]["mean"] == pytest.approx(1.0)
+    assert c["figures"]["grad_floor_ratio"]["mean"] == pytest.approx(1e-6 / 0.04)
+
+
+def test_intervals_match_an_independent_bootstrap(store, s1):
+    _, v = s1
+    e = _config_of(v, store["configs"]["E"][0])
+    for probe, values in (("grad_ratio", E_GRAD), ("dead_worst", E_DEAD), ("test_acc", E_ACC)):
+        x = np.array(values)
+        rng = np.random.default_rng(0)
+        means = x[rng.integers(0, 3, size=(10_000, 3))].mean(axis=1)
+        lo, hi = np.percentile(means, [2.5, 97.5])
+        fig = e["figures"][probe]
+        assert fig["mean"] == pytest.approx(x.mean(), abs=1e-12)
+        assert (fig["lo"], fig["hi"]) == pytest.approx((lo, hi), abs=1e-12)
+        assert fig["n"] == 3
+    # with 3 seeds the 2.5% tail holds resamples drawing the smallest value 3 times (1/27 > 2.5%)
+    assert e["figures"]["grad_ratio"]["lo"] == pytest.approx(min(E_GRAD))
+
+
+def test_thresholds_move_the_verdict(store):
+    data = load_sweep("capsweep", store["uri"], "s1", progress=False)
+    strict = compute_verdict(data, Thresholds(grad_ratio_min=0.6))  # E's lower bound is 0.5
+    assert strict["escaped"] == "no"
+    lenient = compute_verdict(data, Thresholds(dead_frac_max=0.95))  # D (dead 0.7-0.9) now passes
+    ids = {_config_of(lenient, store["configs"][n][0])["id"] for n in ("E", "D")}
+    assert {e["id"] for e in lenient["escapes"]} == ids
+
+
+def test_failed_and_diverged_trials_are_listed(store, s1):
+    _, v = s1
+    listed = {t["run_id"]: t for t in v["failed_trials"]}
+    failed, diverged = store["configs"]["V"][3], store["configs"]["X"][2]
+    assert set(listed) == {failed, diverged}
+    assert listed[failed]["status"] == "failed" and "out of memory" in listed[failed]["error"]
+    assert listed[diverged]["status"] == "diverged"
+
+
+def test_trend_rho_matches_hand_computed_rank_correlation(store):
+    data = load_sweep("capsweep", store["uri"], "tiny", progress=False)
+    v = compute_verdict(data)
+    t = next(t for t in v["trends"] if t["factor"] == "model.depth" and t["probe"] == "test_acc")
+    # depth ranks 1 2 3 4, accuracy 0.9 0.7 0.8 0.6 -> ranks 4 2 3 1; d = -3 0 0 3; sum d^2 = 18
+    rho = 1 - 6 * 18 / (4 * (4 ** 2 - 1))
+    assert rho == pytest.approx(-0.8)
+    assert t["test"] == "spearman" and t["n"] == 4
+    assert t["statistic"] == pytest.approx(rho, abs=1e-12)
+    # two-sided p of Student's t with n - 2 = 2 degrees of freedom: 2 * (1/2 - t/(2 sqrt(2 + t^2)))
+    tt = abs(rho) * math.sqrt(2 / (1 - rho ** 2))
+    assert t["p_value"] == pytest.approx(1 - tt / math.sqrt(2 + tt ** 2), rel=1e-9)
+    assert v["escaped"] == "no"  # every deep net is less accurate than depth 0
+
+
+def test_single_seed_interval_is_the_value_and_no_value_is_nan():
+    assert bootstrap_mean([0.3]).as_dict() == {"mean": 0.3, "lo": 0.3, "hi": 0.3, "n": 1}
+    assert bootstrap_mean([float("nan")]).as_dict() == {"mean": None, "lo": None, "hi": None, "n": 0}
+
+
+def test_verdict_json_first_line_and_round_trip(s1):
+    _, v = s1
+    text = verdict_json(v)
+    assert text.splitlines()[0].startswith('{"escaped": "yes", ')
+    back = json.loads(text)
+    assert list(back)[0] == "escaped" and back["escapes"] == v["escapes"]
+    assert back["thresholds"]["grad_ratio_min"] == 0.1 and back["thresholds"]["n_boot"] == 10_000
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.links, self.scripts = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "link":
+            self.links.append(a)
+        if tag == "script":
+            self.scripts.append(a)
+
+
+def _valid_png(raw: bytes) -> bool:
+    """Signature, then CRC-checked chunks from IHDR to IEND."""
+    if raw[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    pos, kinds = 8, []
+    while pos < len(raw):
+        (length,) = struct.unpack(">I", raw[pos:pos + 4])
+        kind, data = raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", raw[pos + 8 + length:pos + 12 + length])
+        if zlib.crc32(kind + data) != crc:
+            return False
+        kinds.append(kind)
+        pos += 12 + length
+    return kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
+
+
+def test_html_report_is_self_contained(s1, tmp_path):
+    data, v = s1
+    paths = write_report(data, v, str(tmp_path))
+    text = open(paths["html"]).read()
+    p = _Collect()
+    p.feed(text)
+    assert len(p.imgs) >= 4
+    for src in p.imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert _valid_png(base64.b64decode(src.split(",", 1)[1], validate=True))
+    low = text.lower()
+    assert "http://" not in low and "https://" not in low
+    assert p.links == [] and all("src" not in s for s in p.scripts)
+    assert "Escaped: YES" in text
+    md = open(paths["markdown"]).read()
+    pngs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".png"))
+    assert len(pngs) == len(p.imgs)
+    for f in pngs:
+        assert f"]({f})" in md
+    assert open(paths["verdict"]).readline().startswith('{"escaped": "yes", ')
+
+
+def test_cli_writes_report_and_logs_it_on_the_parent_run(store, tmp_path, capsys):
+    out = tmp_path / "rep"
+    code = cli.main(["--experiment", "capsweep", "--tracking-uri", store["uri"], "--sweep", "s1",
+                     "--out", str(out), "--bootstrap", "2000"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith("escaped: yes")
+    client = MlflowClient(store["uri"])
+    logged = {os.path.basename(f.path) for f in client.list_artifacts(store["parent"], "report")}
+    assert {"report.html", "report.md", "verdict.json"} <= logged
+    assert {f for f in os.listdir(out) if f.endswith(".png")} <= logged
+    assert json.loads((out / "verdict.json").read_text())["thresholds"]["n_boot"] == 2000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 1 (2 for bad arguments), never a traceback
+
+@pytest.mark.parametrize("args, words", [
+    (["--experiment", "nope"], "experiment 'nope' not found"),
+    (["--experiment", "empty"], "has no runs"),
+    (["--experiment", "othertool"], "none written by capsweep"),
+    (["--experiment", "noprobes"], "probes"),
+    (["--experiment", "capsweep", "--sweep", "s9"], "sweep 's9' not found"),
+])
+def test_bad_input_is_one_line_and_exit_1(store, tmp_path, capsys, args, words):
+    code = cli.main(args + ["--tracking-uri", store["uri"], "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and words in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_missing_sqlite_store_is_not_created(tmp_path, capsys):
+    db = tmp_path / "absent.db"
+    code = cli.main(["--experiment", "capsweep", "--tracking-uri", f"sqlite:///{db}"])
+    err = capsys.readouterr().err
+    assert code == 1 and not db.exists()
+    assert len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+@pytest.mark.parametrize("args", [["--dead-frac-max", "2"], ["--bootstrap", "x"], ["--bogus"]])
+def test_bad_arguments_exit_2(args, capsys):
+    assert cli.main(["--experiment", "capsweep"] + args) == 2
+    assert "Traceback" not in capsys.readouterr().err
