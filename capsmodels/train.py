@@ -147,7 +147,7 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
             tracker.record()
             opt.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((out.scores.detach().argmax(-1) == y).sum())
             if bar is not None:
                 bar.update(1)
