@@ -2,7 +2,7 @@
 
 Trials are grouped into configurations by all their params except the seed (and except bookkeeping
 params that do not change the model: `train.device`, `train.threads`, `train.progress`, `data.root`,
-`data.download`, `trial.*`). Per finished trial the probes are read from the last epoch:
+`data.download`, `trial.*`, `sweep.*`). Per finished trial the probes are read from the last epoch:
 
   grad_ratio        the logged `grad_ratio` (grad norm of the first routed layer l1 / the last, l{depth+1})
   dead_worst        max over hidden layers l = 1..depth of `dead_frac/l{l}`; depth 0 has no hidden layer,
@@ -49,6 +49,7 @@ from analysis.stats import Interval, bootstrap_mean, trend
 SEED_PARAM = "train.seed"
 NON_CONFIG_PARAMS = {SEED_PARAM, "train.device", "train.threads", "train.progress", "data.root",
                      "data.download"}
+NON_CONFIG_PREFIXES = ("trial.", "sweep.")  # bookkeeping the runner may add (trial.config_id, ...)
 HIDDEN_SHAPE_PARAMS = {"model.num_caps", "model.caps_dim"}
 PROBES = ("grad_ratio", "dead_worst", "tree_score", "routing_dynamics", "test_acc")
 FIGURES = PROBES + ("grad_floor_ratio",)
@@ -125,7 +126,7 @@ def trial_probes(trials: pd.DataFrame) -> pd.DataFrame:
 # Configurations
 
 def config_params(param_cols: list[str]) -> list[str]:
-    return [p for p in param_cols if p not in NON_CONFIG_PARAMS and not p.startswith("trial.")]
+    return [p for p in param_cols if p not in NON_CONFIG_PARAMS and not p.startswith(NON_CONFIG_PREFIXES)]
 
 
 def varying(trials: pd.DataFrame, cols: list[str]) -> list[str]:
