@@ -115,7 +115,7 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list
             return out
 
 
-def _finite_metrics(result: dict) -> dict[str, float]:
+def _numeric_metrics(result: dict) -> dict[str, float]:
     out = {}
     for k, v in result.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -124,8 +124,7 @@ def _finite_metrics(result: dict) -> dict[str, float]:
             continue
         if k in ("pid", "done", "iterations_since_restore", "timesteps_total", "episodes_total"):
             continue
-        if math.isfinite(float(v)):
-            out[k] = float(v)
+        out[k] = float(v)    # NaN is data (0/0 grad_ratio of a network with no gradient at all)
     return out
 
 
@@ -327,7 +326,7 @@ class MlflowSweepLogger(Callback):
             except json.JSONDecodeError:
                 continue     # a line cut by the crash
             if "epoch" in result:
-                self._put("metrics", trial_id, int(result["epoch"]), _finite_metrics(result),
+                self._put("metrics", trial_id, int(result["epoch"]), _numeric_metrics(result),
                           int(result.get("timestamp", time.time()) * 1000))
 
     # ---- Tune callback hooks --------------------------------------------------------------------
@@ -353,7 +352,7 @@ class MlflowSweepLogger(Callback):
         self._ensure_run(trial) if trial.trial_id not in self.run_ids else None
         if "epoch" not in result:
             return
-        self._put("metrics", trial.trial_id, int(result["epoch"]), _finite_metrics(result),
+        self._put("metrics", trial.trial_id, int(result["epoch"]), _numeric_metrics(result),
                   int(time.time() * 1000))
         if result.get("status") == "diverged":
             self.statuses[trial.trial_id] = "diverged"

@@ -4,7 +4,8 @@ The store holds runs written in the sweep runner's layout with known values:
   sweep "s1": a depth-0 reference (3 seeds) and six depth >= 1 configurations, one built to escape
   (E: healthy grad ratios, few dead capsules, better accuracy) and five built not to, one reason each
   (V vanishing grad_ratio + a failed seed, D many dead capsules, A accuracy below the shallow net,
-  C collapsed: grad_ratio 1 but every layer's gradient 1e-6, X a diverged seed), plus a CNN baseline;
+  C collapsed: grad_ratio 1 but every layer's gradient 1e-6, X a diverged seed, S a seed stopped early
+  by the scheduler), plus a CNN baseline;
   sweep "tiny" (logged last): depth 0..3, one seed each, accuracies chosen for a hand-computed Spearman rho;
   experiments "empty", "othertool" (runs without capsweep tags or probes) and "noprobes" (capsweep tags,
   no probes).
@@ -135,6 +136,9 @@ def store(tmp_path_factory):
     diverged = {**capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.1),
                 "test_loss": float("nan"), "val_loss": float("nan")}
     trial("X", cfg(3, "fan", 0.01), 2, diverged, status="diverged")
+    for s in range(3):  # healthy, but the scheduler stopped one seed early: it must not escape
+        trial("S", cfg(1, "std", 0.01), s, capsnet_metrics(1, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.92),
+              status="stopped" if s == 2 else "finished")
     cnn = {"test_acc": 0.95, "val_acc": 0.95, "grad_ratio": 1.0, "grad_norm/l0": 0.1, "grad_norm/l1": 0.1}
     for s in range(2):
         trial("CNN", {**cfg(0, "std", 0.001), "model.arch": "cnn"}, s, cnn)
@@ -176,10 +180,11 @@ def _config_of(verdict: dict, run_id: str) -> dict:
 def test_load_table_has_one_row_per_trial_of_the_sweep(store, s1):
     data, _ = s1
     t = data.trials
-    assert len(t) == 3 + 3 + 4 + 3 + 3 + 3 + 3 + 2  # R E V D A C X CNN; tiny's 4 runs are kept apart
+    assert len(t) == 3 + 3 + 4 + 3 + 3 + 3 + 3 + 3 + 2  # R E V D A C X S CNN; tiny's runs kept apart
     assert set(t["sweep"]) == {"s1"} and data.parent_run_id == store["parent"]
     assert {"model.depth", "model.init", "train.lr", "train.seed"} <= set(data.param_cols)
-    assert t["status"].value_counts().to_dict() == {"finished": 22, "failed": 1, "diverged": 1}
+    assert t["status"].value_counts().to_dict() == {"finished": 24, "failed": 1, "diverged": 1,
+                                                  "stopped": 1}
     e = t[t["run_id"].isin(store["configs"]["E"])].sort_values("seed")
     assert e["grad_ratio"].tolist() == E_GRAD and e["test_acc"].tolist() == E_ACC
     assert e["best_val_acc"].tolist() == pytest.approx([a + 0.01 for a in E_ACC])
@@ -218,7 +223,8 @@ def test_verdict_finds_exactly_the_escaping_configuration(store, s1):
     assert [c["id"] for c in v["configurations"] if c["escaped"]] == [escaping["id"]]
     assert escaping["reasons"] == []
     expected = {"V": ["1 failed", "vanishing gradients"], "D": ["starved capsules"],
-                "A": ["accuracy below the shallow"], "C": ["collapsed gradients"], "X": ["1 diverged"]}
+                "A": ["accuracy below the shallow"], "C": ["collapsed gradients"], "X": ["1 diverged"],
+                "S": ["1 stopped"]}
     for name, words in expected.items():
         c = _config_of(v, cfg[name][0])
         assert c["role"] == "candidate" and not c["escaped"]
@@ -262,7 +268,7 @@ def test_failed_and_diverged_trials_are_listed(store, s1):
     _, v = s1
     listed = {t["run_id"]: t for t in v["failed_trials"]}
     failed, diverged = store["configs"]["V"][3], store["configs"]["X"][2]
-    assert set(listed) == {failed, diverged}
+    assert set(listed) == {failed, diverged, store["configs"]["S"][2]}
     assert listed[failed]["status"] == "failed" and "out of memory" in listed[failed]["error"]
     assert listed[diverged]["status"] == "diverged"
 

@@ -1,0 +1,298 @@
+"""The cluster path: `cluster.yaml` checked by Ray's own validator, and a real `capsweep submit` to a
+two-node Ray cluster with a real MLflow tracking server, both started on this machine.
+
+How two Ray nodes share one machine (Ray 2.60, found by trying):
+- each node gets its own `--temp-dir` (sockets, logs, session files); the worker's session name still
+  comes from the head through the GCS, so the two folders hold the same session;
+- each node gets its own ports: `--node-manager-port`, `--object-manager-port`, a disjoint
+  `--min-worker-port/--max-worker-port` range, `--dashboard-agent-listen-port`,
+  `--dashboard-agent-grpc-port`, `--metrics-export-port`, `--runtime-env-agent-port`; the head also
+  takes `--port` (GCS), `--dashboard-port` and `--ray-client-server-port`. Every port comes from one
+  block below the kernel's ephemeral range that was free when the test started;
+- `--object-store-memory` is kept small: this is a shared 2-core machine;
+- no RAY_* environment variables are needed.
+Every process is started in its own session, and the finalizer stops the job, then kills exactly those
+process groups (never `ray stop`, which would end other engineers' Ray on this machine), and last any
+process whose working folder or command line lies in this test's temp folder (the job driver, which the
+Ray job supervisor starts in a session of its own).
+"""
+from __future__ import annotations
+
+import os
+import re
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.sweep_helpers import ROOT, capsweep_cmd, children, env_for_subprocess, parents, wait_for, write_spec
+
+CLUSTER_YAML = ROOT / "cluster.yaml"
+BIN = Path(sys.executable).parent          # the venv: its `ray` and `mlflow`, and `python` for the job
+
+
+# ---- cluster.yaml --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster_cfg() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def _commands(cfg: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    return [c for k in keys for c in (cfg.get(k) or [])]
+
+
+def _ray_start(cfg: dict, key: str) -> list[str]:
+    """The `ray start ...` argv of a start-command list (after `ulimit ...;`)."""
+    (line,) = [c for c in cfg[key] if "ray start" in c]
+    argv = shlex.split(line.split(";")[-1])
+    assert argv[:2] == ["ray", "start"], line
+    return argv[2:]
+
+
+def _mlflow_server(cfg: dict) -> list[str]:
+    text = "\n".join(_commands(cfg))
+    (line,) = re.findall(r"^ExecStart=(\S*mlflow server .*)$", text, flags=re.M)
+    argv = shlex.split(line)
+    assert Path(argv[0]).name == "mlflow" and argv[1] == "server"
+    return argv[2:]
+
+
+def test_cluster_yaml_passes_rays_validator(cluster_cfg):
+    """The schema check `ray up` runs: as written, and after Ray fills in its AWS defaults."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    validate_config(cluster_cfg)                       # raises jsonschema.ValidationError / ValueError
+    prepared = prepare_config(cluster_cfg)
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "aws"
+    # the head only drives; GPU node types scale between their bounds, within the global cap
+    head = prepared["head_node_type"]
+    workers = {k: v for k, v in prepared["available_node_types"].items() if k != head}
+    assert prepared["available_node_types"][head]["resources"].get("GPU", 0) == 0
+    assert len(workers) >= 2
+    for name, t in workers.items():
+        assert t["resources"]["GPU"] >= 1, name
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= prepared["max_workers"], name
+    assert {t["node_config"]["InstanceType"] for t in workers.values()} >= {"g5.xlarge", "g5.12xlarge"}
+
+
+def test_cluster_commands_parse_with_the_real_clis(cluster_cfg):
+    """Every flag of the `ray start` and `mlflow server` lines exists (click parses them, nothing runs)."""
+    from mlflow.cli import server as mlflow_server
+    from ray.scripts.scripts import start as ray_start
+    head = ray_start.make_context("start", _ray_start(cluster_cfg, "head_start_ray_commands"))
+    assert head.params["head"] and head.params["dashboard_host"] == "127.0.0.1"
+    worker = ray_start.make_context("start", _ray_start(cluster_cfg, "worker_start_ray_commands"))
+    assert not worker.params["head"] and worker.params["address"] == "$RAY_HEAD_IP:6379"
+    srv = mlflow_server.make_context("server", _mlflow_server(cluster_cfg))
+    assert srv.params["host"] == "127.0.0.1"
+    assert srv.params["backend_store_uri"].startswith("postgresql"), "a real database backend"
+    assert srv.params["serve_artifacts"] and srv.params["artifacts_destination"]
+
+
+def test_cluster_keeps_ports_private(cluster_cfg):
+    text = CLUSTER_YAML.read_text()
+    live = "\n".join(_commands(cluster_cfg))
+    assert "0.0.0.0" not in live, "a command binds every interface"
+    assert "--dashboard-host=0" not in live and "--host 0" not in live
+    # the security group opens nothing beyond Ray's defaults (SSH + traffic inside the cluster)
+    extra = (cluster_cfg["provider"].get("security_group") or {}).get("IpPermissions") or []
+    opened = {p for rule in extra for p in range(rule.get("FromPort", 0), rule.get("ToPort", -1) + 1)}
+    assert not opened & {5000, 8265, 10001, 6379, 5432, 2049}, opened
+    # the head exports its NFS share only to private networks
+    exports = re.findall(r"(\S+)\((rw[^)]*)\)", live)
+    assert exports and all(re.match(r"^(10\.|172\.(1[6-9]|2\d|3[01])\.|192\.168\.)", net) for net, _ in exports)
+    assert "ray attach cluster.yaml -p 5000" in text and "ray dashboard cluster.yaml" in text
+
+
+def test_cluster_yaml_holds_no_credentials(cluster_cfg):
+    text = CLUSTER_YAML.read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text), "an AWS access key id"
+    assert not re.search(r"aws_(secret_)?access_key(_id)?\s*[:=]\s*\S", text, flags=re.I)
+    assert not re.search(r"(password|passwd|secret|token)\s*[:=]\s*['\"]?[^\s'\"$]{4,}", text, flags=re.I)
+    assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", text), "user:password@ in a URI"
+    assert "aws_credentials" not in cluster_cfg["provider"]
+    assert "ssh_private_key" not in cluster_cfg.get("auth", {})
+
+
+# ---- a real two-node cluster on this machine ------------------------------------------------------
+def _port_block(n: int = 100) -> int:
+    """A base b with ports b..b+n-1 all free on every interface (Ray's GCS and raylet bind '*')."""
+    rng = random.Random(os.getpid() ^ int(time.time()))
+    for _ in range(50):
+        base = rng.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("0.0.0.0", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of ports")
+
+
+def _popen(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _pids_under(folder: str) -> list[int]:
+    """Processes of this user whose cwd or command line lies in `folder` (the job driver included)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(d / "cwd")
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(folder) or folder in cmd:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """A Ray head (with dashboard/Jobs API on 127.0.0.1) + one more Ray node, + an MLflow server."""
+    work = tmp_path_factory.mktemp("cluster")
+    tmp = Path(f"/tmp/csw{os.getpid()}")       # short: Ray's unix sockets live under the temp dir
+    tmp.mkdir(exist_ok=True)
+    b = _port_block()
+    ports = dict(gcs=b, dashboard=b + 1, client=b + 2, mlflow=b + 3)
+    env = env_for_subprocess(PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    groups: list[int] = []
+    job = {}
+
+    def node_args(i: int, off: int) -> list[str]:
+        return [f"--temp-dir={tmp}/n{i}", "--num-cpus=1", "--object-store-memory=100000000",
+                f"--node-manager-port={b + off}", f"--object-manager-port={b + off + 1}",
+                f"--dashboard-agent-listen-port={b + off + 2}", f"--dashboard-agent-grpc-port={b + off + 3}",
+                f"--metrics-export-port={b + off + 4}", f"--runtime-env-agent-port={b + off + 5}",
+                f"--min-worker-port={b + off + 10}", f"--max-worker-port={b + off + 39}",
+                "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block"]
+
+    try:
+        mlflow = _popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work}/srv.db",
+                         "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
+                         "--serve-artifacts", "--artifacts-destination", str(work / "artifacts")],
+                        env, work / "mlflow.log")
+        groups.append(mlflow.pid)
+        head = _popen([str(BIN / "ray"), "start", "--head", f"--port={ports['gcs']}",
+                       "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                       f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
+                       *node_args(0, 10)], env, work / "head.log")
+        groups.append(head.pid)
+        dash = f"http://127.0.0.1:{ports['dashboard']}"
+
+        def up(url: str, proc: subprocess.Popen, log: str):
+            assert proc.poll() is None, f"{log} exited: " + (work / log).read_text()[-2000:]
+            try:
+                return urllib.request.urlopen(url, timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(lambda: up(f"{dash}/api/version", head, "head.log"), 90, what="the Ray head's dashboard")
+        worker = _popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{ports['gcs']}", *node_args(1, 60)],
+                        env, work / "worker.log")
+        groups.append(worker.pid)
+        from ray.util.state import list_nodes
+        wait_for(lambda: worker.poll() is None and len([n for n in list_nodes(address=dash)
+                                                       if n.state == "ALIVE"]) == 2,
+                 60, what="two alive Ray nodes")
+        wait_for(lambda: up(f"http://127.0.0.1:{ports['mlflow']}/health", mlflow, "mlflow.log"), 90,
+                 what="the MLflow server")
+        yield dict(work=work, tmp=tmp, ports=ports, dashboard=dash, env=env, job=job,
+                   mlflow=f"http://127.0.0.1:{ports['mlflow']}")
+    finally:
+        if job.get("id"):
+            try:
+                from ray.job_submission import JobSubmissionClient
+                JobSubmissionClient(f"http://127.0.0.1:{ports['dashboard']}").stop_job(job["id"])
+            except Exception:  # noqa: BLE001 - the cluster may already be gone
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for g in reversed(groups):
+                _kill_group(g, sig)
+            for pid in _pids_under(str(tmp)):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(3 if sig == signal.SIGTERM else 0.5)
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+def test_submit_runs_a_sweep_across_two_nodes(two_node_cluster):
+    """`capsweep submit` -> a Ray job on the head -> trials on both nodes -> runs on the MLflow server."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors, list_nodes
+    c = two_node_cluster
+    work, dash = c["work"], c["dashboard"]
+    spec = write_spec(work / "multi.yaml", "multi", "model.depth: {grid: [0, 1]}", seeds="[0, 1]",
+                      storage=str(work / "shared" / "ray_results"))     # the cluster's shared folder
+    proc = subprocess.run(capsweep_cmd("submit", str(spec), f"mlflow.tracking_uri={c['mlflow']}",
+                                       "--address", dash),
+                          cwd=work, env=c["env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (job_id,) = re.findall(r"as Ray job (\S+)", proc.stdout)
+    c["job"]["id"] = job_id
+    assert f"ray job logs --follow {job_id} --address {dash}" in proc.stdout
+
+    jobs = JobSubmissionClient(dash)
+    status = wait_for(lambda: (s := jobs.get_job_status(job_id)).is_terminal() and s, 240, interval=2,
+                      what=f"Ray job {job_id}")
+    logs = jobs.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "sweep 'multi': 4 trials (4 finished)" in logs, logs[-3000:]
+
+    # trials ran on both nodes: Ray's state API keeps each (now dead) trial actor and its node
+    nodes = {n.node_id for n in list_nodes(address=dash)}
+    assert len(nodes) == 2
+    trials = [a for a in list_actors(address=dash, limit=1000, detail=True)
+              if a.job_id == jobs.get_job_info(job_id).job_id and a.class_name == "ImplicitFunc"]
+    assert len(trials) == 4, [(a.class_name, a.state) for a in list_actors(address=dash, limit=1000)]
+    assert {a.node_id for a in trials} == nodes
+
+    # everything reached the tracking server: one parent, one child per trial, full histories
+    client = MlflowClient(c["mlflow"])
+    (parent,) = parents(client)
+    assert parent.info.status == "FINISHED" and parent.data.tags["capsweep.sweep"] == "multi"
+    assert parent.data.metrics["trials_finished"] == 4
+    kids = children(client, sweep="multi")
+    assert sorted((r.data.params["model.depth"], r.data.params["train.seed"]) for r in kids) == [
+        ("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    for r in kids:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.info.status == "FINISHED" and r.data.tags["capsweep.status"] == "finished"
+        for name in ("val_acc", "train_loss", "grad_ratio", "dead_frac/l1", "tree_score/l1"):
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == [0, 1], name
+        # artifacts go through the server (--serve-artifacts) into its --artifacts-destination
+        assert r.info.artifact_uri.startswith("mlflow-artifacts:")
+        cfg = yaml.safe_load(open(client.download_artifacts(r.info.run_id, "config.yaml")).read())
+        assert cfg["model"]["depth"] == int(r.data.params["model.depth"])
+    assert list((work / "artifacts").rglob("config.yaml")), "artifacts landed in --artifacts-destination"
+    assert (work / "shared" / "ray_results" / "multi").is_dir(), "Tune state in the spec's storage_path"

@@ -1,0 +1,147 @@
+"""Squash variants, PrimaryCaps grouping and CapsuleLayer predictions against closed forms and loops."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from capsmodels.layers import (CapsuleLayer, PrimaryCaps, fan_std, squash, squash_gain, squash_length)
+from capsmodels.routing import uniform_routing
+
+CLOSED = {
+    "sabour": lambda n: n * n / (1 + n * n),
+    "exp": lambda n: 1 - math.exp(-n),
+    "tanh": lambda n: math.tanh(n),
+}
+
+
+@pytest.mark.parametrize("kind", ["sabour", "exp", "tanh"])
+def test_squash_closed_form(kind):
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(5, 3, 4)) * rng.uniform(0.01, 10, size=(5, 3, 1))
+    v = squash(torch.tensor(s), kind=kind).numpy()
+    for idx in np.ndindex(5, 3):
+        n = np.linalg.norm(s[idx])
+        np.testing.assert_allclose(v[idx], CLOSED[kind](n) * s[idx] / n, rtol=1e-10)
+    assert (np.linalg.norm(v, axis=-1) <= 1 + 1e-12).all()      # tanh reaches 1.0 in floating point
+
+
+def test_squash_dim_argument():
+    s = torch.tensor([[3.0, 0.0], [4.0, 0.0]], dtype=torch.float64)   # vectors along dim 0: (3,4), (0,0)
+    v = squash(s, dim=0)
+    np.testing.assert_allclose(v[:, 0].numpy(), [25 / 26 * 0.6, 25 / 26 * 0.8])   # n=5: 25/26 * s/5
+    np.testing.assert_allclose(v[:, 1].numpy(), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("kind", ["sabour", "exp", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squash_at_zero_is_finite_with_finite_gradient(kind, dtype):
+    s = torch.zeros(2, 3, 4, dtype=dtype, requires_grad=True)
+    v = squash(s, kind=kind)
+    assert torch.equal(v, torch.zeros_like(v))
+    (g,) = torch.autograd.grad((v * torch.ones_like(v)).sum(), s)
+    assert torch.isfinite(g).all()
+    # the true slope at 0 is 0 for sabour (v ~ ||s|| s) and the identity for exp and tanh
+    expected = 0.0 if kind == "sabour" else 1.0
+    np.testing.assert_allclose(g.detach().numpy(), expected, atol=1e-5)
+
+
+def test_squash_gain_and_length():
+    n = torch.tensor([0.0, 0.5, 1.0, 2.0])
+    np.testing.assert_allclose(squash_gain(n).numpy(), [0.0, 0.4, 0.5, 0.4], rtol=1e-6)
+    assert squash_length(1.0) == 0.5 and squash_length(2.0, "sabour") == 0.8
+    assert abs(squash_length(1.0, "exp") - (1 - math.exp(-1))) < 1e-12
+    # the gain is what the squash scales s by: v = gain * s
+    s = torch.tensor([[0.6, 0.8]]) * 3
+    torch.testing.assert_close(squash(s), squash_gain(torch.tensor([[3.0]])) * s)
+
+
+def test_primary_caps_grouping():
+    """Identity 1x1 conv: capsule n = k*H*W + y*W + x must be channels k*D..k*D+D-1 at (y, x)."""
+    K, D, H, W = 3, 4, 2, 5
+    pc = PrimaryCaps(K * D, K, D, kernel=1, stride=1)
+    with torch.no_grad():
+        pc.conv.weight.copy_(torch.eye(K * D).view(K * D, K * D, 1, 1))
+        pc.conv.bias.zero_()
+    x = torch.randn(2, K * D, H, W, dtype=torch.float32)
+    with torch.no_grad():
+        v, s_norm = pc(x)
+    assert v.shape == (2, K * H * W, D) and s_norm.shape == (2, K * H * W)
+    for b in range(2):
+        for k in range(K):
+            for y in range(H):
+                for xx in range(W):
+                    n = k * H * W + y * W + xx
+                    vec = x[b, k * D:(k + 1) * D, y, xx].numpy()
+                    length = np.linalg.norm(vec)
+                    np.testing.assert_allclose(s_norm[b, n].item(), length, rtol=1e-5)
+                    np.testing.assert_allclose(v[b, n].numpy(), vec * length / (1 + length ** 2),
+                                               rtol=1e-5, atol=1e-7)
+
+
+def test_capsule_layer_predictions_match_loop():
+    torch.manual_seed(0)
+    layer = CapsuleLayer(5, 3, 4, 2, init_std=0.5).double()
+    u = torch.randn(2, 5, 3, dtype=torch.float64)
+    u_hat = layer.predict(u)
+    assert u_hat.shape == (2, 5, 4, 2)
+    W = layer.W.detach().numpy()
+    for b in range(2):
+        for i in range(5):
+            for j in range(4):
+                np.testing.assert_allclose(u_hat[b, i, j].detach().numpy(), W[i, j] @ u[b, i].numpy(),
+                                           rtol=1e-12)
+
+
+def test_uniform_layer_uses_fixed_couplings():
+    """The layer's single-matmul shortcut equals uniform routing of the explicit predictions."""
+    torch.manual_seed(1)
+    layer = CapsuleLayer(6, 3, 4, 5, routing="uniform", bias=True, init_std=0.3).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    u = torch.randn(3, 6, 3, dtype=torch.float64)
+    out = layer(u)
+    u_hat = torch.einsum("ijek,bik->bije", layer.W, u)
+    v, c = uniform_routing(u_hat, layer.bias)
+    torch.testing.assert_close(out.pose, v)
+    torch.testing.assert_close(out.coupling, c)
+    torch.testing.assert_close(out.act, v.norm(dim=-1))
+
+
+@pytest.mark.parametrize("routing", ["dynamic", "em", "uniform"])
+def test_capsule_layer_outputs(routing):
+    torch.manual_seed(2)
+    layer = CapsuleLayer(7, 4, 3, 5, routing=routing, iterations=2, bias=True, init="fan")
+    u = torch.randn(2, 7, 4) * 0.3
+    out = layer(u, u.norm(dim=-1))
+    assert out.pose.shape == (2, 3, 5) and out.act.shape == (2, 3) and out.coupling.shape == (2, 7, 3)
+    torch.testing.assert_close(out.coupling.sum(-1), torch.ones(2, 7))
+    assert ((out.act >= 0) & (out.act <= 1)).all()
+    assert (out.gain is None) == (routing == "em")
+    out.act.sum().backward()
+    assert layer.W.grad is not None and layer.W.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["sabour", "tanh"])
+def test_fan_init_keeps_lengths_near_one(kind):
+    """Inputs of length squash_length(1) (what a layer at ||s|| = 1 emits) give ||s|| ~ 1 with fan
+    init, while the public std 0.01 gives ||s|| ~ 0.14 rho (the start of the collapse)."""
+    torch.manual_seed(3)
+    I, d_in, J, d_out = 1152, 8, 10, 16
+    rho = squash_length(1.0, kind)
+    u = torch.nn.functional.normalize(torch.randn(64, I, d_in), dim=-1) * rho
+    assert abs(fan_std(I, J, d_out, kind) - J / (rho * math.sqrt(I * d_out))) < 1e-12
+    fan = CapsuleLayer(I, d_in, J, d_out, routing="uniform", init="fan", squash_kind=kind)
+    std = CapsuleLayer(I, d_in, J, d_out, routing="uniform", init="std", init_std=0.01, squash_kind=kind)
+    with torch.no_grad():
+        s_fan = (u.reshape(64, -1) @ fan.W.permute(0, 3, 1, 2).reshape(I * d_in, -1)) / J
+        s_std = (u.reshape(64, -1) @ std.W.permute(0, 3, 1, 2).reshape(I * d_in, -1)) / J
+    ms_fan = s_fan.view(64, J, d_out).pow(2).sum(-1).mean().item()
+    ms_std = s_std.view(64, J, d_out).pow(2).sum(-1).mean().item()
+    assert 0.8 < ms_fan < 1.2
+    expected_std = I * d_out * 0.01 ** 2 * rho ** 2 / J ** 2       # E||s||^2 for sigma = 0.01
+    assert 0.8 * expected_std < ms_std < 1.2 * expected_std
+    with torch.no_grad():                                          # the layer outputs ~ squash_length(1)
+        assert abs(fan(u).act.mean().item() - rho) < 0.1
+    scaled = CapsuleLayer(I, d_in, J, d_out, init="fan", init_scale=2.0, squash_kind=kind)
+    assert abs(scaled.W.std().item() / fan.W.std().item() - 2.0) < 0.05

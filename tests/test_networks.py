@@ -1,0 +1,128 @@
+"""Network assembly: Sabour's parameter count, shapes for every depth and routing, fit checks, CNN."""
+import dataclasses
+
+import pytest
+import torch
+
+from capsmodels.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict
+from capsmodels.networks import (CNN, PRESETS, CapsNet, NetOutput, build, check_fits,
+                                 count_parameters)
+
+MNIST = (1, 28, 28)
+
+
+def model_cfg(preset, **kw):
+    return from_dict({"model": {"preset": preset, **kw}}).model
+
+
+def test_sabour_parameter_count():
+    # conv1 9*9*1*256+256 = 20,992; primary 9*9*256*256+256 = 5,308,672; W 1152*10*16*8 = 1,474,560;
+    # decoder 160*512+512 + 512*1024+1024 + 1024*784+784 = 1,411,344  -> 8,215,568 (Sabour et al. 2017)
+    net = build(model_cfg("sabour"), MNIST, 10)
+    assert count_parameters(net) == 20992 + 5308672 + 1474560 + 82432 + 525312 + 803600 == 8215568
+    assert [tuple(w.shape) for w in net.layer_weights()] == [(256, 256, 9, 9), (1152, 10, 16, 8)]
+
+
+def test_presets_are_model_config_fields_and_build():
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert {"sabour", "small", "tiny", "cnn"} <= set(PRESETS)
+    assert ModelConfig().preset == "small"
+    for name, preset in PRESETS.items():
+        assert set(preset) <= fields, name
+        net = build(model_cfg(name), MNIST, 10)
+        out = net(torch.rand(2, *MNIST))
+        assert out.scores.shape == (2, 10)
+    tiny = build(model_cfg("tiny"), MNIST, 10)
+    assert tiny(torch.rand(1, *MNIST)).layers[0].act.shape[1] <= 400     # a few hundred primaries
+    build(model_cfg("tiny"), (1, 8, 8), 10)                               # fits sklearn digits
+
+
+@pytest.mark.parametrize("routing", ["dynamic", "em", "uniform"])
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_shapes_every_depth_and_routing(routing, depth):
+    torch.manual_seed(depth)
+    cfg = model_cfg("tiny", routing=routing, depth=depth, bias=True, init="fan")
+    net = build(cfg, MNIST, 10)
+    x, y = torch.rand(3, *MNIST), torch.tensor([1, 2, 3])
+    out = net(x, y)
+    assert isinstance(out, NetOutput)
+    assert out.scores.shape == (3, 10) and ((out.scores >= 0) & (out.scores <= 1)).all()
+    assert out.recon.shape == (3, 784) and ((out.recon >= 0) & (out.recon <= 1)).all()
+    assert len(out.layers) == depth + 2 == len(net.layer_weights())
+    n = [8 * 6 * 6] + [cfg.num_caps] * depth + [10]
+    for l, tr in enumerate(out.layers):
+        assert tr.act.shape == (3, n[l])
+        if l == 0:
+            assert tr.coupling is None and tr.gain.shape == (3, n[0])
+        else:
+            assert tr.coupling.shape == (3, n[l - 1], n[l])
+            torch.testing.assert_close(tr.coupling.sum(-1), torch.ones(3, n[l - 1]))
+            assert (tr.gain is None) == (routing == "em")
+    torch.testing.assert_close(out.scores, out.layers[-1].act)
+    assert out.layers[-1].act.requires_grad                          # traces stay on the graph
+    (out.scores.sum() + out.recon.sum()).backward()
+    for l, w in enumerate(net.layer_weights()):
+        assert w.grad is not None and torch.isfinite(w.grad).all(), l
+    W = net.layer_weights()
+    assert W[1].shape == (n[0], n[1], cfg.caps_dim if depth else cfg.out_dim, cfg.primary_dim)
+
+
+def test_decoder_is_masked_by_label_else_argmax():
+    torch.manual_seed(0)
+    net = build(model_cfg("tiny", init="fan"), MNIST, 10)
+    seen = []
+    net.decoder[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    x = torch.rand(2, *MNIST)
+    y = torch.tensor([4, 7])
+    out = net(x, y)
+    dec_in = seen[-1].view(2, 10, 8)
+    class_pose = out.layers[-1].act  # lengths of the class capsules
+    for b in range(2):
+        for k in range(10):
+            if k == y[b]:
+                torch.testing.assert_close(dec_in[b, k].norm(), class_pose[b, k])
+            else:
+                assert dec_in[b, k].abs().sum() == 0
+    out = net(x)
+    pred = out.scores.argmax(1)
+    for b in range(2):
+        assert seen[-1].view(2, 10, 8)[b].abs().sum(-1).nonzero().flatten().tolist() == [pred[b].item()]
+
+
+def test_check_fits_errors_name_the_field():
+    run = RunConfig(model=model_cfg("tiny", conv_kernel=5, primary_kernel=9), data=DataConfig(name="digits"))
+    with pytest.raises(ConfigError) as e:
+        check_fits(run, (1, 8, 8))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("model.primary_kernel: 9 does not fit the 4x4 feature map of data 'digits' (8x8 input)")
+    with pytest.raises(ConfigError, match=r"^model.conv_kernel: 9 does not fit the 8x8 input"):
+        check_fits(model_cfg("sabour"), (1, 8, 8))
+    with pytest.raises(ConfigError, match=r"^model.conv_kernel: 5 .* 2 stem conv"):
+        check_fits(model_cfg("tiny", conv_channels=[4, 4], conv_kernel=5), (1, 8, 8))
+    with pytest.raises(ConfigError, match="model.primary_kernel"):
+        build(model_cfg("sabour", primary_kernel=21), MNIST, 10)        # 20x20 map after conv1
+    check_fits(model_cfg("sabour", primary_kernel=20), MNIST)           # exactly fits: 1x1 map
+    net = build(model_cfg("sabour", primary_kernel=20, decoder=False), MNIST, 10)
+    assert net(torch.rand(1, *MNIST)).layers[0].act.shape == (1, 32)
+
+
+def test_cnn_baseline_matches_capsnet_encoder_size():
+    cnn = build(model_cfg("cnn"), MNIST, 10)
+    assert isinstance(cnn, CNN)
+    caps = build(model_cfg("small", decoder=False), MNIST, 10)
+    assert isinstance(caps, CapsNet)
+    assert abs(count_parameters(cnn) / count_parameters(caps) - 1) < 0.01
+    out = cnn(torch.randn(4, *MNIST), torch.arange(4))
+    assert out.recon is None and out.layers == []
+    assert ((out.scores > 0) & (out.scores < 1)).all()
+    # conv1, primary conv, dense, output
+    assert [w.dim() for w in cnn.layer_weights()] == [4, 4, 2, 2]
+    wide = build(model_cfg("cnn", cnn_width=7), MNIST, 10)
+    assert wide.layer_weights()[2].shape[0] == 7
+
+
+def test_em_and_detach_options_reach_layers():
+    net = build(model_cfg("tiny", depth=1, routing="em", iterations=2, detach_inner=True), MNIST, 10)
+    assert all(layer.routing == "em" and layer.iterations == 2 and layer.detach_inner for layer in net.caps)
+    assert hasattr(net.caps[0], "beta_u") and hasattr(net.caps[1], "beta_a")
