@@ -229,7 +229,7 @@ def _status_of(run) -> str:
     tag = run.data.tags.get(TAG_STATUS)
     if tag:
         return tag
-    return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed",
+    return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted",
             "RUNNING": "running", "SCHEDULED": "running"}.get(run.info.status, "failed")
 
 

@@ -121,8 +121,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
         f'<p class="sub">{_t(verdict["answer"])}.</p>',
         f"<p class='muted'>Experiment <code>{_t(verdict['experiment'])}</code> at "
         f"<code>{_t(verdict['tracking_uri'])}</code>; parent run <code>{_t(verdict['parent_run_id'])}</code>. "
-        f"{c['trials']} trials: {c['finished']} finished, {c['diverged']} diverged, {c['failed']} failed, "
-        f"{c['running']} running, {c['incomplete']} incomplete; {c['configurations']} configurations, "
+        f"{c['trials']} trials: {_t(_status_text(c))}; {c['configurations']} configurations, "
         f"{c['candidates']} candidates. Read in {data.load_seconds:.1f} s "
         f"(histories: {_t(data.history_method)}).</p>",
     ]
@@ -198,6 +197,12 @@ def _trends_html(trends: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _status_text(counts: dict) -> str:
+    """'20 finished, 1 diverged, 1 failed': the trial statuses that occur."""
+    skip = {"trials", "configurations", "candidates"}
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if s not in skip and n)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
@@ -219,8 +224,7 @@ def render_markdown(data, verdict: dict, figures: list[dict]) -> str:
     out = [f"# capsweep report: sweep `{verdict['sweep']}`", "",
            f"## Escaped: **{'YES' if yes else 'NO'}**", "", verdict["answer"] + ".", "",
            f"Experiment `{verdict['experiment']}` at `{verdict['tracking_uri']}`, parent run "
-           f"`{verdict['parent_run_id']}`. {c['trials']} trials: {c['finished']} finished, {c['diverged']} "
-           f"diverged, {c['failed']} failed, {c['running']} running, {c['incomplete']} incomplete; "
+           f"`{verdict['parent_run_id']}`. {c['trials']} trials: {_status_text(c)}; "
            f"{c['configurations']} configurations, {c['candidates']} candidates.", ""]
     out += [f"> {n}" for n in verdict["notes"]] + ([""] if verdict["notes"] else [])
     out += ["## Thresholds", "", "| parameter | meaning | value |", "|---|---|---|"]

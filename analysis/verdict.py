@@ -22,7 +22,7 @@ it on every swept param except depth, the seed and the hidden-layer shape (`mode
 Over a configuration's finished seeds each probe gets its mean and a seeded bootstrap percentile interval
 (analysis.stats.bootstrap_mean). A candidate (CapsNet, depth >= 1) escapes when all hold, each on the
 conservative side of its interval:
-  1. every seed finished (no failed, diverged, incomplete or still running seed)
+  1. every seed finished (no diverged, failed, stopped, interrupted, running or incomplete seed)
   2. grad_ratio lower bound >= grad_ratio_min
   3. dead_worst upper bound <= dead_frac_max
   4. test_acc lower bound >= reference mean test_acc - acc_tolerance
@@ -55,7 +55,10 @@ PROBES = ("grad_ratio", "dead_worst", "tree_score", "routing_dynamics", "test_ac
 FIGURES = PROBES + ("grad_floor_ratio",)
 NUM_CLASSES = {"mnist": 10, "mnist5k": 10, "fashion_mnist": 10, "digits": 10, "cifar10": 10,
                "svhn": 10, "smallnorb": 5}
-BAD_STATUSES = ("failed", "diverged", "incomplete", "running")
+# Statuses the runner writes besides "finished": diverged, failed, running, stopped (ended early by the
+# ASHA scheduler), interrupted (the sweep's driver stopped). All but "finished" count against a
+# configuration; "incomplete" is set by analysis.load for finished runs without the probes.
+STATUS_ORDER = ("finished", "diverged", "failed", "stopped", "interrupted", "running", "incomplete")
 _LAYER = re.compile(r"^(?P<name>[a-z_]+)/l(?P<l>\d+)$")
 
 
@@ -248,7 +251,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None) -> dict:
         fin = fin.assign(grad_floor_ratio=fin["grad_min"] / ref["grad_norm_median"]
                          if ref["grad_norm_median"] else np.nan)
         figs = {p: bootstrap_mean(fin[p].tolist(), th.n_boot, th.seed, th.confidence) for p in FIGURES}
-        bad = g[g["status"].isin(BAD_STATUSES)]
+        bad = g[g["status"] != "finished"]
         reasons = _reasons(figs, bad, fin, ref, th, chance_floor) if role == "candidate" else []
         escaped = role == "candidate" and not reasons
         verdict = {"candidate": "escaped" if escaped else "not escaped",
@@ -272,7 +275,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None) -> dict:
     failed = [{"run_id": r["run_id"], "trial_id": _plain(r["trial_id"]), "seed": _plain(r["seed"]),
                "status": r["status"], "error": r.get("error") or "", "config_id": r["config_id"],
                "label": labels[r["config_id"]]}
-              for _, r in trials[trials["status"].isin(BAD_STATUSES)].iterrows()]
+              for _, r in trials[trials["status"] != "finished"].iterrows()]
     trend_rows = compute_trends(trials[ok & (trials["arch"] == "capsnet")], swept)
     n_cand = sum(c["role"] == "candidate" for c in configs)
     answer = (f"Yes: {len(escapes)} of {n_cand} candidate configuration(s) (CapsNet, depth >= 1) escape "
@@ -292,7 +295,8 @@ def compute_verdict(data, th: Optional[Thresholds] = None) -> dict:
                            dtype=str)).dropna()}) or "training default (0.01)"},
         "rules": RULES,
         "counts": {"trials": int(len(trials)), "configurations": len(configs), "candidates": n_cand,
-                   **{s: int(status_counts.get(s, 0)) for s in ("finished",) + BAD_STATUSES}},
+                   **{s: int(status_counts.get(s, 0)) for s in STATUS_ORDER},
+                   **{str(s): int(n) for s, n in status_counts.items() if s not in STATUS_ORDER}},
         "swept_params": swept,
         "escapes": escapes,
         "configurations": configs,
@@ -303,7 +307,8 @@ def compute_verdict(data, th: Optional[Thresholds] = None) -> dict:
 
 
 RULES = [
-    "every seed finished (failed, diverged, incomplete or running seeds count against the configuration)",
+    "every seed finished (diverged, failed, stopped-early, interrupted, running or incomplete seeds count "
+    "against the configuration)",
     "grad_ratio: lower bound of the interval >= grad_ratio_min",
     "worst hidden layer's dead_frac: upper bound <= dead_frac_max",
     "test_acc: lower bound >= the shallow (depth-0) CapsNet's mean test_acc - acc_tolerance",
