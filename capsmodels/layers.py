@@ -1,0 +1,173 @@
+"""Capsule building blocks: squash non-linearities, PrimaryCaps and a fully connected CapsuleLayer.
+
+Shapes: B batch, I / J capsules in the lower / upper layer, d_in / d_out their pose sizes.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+SQUASH_KINDS = ("sabour", "exp", "tanh")
+ROUTING_KINDS = ("dynamic", "em", "uniform")
+
+
+def safe_norm(x: torch.Tensor, dim: int = -1, keepdim: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """||x|| with the squared norm floored at eps, so the gradient at x = 0 is 0 instead of NaN."""
+    return (x * x).sum(dim, keepdim=keepdim).clamp_min(eps).sqrt()
+
+
+def squash(s: torch.Tensor, dim: int = -1, kind: str = "sabour", eps: float = 1e-12) -> torch.Tensor:
+    """Shrink s to a length in [0, 1) keeping its direction.
+
+    sabour: ||s||^2 / (1 + ||s||^2) * s / ||s||   (Sabour et al. 2017), computed as s * ||s|| / (1 + ||s||^2)
+    exp:    (1 - exp(-||s||)) * s / ||s||          (Mazzia et al. 2021, efficient CapsNet)
+    tanh:   tanh(||s||) * s / ||s||
+    eps floors ||s||^2 inside the norm: at s = 0 the value is exactly 0 and the gradient is finite
+    (sqrt(eps) * I for sabour, about I for exp and tanh, whose true slope at 0 is I).
+    """
+    n2 = (s * s).sum(dim, keepdim=True)
+    n = n2.clamp_min(eps).sqrt()
+    if kind == "sabour":
+        scale = n / (1.0 + n2)
+    elif kind == "exp":
+        scale = -torch.expm1(-n) / n
+    elif kind == "tanh":
+        scale = torch.tanh(n) / n
+    else:
+        raise ValueError(f"squash kind {kind!r} is not allowed; choose one of {', '.join(SQUASH_KINDS)}")
+    return s * scale
+
+
+def squash_length(x: float, kind: str = "sabour") -> float:
+    """Length of squash(s) for ||s|| = x (a float): what a capsule of pre-squash length x outputs."""
+    if kind == "sabour":
+        return x * x / (1.0 + x * x)
+    if kind == "exp":
+        return 1.0 - math.exp(-x)
+    if kind == "tanh":
+        return math.tanh(x)
+    raise ValueError(f"squash kind {kind!r} is not allowed; choose one of {', '.join(SQUASH_KINDS)}")
+
+
+def squash_gain(s_norm: torch.Tensor) -> torch.Tensor:
+    """||s|| / (1 + ||s||^2): the factor Sabour's squash scales s by, i.e. the slope it passes back.
+
+    It peaks at 1/2 for ||s|| = 1 and falls like ||s|| for short vectors: the probe `squash_gain`.
+    """
+    return s_norm / (1.0 + s_norm * s_norm)
+
+
+class PrimaryCaps(nn.Module):
+    """A convolution whose output channels are cut into capsules of `dim` channels.
+
+    Capsule (k, y, x) is the `dim` channels k*dim .. k*dim+dim-1 at ONE spatial position (y, x), for
+    capsule channel k: conv output (B, K*dim, H, W) -> (B, K, dim, H, W) -> (B, K, H, W, dim)
+    -> (B, K*H*W, dim), so capsule index n = k*H*W + y*W + x.
+    """
+
+    def __init__(self, in_channels: int, caps_channels: int, dim: int, kernel: int, stride: int,
+                 squash_kind: str = "sabour"):
+        super().__init__()
+        self.caps_channels, self.dim, self.squash_kind = caps_channels, dim, squash_kind
+        self.conv = nn.Conv2d(in_channels, caps_channels * dim, kernel, stride)
+
+    def forward(self, x: torch.Tensor):
+        """x (B, C, H, W) -> (v (B, N, dim) squashed capsules, ||s|| (B, N) pre-squash lengths)."""
+        s = self.conv(x)                                                    # (B, K*dim, H, W)
+        B, _, H, W = s.shape
+        s = s.view(B, self.caps_channels, self.dim, H, W).permute(0, 1, 3, 4, 2)
+        s = s.reshape(B, self.caps_channels * H * W, self.dim)               # (B, N, dim)
+        return squash(s, kind=self.squash_kind), safe_norm(s)
+
+
+class CapsOut(NamedTuple):
+    pose: torch.Tensor                 # (B, J, d_out): v (dynamic/uniform) or mu (EM)
+    act: torch.Tensor                  # (B, J): ||v_j|| or the EM activation
+    coupling: torch.Tensor             # (B, I, J): final couplings / EM assignments
+    gain: Optional[torch.Tensor]       # (B, J): ||s|| / (1 + ||s||^2), None for EM
+
+
+def fan_std(n_in: int, n_out: int, d_out: int, squash_kind: str = "sabour") -> float:
+    """Weight std that gives parents a pre-squash length ||s|| of about 1 at initialisation.
+
+    Derivation. With W_ij entries i.i.d. N(0, sigma^2), E||W_ij u_i||^2 = d_out sigma^2 ||u_i||^2. At
+    initialisation the couplings are about uniform, c_ij = 1/J, and s_j = (1/J) sum_i W_ij u_i is a sum of
+    I independent zero-mean vectors, so E||s_j||^2 = I d_out sigma^2 rho^2 / J^2, with rho^2 the mean
+    squared input length. Setting it to 1 gives sigma = J / (rho sqrt(I d_out)).
+    Target ||s|| = 1: that is where the squash gain ||s||/(1+||s||^2) peaks (1/2). The squash maps a
+    short vector of length x to about x^2 (sabour), so a layer whose ||s|| starts at 0.1 outputs 0.01,
+    the next layer starts shorter still and lengths collapse layer after layer; at ||s|| = 1 each layer
+    outputs rho = squash_length(1) (0.5 for sabour) and, with the same rule for the next layer, gets
+    ||s|| = 1 again: a fixed point. So rho is taken as squash_length(1) of the inputs' squash.
+    (Public code uses sigma = 0.01: for Sabour's class layer, I=1152, J=10, d_out=16, that is
+    ||s|| ~ 0.14 rho; this rule gives sigma ~ 0.15.)
+    """
+    rho = squash_length(1.0, squash_kind)
+    return n_out / (rho * math.sqrt(n_in * d_out))
+
+
+class CapsuleLayer(nn.Module):
+    """Fully connected capsule layer: predictions u_hat_ij = W_ij u_i, then routing to J parents.
+
+    W (I, J, d_out, d_in). `init`: "std" draws N(0, init_std) (public code); "fan" draws
+    N(0, (init_scale * fan_std)^2) (see `fan_std`). bias (J, d_out), zeros, is added to s before the
+    squash (Peer et al. 2019); for EM it is added to the output pose. EM has learned beta_u, beta_a (J,).
+    """
+
+    def __init__(self, n_in: int, d_in: int, n_out: int, d_out: int, routing: str = "dynamic",
+                 iterations: int = 3, bias: bool = False, squash_kind: str = "sabour",
+                 detach_inner: bool = False, init: str = "std", init_std: float = 0.01,
+                 init_scale: float = 1.0):
+        super().__init__()
+        if routing not in ROUTING_KINDS:
+            raise ValueError(f"routing {routing!r} is not allowed; choose one of {', '.join(ROUTING_KINDS)}")
+        self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
+        self.routing, self.iterations, self.squash_kind = routing, iterations, squash_kind
+        self.detach_inner = detach_inner
+        std = init_std if init == "std" else init_scale * fan_std(n_in, n_out, d_out, squash_kind)
+        if init not in ("std", "fan"):
+            raise ValueError(f"init {init!r} is not allowed; choose one of std, fan")
+        self.W = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * std)
+        self.bias = nn.Parameter(torch.zeros(n_out, d_out)) if bias else None
+        if routing == "em":
+            self.beta_u = nn.Parameter(torch.zeros(n_out))
+            self.beta_a = nn.Parameter(torch.zeros(n_out))
+
+    def predict(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, I, d_in) -> u_hat (B, I, J, d_out), laid out (B, J, I, d_out) in memory for routing.
+
+        One batched GEMM over i, (B x d_in) @ (d_in x J*d_out) each, not B*I*J tiny (d_out x d_in)
+        products; einsum picks it and writes the layout the routing passes read contiguously.
+        """
+        uT = torch.einsum("ijek,bik->bjie", self.W, u)
+        if not uT.is_contiguous():
+            uT = uT.contiguous()
+        return uT.permute(0, 2, 1, 3)
+
+    def forward(self, u: torch.Tensor, a_in: Optional[torch.Tensor] = None) -> CapsOut:
+        """u (B, I, d_in) input poses; a_in (B, I) input activations (EM only; default ||u||)."""
+        from capsmodels import routing as R                                 # routing imports squash
+        B = u.shape[0]
+        if self.routing == "uniform":
+            # s_j = (1/J) sum_i W_ij u_i: one (B, I*d_in) @ (I*d_in, J*d_out) matmul, no u_hat at all
+            Wf = self.W.permute(0, 3, 1, 2).reshape(self.n_in * self.d_in, self.n_out * self.d_out)
+            s = (u.reshape(B, -1) @ Wf).view(B, self.n_out, self.d_out) / self.n_out
+            if self.bias is not None:
+                s = s + self.bias
+            v = squash(s, kind=self.squash_kind)
+            c = u.new_full((1, 1, 1), 1.0 / self.n_out).expand(B, self.n_in, self.n_out)
+            return CapsOut(v, safe_norm(v), c, squash_gain(safe_norm(s)))
+        u_hat = self.predict(u)
+        if self.routing == "dynamic":
+            v, c, s = R.dynamic_routing_full(u_hat, self.iterations, self.bias, self.detach_inner,
+                                             self.squash_kind)
+            return CapsOut(v, safe_norm(v), c, squash_gain(safe_norm(s)))
+        if a_in is None:
+            a_in = safe_norm(u)
+        pose, a_out, r = R.em_routing(u_hat, a_in, self.iterations, self.beta_u, self.beta_a)
+        if self.bias is not None:
+            pose = pose + self.bias
+        return CapsOut(pose, a_out, r, None)

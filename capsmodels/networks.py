@@ -1,0 +1,215 @@
+"""Networks of the sweep: the CapsNet family (depth 0 = Sabour et al. 2017) and a plain CNN baseline.
+
+CapsNet: stem conv(s) (ReLU) -> PrimaryCaps -> `depth` hidden CapsuleLayers (num_caps x caps_dim)
+-> class capsules (num_classes x out_dim) -> optional masked decoder 512-1024-C*H*W (sigmoid).
+Every forward returns a `NetOutput` whose `layers` carry what the probes need (activations, couplings,
+squash gains) as graph-attached tensors; capsule layer l = 0 is the primaries, depth+1 the classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from capsmodels.config import ConfigError, ModelConfig
+from capsmodels.layers import CapsuleLayer, PrimaryCaps, safe_norm, squash_gain
+
+# Partial ModelConfig dicts, applied on top of the dataclass defaults and below the user's file.
+PRESETS: dict = {
+    # Sabour, Frosst, Hinton 2017, MNIST: 8,215,568 parameters with the decoder on 28x28x1.
+    "sabour": dict(conv_channels=[256], conv_kernel=9, primary_channels=32, primary_dim=8,
+                   primary_kernel=9, primary_stride=2, depth=0, out_dim=16, routing="dynamic",
+                   iterations=3, bias=False, squash="sabour", init="std", init_std=0.01,
+                   decoder=True, recon_weight=0.0005),
+    # The default: 576 primaries (6x6x16) on 28x28; hidden layers 16x8 when depth > 0.
+    "small": dict(conv_channels=[64], conv_kernel=9, primary_channels=16, primary_dim=8,
+                  primary_kernel=9, primary_stride=2, num_caps=16, caps_dim=8, out_dim=16),
+    # Seconds per epoch: 288 primaries (6x6x8) on 28x28, 8 (1x1x8) on 8x8 `digits`.
+    "tiny": dict(conv_channels=[16], conv_kernel=3, primary_channels=8, primary_dim=4,
+                 primary_kernel=4, primary_stride=4, num_caps=8, caps_dim=4, out_dim=8),
+    # Plain CNN with the stem and primary conv of `small`, dense width matched to small's parameters.
+    "cnn": dict(arch="cnn", conv_channels=[64], conv_kernel=9, primary_channels=16, primary_dim=8,
+                primary_kernel=9, primary_stride=2, num_caps=16, caps_dim=8, out_dim=16,
+                decoder=False, cnn_width=0),
+}
+
+DECODER_HIDDEN = (512, 1024)
+
+
+@dataclass
+class LayerTrace:
+    act: torch.Tensor                       # (B, n) a_j(x) = ||v_j|| (EM: activation)
+    coupling: Optional[torch.Tensor]        # (B, n_in, n) final couplings; None for l = 0
+    gain: Optional[torch.Tensor]            # (B, n) ||s|| / (1 + ||s||^2); None for EM layers
+
+
+@dataclass
+class NetOutput:
+    scores: torch.Tensor                    # (B, K) in [0, 1]: class capsule lengths (EM: activations)
+    recon: Optional[torch.Tensor] = None    # (B, C*H*W) or None
+    layers: list = field(default_factory=list)   # LayerTrace per capsule layer; [] for the CNN
+
+
+# ----------------------------------------------------------------------------------------------------
+# shapes
+# ----------------------------------------------------------------------------------------------------
+
+def _model_cfg(cfg) -> ModelConfig:
+    return cfg.model if hasattr(cfg, "model") else cfg
+
+
+def feature_sizes(cfg: ModelConfig, in_shape) -> tuple:
+    """(H, W) after the stem convs (stride 1, no padding) and after the primary conv; may be <= 0."""
+    _, H, W = in_shape
+    n = len(cfg.conv_channels)
+    h, w = H - n * (cfg.conv_kernel - 1), W - n * (cfg.conv_kernel - 1)
+    ph = (h - cfg.primary_kernel) // cfg.primary_stride + 1 if h >= cfg.primary_kernel else 0
+    pw = (w - cfg.primary_kernel) // cfg.primary_stride + 1 if w >= cfg.primary_kernel else 0
+    return (h, w), (ph, pw)
+
+
+def check_fits(cfg, in_shape) -> None:
+    """Raise ConfigError (one line) when the stem or primary kernels leave no spatial positions.
+
+    cfg is a RunConfig (the message then names the dataset) or a ModelConfig; in_shape = (C, H, W).
+    """
+    m = _model_cfg(cfg)
+    data = getattr(getattr(cfg, "data", None), "name", None)
+    src = f" of data {data!r}" if data else ""
+    _, H, W = in_shape
+    n = len(m.conv_channels)
+    (h, w), _ = feature_sizes(m, in_shape)
+    if h < 1 or w < 1:
+        most = (min(H, W) - 1) // n + 1
+        raise ConfigError(f"model.conv_kernel: {m.conv_kernel} does not fit the {H}x{W} input{src} with "
+                          f"{n} stem conv layer(s); use conv_kernel <= {most} or fewer conv_channels")
+    if m.primary_kernel > min(h, w):
+        raise ConfigError(f"model.primary_kernel: {m.primary_kernel} does not fit the {h}x{w} feature map"
+                          f"{src} ({H}x{W} input); use primary_kernel <= {min(h, w)} or a smaller "
+                          f"conv_kernel")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _stem(in_channels: int, cfg: ModelConfig) -> tuple:
+    layers, c = [], in_channels
+    for ch in cfg.conv_channels:
+        layers += [nn.Conv2d(c, int(ch), cfg.conv_kernel), nn.ReLU(inplace=True)]
+        c = int(ch)
+    return nn.Sequential(*layers), c
+
+
+# ----------------------------------------------------------------------------------------------------
+# CapsNet
+# ----------------------------------------------------------------------------------------------------
+
+class CapsNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_shape, num_classes: int):
+        super().__init__()
+        C, H, W = in_shape
+        self.num_classes = num_classes
+        self.stem, c = _stem(C, cfg)
+        self.primary = PrimaryCaps(c, cfg.primary_channels, cfg.primary_dim, cfg.primary_kernel,
+                                   cfg.primary_stride, cfg.squash)
+        _, (ph, pw) = feature_sizes(cfg, in_shape)
+        sizes = [(cfg.primary_channels * ph * pw, cfg.primary_dim)]
+        sizes += [(cfg.num_caps, cfg.caps_dim)] * cfg.depth + [(num_classes, cfg.out_dim)]
+        self.caps = nn.ModuleList(
+            CapsuleLayer(n_in, d_in, n_out, d_out, routing=cfg.routing, iterations=cfg.iterations,
+                         bias=cfg.bias, squash_kind=cfg.squash, detach_inner=cfg.detach_inner,
+                         init=cfg.init, init_std=cfg.init_std, init_scale=cfg.init_scale)
+            for (n_in, d_in), (n_out, d_out) in zip(sizes[:-1], sizes[1:]))
+        self.decoder = None
+        if cfg.decoder:
+            h1, h2 = DECODER_HIDDEN
+            self.decoder = nn.Sequential(
+                nn.Linear(num_classes * cfg.out_dim, h1), nn.ReLU(inplace=True),
+                nn.Linear(h1, h2), nn.ReLU(inplace=True), nn.Linear(h2, C * H * W), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> NetOutput:
+        u, s_norm = self.primary(self.stem(x))                  # (B, N0, d0), (B, N0)
+        a = safe_norm(u)
+        layers = [LayerTrace(a, None, squash_gain(s_norm))]
+        for layer in self.caps:
+            out = layer(u, a)                                   # EM uses a; the others ignore it
+            u, a = out.pose, out.act
+            layers.append(LayerTrace(out.act, out.coupling, out.gain))
+        recon = None
+        if self.decoder is not None:                            # mask all but the true (else best) class
+            idx = y if y is not None else a.detach().argmax(1)
+            mask = F.one_hot(idx, self.num_classes).to(u.dtype)  # (B, K)
+            recon = self.decoder((u * mask.unsqueeze(-1)).flatten(1))
+        return NetOutput(scores=a, recon=recon, layers=layers)
+
+    def layer_weights(self) -> list:
+        """W_l per capsule layer: l = 0 the PrimaryCaps conv weight, l >= 1 the transformations W."""
+        return [self.primary.conv.weight] + [layer.W for layer in self.caps]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CNN baseline
+# ----------------------------------------------------------------------------------------------------
+
+class CNN(nn.Module):
+    """Stem convs -> the primary conv as a plain conv (ReLU) -> dense (width, ReLU) -> K logits.
+
+    scores = sigmoid(logits): in [0, 1] like capsule lengths, so the same margin loss trains it and
+    its numbers compare with the CapsNets'. No decoder, no capsule layers (NetOutput.layers = []).
+    """
+
+    def __init__(self, cfg: ModelConfig, in_shape, num_classes: int, width: int):
+        super().__init__()
+        C, _, _ = in_shape
+        stem, c = _stem(C, cfg)
+        _, (ph, pw) = feature_sizes(cfg, in_shape)
+        feats = cfg.primary_channels * cfg.primary_dim
+        self.features = nn.Sequential(
+            *stem, nn.Conv2d(c, feats, cfg.primary_kernel, cfg.primary_stride), nn.ReLU(inplace=True),
+            nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(feats * ph * pw, width), nn.ReLU(inplace=True),
+                                  nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> NetOutput:
+        return NetOutput(scores=torch.sigmoid(self.head(self.features(x))), recon=None, layers=[])
+
+    def layer_weights(self) -> list:
+        return [m.weight for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def matched_cnn_width(cfg: ModelConfig, in_shape, num_classes: int) -> int:
+    """Dense width giving the CNN about the parameters of the CapsNet encoder of the same config
+    (everything but the decoder, which does not classify). Counted on the meta device: no memory."""
+    C, _, _ = in_shape
+    with torch.device("meta"):
+        caps = CapsNet(_replace(cfg, decoder=False), in_shape, num_classes)
+        stem, c = _stem(C, cfg)
+        conv = nn.Conv2d(c, cfg.primary_channels * cfg.primary_dim, cfg.primary_kernel, cfg.primary_stride)
+    target = count_parameters(caps) - count_parameters(stem) - count_parameters(conv)
+    _, (ph, pw) = feature_sizes(cfg, in_shape)
+    feats = cfg.primary_channels * cfg.primary_dim * ph * pw
+    # dense params: feats*w + w + w*K + K = target
+    return max(1, round((target - num_classes) / (feats + 1 + num_classes)))
+
+
+def _replace(cfg: ModelConfig, **kw) -> ModelConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def build(cfg: ModelConfig, in_shape, num_classes: int) -> nn.Module:
+    """The network of `cfg` for inputs (C, H, W) and `num_classes` classes. Raises ConfigError when the
+    kernels do not fit the input (see `check_fits`)."""
+    cfg = _model_cfg(cfg)
+    in_shape = tuple(int(v) for v in in_shape)
+    check_fits(cfg, in_shape)
+    if cfg.arch == "cnn":
+        width = cfg.cnn_width if cfg.cnn_width > 0 else matched_cnn_width(cfg, in_shape, num_classes)
+        return CNN(cfg, in_shape, num_classes, width)
+    if cfg.arch != "capsnet":
+        raise ConfigError(f"model.arch: {cfg.arch!r} is not allowed; choose one of capsnet, cnn")
+    return CapsNet(cfg, in_shape, num_classes)

@@ -1,0 +1,240 @@
+"""Routing algorithms between two fully connected capsule layers.
+
+Shapes (B batch, I = n_in children, J = n_out parents, D pose size):
+  predictions u_hat (B, I, J, D): child i's vote for parent j
+  couplings   c     (B, I, J): how much of child i goes to parent j (sums to 1 over J)
+  parent pose v     (B, J, D)
+
+`dynamic_routing` is Sabour et al. 2017 (routing by agreement). Its forward and backward are written by
+hand (`_DynamicRouting`) because autograd's version of the same loop allocates and adds one (B, I, J, D)
+gradient per use of u_hat (2R-1 uses for R iterations) and permutes between layouts: on a CPU those
+memory passes, not the FLOPs, were most of a Sabour CapsNet's routing cost. The hand-written backward
+collects all 2R-1 rank-one terms per (b, j) and writes the u_hat gradient once with a single batched
+matmul. `dynamic_routing_reference` is the plain autograd loop, kept as the readable specification
+(the tests check the fast path against it and against finite differences).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from capsmodels.layers import squash
+
+
+# ----------------------------------------------------------------------------------------------------
+# dynamic routing (Sabour et al. 2017)
+# ----------------------------------------------------------------------------------------------------
+
+def _squash_vjp(s: torch.Tensor, gv: torch.Tensor, kind: str) -> torch.Tensor:
+    """dL/ds given dL/dv for v = squash(s); s is small (B, J, D), so autograd on it is cheap."""
+    with torch.enable_grad():
+        s_ = s.detach().requires_grad_(True)
+        (gs,) = torch.autograd.grad(squash(s_, kind=kind), s_, gv)
+    return gs
+
+
+class _DynamicRouting(torch.autograd.Function):
+    """Routing by agreement on uT = u_hat laid out (B, J, I, D), contiguous.
+
+    In this layout every routing pass is one batched vector-matrix product over (b, j):
+      s_j = sum_i c_ij u_ij       -> bmm((B*J, 1, I), (B*J, I, D))
+      a_ij = <u_ij, v_j>          -> bmm((B*J, 1, D), (B*J, D, I))  (u transposed: a strided view, fast)
+    Outputs: v (B, J, D), c (B, J, I) final couplings, s (B, J, D) the squash input (bias included).
+    """
+
+    @staticmethod
+    def forward(ctx, uT, bias, iterations: int, detach_inner: bool, kind: str):
+        B, J, I, D = uT.shape
+        U = uT.view(B * J, I, D)
+        b = uT.new_zeros(B, J, I)                                   # routing logits, start at 0
+        cs, ss, vs = [], [], []
+        for r in range(iterations):
+            c = torch.softmax(b, dim=1)                             # over parents j
+            s = torch.bmm(c.view(B * J, 1, I), U).view(B, J, D)
+            if bias is not None:
+                s = s + bias
+            v = squash(s, kind=kind)
+            cs.append(c), ss.append(s), vs.append(v)
+            if r < iterations - 1:                                  # agreement update between iterations
+                a = torch.bmm(v.view(B * J, 1, D), U.transpose(1, 2)).view(B, J, I)
+                b = b + a
+        ctx.save_for_backward(uT, *cs, *ss, *vs)
+        ctx.iterations, ctx.detach_inner, ctx.kind = iterations, detach_inner, kind
+        ctx.has_bias = bias is not None
+        return v, c, s
+
+    @staticmethod
+    def backward(ctx, gv_out, gc_out, gs_out):
+        R = ctx.iterations
+        uT, *rest = ctx.saved_tensors
+        cs, ss, vs = rest[:R], rest[R:2 * R], rest[2 * R:]
+        B, J, I, D = uT.shape
+        U = uT.view(B * J, I, D)
+        need_u = ctx.needs_input_grad[0]
+        need_bias = ctx.has_bias and ctx.needs_input_grad[1]
+        # detach_inner: u_hat gets gradient only from the last iteration's s = sum_i c_ij u_ij; the chain
+        # through earlier iterations is still walked when a bias needs its gradient from there.
+        walk_chain = need_bias or (need_u and not ctx.detach_inner)
+        c_terms, g_terms = [], []                                   # grad u_ij = sum_t C_t[ij] G_t[j]
+        gbias = torch.zeros_like(ss[0][0]) if need_bias else None
+        gb_next = None                                              # dL/d b^{r+1}
+        for r in range(R - 1, -1, -1):
+            if r == R - 1:
+                gv = gv_out if gv_out is not None else torch.zeros_like(vs[r])
+            else:                                                   # b^{r+1} = b^r + <u, v^r>
+                ga = gb_next
+                gv = torch.bmm(ga.reshape(B * J, 1, I), U).view(B, J, D)
+                if need_u and not ctx.detach_inner:
+                    c_terms.append(ga), g_terms.append(vs[r])
+            gs = _squash_vjp(ss[r], gv, ctx.kind)
+            if r == R - 1 and gs_out is not None:
+                gs = gs + gs_out
+            if need_bias:
+                gbias = gbias + gs.sum(0)
+            if need_u and (r == R - 1 or not ctx.detach_inner):
+                c_terms.append(cs[r]), g_terms.append(gs)
+            if r == 0 or not walk_chain:                            # b^0 = 0 is a constant
+                break
+            gc = torch.bmm(gs.reshape(B * J, 1, D), U.transpose(1, 2)).view(B, J, I)
+            if r == R - 1 and gc_out is not None:
+                gc = gc + gc_out
+            c = cs[r]
+            gb = c * (gc - (gc * c).sum(1, keepdim=True))           # softmax over j, backward
+            gb_next = gb if gb_next is None else gb + gb_next
+        gu = None
+        if need_u:
+            T = len(c_terms)
+            C = torch.stack(c_terms, dim=2).view(B * J, T, I).transpose(1, 2)   # (B*J, I, T)
+            G = torch.stack(g_terms, dim=2).view(B * J, T, D)
+            # one write of the big gradient, laid out (I, B, J, D): the layout of the batched GEMM over i
+            # that made u_hat (`CapsuleLayer.predict`), so its backward reads it without a copy
+            gu = uT.new_empty(I, B, J, D).permute(1, 2, 0, 3)       # logical (B, J, I, D)
+            torch.bmm(C, G, out=gu.view(B * J, I, D))
+        return gu, gbias, None, None, None
+
+
+def dynamic_routing_full(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor] = None,
+                         detach_inner: bool = False, squash_kind: str = "sabour"):
+    """Dynamic routing returning (v, c, s): parent poses (B, J, D), final couplings (B, I, J) and the
+    squash input s (B, J, D), bias included, whose norm gives the layer's squash gain.
+
+    u_hat may be any (B, I, J, D) tensor; one laid out as (B, J, I, D) in memory (a permuted view of
+    a contiguous (B, J, I, D) tensor, as `CapsuleLayer` makes) is routed without a copy.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations: {iterations} is not allowed; must be >= 1")
+    uT = u_hat.permute(0, 2, 1, 3).contiguous()                     # (B, J, I, D); free if laid out so
+    v, c, s = _DynamicRouting.apply(uT, bias, int(iterations), bool(detach_inner), squash_kind)
+    return v, c.transpose(1, 2), s
+
+
+def dynamic_routing(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor] = None,
+                    detach_inner: bool = False, squash_kind: str = "sabour"):
+    """Sabour et al. 2017 routing by agreement. u_hat (B, I, J, D) -> (v (B, J, D), c (B, I, J)).
+
+    Logits b start at 0, c = softmax_j(b), s_j = sum_i c_ij u_hat_ij (+ bias), v_j = squash(s_j), and
+    between consecutive iterations b_ij += <u_hat_ij, v_j>; so iterations=1 gives uniform couplings.
+    Gradients flow through every iteration unless detach_inner, which detaches u_hat in all but the
+    last iteration (as some public code does).
+    """
+    v, c, _ = dynamic_routing_full(u_hat, iterations, bias, detach_inner, squash_kind)
+    return v, c
+
+
+def dynamic_routing_reference(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor] = None,
+                              detach_inner: bool = False, squash_kind: str = "sabour"):
+    """The same algorithm as a plain autograd loop (slow: many full-size temporaries). Returns (v, c, s)."""
+    B, I, J, D = u_hat.shape
+    b = u_hat.new_zeros(B, I, J)
+    for r in range(iterations):
+        last = r == iterations - 1
+        u = u_hat if (last or not detach_inner) else u_hat.detach()
+        c = torch.softmax(b, dim=2)                                 # (B, I, J), over parents
+        s = torch.einsum("bij,bijd->bjd", c, u)
+        if bias is not None:
+            s = s + bias
+        v = squash(s, kind=squash_kind)
+        if not last:
+            b = b + torch.einsum("bijd,bjd->bij", u, v)
+    return v, c, s
+
+
+# ----------------------------------------------------------------------------------------------------
+# no routing (ablation)
+# ----------------------------------------------------------------------------------------------------
+
+def uniform_routing(u_hat: torch.Tensor, bias: Optional[torch.Tensor] = None, squash_kind: str = "sabour"):
+    """Couplings fixed at 1/J: s_j = (1/J) sum_i u_hat_ij (+ bias). Returns (v (B, J, D), c (B, I, J)).
+
+    c is an expanded view of one constant (no memory). `CapsuleLayer` does not call this with a
+    materialised u_hat: with fixed couplings s is one matmul of the inputs with the summed weights.
+    """
+    B, I, J, D = u_hat.shape
+    s = u_hat.sum(1) / J
+    if bias is not None:
+        s = s + bias
+    c = u_hat.new_full((1, 1, 1), 1.0 / J).expand(B, I, J)
+    return squash(s, kind=squash_kind), c
+
+
+# ----------------------------------------------------------------------------------------------------
+# EM routing (Hinton, Sabour, Frosst 2018)
+# ----------------------------------------------------------------------------------------------------
+
+def em_lambda_schedule(iterations: int, lambda_final: float = 1.0) -> list:
+    """Inverse temperature per iteration: rises linearly to lambda_final at the last M-step.
+
+    The paper only says lambda increases over iterations; a linear ramp ending at a value of order 1
+    pairs with the mass normalisation in `em_routing` (so the cost is O(pose size) for any layer width).
+    """
+    return [lambda_final * (t + 1) / iterations for t in range(iterations)]
+
+
+def em_routing(votes: torch.Tensor, a_in: torch.Tensor, iterations: int, beta_u: torch.Tensor,
+               beta_a: torch.Tensor, lambda_final: float = 1.0, eps: float = 1e-6,
+               normalize_mass: bool = True, center_cost: bool = True):
+    """EM routing for a fully connected capsule layer (Hinton, Sabour, Frosst 2018), vectorised.
+
+    votes (B, I, J, P), a_in (B, I) child activations in [0, 1], beta_u / beta_a broadcastable to (J,).
+    Each parent is a Gaussian with diagonal covariance over the P pose entries; R starts uniform (1/J).
+      M-step: R'_ij = R_ij a_i;  mu_jh, sigma^2_jh = R'-weighted mean and variance of the votes;
+              cost_jh = (beta_u + log sigma_jh) * m_j;  a_j = sigmoid(lambda_t (beta_a - sum_h cost_jh))
+      E-step (between M-steps): R_ij = softmax_j(log a_j + log N(V_ij; mu_j, sigma_j^2)).
+    m_j = sum_i R'_ij in the paper; with normalize_mass it is scaled by J / I, so that a uniform
+    assignment of active children gives mass 1 whatever the layer's width (the paper's sum grows with I
+    and saturates the sigmoid unless lambda is retuned per layer). With center_cost the total cost of
+    each parent is taken relative to the mean over parents (as common public implementations normalise
+    it): a common scale of all votes shifts every log sigma by the same amount, and without centring
+    small votes (weights drawn with std 0.01) drive every activation to exactly 1.0 and its gradient to 0.
+    normalize_mass=False, center_cost=False is the paper's formula.
+    Returns pose mu (B, J, P), activations a_out (B, J), and R (B, I, J), the assignment probabilities
+    used in the last M-step (the couplings; they sum to 1 over parents).
+    """
+    B, I, J, P = votes.shape
+    scale = J / I if normalize_mass else 1.0
+    a_in = a_in.unsqueeze(-1)                                       # (B, I, 1)
+    r = votes.new_full((B, I, J), 1.0 / J)
+    lambdas = em_lambda_schedule(iterations, lambda_final)
+    for t in range(iterations):
+        # M-step
+        rp = r * a_in                                               # (B, I, J)
+        mass = rp.sum(1)                                            # (B, J)
+        w = rp / (mass.unsqueeze(1) + eps)                          # weights over children
+        mu = torch.einsum("bij,bijp->bjp", w, votes)                # (B, J, P)
+        diff2 = (votes - mu.unsqueeze(1)) ** 2                      # (B, I, J, P)
+        var = torch.einsum("bij,bijp->bjp", w, diff2) + eps         # (B, J, P)
+        cost = (beta_u.unsqueeze(-1) + 0.5 * torch.log(var)) * (mass * scale).unsqueeze(-1)
+        cost = cost.sum(-1)                                         # (B, J)
+        if center_cost:
+            cost = cost - cost.mean(-1, keepdim=True)
+        logit = lambdas[t] * (beta_a - cost)                        # (B, J)
+        a_out = torch.sigmoid(logit)
+        if t < iterations - 1:
+            # E-step: log of a_j * N(V_ij | mu_j, sigma_j^2), normalised over parents j
+            log_p = -0.5 * (diff2 / var.unsqueeze(1)).sum(-1) \
+                    - 0.5 * torch.log(2 * math.pi * var).sum(-1).unsqueeze(1)   # (B, I, J)
+            r = F.softmax(F.logsigmoid(logit).unsqueeze(1) + log_p, dim=2)   # log a_j, no underflow
+    return mu, a_out, r
