@@ -231,7 +231,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
     import ray
     from ray import tune
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_entry, base=spec.base, raws=raws, cpus=spec.resources.cpu),
+        tune.with_parameters(capsnet_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     tp = _TrialParams(spec.base)
     logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
@@ -275,7 +275,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
                        storage, len(statuses), statuses, interrupted)
 
 
-def _trial_entry(config: dict, base: dict, raws: dict, cpus: float) -> None:
+def capsnet_trial(config: dict, base: dict, raws: dict, cpus: float) -> None:
     """Module-level (picklable) entry: pick this trial's dataset from the shared dict."""
     from sweeps.trainable import run_trial
     name = trial_config(base, config).get("data", {}).get("name") or runcfg.DataConfig.name

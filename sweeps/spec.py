@@ -134,9 +134,23 @@ def from_config(raw: DictConfig | dict, origin: str = "spec") -> SweepSpec:
     except OmegaConfBaseException as e:
         _fail(_omegaconf_message(e))
     spec.base = _plain(spec.base)
-    spec.space = _plain(spec.space)
+    spec.space = _flatten_space(_plain(spec.space))
     validate(spec)
     return spec
+
+
+def _flatten_space(space: dict, prefix: str = "") -> dict:
+    """Accept nested keys too: a CLI override `space.model.init={grid: [std, fan]}` arrives as
+    {'model': {'init': {...}}}; the spec's own form is {'model.init': {...}}."""
+    out: dict = {}
+    for key, value in (space or {}).items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not (set(value) & set(SPACE_KINDS)) and \
+                all(isinstance(v, dict) for v in value.values()):
+            out.update(_flatten_space(value, full + "."))
+        else:
+            out[full] = value
+    return out
 
 
 def _plain(x: Any) -> Any:
