@@ -127,8 +127,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  write the report:    capsweep report --experiment {shlex.quote(result.experiment)} "
           f"--sweep {shlex.quote(result.name)}" + _uri_flag(result.tracking_uri))
     if result.interrupted:
-        print(f"capsweep: sweep {result.name!r} did not finish; continue it with: capsweep run {args.spec} "
-              + " ".join(map(shlex.quote, args.overrides)) + " --resume", file=sys.stderr)
+        again = ["capsweep", "run", args.spec, *args.overrides, "--resume"]
+        print(f"capsweep: sweep {result.name!r} did not finish; continue it with: "
+              + " ".join(map(shlex.quote, again)), file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

@@ -235,7 +235,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     tp = _TrialParams(spec.base)
     logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
-                                        exp_dir, tp.params, tp.yaml)
+                                        exp_dir, tp.params, tp.yaml, expected_trials=total_trials(spec))
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
         run_config = tuner._local_tuner.get_run_config()   # swap in a logger bound to this driver

@@ -133,13 +133,17 @@ class MlflowSweepLogger(Callback):
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
                  experiment_dir: Path, trial_params: Any, trial_yaml: Any,
-                 max_outage_s: float = 900.0, max_pending: int = 200_000):
+                 max_outage_s: float = 900.0, max_pending: int = 200_000, expected_trials: int = 0):
         # Tune pickles its callbacks into the experiment state (tuner.pkl); only these arguments
         # travel, and a restored logger re-reads its state from MLflow itself (__setstate__).
         self._args = dict(tracking_uri=tracking_uri, experiment_id=experiment_id,
                           parent_run_id=parent_run_id, sweep=sweep, experiment_dir=str(experiment_dir),
                           trial_params=trial_params, trial_yaml=trial_yaml,
-                          max_outage_s=max_outage_s, max_pending=max_pending)
+                          max_outage_s=max_outage_s, max_pending=max_pending,
+                          expected_trials=expected_trials)
+        self.expected_trials = expected_trials
+        self.parent_closed = False
+        self.interrupted = False
         self.uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_id = parent_run_id
@@ -169,9 +173,25 @@ class MlflowSweepLogger(Callback):
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         """Experiment start (also after --resume): deliver writes an earlier driver spooled."""
+        self._watch_sigint()
         n = self.replay_spool()
         if n:
             print(f"capsweep: delivered {n} MLflow writes saved by an earlier run", flush=True)
+
+    def _watch_sigint(self) -> None:
+        """Ray Tune ends the run on Ctrl-C and then completes the running trials like finished ones;
+        chain onto its handler to know that those trials were interrupted, not done."""
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def handler(sig, frame):
+            self.interrupted = True
+            if callable(ray_handler):
+                ray_handler(sig, frame)
+        signal.signal(signal.SIGINT, handler)
 
     # ---- queue -------------------------------------------------------------------------------
     def _put(self, *record: Any) -> None:
@@ -289,6 +309,9 @@ class MlflowSweepLogger(Callback):
             if error:
                 self.client.log_text(rid, error, "error.txt")
             self.client.set_terminated(rid, "FAILED" if status == "failed" else "FINISHED")
+        elif kind == "parent_interrupt":
+            self.client.set_tag(self.parent_id, STATUS, "interrupted")
+            self.client.set_terminated(self.parent_id, "KILLED")
         elif kind == "parent_end":
             _, summary, status = rec
             self.client.log_batch(self.parent_id, metrics=[
@@ -375,6 +398,8 @@ class MlflowSweepLogger(Callback):
         if tid not in self.run_ids:
             self._ensure_run(trial)
         last = trial.last_result or {}
+        if self.interrupted and not error and last.get("status") not in ("finished", "diverged"):
+            return          # Ctrl-C: the trial continues on --resume (close() marks it interrupted)
         if error:
             status = "failed"
         elif last.get("status") == "diverged" or self.statuses.get(tid) == "diverged":
@@ -394,7 +419,14 @@ class MlflowSweepLogger(Callback):
         self.close(trials)
 
     def close(self, trials: Iterable, interrupted: bool = False) -> None:
-        """End-of-sweep bookkeeping: no run left RUNNING, parent summary, queue drained."""
+        """End-of-sweep bookkeeping: no run left RUNNING, parent summary, queue drained.
+
+        Tune also ends the experiment on Ctrl-C; a sweep with trials not yet done (or never
+        created) is closed as interrupted, so the parent is not claimed finished."""
+        trials = list(trials)
+        if self.interrupted or any(t.status not in ("TERMINATED", "ERROR") for t in trials) or \
+                (self.expected_trials and len(trials) < self.expected_trials):
+            interrupted = True
         for trial in trials:
             tid = trial.trial_id
             if tid in self.run_ids and self.statuses.get(tid) in (None, "running"):
@@ -404,9 +436,13 @@ class MlflowSweepLogger(Callback):
                     self._finish(trial, _error_text(trial))
         if interrupted:
             for tid, status in list(self.statuses.items()):
-                if status == "running" and tid in self.run_ids:
+                if status == "running" and (tid in self.run_ids or
+                                            any(r[0] == "start" and r[1] == tid for r in self.queue)):
                     self.statuses[tid] = "interrupted"
                     self._put("interrupt", tid)
+            if not self.parent_closed:
+                self._put("parent_interrupt")
+                self.parent_closed = True
             self._drain()
             return
         counts = {s: sum(1 for v in self.statuses.values() if v == s)
@@ -414,6 +450,7 @@ class MlflowSweepLogger(Callback):
         summary = {f"trials_{k}": v for k, v in counts.items()}
         summary["trials_total"] = len(self.run_ids) + sum(1 for r in self.queue if r[0] == "start")
         self._put("parent_end", summary, "finished")
+        self.parent_closed = True
         self._drain()
 
     def _drain(self) -> None:

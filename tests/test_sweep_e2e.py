@@ -141,3 +141,34 @@ def test_driver_killed_then_resumed(tmp_path):
         tid = r.data.tags["capsweep.trial_id"]
         if tid in finished_before:                                  # finished trials were not rerun
             assert r.info.end_time == finished_before[tid]
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
+    """Ctrl-C (SIGINT) mid-trial: exit 130, no run left RUNNING, the interrupted trial continues on --resume."""
+    spec = write_spec(tmp_path / "cc.yaml", "cc", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=8)
+    env = env_for_subprocess()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    proc = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "1"), cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: any(r.info.status == "RUNNING" and "epoch" in r.data.metrics
+                         for r in children(client, sweep="cc")), timeout=300, what="a trial mid-way")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "--resume" in out
+    runs = children(client, sweep="cc")
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert any(r.data.tags["capsweep.status"] == "interrupted" and r.info.status == "KILLED" for r in runs)
+    (parent,) = parents(client)
+    assert parent.data.tags["capsweep.status"] == "interrupted"
+
+    proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "1", "--resume"), tmp_path, env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = children(client, sweep="cc")
+    assert len(runs) == 2
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["capsweep.status"] == "finished"
+        steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc"))
+        assert steps == list(range(8))
+    (parent,) = parents(client)
+    assert parent.info.status == "FINISHED"
