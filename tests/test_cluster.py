@@ -110,7 +110,12 @@ def test_cluster_commands_parse_with_the_real_clis(cluster_cfg):
     assert head_env == worker_env == {"RAY_AUTH_MODE": "token"}, "Ray token authentication on every node"
     srv = mlflow_server.make_context("server", _mlflow_server(cluster_cfg))
     assert srv.params["host"] == "127.0.0.1"
-    assert srv.params["backend_store_uri"].startswith("postgresql"), "a real database backend"
+    # a real database, reached over the local socket as the OS user: no user, password or TCP host
+    from sqlalchemy.engine import make_url
+    db = make_url(srv.params["backend_store_uri"])
+    assert db.get_backend_name() == "postgresql" and db.database == "mlflow"
+    assert db.username is None and db.password is None and db.host is None
+    assert db.query["host"].startswith("/"), "a unix socket folder"
     assert srv.params["serve_artifacts"] and srv.params["artifacts_destination"]
 
 
@@ -369,7 +374,6 @@ def test_submit_runs_a_sweep_across_two_nodes(two_node_cluster):
                     240, interval=2, what=f"Ray job {job_id}")
     logs = dash.logs(job_id)
     assert info["status"] == "SUCCEEDED", logs[-4000:]
-    assert "sweep 'multi': 2 trials (2 finished)" in logs, logs[-3000:]
 
     # trials ran on both nodes (one CPU each, one CPU per trial: the two trials run side by side);
     # Ray's state API keeps each (now dead) trial actor and the node it ran on
