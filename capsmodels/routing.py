@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from capsmodels.layers import squash
 
@@ -67,6 +68,7 @@ class _DynamicRouting(torch.autograd.Function):
         return v, c, s
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gv_out, gc_out, gs_out):
         R = ctx.iterations
         uT, *rest = ctx.saved_tensors
@@ -109,10 +111,10 @@ class _DynamicRouting(torch.autograd.Function):
             T = len(c_terms)
             C = torch.stack(c_terms, dim=2).view(B * J, T, I).transpose(1, 2)   # (B*J, I, T)
             G = torch.stack(g_terms, dim=2).view(B * J, T, D)
-            # one write of the big gradient, laid out (I, B, J, D): the layout of the batched GEMM over i
-            # that made u_hat (`CapsuleLayer.predict`), so its backward reads it without a copy
-            gu = uT.new_empty(I, B, J, D).permute(1, 2, 0, 3)       # logical (B, J, I, D)
-            torch.bmm(C, G, out=gu.view(B * J, I, D))
+            # one write of the big gradient. (Writing it straight into the (I, B, J, D) layout of the
+            # GEMM that made u_hat, via a strided out=, saves a copy when the machine is idle but takes
+            # a per-matrix slow path that is 100x slower when other processes compete for the cores.)
+            gu = torch.bmm(C, G).view(B, J, I, D)
         return gu, gbias, None, None, None
 
 
