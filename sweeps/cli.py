@@ -168,7 +168,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from sweeps import submit
     try:
         job_id = submit.submit(args.spec, args.overrides, spec, address=args.address,
-                               working_dir=args.working_dir, extra_env=args.env)
+                               working_dir=args.working_dir, extra_env=args.env, resume=args.resume)
     except submit.SubmitError as e:
         return _err(str(e))
     print(f"capsweep: submitted sweep {spec.name!r} as Ray job {job_id}")
@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--address", default=os.environ.get("RAY_JOB_ADDRESS") or os.environ.get("RAY_ADDRESS")
                    or "http://127.0.0.1:8265", help="Ray dashboard/jobs address (default http://127.0.0.1:8265)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     s.add_argument("--working-dir", default=None,
                    help="ship this folder as the job's working dir (default: the capsweep checkout when run from one)")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",

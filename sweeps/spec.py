@@ -18,6 +18,7 @@ cluster allocation. YAML is read with OmegaConf (yaml.SafeLoader underneath: no 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,12 @@ def load_spec(spec: str, overrides: Optional[list[str]] = None) -> SweepSpec:
         cli_cfg = OmegaConf.from_dotlist(list(overrides or []))
     except Exception as e:
         _fail(f"override: {_one_line(e)}; write overrides as key=value")
-    return from_config(OmegaConf.merge(file_cfg, cli_cfg), origin=str(path))
+    merged = OmegaConf.merge(file_cfg, cli_cfg)
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri and OmegaConf.select(merged, "mlflow.tracking_uri") is None:
+        # a spec that names no store follows MLflow's own convention: $MLFLOW_TRACKING_URI first
+        merged = OmegaConf.merge(merged, {"mlflow": {"tracking_uri": env_uri}})
+    return from_config(merged, origin=str(path))
 
 
 def from_config(raw: DictConfig | dict, origin: str = "spec") -> SweepSpec:
@@ -347,6 +353,9 @@ def to_yaml(spec: SweepSpec) -> str:
 def storage_dir(spec: SweepSpec, root: Optional[Path] = None) -> Path:
     """The absolute Ray storage folder. The experiment folder below it is <storage>/<name>; `name`
     is checked by NAME_RE, so it cannot climb out of the storage folder."""
+    if re.match(r"^[a-z][a-z0-9+.-]*://", spec.storage_path):
+        _fail(f"storage_path: {spec.storage_path!r} is not allowed; use a local or shared-filesystem path "
+              "(cluster.yaml mounts /shared on every node: storage_path=/shared/ray_results)")
     p = Path(spec.storage_path).expanduser()
     if not p.is_absolute():
         p = (root or Path.cwd()) / p

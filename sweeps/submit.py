@@ -30,11 +30,29 @@ def job_address(address: str) -> str:
     return f"http://{host}:8265"
 
 
+def check_cluster_ready(spec: SweepSpec) -> None:
+    """A sweep on a cluster must log where it survives the job: refuse what would be lost."""
+    uri = spec.mlflow.tracking_uri
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        raise SubmitError(f"mlflow.tracking_uri: {uri!r} would be written inside the job's temporary folder "
+                          "on the head node; pass mlflow.tracking_uri=http://127.0.0.1:5000 (the head's "
+                          "MLflow server) or export MLFLOW_TRACKING_URI")
+    if not Path(spec.storage_path).expanduser().is_absolute():
+        raise SubmitError(f"storage_path: {spec.storage_path!r} is relative to the job's temporary folder; "
+                          "trials on other nodes need shared storage: storage_path=/shared/ray_results")
+
+
 def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
-           working_dir: Optional[str] = None, extra_env: Optional[list[str]] = None) -> str:
+           working_dir: Optional[str] = None, extra_env: Optional[list[str]] = None,
+           resume: bool = False) -> str:
     from ray.job_submission import JobSubmissionClient
+    from sweeps.tracking import git_commit
+    check_cluster_ready(spec)
     path = resolve_spec_path(spec_arg)
     env = {}
+    commit = git_commit()
+    if commit:
+        env["CAPSWEEP_GIT_COMMIT"] = commit      # the shipped folder has no .git
     for item in extra_env or []:
         k, sep, v = item.partition("=")
         if not sep or not k:
@@ -55,17 +73,23 @@ def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
             spec_in_job = "$CAPSWEEP_SPEC_FILE"
     else:
         spec_in_job = str(path)
-    entry = ["python", "-m", "sweeps.cli", "run", spec_in_job, *overrides]
+    flags = ["--resume"] if resume else []
+    entry = ["python", "-m", "sweeps.cli", "run", spec_in_job, *overrides, *flags]
     entrypoint = " ".join(shlex.quote(a) for a in entry)
     if spec_in_job == "$CAPSWEEP_SPEC_FILE":
         entrypoint = ('CAPSWEEP_SPEC_FILE=$(mktemp --suffix=.yaml) && printf "%s" "$CAPSWEEP_SPEC_TEXT" '
                       '> "$CAPSWEEP_SPEC_FILE" && python -m sweeps.cli run "$CAPSWEEP_SPEC_FILE" '
-                      + " ".join(shlex.quote(a) for a in overrides))
+                      + " ".join(shlex.quote(a) for a in [*overrides, *flags]))
     try:
         client = JobSubmissionClient(job_address(address))
         return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
                                  metadata={"capsweep.sweep": spec.name})
     except Exception as e:  # noqa: BLE001 - connection errors of several libraries
+        text = " ".join(str(e).split())
+        if "nauthori" in text or "uthentication" in text or "token" in text.lower():
+            raise SubmitError(f"--address: Ray at {job_address(address)} refused the job (authentication); "
+                              "export RAY_AUTH_MODE=token and point RAY_AUTH_TOKEN_PATH at the cluster's "
+                              "token (ray get-auth-token), then submit again") from None
         raise SubmitError(f"--address: cannot submit to Ray at {job_address(address)} "
                           f"({' '.join(str(e).split())[:200]}); is the cluster up (ray up cluster.yaml) "
                           "and its dashboard port forwarded?") from None

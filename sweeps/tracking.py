@@ -49,6 +49,8 @@ class TrackingUnavailable(RuntimeError):
 
 def git_commit() -> Optional[str]:
     """The project's git commit, when it runs from a checkout (tag `capsweep.git_commit`)."""
+    if os.environ.get("CAPSWEEP_GIT_COMMIT"):
+        return os.environ["CAPSWEEP_GIT_COMMIT"]      # set by `capsweep submit` for cluster jobs
     here = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,

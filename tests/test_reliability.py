@@ -134,7 +134,7 @@ def test_tracking_server_restarts_mid_sweep_nothing_lost(tmp_path):
 
 
 def test_second_driver_on_the_same_sweep_is_refused(tmp_path):
-    spec = write_spec(tmp_path / "d.yaml", "dup", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=6)
+    spec = write_spec(tmp_path / "d.yaml", "dup", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=300)
     env = env_for_subprocess()
     first = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "1"), cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
