@@ -35,12 +35,15 @@ def tune_domain(kind: str, values: list):
             "logint": lambda: tune.lograndint(int(lo), int(hi) + 1)}[kind]()
 
 
-def optuna_space(spec: SweepSpec):
-    """Define-by-run: a function of an optuna trial that suggests every entry of the space."""
-    entries = [(key, *next(iter(entry.items()))) for key, entry in spec.space.items()]
+class OptunaSpace:
+    """Define-by-run space (optuna style: one `trial.suggest_*` per entry). A class, not a closure,
+    because Tune pickles the searcher into its experiment state for `--resume`."""
 
-    def space(trial) -> None:
-        for key, kind, values in entries:
+    def __init__(self, spec: SweepSpec):
+        self.entries = [(key, *next(iter(entry.items()))) for key, entry in spec.space.items()]
+
+    def __call__(self, trial) -> None:
+        for key, kind, values in self.entries:
             if kind in ("grid", "choice"):
                 trial.suggest_categorical(key, list(values))
             elif kind == "uniform":
@@ -51,7 +54,6 @@ def optuna_space(spec: SweepSpec):
                 trial.suggest_int(key, int(values[0]), int(values[1]))
             else:
                 trial.suggest_int(key, int(values[0]), int(values[1]), log=True)
-    return space
 
 
 def make_sampler(spec: SweepSpec):
@@ -59,7 +61,6 @@ def make_sampler(spec: SweepSpec):
     seed = spec.search.seed
     name = spec.search.sampler
     if name == "tpe":
-        metrics, _ = objectives(spec)
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
@@ -90,8 +91,10 @@ class SeedRepeater(Repeater):
         if group is None:
             log.warning("trial %s has no seed group (restored?); not reported to the searcher", trial_id)
             return
-        ok = bool(result) and not error and all(_finite(result.get(m)) for m in self.metrics)
-        group.report(trial_id, [result[m] for m in self.metrics] if ok else None or [np.nan] * len(self.metrics))
+        # per objective: a seed whose grad_ratio is 0/0 still tells Optuna its accuracy
+        scores = [float(result[m]) if result and not error and _finite(result.get(m)) else np.nan
+                  for m in self.metrics]
+        group.report(trial_id, scores)
         if group.finished_reporting():
             scores = np.array(group.scores(), dtype=float)           # (seeds, objectives)
             if np.isnan(scores).all(axis=0).any():
@@ -147,7 +150,7 @@ def build(spec: SweepSpec) -> tuple[dict, Any, Any, int]:
 
     from ray.tune.search.optuna import OptunaSearch
     multi = len(metrics) > 1
-    searcher = OptunaSearch(space=optuna_space(spec), metric=metrics if multi else metrics[0],
+    searcher = OptunaSearch(space=OptunaSpace(spec), metric=metrics if multi else metrics[0],
                             mode=modes if multi else modes[0], sampler=make_sampler(spec),
                             seed=spec.search.seed)
     search_alg = SeedRepeater(searcher, spec.seeds)
