@@ -157,7 +157,8 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time = time.perf_counter() - t0
-        sched.step()
+        if not diverged:
+            sched.step()
 
         metrics = {"epoch": epoch,
                    "train_loss": loss_sum / seen if seen else float("nan"),
@@ -184,9 +185,11 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
 
 
 def _state(model, opt, sched, gen, epoch: int, metrics: dict) -> dict:
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+    """A snapshot (deep copy: state_dict() shares the live tensors that the next epoch changes)."""
+    import copy
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
-            "metrics": dict(metrics)}
+            "metrics": dict(metrics)})
 
 
 def _progress(steps: int, epoch: int, t: cfgmod.TrainConfig):

@@ -1,0 +1,100 @@
+"""The training loop: exact repeatability on the CPU, resume equivalence, divergence, probes that
+leave training untouched, and the per-epoch report contract."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capsmodels import config as runcfg
+from capsmodels import networks, probes
+from capsmodels.data import load_raw
+from capsmodels.train import fit
+
+VOLATILE = ("images_per_s", "peak_mem_mb", "time_s")
+RAW = load_raw("digits")
+
+
+def cfg(**model):
+    m = {"preset": "tiny", "conv_channels": [8], "conv_kernel": 3, "primary_channels": 4, "primary_dim": 4,
+         "primary_kernel": 3, "primary_stride": 2, "num_caps": 6, "caps_dim": 4, "out_dim": 6, "depth": 1,
+         "init": "fan"}
+    m.update(model)
+    return {"model": m, "data": {"name": "digits", "train_size": 200, "val_size": 60, "test_size": 100,
+                                 "augment": True},
+            "train": {"epochs": 2, "batch_size": 32, "eval_batch": 40, "threads": 1, "seed": 7}}
+
+
+def stable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in VOLATILE}
+
+
+def collect(config, **kw):
+    reports = []
+    fit(config, lambda m, **k: reports.append((stable(m), k.get("state"))), data=RAW, **kw)
+    return reports
+
+
+def test_report_once_per_epoch_with_every_probe():
+    reports = collect(cfg(), with_state=True)
+    assert [m["epoch"] for m, _ in reports] == [0, 1]
+    assert [m["status"] for m, _ in reports] == ["running", "finished"]
+    last = reports[-1][0]
+    for name in ["train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "grad_ratio",
+                 "dead_frac_max"] + [f"{p}/l{l}" for p in ("grad_norm", "act_mean", "dead_frac") for l in range(3)] \
+            + [f"{p}/l{l}" for p in ("tree_score", "routing_dynamics") for l in (1, 2)]:
+        assert name in last, name
+    assert 0 <= last["val_acc"] <= 1
+    assert last["grad_ratio"] == pytest.approx(last["grad_norm/l1"] / last["grad_norm/l2"])
+
+
+def test_seeded_runs_repeat_exactly_on_cpu():
+    a = [m for m, _ in collect(cfg())]
+    b = [m for m, _ in collect(cfg())]
+    assert a == b
+    c = cfg()
+    c["train"]["seed"] = 8
+    assert [m for m, _ in collect(c)] != a
+
+
+def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run():
+    full = collect(cfg(), with_state=True)
+    state0 = full[0][1]
+    resumed = collect(cfg(), with_state=True, state=state0)
+    assert [m for m, _ in resumed] == [full[1][0]]
+
+
+def test_resume_after_the_last_epoch_reports_the_final_metrics_again():
+    full = collect(cfg(), with_state=True)
+    again = collect(cfg(), with_state=True, state=full[-1][1])
+    assert [m["epoch"] for m, _ in again] == [1] and again[0][0]["status"] == "finished"
+
+
+def test_non_finite_loss_ends_the_run_as_diverged():
+    c = cfg(init="std", init_std=1e30, depth=0)
+    reports = collect(c)
+    assert reports[-1][0]["status"] == "diverged"
+    assert len(reports) == 1                       # stops at the first epoch, no exception
+
+
+def test_probes_do_not_touch_training_state_or_rng():
+    c = runcfg.from_dict(cfg())
+    torch.manual_seed(0)
+    model = networks.build(c.model, (1, 8, 8), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(16, 1, 8, 8)
+    rng = torch.get_rng_state()
+    model.train()
+    out = probes.evaluation_probes(model, x, tau=0.01)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(math.isfinite(v) for v in out.values())
+
+
+def test_config_from_dict_applies_preset_below_file():
+    c = runcfg.from_dict({"model": {"preset": "sabour", "depth": 2}})
+    assert c.model.conv_channels == [256] and c.model.depth == 2
+    with pytest.raises(runcfg.ConfigError, match="model.preset"):
+        runcfg.from_dict({"model": {"preset": "huge"}})
