@@ -180,7 +180,7 @@ def test_cluster_yaml_holds_no_credentials(cluster_cfg):
 
 
 # ---- a real two-node cluster on this machine ------------------------------------------------------
-def _port_block(n: int = 100) -> int:
+def _port_block(n: int = 160) -> int:
     """A base b with ports b..b+n-1 all free on every interface (Ray's GCS and raylet bind '*')."""
     rng = random.Random(os.getpid() ^ int(time.time()))
     for _ in range(50):
@@ -296,16 +296,21 @@ def two_node_cluster(tmp_path_factory):
     token_file.chmod(0o600)
     b = _port_block()
     ports = dict(gcs=b, dashboard=b + 1, client=b + 2, mlflow=b + 3)
+    # RAY_health_check_period_ms: the GCS probes each raylet every second, not every 3 s, so a killed
+    # node is declared dead after 5 failed probes (~5 s, not ~15 s); a slow but living raylet still has
+    # 5 x 10 s (health_check_timeout_ms, unchanged) before that happens
     env = env_for_subprocess(PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-                             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+                             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
+                             RAY_health_check_period_ms="1000")
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_JOB_ADDRESS"):
         env.pop(k, None)
     dash = Dashboard(f"http://127.0.0.1:{ports['dashboard']}", token_file.read_text())
     groups: list[int] = []
     job: dict = {}
+    nodes: dict = {}
 
-    def node_args(i: int, off: int) -> list[str]:
-        return [f"--temp-dir={tmp}/n{i}", "--num-cpus=1", "--object-store-memory=100000000",
+    def node_args(name: str, off: int) -> list[str]:
+        return [f"--temp-dir={tmp}/{name}", "--num-cpus=1", "--object-store-memory=100000000",
                 f"--node-manager-port={b + off}", f"--object-manager-port={b + off + 1}",
                 f"--dashboard-agent-listen-port={b + off + 2}", f"--dashboard-agent-grpc-port={b + off + 3}",
                 f"--metrics-export-port={b + off + 4}", f"--runtime-env-agent-port={b + off + 5}",
@@ -315,6 +320,16 @@ def two_node_cluster(tmp_path_factory):
     def running(proc: subprocess.Popen, log: str) -> bool:
         assert proc.poll() is None, f"{log} exited: " + (work / log).read_text()[-2000:]
         return True
+
+    def start_worker(name: str = "n1", off: int = 60) -> subprocess.Popen:
+        """The second node (again, after a test killed it: give it a new temp folder and port offset)."""
+        worker = _popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{ports['gcs']}", *node_args(name, off)],
+                        env, work / f"{name}.log")
+        groups.append(worker.pid)
+        nodes["worker"] = worker
+        wait_for(lambda: running(worker, f"{name}.log") and len(dash.alive_nodes()) == 2, 90,
+                 what="two alive Ray nodes")
+        return worker
 
     def mlflow_up() -> bool:
         try:
@@ -331,17 +346,14 @@ def two_node_cluster(tmp_path_factory):
         head = _popen([str(BIN / "ray"), "start", "--head", f"--port={ports['gcs']}",
                        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
-                       *node_args(0, 10)], env, work / "head.log")
+                       *node_args("n0", 10)], env, work / "head.log")
         groups.append(head.pid)
         wait_for(lambda: running(head, "head.log") and _listening(ports["gcs"]), 90, what="the Ray head's GCS")
-        worker = _popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{ports['gcs']}", *node_args(1, 60)],
-                        env, work / "worker.log")
-        groups.append(worker.pid)
         wait_for(lambda: running(head, "head.log") and dash.up(), 90, what="the Ray head's dashboard")
-        wait_for(lambda: running(worker, "worker.log") and len(dash.alive_nodes()) == 2, 90,
-                 what="two alive Ray nodes")
+        start_worker()
         wait_for(lambda: running(mlflow, "mlflow.log") and mlflow_up(), 90, what="the MLflow server")
-        yield dict(work=work, dash=dash, env=env, job=job, mlflow=f"http://127.0.0.1:{ports['mlflow']}")
+        yield dict(work=work, dash=dash, env=env, job=job, mlflow=f"http://127.0.0.1:{ports['mlflow']}",
+                   gcs=f"127.0.0.1:{ports['gcs']}", nodes=nodes, start_worker=start_worker)
     finally:
         if job.get("id"):
             try:
@@ -403,3 +415,159 @@ def test_submit_runs_a_sweep_across_two_nodes(two_node_cluster):
         assert cfg["model"]["depth"] == int(r.data.params["model.depth"])
     assert list((work / "artifacts").rglob("config.yaml")), "artifacts landed in --artifacts-destination"
     assert (work / "shared" / "ray_results" / "multi").is_dir(), "Tune state in the spec's storage_path"
+
+
+def _descendants(root: int) -> list[int]:
+    """`root` and every process below it (by parent pid), read before anything is killed."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def _kill_node(proc: subprocess.Popen, extra: list[int]) -> list[int]:
+    """SIGKILL a `ray start --block` node for real: its process group, its whole process tree (raylet,
+    agents, workers) and `extra` pids (the trial actor), collected first so nothing is reparented away."""
+    pids = set(_descendants(proc.pid)) | set(extra)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(timeout=10)
+    return sorted(pids)
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    """Tune's result.json of one trial (one JSON object per reported epoch, kept across retries)."""
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass                       # a line being written
+    return out
+
+
+def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
+    """Fault: a worker node dies mid-trial (SIGKILL of its raylet and everything under it). Ray declares
+    the node dead, Tune retries the trial (FailureConfig.max_failures) from its last checkpoint on the
+    surviving node, and the sweep completes: one MLflow run per trial, every epoch logged once."""
+    c = two_node_cluster
+    work, dash = c["work"], c["dash"]
+    name, epochs = "nodekill", 20
+    storage = work / "shared" / "ray_results"
+    spec = write_spec(work / f"{name}.yaml", name, "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=epochs,
+                      storage=str(storage))
+    (head_id,) = [n["node_id"] for n in dash.state("nodes") if n["state"] == "ALIVE" and n["is_head_node"]]
+    (worker_id,) = dash.alive_nodes() - {head_id}
+    client = MlflowClient(c["mlflow"])
+    log = work / f"{name}.log"
+    driver = _popen(capsweep_cmd("run", str(spec), f"mlflow.tracking_uri={c['mlflow']}",
+                                 "mlflow.experiment=faults", "max_failures=2", "--address", c["gcs"]),
+                    c["env"], log)
+    try:
+        def driver_alive() -> bool:
+            assert driver.poll() is None, f"the sweep driver exited early ({driver.returncode}): " + \
+                log.read_text()[-3000:]
+            return True
+
+        def victim():
+            """(trial id, actor) of the trial running on the worker node, once its first epoch is in MLflow."""
+            actors = [a for a in dash.state("actors", detail="true")
+                      if a["class_name"] == "ImplicitFunc" and a["state"] == "ALIVE" and a["node_id"] == worker_id]
+            if not actors:
+                return None
+            (actor,) = actors
+            for trial_dir in (storage / name).glob("*/"):
+                res = _results(trial_dir)
+                if res and res[-1].get("pid") == actor["pid"]:
+                    tid = res[-1]["trial_id"]
+                    runs = [r for r in children(client, "faults", name) if r.data.tags["capsweep.trial_id"] == tid]
+                    if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
+                        return tid, actor
+            return None
+
+        tid, actor = wait_for(lambda: driver_alive() and victim(), 240, interval=1,
+                              what="a trial on the worker node with an epoch in MLflow")
+        (run,) = [r for r in children(client, "faults", name) if r.data.tags["capsweep.trial_id"] == tid]
+        before = len(client.get_metric_history(run.info.run_id, "val_acc"))
+        assert before < epochs, "the trial finished before the node could be killed: raise `epochs`"
+        _kill_node(c["nodes"]["worker"], [actor["pid"]])
+        killed_at = time.time()
+        wait_for(lambda: worker_id not in dash.alive_nodes(), 60, interval=1, what="Ray to declare the node dead")
+        detected_s = time.time() - killed_at
+
+        try:
+            rc = driver.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the sweep did not finish within 300 s of the kill: " + log.read_text()[-4000:])
+        assert rc == 0, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        if worker_id not in dash.alive_nodes():
+            c["start_worker"]("n2", 110)          # the module's cluster has two nodes again
+
+    # one child run per trial, all finished; the killed trial's retry is counted on its own run
+    (parent,) = parents(client, "faults")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 2
+    kids = children(client, "faults", name)
+    assert sorted(r.data.params["model.depth"] for r in kids) == ["0", "1"]
+    assert len({r.data.tags["capsweep.trial_id"] for r in kids}) == 2 and tid in {
+        r.data.tags["capsweep.trial_id"] for r in kids}
+    for r in kids:
+        assert r.info.status == "FINISHED" and r.data.tags["capsweep.status"] == "finished", r.data.tags
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")]
+        assert sorted(steps) == list(range(epochs)), (r.data.tags["capsweep.trial_id"], sorted(steps))
+        retries = int(r.data.tags.get("capsweep.retries", "0"))
+        assert (retries >= 1) if r.data.tags["capsweep.trial_id"] == tid else (retries == 0), r.data.tags
+
+    # the retry resumed from a checkpoint, not from scratch. Tune's own record of the trial (result.json,
+    # one line per result it received) is the first attempt's epochs 0..k, then the retry's r..N-1 with
+    # 1 <= r <= k + 1: Tune registers a reported checkpoint in a second call to the trial actor, so a node
+    # that dies between the two makes the retry redo epoch k (at least once from Tune; the logger keeps
+    # MLflow at exactly once, checked above). A redone epoch starts from the same model, optimiser and RNG
+    # state, so it reproduces the same numbers.
+    (trial_dir,) = [d for d in (storage / name).glob("*/") if (_results(d) or [{}])[0].get("trial_id") == tid]
+    res = _results(trial_dir)
+    starts = [i for i, r in enumerate(res) if r["iterations_since_restore"] == 1]
+    assert starts[0] == 0 and len(starts) == 2, [(r["epoch"], r["iterations_since_restore"]) for r in res]
+    first, retry = [r["epoch"] for r in res[:starts[1]]], [r["epoch"] for r in res[starts[1]:]]
+    k, r0 = first[-1], retry[0]
+    assert first == list(range(k + 1)) and retry == list(range(r0, epochs)) and 1 <= r0 <= k + 1, (first, retry)
+    assert k + 1 >= before, "the first attempt's epochs reached MLflow"
+    for again in res[starts[1]:starts[1] + k + 1 - r0]:
+        (once,) = [r for r in res[:starts[1]] if r["epoch"] == again["epoch"]]
+        assert again["val_acc"] == once["val_acc"] and again["train_loss"] == once["train_loss"], again["epoch"]
+    (run,) = [r for r in kids if r.data.tags["capsweep.trial_id"] == tid]
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+    assert logged == {r["epoch"]: r["val_acc"] for r in res}, "MLflow holds the values Tune received"
+
+    # Ray's record: the first attempt ran on the killed node, the retry on the head
+    job_actors = [a for a in dash.state("actors", detail="true")
+                  if a["class_name"] == "ImplicitFunc" and a["job_id"] == actor["job_id"]]
+    where = {head_id: "head", worker_id: "killed node"}
+    assert sorted((where.get(a["node_id"], a["node_id"]), a["state"]) for a in job_actors) == [
+        ("head", "DEAD"), ("head", "DEAD"), ("killed node", "DEAD")], job_actors
+    print(f"node declared dead {detected_s:.1f} s after the kill; trial {tid}: epochs 0..{k} on the killed node, "
+          f"{r0}..{epochs - 1} on the head")
