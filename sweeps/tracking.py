@@ -331,12 +331,11 @@ class MlflowSweepLogger(Callback):
             if not tid:
                 continue
             self.run_ids[tid] = run.info.run_id
-            epochs = run.data.metrics.get("epoch")
-            self.last_step[tid] = -1
-            if epochs is not None:
-                hist = self.client.get_metric_history(run.info.run_id, "epoch")
-                self.last_step[tid] = max((m.step for m in hist), default=-1)
+            # the latest `epoch` value is the one at the largest step, and value == step
+            epoch = run.data.metrics.get("epoch")
+            self.last_step[tid] = int(epoch) if epoch is not None else -1
             self.statuses[tid] = run.data.tags.get(STATUS, "running")
+            self.retries[tid] = int(run.data.tags.get("capsweep.retries", "0"))
 
     def backfill(self, trial_id: str, trial_dir: Optional[Path]) -> None:
         """Deliver epochs that Ray recorded in result.json but MLflow never received (driver crash)."""
