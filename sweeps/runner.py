@@ -66,6 +66,33 @@ def load_datasets(spec: SweepSpec) -> dict:
     return out
 
 
+def check_shapes(spec: SweepSpec, raws: dict) -> None:
+    """Every trial's network must fit its input, checked before Ray starts. Grid and choice values
+    of the model and data keys are combined; ranges contribute their two ends."""
+    import itertools
+    from capsmodels import networks
+    keys, options = [], []
+    for key, entry in spec.space.items():
+        if not key.startswith(("model.", "data.name")):
+            continue
+        kind, values = next(iter(entry.items()))
+        keys.append(key)
+        options.append(list(values) if kind in ("grid", "choice") else
+                       [values[0], values[1]] if kind in ("uniform", "loguniform") else [int(values[0]), int(values[1])])
+    for n, combo in enumerate(itertools.product(*options)):
+        if n >= 5000:
+            break
+        params = dict(zip(keys, combo))
+        cfg = runcfg.from_dict(trial_config(spec.base, params))
+        raw = raws[cfg.data.name]
+        c = 1 if raw.x_train.ndim == 3 else raw.x_train.shape[-1]
+        try:
+            networks.check_fits(cfg, (c, raw.x_train.shape[1], raw.x_train.shape[2]))
+        except runcfg.ConfigError as e:
+            where = ", ".join(f"{k}={v}" for k, v in params.items())
+            raise SpecError(f"base.{e}" + (f" (trial with {where})" if where else "")) from None
+
+
 def trial_params(config: dict, base: Optional[dict] = None) -> tuple[dict, int]:
     """Flattened params (MLflow) and seed of one trial."""
     resolved = runcfg.to_dict(runcfg.from_dict(trial_config(base or {}, config)))
@@ -211,6 +238,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     client, experiment_id, parent, exp_dir = preflight(spec, resume)
     storage = exp_dir.parent
     raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
+    check_shapes(spec, raws)
     lock = acquire_lock(storage, spec.name)
     try:
         if not experiment_id:

@@ -196,3 +196,9 @@ def test_train_command_bad_values(workdir, capsys):
 def test_train_kernel_does_not_fit_input(workdir, capsys):
     code, err = run_cli(["train", "model.preset=tiny", "data.name=digits", "model.conv_kernel=9"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "model." in err, err
+
+
+def test_sweep_whose_network_does_not_fit_the_input(workdir, capsys):
+    # digits are 8x8: a 9x9 primary kernel leaves no position; caught before Ray, naming the field
+    text = GOOD.replace("model.depth: {grid: [0, 1]}", "model.primary_kernel: {grid: [3, 9]}")
+    assert_one_line_error(workdir, capsys, text, must_contain=["model.", "digits", "primary_kernel=9"])
