@@ -173,6 +173,15 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
     if not finished.any():
         counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
         raise AnalysisError(f"sweep {sweep!r} has no finished trials ({counts}); nothing to analyse")
+    # A network whose gradient vanished everywhere logs grad_ratio = 0/0 = NaN. That is the paper's
+    # effect at its most extreme, not a missing probe: no gradient reaches the first routed layer,
+    # so its ratio counts as 0.
+    if "grad_ratio" in trials and "grad_norm/l1" in trials:
+        zero = trials["grad_ratio"].isna() & (trials["grad_norm/l1"] == 0)
+        if zero.any():
+            trials.loc[zero, "grad_ratio"] = 0.0
+            notes.append(f"{int(zero.sum())} trial(s) had no gradient at all in the first routed layer "
+                         "(grad_ratio = 0/0); their grad_ratio counts as 0")
     has_probes = np.ones(len(trials), dtype=bool)
     for key in REQUIRED_PROBES:
         has_probes &= trials[key].notna().to_numpy() if key in trials else False
