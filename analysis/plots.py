@@ -84,7 +84,7 @@ def plot_grad_norms(trials: pd.DataFrame, out_dir: str) -> dict:
         line, = ax1.plot(*zip(*first), marker="o", label=f"{setting}: first routed layer l1")
         ax1.plot(*zip(*last), marker="s", ls="--", color=line.get_color(),
                  label=f"{setting}: class capsules l(depth+1)")
-    ax1.set_yscale("log")
+    _log_y(ax1)
     ax1.set_xlabel("hidden capsule layers (depth)")
     ax1.set_ylabel("gradient norm ||dL/dW||_F (median over seeds)")
     ax1.set_title("first and last routed layer")
@@ -94,7 +94,7 @@ def plot_grad_norms(trials: pd.DataFrame, out_dir: str) -> dict:
         ls = list(range(0, int(depth) + 2))
         med = [gd[f"grad_norm/l{l}"].median() if f"grad_norm/l{l}" in gd else np.nan for l in ls]
         ax2.plot(ls, med, marker="o", label=f"depth {int(depth)}")
-    ax2.set_yscale("log")
+    _log_y(ax2)
     ax2.set_xlabel("capsule layer l (0 = primary capsules, depth+1 = class capsules)")
     ax2.set_ylabel("gradient norm ||dL/dW||_F (median over trials)")
     ax2.set_title("per-layer profile, all routing settings")
@@ -219,7 +219,7 @@ def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, ou
             ax.fill_between(agg.index, agg["min"], agg["max"], color=line.get_color(), alpha=0.2)
     ax1.set_ylabel("validation accuracy (fraction)")
     ax2.set_ylabel("grad_ratio = ||grad l1|| / ||grad l(depth+1)||")
-    ax2.set_yscale("log")
+    _log_y(ax2)
     for ax in (ax1, ax2):
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -239,11 +239,31 @@ def _factor_label(col: str) -> str:
 def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str) -> list[dict]:
     """All report figures into out_dir; one dict per figure (written or skipped with its reason)."""
     os.makedirs(out_dir, exist_ok=True)
-    return [
-        plot_grad_norms(trials, out_dir),
-        plot_dead_heatmap(trials, out_dir),
-        plot_routing(trials, out_dir),
-        plot_accuracy(trials, out_dir, "model.depth"),
-        plot_accuracy(trials, out_dir, "data.train_size"),
-        plot_curves(trials, histories, verdict, out_dir),
+    jobs = [
+        ("Gradient norm per capsule layer against depth", lambda: plot_grad_norms(trials, out_dir)),
+        ("Dead-capsule fraction", lambda: plot_dead_heatmap(trials, out_dir)),
+        ("Parse-tree score and routing dynamics", lambda: plot_routing(trials, out_dir)),
+        ("Test accuracy against depth", lambda: plot_accuracy(trials, out_dir, "model.depth")),
+        ("Test accuracy against training set size", lambda: plot_accuracy(trials, out_dir, "data.train_size")),
+        ("Training curves", lambda: plot_curves(trials, histories, verdict, out_dir)),
     ]
+    out = []
+    for title, job in jobs:
+        try:
+            out.append(job())
+        except Exception as e:  # noqa: BLE001 - one odd figure must not cost the whole report
+            out.append({"title": title, "skipped": f"could not be drawn ({type(e).__name__}: {e})"})
+    return out
+
+
+def _log_y(ax) -> None:
+    """Log y-axis when the data has a positive value; exact zeros (a gradient that vanished
+    completely) cannot sit on a log axis, so they are said in the axes instead of dropped silently."""
+    ys = np.concatenate([np.asarray(l.get_ydata(), dtype=float) for l in ax.get_lines()] or [np.array([])])
+    ys = ys[np.isfinite(ys)]
+    if (ys > 0).any():
+        ax.set_yscale("log")
+    if (ys == 0).any():
+        ax.text(0.01, 0.01, "values of exactly 0 (no gradient) not drawn on the log axis" if (ys > 0).any()
+                else "every value is exactly 0 (no gradient)", transform=ax.transAxes, fontsize=7,
+                color="firebrick", va="bottom")
