@@ -659,7 +659,7 @@ def sweep_breakdown(r: dict, n: int, loop_fits: list[float], loop_cpu: list[floa
         if sw and lp:
             out[-1] += "; per epoch:"
             out.append(f"    training loop (2nd epoch on) {sw['train']:.2f} s against {lp['train']:.2f} s in the loop "
-                       f"({_pct(sw['train'], lp['train'])}: the same compute, so other load on the machine)")
+                       f"({_pct(sw['train'], lp['train'])}: the same compute; a difference is load or process environment)")
             out.append(f"    rest of an epoch (eval, probes; sweep: + report, checkpoint) {sw['rest']:.2f} s against "
                        f"{lp['rest']:.2f} s: {sw['rest'] - lp['rest']:+.2f} s per epoch for report + checkpoint")
             out.append(f"    first epoch longer than the later ones by {sw['first_extra']:.1f} s against "
@@ -706,8 +706,8 @@ def summary(res: dict) -> list[str]:
         if sw and lp:
             epochs = statistics.mean(len(t["per_epoch"]) for t in r["trials"])
             slow = epochs * (sw["train"] - lp["train"])
-            out.append(f"    of which {slow:+.1f} s is the training loop itself running slower or faster than in the "
-                       f"loop (machine load); without it {per - slow:+.1f} s per trial "
+            out.append(f"    of which {slow:+.1f} s is the training loop itself (the same compute) running slower or "
+                       f"faster than in the loop; the framework's own share is {per - slow:+.1f} s per trial "
                        f"({100 * (per - slow) / fit_mean:+.1f}%) and 100 trials about "
                        f"{100 * ((per - slow) * 100 + fixed) / (fit_mean * 100 + loop_fixed):+.1f}%")
     return out
