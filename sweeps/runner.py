@@ -275,6 +275,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                        reuse_actors=spec.reuse_actors,
                                         max_concurrent_trials=(spec.max_concurrent or None)
                                         if search_alg is None else None),
             run_config=tune.RunConfig(

@@ -88,6 +88,9 @@ class SweepSpec:
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     max_concurrent: int = 0     # 0: as many as resources allow
     max_failures: int = 2       # retries of a trial that raises, before it is marked failed
+    reuse_actors: bool = False  # one warm trial worker serves the next trial: ~5 s less per trial
+                                # (benchmarks/sweep_overhead.py); off by default, since trials then
+                                # share a process (and its GPU memory) one after another
     storage_path: str = "ray_results"                # Ray Tune experiment state (resume) lives here
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
 
