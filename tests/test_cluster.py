@@ -467,6 +467,7 @@ def _results(trial_dir: Path) -> list[dict]:
     return out
 
 
+@pytest.mark.slow   # timing-sensitive: on an idle machine the trials can finish before the kill lands
 def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
     """Fault: a worker node dies mid-trial (SIGKILL of its raylet and everything under it). Ray declares
     the node dead, Tune retries the trial (FailureConfig.max_failures) from its last checkpoint on the
