@@ -47,23 +47,15 @@ class SweepResult:
     interrupted: bool
 
 
-def dataset_keys(spec: SweepSpec) -> list[tuple[str, Optional[str], int]]:
-    """The datasets a sweep's trials can ask for, so the driver loads each once."""
-    base = runcfg.from_dict(spec.base)
-    names = [base.data.name]
+def load_datasets(spec: SweepSpec) -> dict:
+    """Load every dataset a trial can ask for once in the driver; Ray's object store shares them."""
+    data = runcfg.from_dict(spec.base).data
+    names = [data.name]
     entry = spec.space.get("data.name")
     if entry:
         names += list(next(iter(entry.values())))
-    return [(n, base.data.root, base.data.sign_samples) for n in dict.fromkeys(names)]
-
-
-def load_datasets(spec: SweepSpec) -> dict:
-    """Load every dataset once in the driver; Ray's object store shares it with the trials."""
-    out = {}
-    for name, root, sign_samples in dataset_keys(spec):
-        base = runcfg.from_dict(spec.base)
-        out[name] = datamod.load_raw(name, root, base.data.download, sign_samples)
-    return out
+    return {name: datamod.load_raw(name, data.root, data.download, data.sign_samples)
+            for name in dict.fromkeys(names)}
 
 
 def check_shapes(spec: SweepSpec, raws: dict) -> None:

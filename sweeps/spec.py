@@ -17,7 +17,6 @@ cluster allocation. YAML is read with OmegaConf (yaml.SafeLoader underneath: no 
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -367,10 +366,3 @@ def storage_dir(spec: SweepSpec, root: Optional[Path] = None) -> Path:
     if p not in exp.parents:
         _fail(f"name: {spec.name!r} would place results outside storage_path {p}")
     return p
-
-
-def isfinite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
