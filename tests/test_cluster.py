@@ -280,6 +280,12 @@ class Dashboard:
         urllib.request.urlopen(req, timeout=10).close()
 
 
+def _is_trial(actor: dict) -> bool:
+    """A Tune function-trial actor. Ray names its class `ImplicitFunc` or, depending on how the driver
+    was started, by its qualified name `wrap_function.<locals>.ImplicitFunc`."""
+    return actor["class_name"].rsplit(".", 1)[-1] == "ImplicitFunc"
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
     """A Ray head (dashboard + Jobs API on 127.0.0.1), a second Ray node, and an MLflow server.
@@ -392,7 +398,7 @@ def test_submit_runs_a_sweep_across_two_nodes(two_node_cluster):
     nodes = dash.alive_nodes()
     assert len(nodes) == 2
     actors = [a for a in dash.state("actors", detail="true") if a.get("job_id") == info["job_id"]]
-    trials = [a for a in actors if a["class_name"] == "ImplicitFunc"]
+    trials = [a for a in actors if _is_trial(a)]
     assert len(trials) == 2, sorted((a["class_name"], a["state"]) for a in actors)
     assert {a["node_id"] for a in trials} == nodes
 
@@ -467,14 +473,13 @@ def _results(trial_dir: Path) -> list[dict]:
     return out
 
 
-@pytest.mark.slow   # timing-sensitive: on an idle machine the trials can finish before the kill lands
 def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
     """Fault: a worker node dies mid-trial (SIGKILL of its raylet and everything under it). Ray declares
     the node dead, Tune retries the trial (FailureConfig.max_failures) from its last checkpoint on the
     surviving node, and the sweep completes: one MLflow run per trial, every epoch logged once."""
     c = two_node_cluster
     work, dash = c["work"], c["dash"]
-    name, epochs = "nodekill", 20
+    name, epochs = "nodekill", 40
     storage = work / "shared" / "ray_results"
     spec = write_spec(work / f"{name}.yaml", name, "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=epochs,
                       storage=str(storage))
@@ -494,7 +499,7 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
         def victim():
             """(trial id, actor) of the trial running on the worker node, once its first epoch is in MLflow."""
             actors = [a for a in dash.state("actors", detail="true")
-                      if a["class_name"] == "ImplicitFunc" and a["state"] == "ALIVE" and a["node_id"] == worker_id]
+                      if _is_trial(a) and a["state"] == "ALIVE" and a["node_id"] == worker_id]
             if not actors:
                 return None
             (actor,) = actors
@@ -507,7 +512,7 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
                         return tid, actor
             return None
 
-        tid, actor = wait_for(lambda: driver_alive() and victim(), 240, interval=1,
+        tid, actor = wait_for(lambda: driver_alive() and victim(), 240, interval=0.5,
                               what="a trial on the worker node with an epoch in MLflow")
         (run,) = [r for r in children(client, "faults", name) if r.data.tags["capsweep.trial_id"] == tid]
         before = len(client.get_metric_history(run.info.run_id, "val_acc"))
@@ -566,7 +571,7 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
 
     # Ray's record: the first attempt ran on the killed node, the retry on the head
     job_actors = [a for a in dash.state("actors", detail="true")
-                  if a["class_name"] == "ImplicitFunc" and a["job_id"] == actor["job_id"]]
+                  if _is_trial(a) and a["job_id"] == actor["job_id"]]
     where = {head_id: "head", worker_id: "killed node"}
     assert sorted((where.get(a["node_id"], a["node_id"]), a["state"]) for a in job_actors) == [
         ("head", "DEAD"), ("head", "DEAD"), ("killed node", "DEAD")], job_actors
