@@ -11,6 +11,7 @@ user's file, so `model.preset: sabour` gives Sabour's network and any key in the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -142,6 +143,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.lr: {t.lr!r} is not allowed; must be > 0")
     if not 0 < t.lr_decay <= 1:
         raise ConfigError(f"train.lr_decay: {t.lr_decay!r} is not allowed; must be in (0, 1]")
+    _at_least("train.weight_decay", t.weight_decay, 0.0)      # Adam raises on a negative one
     _at_least("train.threads", t.threads, 0)
     _at_least("train.max_steps_per_epoch", t.max_steps_per_epoch, 0)
     _at_least("train.eval_batch", t.eval_batch, 2)
@@ -206,6 +208,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{name}: {value!r} is not allowed; expected true or false")
+    if isinstance(value, float) and not math.isfinite(value):
+        # .inf / .nan in YAML: no field means "unbounded", and NaN slips past every range check
+        raise ConfigError(f"{name}: {value!r} is not allowed; expected a finite number")
     if isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
             raise ConfigError(f"{name}: {value!r} is not allowed; expected an integer")
