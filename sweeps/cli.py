@@ -86,19 +86,13 @@ def _format_epoch(m: dict) -> str:
 
 
 def _format_final(m: dict) -> str:
+    groups = ("loss", "acc", "grad_norm", "grad_ratio", "act_mean", "dead_frac", "tree_score",
+              "routing_dynamics", "squash_gain", "images_per_s", "peak_mem_mb", "status")
+    # grouped in this order; a key matching several groups is shown under the first
+    keys = dict.fromkeys(k for g in groups for k in sorted(m) if k.startswith(g) or k.endswith("_" + g))
     lines = ["final metrics:"]
-    for group in ("loss", "acc", "grad_norm", "grad_ratio", "act_mean", "dead_frac", "tree_score",
-                  "routing_dynamics", "squash_gain", "images_per_s", "peak_mem_mb", "status"):
-        for k in sorted(m):
-            if k.startswith(group) or k.endswith("_" + group):
-                v = m[k]
-                lines.append(f"  {k:24s} {v:.6g}" if isinstance(v, float) else f"  {k:24s} {v}")
-    seen, out = set(), []
-    for line in lines:
-        if line not in seen:
-            seen.add(line)
-            out.append(line)
-    return "\n".join(out)
+    lines += [f"  {k:24s} {m[k]:.6g}" if isinstance(m[k], float) else f"  {k:24s} {m[k]}" for k in keys]
+    return "\n".join(lines)
 
 
 # ---- run ----------------------------------------------------------------------------------------
@@ -253,11 +247,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return cmd_report(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    for k in ("overrides",):
-        if hasattr(args, k):
-            bad = [o for o in getattr(args, k) if "=" not in o]
-            if bad and args.command != "validate":
-                return _err(f"override: {bad[0]!r} is not key=value")
+    bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
+    if bad and args.command != "validate":
+        return _err(f"override: {bad[0]!r} is not key=value")
     return args.func(args)
 
 

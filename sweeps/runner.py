@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from capsmodels import config as runcfg  # noqa: E402
 from capsmodels import data as datamod  # noqa: E402
 from sweeps import search, tracking  # noqa: E402
-from sweeps.spec import SpecError, SweepSpec, objectives, storage_dir, to_yaml, total_trials, trial_config  # noqa: E402
+from sweeps.spec import (SpecError, SweepSpec, objectives, probe_values, storage_dir, to_yaml,  # noqa: E402
+                         total_trials, trial_config)
 
 INJECT_ENV = ("CAPSWEEP_INJECT_FAILURE",)
 
@@ -67,10 +68,8 @@ def check_shapes(spec: SweepSpec, raws: dict) -> None:
     for key, entry in spec.space.items():
         if not key.startswith(("model.", "data.name")):
             continue
-        kind, values = next(iter(entry.items()))
         keys.append(key)
-        options.append(list(values) if kind in ("grid", "choice") else
-                       [values[0], values[1]] if kind in ("uniform", "loguniform") else [int(values[0]), int(values[1])])
+        options.append(probe_values(*next(iter(entry.items()))))
     for n, combo in enumerate(itertools.product(*options)):
         if n >= 5000:
             break
@@ -85,26 +84,24 @@ def check_shapes(spec: SweepSpec, raws: dict) -> None:
             raise SpecError(f"base.{e}" + (f" (trial with {where})" if where else "")) from None
 
 
-def trial_params(config: dict, base: Optional[dict] = None) -> tuple[dict, int]:
-    """Flattened params (MLflow) and seed of one trial."""
-    resolved = runcfg.to_dict(runcfg.from_dict(trial_config(base or {}, config)))
-    flat = runcfg.flatten(resolved)
-    return flat, int(resolved["train"]["seed"])
-
-
 class _TrialParams:
     """Picklable callables for the logger (Tune pickles callbacks into its experiment state)."""
 
     def __init__(self, base: dict):
         self.base = base
 
+    def resolved(self, config: dict) -> dict:
+        """The trial's full nested run config: base <- sampled params <- schema defaults."""
+        return runcfg.to_dict(runcfg.from_dict(trial_config(self.base, config)))
+
     def params(self, config: dict) -> tuple[dict, int]:
-        return trial_params(config, self.base)
+        """Flattened params (MLflow) and seed of one trial."""
+        resolved = self.resolved(config)
+        return runcfg.flatten(resolved), int(resolved["train"]["seed"])
 
     def yaml(self, config: dict) -> str:
         import yaml
-        resolved = runcfg.to_dict(runcfg.from_dict(trial_config(self.base, config)))
-        return yaml.safe_dump(resolved, sort_keys=False)
+        return yaml.safe_dump(self.resolved(config), sort_keys=False)
 
 
 def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optional[Any], Path]:
@@ -278,12 +275,9 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
         )
     interrupted = False
     try:
-        grid = tuner.fit()
-        trials = [r for r in grid]
-        errors = grid.num_errors
+        tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
-        trials, errors = [], 0
     statuses = dict(logger.statuses)
     done = all(s in ("finished", "diverged", "failed", "stopped") for s in statuses.values())
     expected = total_trials(spec)
@@ -297,7 +291,6 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
 
 
 def capsnet_trial(config: dict, base: dict, raws: dict, cpus: float) -> None:
-    """Module-level (picklable) entry: pick this trial's dataset from the shared dict."""
+    """Module-level (picklable) entry; imports torch and ray.tune only inside the trial."""
     from sweeps.trainable import run_trial
-    name = trial_config(base, config).get("data", {}).get("name") or runcfg.DataConfig.name
-    run_trial(config, base, raws.get(name), cpus)
+    run_trial(config, base, raws, cpus)

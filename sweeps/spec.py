@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -171,7 +171,7 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or ""
     msg = str(e).splitlines()[0]
     if "Key '" in msg and "not in" in msg:
-        allowed = ", ".join(f.name for f in __import__("dataclasses").fields(SweepSpec))
+        allowed = ", ".join(f.name for f in fields(SweepSpec))
         top = key.split(".")[0] if key else ""
         if key and "." not in key:
             return f"{key}: unknown field; allowed: {allowed}"
@@ -191,13 +191,21 @@ def objectives(spec: SweepSpec) -> tuple[list[str], list[str]]:
     return [str(m) for m in metrics], [str(m) for m in modes]
 
 
+def probe_values(kind: str, values: list) -> list:
+    """The values of a (validated) space entry that checks try before a sweep starts: every grid or
+    choice value, or a range's two ends (whole numbers for the int kinds)."""
+    if kind in ("grid", "choice"):
+        return list(values)
+    lo, hi = values
+    return [lo, hi] if kind in ("uniform", "loguniform") else [int(lo), int(hi)]
+
+
 def max_layer_index(base: runcfg.RunConfig, space: dict) -> int:
     """The largest capsule layer index any trial of this sweep can report (depth + 1)."""
     depths = [base.model.depth]
     entry = space.get("model.depth")
     if entry:
-        kind, values = next(iter(entry.items()))
-        depths += [int(v) for v in values] if kind in ("grid", "choice") else [int(values[1])]
+        depths += [int(v) for v in probe_values(*next(iter(entry.items())))]
     return max(depths) + 1
 
 
@@ -300,9 +308,7 @@ def _validate_space(spec: SweepSpec, base: runcfg.RunConfig) -> None:
             _fail(f"{where}: {kind!r} is not a space kind; allowed: {', '.join(SPACE_KINDS)}")
         if not isinstance(values, list) or not values:
             _fail(f"{where}.{kind}: must be a non-empty list")
-        if kind in ("grid", "choice"):
-            samples = values
-        else:
+        if kind not in ("grid", "choice"):
             if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 _fail(f"{where}.{kind}: must be [low, high] numbers")
             lo, hi = values
@@ -312,8 +318,7 @@ def _validate_space(spec: SweepSpec, base: runcfg.RunConfig) -> None:
                 _fail(f"{where}.{kind}: log ranges need low > 0, got {lo}")
             if kind in ("int", "logint") and not (float(lo).is_integer() and float(hi).is_integer()):
                 _fail(f"{where}.{kind}: int ranges need whole bounds, got [{lo}, {hi}]")
-            samples = [lo, hi] if kind in ("uniform", "loguniform") else [int(lo), int(hi)]
-        for v in samples:
+        for v in probe_values(kind, values):
             try:
                 runcfg.from_dict(trial_config(spec.base, {key: v}))
             except runcfg.ConfigError as e:

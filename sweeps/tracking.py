@@ -359,9 +359,13 @@ class MlflowSweepLogger(Callback):
     def on_trial_restore(self, iteration: int, trials: list, trial, **info) -> None:
         self._ensure_run(trial)
 
+    def _has_run(self, tid: str) -> bool:
+        """The trial's MLflow run exists, or its creation is queued (the server is away)."""
+        return tid in self.run_ids or any(r[0] == "start" and r[1] == tid for r in self.queue)
+
     def _ensure_run(self, trial) -> None:
         tid = trial.trial_id
-        if tid not in self.run_ids and not any(r[0] == "start" and r[1] == tid for r in self.queue):
+        if not self._has_run(tid):
             params, seed = self.trial_params(trial.config)
             self._put("start", tid, f"{self.sweep}-{tid}", params, seed, self.trial_yaml(trial.config))
         elif self.statuses.get(tid) == "interrupted":
@@ -372,7 +376,8 @@ class MlflowSweepLogger(Callback):
         self.backfill(tid, _trial_dir(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        self._ensure_run(trial) if trial.trial_id not in self.run_ids else None
+        if trial.trial_id not in self.run_ids:
+            self._ensure_run(trial)
         if "epoch" not in result:
             return
         self._put("metrics", trial.trial_id, int(result["epoch"]), _numeric_metrics(result),
@@ -384,7 +389,7 @@ class MlflowSweepLogger(Callback):
         """A trial raised and Tune will retry it (FailureConfig.max_failures): same run, count it."""
         tid = trial.trial_id
         self.retries[tid] = self.retries.get(tid, 0) + 1
-        if tid in self.run_ids or any(r[0] == "start" and r[1] == tid for r in self.queue):
+        if self._has_run(tid):
             self._put("tag", tid, "capsweep.retries", str(self.retries[tid]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -436,8 +441,7 @@ class MlflowSweepLogger(Callback):
                     self._finish(trial, _error_text(trial))
         if interrupted:
             for tid, status in list(self.statuses.items()):
-                if status == "running" and (tid in self.run_ids or
-                                            any(r[0] == "start" and r[1] == tid for r in self.queue)):
+                if status == "running" and self._has_run(tid):
                     self.statuses[tid] = "interrupted"
                     self._put("interrupt", tid)
             if not self.parent_closed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from ray import tune
@@ -23,9 +23,11 @@ STATE_FILE = "state.pt"
 FAIL_ENV = "CAPSWEEP_INJECT_FAILURE"   # tests: "key=value" makes matching trials raise
 
 
-def run_trial(config: dict[str, Any], base: dict, raw: Any = None, cpus: float = 1.0) -> None:
-    """Tune trainable. config: the sampled dotted params (plus `train.seed`)."""
+def run_trial(config: dict[str, Any], base: dict, raws: Optional[dict] = None, cpus: float = 1.0) -> None:
+    """Tune trainable. config: the sampled dotted params (plus `train.seed`); raws: the datasets the
+    driver loaded, by name (a dataset missing there is read from disk by `fit`)."""
     cfg = runcfg.from_dict(trial_config(base, config))
+    raw = (raws or {}).get(cfg.data.name)
     cfg.train.progress = False
     if cfg.train.threads == 0:
         cfg.train.threads = max(1, int(cpus))
