@@ -172,9 +172,11 @@ def from_dict(raw: dict) -> RunConfig:
     from capsmodels.networks import PRESETS
     raw = raw or {}
     sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-    for sec in raw:
+    for sec, values in raw.items():
         if sec not in sections:
             raise ConfigError(f"{sec}: unknown section; allowed: {', '.join(sections)}")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{sec}: {values!r} is not allowed; expected a mapping of {sec} fields")
     preset = (raw.get("model") or {}).get("preset", ModelConfig.preset)
     if preset not in PRESETS:
         raise ConfigError(f"model.preset: {preset!r} is not allowed; choose one of {', '.join(PRESETS)}")
@@ -223,10 +225,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: {value!r} is not allowed; expected a string")
         return value
-    if isinstance(default, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: {value!r} is not allowed; expected a list")
-        return list(value)
+    if isinstance(default, list):   # lists of whole numbers (model.conv_channels)
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in value):
+            raise ConfigError(f"{name}: {value!r} is not allowed; expected a list of integers")
+        return [int(v) for v in value]
     return value
 
 

@@ -98,3 +98,21 @@ def test_config_from_dict_applies_preset_below_file():
     assert c.model.conv_channels == [256] and c.model.depth == 2
     with pytest.raises(runcfg.ConfigError, match="model.preset"):
         runcfg.from_dict({"model": {"preset": "huge"}})
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"model": 3}, "model"),                                   # a section that is not a mapping
+    ({"train": ["epochs", 2]}, "train"),
+    ({"model": {"conv_channels": ["abc"]}}, "model.conv_channels"),
+    ({"model": {"conv_channels": [64.5]}}, "model.conv_channels"),   # not silently truncated to 64
+    ({"model": {"conv_channels": [True]}}, "model.conv_channels"),   # not silently read as 1
+    ({"model": {"conv_channels": 64}}, "model.conv_channels"),
+])
+def test_config_refuses_malformed_sections_and_lists(raw, field):
+    with pytest.raises(runcfg.ConfigError) as e:
+        runcfg.from_dict(raw)
+    assert str(e.value).startswith(field + ":") and "\n" not in str(e.value)
+
+
+def test_config_list_of_whole_floats_becomes_ints():
+    assert runcfg.from_dict({"model": {"conv_channels": [64.0, 32]}}).model.conv_channels == [64, 32]
