@@ -10,8 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-SQUASH_KINDS = ("sabour", "exp", "tanh")
-ROUTING_KINDS = ("dynamic", "em", "uniform")
+from capsmodels.config import INITS, ROUTINGS, SQUASHES
 
 
 def safe_norm(x: torch.Tensor, dim: int = -1, keepdim: bool = False, eps: float = 1e-12) -> torch.Tensor:
@@ -37,7 +36,7 @@ def squash(s: torch.Tensor, dim: int = -1, kind: str = "sabour", eps: float = 1e
     elif kind == "tanh":
         scale = torch.tanh(n) / n
     else:
-        raise ValueError(f"squash kind {kind!r} is not allowed; choose one of {', '.join(SQUASH_KINDS)}")
+        raise ValueError(f"squash kind {kind!r} is not allowed; choose one of {', '.join(SQUASHES)}")
     return s * scale
 
 
@@ -49,7 +48,7 @@ def squash_length(x: float, kind: str = "sabour") -> float:
         return 1.0 - math.exp(-x)
     if kind == "tanh":
         return math.tanh(x)
-    raise ValueError(f"squash kind {kind!r} is not allowed; choose one of {', '.join(SQUASH_KINDS)}")
+    raise ValueError(f"squash kind {kind!r} is not allowed; choose one of {', '.join(SQUASHES)}")
 
 
 def squash_gain(s_norm: torch.Tensor) -> torch.Tensor:
@@ -122,14 +121,14 @@ class CapsuleLayer(nn.Module):
                  detach_inner: bool = False, init: str = "std", init_std: float = 0.01,
                  init_scale: float = 1.0):
         super().__init__()
-        if routing not in ROUTING_KINDS:
-            raise ValueError(f"routing {routing!r} is not allowed; choose one of {', '.join(ROUTING_KINDS)}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing {routing!r} is not allowed; choose one of {', '.join(ROUTINGS)}")
         self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
         self.routing, self.iterations, self.squash_kind = routing, iterations, squash_kind
         self.detach_inner = detach_inner
         std = init_std if init == "std" else init_scale * fan_std(n_in, n_out, d_out, squash_kind)
-        if init not in ("std", "fan"):
-            raise ValueError(f"init {init!r} is not allowed; choose one of std, fan")
+        if init not in INITS:
+            raise ValueError(f"init {init!r} is not allowed; choose one of {', '.join(INITS)}")
         self.W = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * std)
         self.bias = nn.Parameter(torch.zeros(n_out, d_out)) if bias else None
         if routing == "em":
