@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Optional
 
-from analysis.errors import AnalysisError
+from analysis.errors import AnalysisError, one_line
 
 PROG = "capsweep report"
 
@@ -105,8 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:  # MLflow/network/disk errors: one line, the traceback only on request
         if os.environ.get("CAPSWEEP_DEBUG"):
             raise
-        msg = " ".join(str(e).split())[:300]
-        print(f"{PROG}: error: {type(e).__name__}: {msg} (set CAPSWEEP_DEBUG=1 for the traceback)",
+        print(f"{PROG}: error: {type(e).__name__}: {one_line(e)} (set CAPSWEEP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
     finally:  # main() may run inside another program (the sweeps CLI, tests): leave its env as it was
@@ -120,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from analysis.load import load_sweep
     from analysis.report import default_out_dir, log_report, write_report
-    from analysis.verdict import Thresholds, compute_verdict
+    from analysis.verdict import Thresholds, annotate, compute_verdict
     th = Thresholds(grad_ratio_min=args.grad_ratio_min, dead_frac_max=args.dead_frac_max,
                     acc_tolerance=args.acc_tolerance, grad_floor=args.grad_floor,
                     chance_margin=args.chance_margin, num_classes=args.num_classes,
@@ -128,21 +127,26 @@ def _run(args: argparse.Namespace) -> int:
     data = load_sweep(args.experiment, args.tracking_uri, args.sweep)
     for note in data.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
-    verdict = compute_verdict(data, th)
+    annotated = annotate(data)
+    verdict = compute_verdict(data, th, annotated)
     out = args.out or default_out_dir(data.sweep)
     try:
-        paths = write_report(data, verdict, out)
+        paths = write_report(data, verdict, out, annotated)
     except OSError as e:
         raise AnalysisError(f"cannot write the report to {out}: {e.strerror or e}") from None
-    logged = None
-    if not args.no_log_artifacts:
-        logged = log_report(data, out)
     print(f"escaped: {verdict['escaped']} -- {verdict['answer']}")
     print(f"report: {paths['html']} (also report.md, verdict.json in {out})")
-    if logged:
-        print(f"logged to MLflow: {logged}")
-    elif not args.no_log_artifacts:
-        print("not logged to MLflow: the sweep has no parent run")
+    if args.no_log_artifacts:
+        return 0
+    try:                    # the report is written either way: say where, then whether MLflow has it
+        logged = log_report(data, out)
+    except Exception as e:  # noqa: BLE001 - an artifact store that refuses or is away
+        if os.environ.get("CAPSWEEP_DEBUG"):
+            raise
+        print(f"{PROG}: error: the report is in {out} but was not logged to MLflow: "
+              f"{type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(f"logged to MLflow: {logged}" if logged else "not logged to MLflow: the sweep has no parent run")
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from analysis.errors import AnalysisError
+from analysis.errors import AnalysisError, one_line
 
 TAG_ROLE = "capsweep.role"
 TAG_SWEEP = "capsweep.sweep"
@@ -117,9 +117,9 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
     try:
         exp = client.get_experiment_by_name(experiment)
     except mlflow.exceptions.MlflowException as e:
-        raise AnalysisError(f"cannot read tracking store {uri}: {_one_line(e)}") from None
+        raise AnalysisError(f"cannot read tracking store {uri}: {one_line(e)}") from None
     except Exception as e:  # connection refused, DNS, ... from requests/sqlalchemy
-        raise AnalysisError(f"cannot reach tracking store {uri}: {_one_line(e)}") from None
+        raise AnalysisError(f"cannot reach tracking store {uri}: {one_line(e)}") from None
     if exp is None or exp.lifecycle_stage == "deleted":
         names = sorted(e.name for e in client.search_experiments())
         hint = f"; experiments there: {', '.join(names)}" if names else "; the store has no experiments"
@@ -203,11 +203,6 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
                      param_cols=param_cols, metric_cols=metric_cols, notes=notes,
                      sweeps_in_experiment=sweeps, history_method=method,
                      load_seconds=time.perf_counter() - t0)
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return msg[:300] + ("..." if len(msg) > 300 else "")
 
 
 def _quote(s: str) -> str:

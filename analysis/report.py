@@ -76,10 +76,11 @@ def _sorted_configs(verdict: dict) -> list[dict]:
                                  -(c["figures"]["test_acc"]["mean"] or 0), c["id"]))
 
 
-def write_report(data, verdict: dict, out_dir: str) -> dict[str, str]:
-    """Write verdict.json, the figures, report.md and report.html into out_dir; return their paths."""
+def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] = None) -> dict[str, str]:
+    """Write verdict.json, the figures, report.md and report.html into out_dir; return their paths.
+    annotated: `annotate(data)` when the caller has it already (it computed the verdict from it)."""
     os.makedirs(out_dir, exist_ok=True)
-    trials, _, _ = annotate(data)
+    trials, _, _ = annotated or annotate(data)
     figures = plots.make_plots(trials, data.histories, verdict, out_dir)
     paths = {"verdict": os.path.join(out_dir, "verdict.json"),
              "markdown": os.path.join(out_dir, "report.md"),

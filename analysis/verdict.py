@@ -223,10 +223,11 @@ def annotate(data) -> tuple[pd.DataFrame, dict, list[str]]:
 # ---------------------------------------------------------------------------------------------------
 # The verdict
 
-def compute_verdict(data, th: Optional[Thresholds] = None) -> dict:
-    """The verdict for a SweepData (analysis.load) as a JSON-able dict whose first key is 'escaped'."""
+def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[tuple] = None) -> dict:
+    """The verdict for a SweepData (analysis.load) as a JSON-able dict whose first key is 'escaped'.
+    annotated: `annotate(data)` when the caller has it already (the report needs it too)."""
     th = th or Thresholds()
-    trials, labels, swept = annotate(data)
+    trials, labels, swept = annotated or annotate(data)
     n_classes, classes_how = num_classes_of(trials, th)
     chance_floor = 1.0 / n_classes + th.chance_margin
     ok = trials["status"] == "finished"

@@ -17,6 +17,7 @@ import base64
 import json
 import math
 import os
+from pathlib import Path
 import struct
 import time
 import zlib
@@ -370,6 +371,32 @@ def test_cli_writes_report_and_logs_it_on_the_parent_run(store, tmp_path, capsys
     assert {"report.html", "report.md", "verdict.json"} <= logged
     assert {f for f in os.listdir(out) if f.endswith(".png")} <= logged
     assert json.loads((out / "verdict.json").read_text())["thresholds"]["n_boot"] == 2000
+
+
+def test_cli_says_where_the_report_is_when_mlflow_cannot_take_it(store, tmp_path, capsys):
+    """The artifact store refuses the upload (a file where the run's report/ folder must go): the report
+    is still written, the verdict and its path are printed, and one line says it is not in MLflow."""
+    client = MlflowClient(store["uri"])
+    blocker = Path(client.get_run(store["parent"]).info.artifact_uri) / "report"
+    moved = blocker.with_name("report.moved")
+    if blocker.exists():
+        blocker.rename(moved)
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    try:
+        out = tmp_path / "rep"
+        code = cli.main(["--experiment", "capsweep", "--tracking-uri", store["uri"], "--sweep", "s1",
+                         "--out", str(out)])
+    finally:
+        blocker.unlink()
+        if moved.exists():
+            moved.rename(blocker)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.startswith("escaped: yes") and f"report: {out / 'report.html'}" in captured.out
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"capsweep report: error: the report is in {out} but was not logged to MLflow: ")
+    assert (out / "report.html").is_file() and (out / "verdict.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------
