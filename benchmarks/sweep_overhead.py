@@ -24,7 +24,8 @@ start, Tune set-up, Ray shutdown) and timing the interpreter's exit; inside Tune
 MLflow run (opened when Tune starts the trial, closed when it completes) and Ray's result.json (time
 inside the trainable). The summary turns that into per-trial overhead (trial span + gap to the next,
 less the loop's fit) and a fixed cost per sweep, which is what extrapolates to other N and S.
-A per-epoch checkpoint (the state dict `fit` hands over, torch.save + one copy) is also timed alone.
+A trial's per-epoch state save (the state dict `fit` hands over, `sweeps.trainable.save_state`) is
+also timed alone.
 
 CPU time is reported beside wall time because on a shared machine wall time partly measures the other
 tenants: loops are exact (RUSAGE_CHILDREN), sweeps are sampled from /proc over the whole process tree
@@ -413,11 +414,11 @@ def mlflow_trial_spans(db: Path) -> list[tuple[float, float]]:
 
 
 # ---- the benchmark ------------------------------------------------------------------------------
-def checkpoint_cost(base: dict, reps: int = 3) -> dict:
-    """What one epoch's checkpoint costs in a trial, outside Tune: the state dict `fit` hands to the
-    trainable (model, Adam moments, scheduler, RNG), `torch.save` into a temp folder as
-    sweeps/trainable.py does, then one copy of that folder, as Tune persists it into the trial folder."""
+def state_save_cost(base: dict, reps: int = 3) -> dict:
+    """What one epoch's state save costs in a trial, outside Tune: the state dict `fit` hands to the
+    trainable (model, Adam moments, scheduler, RNG), written by the trainable's own `save_state`."""
     import torch
+    from sweeps.trainable import save_state
     from capsmodels import config as runcfg
     from capsmodels import data as datamod
     from capsmodels import networks
@@ -434,20 +435,16 @@ def checkpoint_cost(base: dict, reps: int = 3) -> dict:
     opt.step()
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0)
     gen = torch.Generator().manual_seed(0)
-    saves, copies, size = [], [], 0
+    saves, size = [], 0
     with tempfile.TemporaryDirectory() as d:
-        for i in range(reps):
-            src, dst = Path(d) / f"src{i}", Path(d) / f"dst{i}"
-            src.mkdir()
+        path = Path(d) / "trial_state" / "trial.pt"
+        for _ in range(reps):
+            state = _state(model, opt, sched, gen, 0, {"val_acc": 0.0})
             t = time.perf_counter()
-            torch.save(_state(model, opt, sched, gen, 0, {"val_acc": 0.0}), src / "state.pt")
+            save_state(path, state)
             saves.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            shutil.copytree(src, dst)
-            copies.append(time.perf_counter() - t)
-            size = (src / "state.pt").stat().st_size
-    return {"mb": size / 2**20, "params": networks.count_parameters(model),
-            "save_s": statistics.median(saves), "copy_s": statistics.median(copies)}
+            size = path.stat().st_size
+    return {"mb": size / 2**20, "params": networks.count_parameters(model), "save_s": statistics.median(saves)}
 
 
 def run_label(kind: str, c: int) -> str:
@@ -469,7 +466,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
           flush=True)
     (workdir / "base.json").write_text(json.dumps(base))
     res: dict = {"trials": n, "calibration": cal, "base": base, "runs": {},
-                 "checkpoint": checkpoint_cost(base), "cpus": os.cpu_count()}
+                 "state_save": state_save_cost(base), "cpus": os.cpu_count()}
 
     def loop_run(c: int) -> dict:
         folder = workdir / f"loop{c}"
@@ -566,10 +563,10 @@ def report(res: dict) -> str:
     loop_fixed = loop["wall"] - sum(fits)
     lines.append(f"\nplain loop outside fit: {loop_fixed:.1f} s (start-up + imports {lp['t_imports'] - loop['t_launch']:.1f} s, "
                  f"data {lp['t_data'] - lp['t_imports']:.1f} s, exit {loop['t_end'] - lp['t_done']:.1f} s)")
-    ck = res["checkpoint"]
-    lines.append(f"checkpoint per epoch, measured outside Tune: {ck['mb']:.1f} MB ({ck['params']:,} parameters + Adam "
-                 f"moments), torch.save {ck['save_s'] * 1000:.0f} ms + one folder copy {ck['copy_s'] * 1000:.0f} ms "
-                 f"-> {cal['epochs'] * (ck['save_s'] + ck['copy_s']):.1f} s per trial of {cal['epochs']} epochs")
+    ck = res["state_save"]
+    lines.append(f"state save per epoch, measured outside Tune: {ck['mb']:.1f} MB ({ck['params']:,} parameters + Adam "
+                 f"moments), {ck['save_s'] * 1000:.0f} ms "
+                 f"-> {cal['epochs'] * ck['save_s']:.1f} s per trial of {cal['epochs']} epochs")
     for key in order:
         if runs[key]["kind"] != "loop":
             runs[key]["loop_epochs"] = lp.get("epochs")
@@ -602,7 +599,7 @@ def sweep_timeline(r: dict, n: int, loop_fit: float) -> dict:
 
 def epoch_stats(runs: list[list[list[float]]]) -> dict:
     """From per-run lists of [epoch wall, training-loop time]: the training loop per epoch and the
-    rest of each epoch (evaluation, probes and, in a sweep, the report + checkpoint round trip), over
+    rest of each epoch (evaluation, probes and, in a sweep, the report + state save), over
     the second epoch on; and how much longer the first epoch is (set-up, and a cold process)."""
     later = [e for run in runs for e in run[1:]]
     if not later:
@@ -660,8 +657,8 @@ def sweep_breakdown(r: dict, n: int, loop_fits: list[float], loop_cpu: list[floa
             out[-1] += "; per epoch:"
             out.append(f"    training loop (2nd epoch on) {sw['train']:.2f} s against {lp['train']:.2f} s in the loop "
                        f"({_pct(sw['train'], lp['train'])}: the same compute; a difference is load or process environment)")
-            out.append(f"    rest of an epoch (eval, probes; sweep: + report, checkpoint) {sw['rest']:.2f} s against "
-                       f"{lp['rest']:.2f} s: {sw['rest'] - lp['rest']:+.2f} s per epoch for report + checkpoint")
+            out.append(f"    rest of an epoch (eval, probes; sweep: + report, state save) {sw['rest']:.2f} s against "
+                       f"{lp['rest']:.2f} s: {sw['rest'] - lp['rest']:+.2f} s per epoch for report + state save")
             out.append(f"    first epoch longer than the later ones by {sw['first_extra']:.1f} s against "
                        f"{lp['first_extra']:.1f} s in the loop (set-up; a fresh worker process starts cold)")
     cbs = sum(v for k, v in tm.items() if k.startswith("cb:"))
@@ -677,7 +674,7 @@ def sweep_breakdown(r: dict, n: int, loop_fits: list[float], loop_cpu: list[floa
             worker = groups.get("trial workers", 0.0) / n
             out.append(f"  CPU per trial in its worker {worker:.1f} s against the loop's fit "
                        f"{statistics.mean(loop_cpu):.1f} s ({worker - statistics.mean(loop_cpu):+.1f} s: worker "
-                       f"start + imports, report + checkpoint)")
+                       f"start + imports, report + state save)")
     return out
 
 

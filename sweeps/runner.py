@@ -29,6 +29,7 @@ from sweeps.spec import (SpecError, SweepSpec, objectives, probe_values, storage
                          total_trials, trial_config)
 
 INJECT_ENV = ("CAPSWEEP_INJECT_FAILURE",)
+STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
 
 
 class SweepRefused(RuntimeError):
@@ -248,7 +249,8 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
     import ray
     from ray import tune
     trainable = tune.with_resources(
-        tune.with_parameters(capsnet_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu),
+        tune.with_parameters(capsnet_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu,
+                             state_dir=str(exp_dir / STATE_DIR)),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     tp = _TrialParams(spec.base)
     logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
@@ -270,7 +272,6 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(storage), callbacks=[logger],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 progress_reporter=_reporter(spec), verbose=verbose),
         )
     interrupted = False
@@ -279,7 +280,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
     except KeyboardInterrupt:
         interrupted = True
     statuses = dict(logger.statuses)
-    done = all(s in ("finished", "diverged", "failed", "stopped") for s in statuses.values())
+    done = all(s in tracking.FINAL for s in statuses.values())
     expected = total_trials(spec)
     if len(statuses) < expected or not done:
         interrupted = True
@@ -290,7 +291,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
                        storage, len(statuses), statuses, interrupted)
 
 
-def capsnet_trial(config: dict, base: dict, raws: dict, cpus: float) -> None:
+def capsnet_trial(config: dict, base: dict, raws: dict, cpus: float, state_dir: Optional[str] = None) -> None:
     """Module-level (picklable) entry; imports torch and ray.tune only inside the trial."""
     from sweeps.trainable import run_trial
-    run_trial(config, base, raws, cpus)
+    run_trial(config, base, raws, cpus, state_dir)

@@ -39,6 +39,7 @@ ROLE, SWEEP, TRIAL_ID, SEED, STATUS, ERROR, COMMIT = (
     "capsweep.error", "capsweep.git_commit")
 PARENT_TAG = "mlflow.parentRunId"
 PENDING_FILE = "mlflow_pending.jsonl"
+FINAL = ("finished", "diverged", "failed", "stopped")     # a trial's last capsweep.status
 MAX_BATCH = 900          # MLflow's log_batch takes at most 1000 metrics per call
 
 
@@ -160,6 +161,7 @@ class MlflowSweepLogger(Callback):
         self.run_ids: dict[str, str] = {}
         self.last_step: dict[str, int] = {}
         self.statuses: dict[str, str] = {}
+        self.ended: set[str] = set()          # trials whose run is closed with a final status
         self.retries: dict[str, int] = {}
         self.outage_since: Optional[float] = None
         self.next_try = 0.0
@@ -334,6 +336,8 @@ class MlflowSweepLogger(Callback):
             epoch = run.data.metrics.get("epoch")
             self.last_step[tid] = int(epoch) if epoch is not None else -1
             self.statuses[tid] = run.data.tags.get(STATUS, "running")
+            if run.info.status != "RUNNING" and self.statuses[tid] in FINAL:
+                self.ended.add(tid)
             self.retries[tid] = int(run.data.tags.get("capsweep.retries", "0"))
 
     def backfill(self, trial_id: str, trial_dir: Optional[Path]) -> None:
@@ -400,6 +404,11 @@ class MlflowSweepLogger(Callback):
 
     def _finish(self, trial, error: Optional[str]) -> None:
         tid = trial.trial_id
+        if tid in self.ended:
+            # Tune saves its experiment state every few seconds, so after a driver crash it can
+            # restore a trial that had already finished: the trial re-reports its final epoch from its
+            # state file without training, and its MLflow run, closed before the crash, stays as it was
+            return
         if tid not in self.run_ids:
             self._ensure_run(trial)
         last = trial.last_result or {}
@@ -414,6 +423,7 @@ class MlflowSweepLogger(Callback):
         else:
             status = "stopped"    # ended early by the scheduler (ASHA)
         self.statuses[tid] = status
+        self.ended.add(tid)
         self._put("end", tid, status, error)
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
@@ -450,7 +460,7 @@ class MlflowSweepLogger(Callback):
             self._drain()
             return
         counts = {s: sum(1 for v in self.statuses.values() if v == s)
-                  for s in ("finished", "diverged", "failed", "stopped")}
+                  for s in FINAL}
         summary = {f"trials_{k}": v for k, v in counts.items()}
         summary["trials_total"] = len(self.run_ids) + sum(1 for r in self.queue if r[0] == "start")
         self._put("parent_end", summary, "finished")

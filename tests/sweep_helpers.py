@@ -48,7 +48,7 @@ def capsweep_cmd(*args: str) -> list[str]:
 def env_for_subprocess(**extra: str) -> dict:
     env = dict(os.environ)
     env.update({"PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "RAY_DEDUP_LOGS": "0",
-                "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+                "RAY_USAGE_STATS_ENABLED": "0"})
     env.update(extra)
     return env
 

@@ -475,8 +475,9 @@ def _results(trial_dir: Path) -> list[dict]:
 
 def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
     """Fault: a worker node dies mid-trial (SIGKILL of its raylet and everything under it). Ray declares
-    the node dead, Tune retries the trial (FailureConfig.max_failures) from its last checkpoint on the
-    surviving node, and the sweep completes: one MLflow run per trial, every epoch logged once."""
+    the node dead, Tune retries the trial (FailureConfig.max_failures) on the surviving node, the trial
+    continues from the state it saved after its last epoch on the shared storage, and the sweep
+    completes: one MLflow run per trial, every epoch logged once."""
     c = two_node_cluster
     work, dash = c["work"], c["dash"]
     name, epochs = "nodekill", 40
@@ -548,12 +549,12 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
         retries = int(r.data.tags.get("capsweep.retries", "0"))
         assert (retries >= 1) if r.data.tags["capsweep.trial_id"] == tid else (retries == 0), r.data.tags
 
-    # the retry resumed from a checkpoint, not from scratch. Tune's own record of the trial (result.json,
-    # one line per result it received) is the first attempt's epochs 0..k, then the retry's r..N-1 with
-    # 1 <= r <= k + 1: Tune registers a reported checkpoint in a second call to the trial actor, so a node
-    # that dies between the two makes the retry redo epoch k (at least once from Tune; the logger keeps
-    # MLflow at exactly once, checked above). A redone epoch starts from the same model, optimiser and RNG
-    # state, so it reproduces the same numbers.
+    # the retry resumed from the saved state, not from scratch. Tune's own record of the trial
+    # (result.json, one line per result it received) is the first attempt's epochs 0..k, then the
+    # retry's r..N-1 with 1 <= r <= k + 1: the retry first says again the epoch its state file holds (k,
+    # or k + 1 when the node died between saving that state and reporting it), so Tune may hold an epoch
+    # twice while the logger keeps MLflow at exactly once (checked above). A repeated epoch carries the
+    # saved metrics of the same model, optimiser and RNG state, so it shows the same numbers.
     (trial_dir,) = [d for d in (storage / name).glob("*/") if (_results(d) or [{}])[0].get("trial_id") == tid]
     res = _results(trial_dir)
     starts = [i for i, r in enumerate(res) if r["iterations_since_restore"] == 1]

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import yaml
@@ -117,8 +116,8 @@ def test_driver_killed_then_resumed(tmp_path):
             done = [r for r in runs if r.info.status == "FINISHED"]
             running = [r for r in runs if r.info.status == "RUNNING" and "epoch" in r.data.metrics]
             return done and running
+        # killed at once: Tune's saved experiment state may still show the finished trial running
         wait_for(mid_sweep, timeout=300, what="one trial finished and one running")
-        time.sleep(1.5)     # let Tune persist its experiment state once more
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -135,7 +134,7 @@ def test_driver_killed_then_resumed(tmp_path):
     assert parent_after.info.run_id == parent_before.info.run_id
     assert parent_after.info.status == "FINISHED"
     for r in after:
-        assert r.info.status == "FINISHED", r.data.tags
+        assert r.info.status == "FINISHED", r.data.tags.get("capsweep.error", "")[-3000:]
         hist = client.get_metric_history(r.info.run_id, "val_acc")
         assert sorted(m.step for m in hist) == [0, 1, 2, 3]        # no epoch lost, none duplicated
         tid = r.data.tags["capsweep.trial_id"]
