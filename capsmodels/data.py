@@ -68,6 +68,12 @@ class RawData:
     num_classes: int
     classes: list
 
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        """(C, H, W): the input a network for this dataset must fit."""
+        _, h, w, c = self.x_train.shape
+        return c, h, w
+
 
 @dataclass
 class Splits:

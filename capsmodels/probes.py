@@ -88,7 +88,7 @@ class GradTracker:
         norms = [w.grad.detach().norm() if w.grad is not None else torch.zeros((), device=w.device)
                  for w in self.weights]
         if norms:
-            self.window.append(torch.stack(norms).float().cpu())
+            self.window.append(torch.stack(norms).float())     # on the device: no wait per step
 
     def summary(self) -> dict[str, float]:
         """grad_norm/l{l} and grad_ratio (first routed layer l1 over the last, l{L}); empty if no steps."""

@@ -78,13 +78,15 @@ def prepare(cfg: cfgmod.RunConfig, data: Optional[datamod.RawData] = None
 
 def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         data: Optional[datamod.RawData] = None, state: Optional[dict] = None,
-        with_state: bool = False) -> dict:
+        with_state: bool = False,
+        prepared: Optional[tuple[datamod.Splits, torch.nn.Module, torch.device]] = None) -> dict:
     """Train one configuration; call `report(metrics)` once per epoch; return the last metrics.
 
     config: a RunConfig or a nested dict (validated here). data: the raw dataset when the caller has
     it already (a sweep shares one copy per node through Ray's object store). state: a checkpoint
     from an earlier report to continue from. with_state: call `report(metrics, state=...)` with a
     checkpoint dict (model, optimiser, scheduler, generator, epoch) so a caller can persist it.
+    prepared: what `prepare(config, data)` returned, when the caller ran it already to check its input.
 
     A non-finite loss ends the run with `status: diverged` in the last report instead of raising.
     """
@@ -93,7 +95,7 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    splits, model, device = prepare(cfg, data)
+    splits, model, device = prepared or prepare(cfg, data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -129,7 +131,10 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         tracker.reset()
         perm = torch.randperm(n, generator=gen)
         t0 = time.perf_counter()
-        seen, loss_sum, correct, diverged = 0, 0.0, 0, False
+        # running sums stay on the device: reading them every step would wait for the GPU each time
+        seen, diverged = 0, False
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
         bar = _progress(steps, epoch, t) if t.progress else None
         for step in range(steps):
             idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
@@ -147,11 +152,11 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
             tracker.record()
             opt.step()
             seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((out.scores.detach().argmax(-1) == y).sum())
+            loss_sum += loss.detach().double() * len(y)
+            correct += (out.scores.detach().argmax(-1) == y).sum()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.3f}")
         if bar is not None:
             bar.close()
         if device.type == "cuda":
@@ -161,8 +166,8 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
             sched.step()
 
         metrics = {"epoch": epoch,
-                   "train_loss": loss_sum / seen if seen else float("nan"),
-                   "train_acc": correct / seen if seen else float("nan")}
+                   "train_loss": float(loss_sum) / seen if seen else float("nan"),
+                   "train_acc": int(correct) / seen if seen else float("nan")}
         metrics.update(tracker.summary())
         if not diverged:
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, splits.val, device, recon_w)

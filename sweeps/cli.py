@@ -64,13 +64,12 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"routing={cfg.model.routing}x{cfg.model.iterations} on {cfg.data.name} "
           f"({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test), "
           f"{networks.count_parameters(model):,} parameters, device {device}", file=sys.stderr)
-    del model
 
     def report(metrics: dict) -> None:
         print(_format_epoch(metrics), flush=True)
 
     try:
-        final = train.fit(cfg, report)
+        final = train.fit(cfg, report, prepared=(splits, model, device))
     except KeyboardInterrupt:
         return _err("interrupted", EXIT_INTERRUPTED)
     print(_format_final(final))

@@ -76,10 +76,8 @@ def check_shapes(spec: SweepSpec, raws: dict) -> None:
             break
         params = dict(zip(keys, combo))
         cfg = runcfg.from_dict(trial_config(spec.base, params))
-        raw = raws[cfg.data.name]
-        c = 1 if raw.x_train.ndim == 3 else raw.x_train.shape[-1]
         try:
-            networks.check_fits(cfg, (c, raw.x_train.shape[1], raw.x_train.shape[2]))
+            networks.check_fits(cfg, raws[cfg.data.name].in_shape)
         except runcfg.ConfigError as e:
             where = ", ".join(f"{k}={v}" for k, v in params.items())
             raise SpecError(f"base.{e}" + (f" (trial with {where})" if where else "")) from None
