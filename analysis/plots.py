@@ -191,7 +191,7 @@ def plot_accuracy(trials: pd.DataFrame, out_dir: str, factor: str) -> dict:
     ax.set_title(title)
     slug = factor.split(".")[-1]
     return {"file": _save(fig, out_dir, f"accuracy_vs_{slug}.png"), "title": title,
-            "caption": f"Mean over seeds (bars: std), one line per routing setting."}
+            "caption": "Mean over seeds (bars: std), one line per routing setting."}
 
 
 def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str) -> dict:

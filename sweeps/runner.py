@@ -7,7 +7,6 @@ run is created, so a refused sweep leaves nothing behind.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +18,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 from filelock import FileLock, Timeout  # noqa: E402
-from mlflow.entities import Param, RunTag  # noqa: E402
+from mlflow.entities import Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from capsmodels import config as runcfg  # noqa: E402

@@ -1,7 +1,9 @@
 """Shared helpers for the tests that run real sweeps (real Ray, real MLflow store)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -43,6 +45,25 @@ def write_spec(path: Path, name: str, space: str, seeds="[0, 1]", epochs: int = 
 
 def capsweep_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sweeps.cli", *args]
+
+
+@contextlib.contextmanager
+def background_sweep(*args: str, cwd: Path, env: dict, capture: bool = False):
+    """`capsweep ARGS` running in the background, in a session of its own so that leaving the block
+    SIGKILLs it together with the Ray processes it started, whatever the test did meanwhile.
+    capture: stdout+stderr as text (for `communicate`), else discarded."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    proc = subprocess.Popen(capsweep_cmd(*args), cwd=cwd, env=env, stdout=out,
+                            stderr=subprocess.STDOUT if capture else subprocess.DEVNULL, text=capture,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def env_for_subprocess(**extra: str) -> dict:

@@ -26,7 +26,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 from analysis import cli
 from analysis.load import fetch_histories, load_sweep

@@ -4,7 +4,6 @@ message or a completed sweep, never with lost or duplicated results."""
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import signal
 import socket
@@ -14,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.sweep_helpers import capsweep_cmd, children, env_for_subprocess, parents, run, wait_for, write_spec
+from tests.sweep_helpers import (background_sweep, capsweep_cmd, children, env_for_subprocess, parents, run,
+                                 wait_for, write_spec)
 
 
 def free_port() -> int:
@@ -106,49 +105,41 @@ def test_tracking_server_restarts_mid_sweep_nothing_lost(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     spec = write_spec(tmp_path / "o.yaml", "outage", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=6,
                       tracking_uri=uri)
-    sweep = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "2"), cwd=tmp_path,
-                             env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
     client = MlflowClient(uri)
     try:
-        wait_for(lambda: any("epoch" in r.data.metrics for r in children(client)), timeout=180,
-                 what="first epoch logged")
-        stop(server)                                  # the server goes away mid-sweep ...
-        time.sleep(8)                                 # ... while trials keep reporting epochs
-        server = start_mlflow_server(db, art, port)   # ... and comes back on the same store
-        out, _ = sweep.communicate(timeout=400)
-        assert sweep.returncode == 0, out[-3000:]
-        assert "unreachable" in out and "delivered" in out
-        runs = children(client)
-        assert len(runs) == 2
-        for r in runs:
-            steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc"))
-            assert steps == list(range(6)), steps      # every epoch once: none lost, none doubled
-            assert r.info.status == "FINISHED"
-        (parent,) = parents(client)
-        assert parent.info.status == "FINISHED"
+        with background_sweep("run", str(spec), "--num-cpus", "2", cwd=tmp_path, env=env_for_subprocess(),
+                              capture=True) as sweep:
+            wait_for(lambda: any("epoch" in r.data.metrics for r in children(client)), timeout=180,
+                     what="first epoch logged")
+            stop(server)                                  # the server goes away mid-sweep ...
+            time.sleep(8)                                 # ... while trials keep reporting epochs
+            server = start_mlflow_server(db, art, port)   # ... and comes back on the same store
+            out, _ = sweep.communicate(timeout=400)
+            assert sweep.returncode == 0, out[-3000:]
+            assert "unreachable" in out and "delivered" in out
+            runs = children(client)
+            assert len(runs) == 2
+            for r in runs:
+                steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc"))
+                assert steps == list(range(6)), steps      # every epoch once: none lost, none doubled
+                assert r.info.status == "FINISHED"
+            (parent,) = parents(client)
+            assert parent.info.status == "FINISHED"
     finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGKILL)
         stop(server)
 
 
 def test_second_driver_on_the_same_sweep_is_refused(tmp_path):
     spec = write_spec(tmp_path / "d.yaml", "dup", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=300)
     env = env_for_subprocess()
-    first = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "1"), cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
+    with background_sweep("run", str(spec), "--num-cpus", "1", cwd=tmp_path, env=env):
         wait_for(lambda: children(client), timeout=180, what="first sweep running")
         second = run(capsweep_cmd("run", str(spec)), tmp_path, env, timeout=120)
         assert second.returncode == 2 and "already exists" in second.stderr, second.stderr
         third = run(capsweep_cmd("run", str(spec), "--resume"), tmp_path, env, timeout=120)
         assert third.returncode == 2 and "another driver" in third.stderr, third.stderr
         assert len(third.stderr.strip().splitlines()) == 1
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
     assert len(parents(client)) == 1
 
 
@@ -167,7 +158,7 @@ def test_corrupt_dataset_file_is_named_before_ray_starts(tmp_path):
         with gzip.open(root / "fashion_mnist" / f"{stem}.gz", "wb") as f:
             f.write(data)
     spec = write_spec(tmp_path / "c.yaml", "corrupt", "model.depth: {grid: [0]}", seeds="[0]")
-    proc = run(capsweep_cmd("run", str(spec), f"base.data.name=fashion_mnist", f"base.data.root={root}",
+    proc = run(capsweep_cmd("run", str(spec), "base.data.name=fashion_mnist", f"base.data.root={root}",
                             "base.data.download=false", "base.data.train_size=10", "base.data.val_size=5"),
                tmp_path, env_for_subprocess(), timeout=120)
     assert proc.returncode == 2, proc.stderr

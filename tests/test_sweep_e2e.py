@@ -7,15 +7,13 @@ trial that raises retried then marked failed while the sweep completes.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.sweep_helpers import (ROOT, capsweep_cmd, children, env_for_subprocess, parents, run, wait_for,
+from tests.sweep_helpers import (background_sweep, capsweep_cmd, children, env_for_subprocess, parents, run, wait_for,
                                  write_spec)
 
 
@@ -107,20 +105,16 @@ def test_driver_killed_then_resumed(tmp_path):
     spec = write_spec(tmp_path / "res.yaml", "res", "model.depth: {grid: [0, 1, 2]}", seeds="[0]", epochs=4)
     env = env_for_subprocess()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    proc = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "1"), cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with background_sweep("run", str(spec), "--num-cpus", "1", cwd=tmp_path, env=env):
         # kill once one trial has finished and the next has logged an epoch: truly mid-sweep
         def mid_sweep():
             runs = children(client, sweep="res")
             done = [r for r in runs if r.info.status == "FINISHED"]
             running = [r for r in runs if r.info.status == "RUNNING" and "epoch" in r.data.metrics]
             return done and running
-        # killed at once: Tune's saved experiment state may still show the finished trial running
+        # killed at once (leaving the block): Tune's saved experiment state may still show the
+        # finished trial running
         wait_for(mid_sweep, timeout=300, what="one trial finished and one running")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     before = {r.data.tags["capsweep.trial_id"]: r for r in children(client, sweep="res")}
     finished_before = {t: r.info.end_time for t, r in before.items() if r.info.status == "FINISHED"}
     (parent_before,) = parents(client)
@@ -147,12 +141,11 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     spec = write_spec(tmp_path / "cc.yaml", "cc", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=8)
     env = env_for_subprocess()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    proc = subprocess.Popen(capsweep_cmd("run", str(spec), "--num-cpus", "1"), cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: any(r.info.status == "RUNNING" and "epoch" in r.data.metrics
-                         for r in children(client, sweep="cc")), timeout=300, what="a trial mid-way")
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    with background_sweep("run", str(spec), "--num-cpus", "1", cwd=tmp_path, env=env, capture=True) as proc:
+        wait_for(lambda: any(r.info.status == "RUNNING" and "epoch" in r.data.metrics
+                             for r in children(client, sweep="cc")), timeout=300, what="a trial mid-way")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:]
     assert "--resume" in out
     runs = children(client, sweep="cc")
