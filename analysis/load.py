@@ -133,38 +133,48 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
     for r in parents:
         name = r.data.tags.get(TAG_SWEEP) or r.info.run_name
         parents_by_sweep.setdefault(name, []).append(r)
-    sweeps = sorted(parents_by_sweep)
-    if not sweeps:  # trials without a parent (an interrupted start?): fall back to the trials' tags
-        some = _search_all(client, exp_id, f"tags.`{TAG_ROLE}` = 'trial'")
-        sweeps = sorted({r.data.tags.get(TAG_SWEEP, "") for r in some} - {""})
-        if not sweeps:
-            any_run = client.search_runs([exp_id], max_results=1)
-            if not any_run:
+    trial_filter = f"tags.`{TAG_ROLE}` = 'trial'"
+    everything: Optional[list] = None     # every trial run of the experiment: read only when needed
+
+    def sweeps_of(runs: list) -> list[str]:
+        return sorted(set(parents_by_sweep) | {r.data.tags.get(TAG_SWEEP, "") for r in runs} - {""})
+
+    if sweep is None and parents_by_sweep:
+        sweep = max(parents_by_sweep, key=lambda s: max(r.info.start_time or 0 for r in parents_by_sweep[s]))
+        if len(parents_by_sweep) > 1:
+            notes.append(f"experiment {experiment!r} holds {len(parents_by_sweep)} sweeps "
+                         f"({', '.join(sorted(parents_by_sweep))}); analysing the most recent, {sweep!r} "
+                         "(choose with --sweep)")
+    elif sweep is None:   # trials without a parent (an interrupted start?): the trials' own tags say
+        everything = _search_all(client, exp_id, trial_filter, progress=show, what="trial runs")
+        tagged = [r for r in everything if r.data.tags.get(TAG_SWEEP)]
+        if not tagged:
+            if not client.search_runs([exp_id], max_results=1):
                 raise AnalysisError(f"experiment {experiment!r} has no runs; run a sweep into it first")
             raise AnalysisError(f"experiment {experiment!r} has runs but none written by capsweep "
                                 f"(no '{TAG_SWEEP}' tag); pass the experiment a sweep logged to")
-    if sweep is None:
-        if parents_by_sweep:
-            sweep = max(parents_by_sweep, key=lambda s: max(r.info.start_time or 0 for r in parents_by_sweep[s]))
-        else:
-            sweep = sweeps[-1]
-        if len(sweeps) > 1:
-            notes.append(f"experiment {experiment!r} holds {len(sweeps)} sweeps ({', '.join(sweeps)}); "
-                         f"analysing the most recent, {sweep!r} (choose with --sweep)")
-    elif sweep not in sweeps:
-        raise AnalysisError(f"sweep {sweep!r} not found in experiment {experiment!r}; "
-                            f"sweeps there: {', '.join(sweeps)}")
+        sweep = max(tagged, key=lambda r: r.info.start_time or 0).data.tags[TAG_SWEEP]
+        if len(sweeps_of(tagged)) > 1:
+            notes.append(f"experiment {experiment!r} holds {len(sweeps_of(tagged))} sweeps "
+                         f"({', '.join(sweeps_of(tagged))}); analysing the most recent, {sweep!r} "
+                         "(choose with --sweep)")
     sweep_parents = sorted(parents_by_sweep.get(sweep, []), key=lambda r: r.info.start_time or 0)
     parent_id = sweep_parents[-1].info.run_id if sweep_parents else None
     if len(sweep_parents) > 1:
         notes.append(f"{len(sweep_parents)} parent runs are named {sweep!r}; their trials are analysed "
                      f"together and the report is logged on the most recent ({parent_id})")
+
+    if everything is not None:
+        runs = [r for r in everything if r.data.tags.get(TAG_SWEEP) == sweep]
+    else:
+        runs = _search_all(client, exp_id, f"tags.`{TAG_SWEEP}` = '{_quote(sweep)}' and {trial_filter}",
+                           progress=show, what=f"trial runs of sweep {sweep}")
+    if not runs and parent_id is None:
+        known = sweeps_of(_search_all(client, exp_id, trial_filter))
+        raise AnalysisError(f"sweep {sweep!r} not found in experiment {experiment!r}; "
+                            f"sweeps there: {', '.join(known) or '(none)'}")
     if parent_id is None:
         notes.append(f"sweep {sweep!r} has no parent run; the report cannot be logged to MLflow")
-
-    runs = _search_all(client, exp_id,
-                       f"tags.`{TAG_SWEEP}` = '{_quote(sweep)}' and tags.`{TAG_ROLE}` = 'trial'",
-                       progress=show, what=f"trial runs of sweep {sweep}")
     if not runs:
         raise AnalysisError(f"sweep {sweep!r} of experiment {experiment!r} has no trial runs yet")
     trials, param_cols, metric_cols = _trials_table(runs, sweep)
@@ -201,7 +211,7 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
     return SweepData(experiment=experiment, experiment_id=exp_id, tracking_uri=uri, sweep=sweep,
                      parent_run_id=parent_id, trials=trials, histories=histories,
                      param_cols=param_cols, metric_cols=metric_cols, notes=notes,
-                     sweeps_in_experiment=sweeps, history_method=method,
+                     sweeps_in_experiment=sweeps_of(everything or []), history_method=method,
                      load_seconds=time.perf_counter() - t0)
 
 

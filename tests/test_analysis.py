@@ -30,6 +30,7 @@ from mlflow.entities import Metric, Param
 
 from analysis import cli
 from analysis.load import fetch_histories, load_sweep
+from analysis.errors import AnalysisError
 from analysis.report import write_report
 from analysis.stats import bootstrap_mean
 from analysis.verdict import Thresholds, compute_verdict, verdict_json
@@ -210,6 +211,34 @@ def test_default_sweep_is_the_most_recent_with_a_note(store):
     data = load_sweep("capsweep", store["uri"], None, progress=False)
     assert data.sweep == "tiny" and len(data.trials) == 4
     assert any("2 sweeps" in n and "'tiny'" in n for n in data.notes)
+
+
+def test_sweeps_whose_parent_run_is_gone_are_found_and_the_latest_is_the_default(store):
+    """A deleted parent run (an interrupted start, a clean-up) does not hide its sweep: `--sweep` finds
+    it beside sweeps that have parents, and with no parent at all the default is the sweep whose
+    trials started last, not the alphabetically last name."""
+    c = MlflowClient(store["uri"])
+    exp = c.create_experiment("orphans")
+    started = []
+    for name in ("zeta", "alpha", "kept"):        # in this order: "kept" is the only one with a parent
+        time.sleep(0.01)
+        parent = start_sweep(c, exp, name)
+        log_trial(c, exp, parent, name, f"{name}0", {**BASE, "model.depth": 0, "train.seed": 0},
+                  capsnet_metrics(0, grad_ratio=1, dead_hidden=0, test_acc=0.9))
+        started.append(parent)
+    c.delete_run(started[0])
+    c.delete_run(started[1])
+    data = load_sweep("orphans", store["uri"], "zeta", progress=False)
+    assert data.sweep == "zeta" and list(data.trials["trial_id"]) == ["zeta0"] and data.parent_run_id is None
+    assert any("'zeta' has no parent run" in n for n in data.notes)
+    with pytest.raises(AnalysisError, match="sweep 'nope' not found .*sweeps there: alpha, kept, zeta"):
+        load_sweep("orphans", store["uri"], "nope", progress=False)
+    c.delete_run(started[2])                       # now no sweep has a parent
+    data = load_sweep("orphans", store["uri"], None, progress=False)
+    assert data.sweep == "kept" and data.parent_run_id is None
+    assert any("3 sweeps" in n and "'kept'" in n for n in data.notes)
+    c.delete_run(c.search_runs([exp], "tags.`capsweep.sweep` = 'kept'")[0].info.run_id)
+    assert load_sweep("orphans", store["uri"], None, progress=False).sweep == "alpha"   # not "zeta"
 
 
 # ---------------------------------------------------------------------------------------------------
