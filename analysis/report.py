@@ -15,7 +15,7 @@ import os
 from typing import Optional
 
 from analysis import plots
-from analysis.verdict import FIGURES, Thresholds, annotate, verdict_json
+from analysis.verdict import FIGURES, annotate, verdict_json
 
 FIGURE_NAMES = {"grad_ratio": "grad ratio", "dead_worst": "worst dead frac", "tree_score": "tree score",
                 "routing_dynamics": "routing dyn.", "test_acc": "test acc", "grad_floor_ratio": "grad floor"}
@@ -88,7 +88,7 @@ def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] =
     with open(paths["verdict"], "w") as f:
         f.write(verdict_json(verdict))
     with open(paths["markdown"], "w") as f:
-        f.write(render_markdown(data, verdict, figures))
+        f.write(render_markdown(verdict, figures))
     with open(paths["html"], "w") as f:
         f.write(render_html(data, verdict, figures, out_dir))
     for fig in figures:
@@ -219,7 +219,7 @@ def _md(s) -> str:
     return str(s if s is not None else "").replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(data, verdict: dict, figures: list[dict]) -> str:
+def render_markdown(verdict: dict, figures: list[dict]) -> str:
     yes = verdict["escaped"] == "yes"
     c = verdict["counts"]
     out = [f"# capsweep report: sweep `{verdict['sweep']}`", "",
@@ -274,4 +274,4 @@ def default_out_dir(sweep: str) -> str:
     return os.path.join("reports", safe)
 
 
-__all__ = ["write_report", "log_report", "render_html", "render_markdown", "default_out_dir", "Thresholds"]
+__all__ = ["write_report", "log_report", "render_html", "render_markdown", "default_out_dir"]

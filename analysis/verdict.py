@@ -394,8 +394,7 @@ def compute_trends(trials: pd.DataFrame, swept: list[str]) -> list:
         kind = factor_kind(trials[factor])
         xs = factor_values(trials[factor], kind)
         for probe in PROBES:
-            out.append(trend(factor, probe, xs, trials[probe].to_numpy(dtype=float),
-                             "categorical" if kind == "categorical" else kind))
+            out.append(trend(factor, probe, xs, trials[probe].to_numpy(dtype=float), kind))
     return out
 
 

@@ -153,11 +153,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _merge(base: dict, over: dict, path: str = "") -> dict:
+def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{path}{k}.")
+            out[k] = _merge(out[k], v)
         else:
             out[k] = v
     return out

@@ -148,8 +148,6 @@ SUBDIRS = {
     "svhn": ("svhn", "SVHN"),
     "smallnorb": ("smallnorb", "smallNORB"),
 }
-_DOWNLOAD_SUBDIR = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10",
-                    "svhn": "svhn", "smallnorb": "smallnorb"}
 # Files each dataset needs; each entry lists acceptable names (raw or gzip'd).
 _REQUIRED = {
     "mnist": tuple((s, s + ".gz") for s in _IDX_STEMS),
@@ -250,7 +248,7 @@ def _files(name: str, root: str | None, download: bool) -> dict:
     if found:
         return found
     base = _writable_base(root)
-    dl_dir = base / _DOWNLOAD_SUBDIR[name] if base else None
+    dl_dir = base / name if base else None
     # One process per machine downloads/extracts; the others wait, then find the files.
     lock = FileLock(str(base / f".{name}.download.lock")) if base else contextlib.nullcontext()
     try:

@@ -143,9 +143,7 @@ class CapsuleLayer(nn.Module):
         (B, J, I, d_out) layout: there every routing pass is a batched vector-matrix product over
         contiguous (I, d_out) blocks; reading the GEMM's layout directly made those passes ~5x slower.
         """
-        uT = torch.einsum("ijek,bik->bjie", self.W, u)
-        if not uT.is_contiguous():
-            uT = uT.contiguous()
+        uT = torch.einsum("ijek,bik->bjie", self.W, u).contiguous()
         return uT.permute(0, 2, 1, 3)
 
     def forward(self, u: torch.Tensor, a_in: Optional[torch.Tensor] = None) -> CapsOut:

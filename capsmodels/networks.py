@@ -7,7 +7,7 @@ squash gains) as graph-attached tensors; capsule layer l = 0 is the primaries, d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -186,7 +186,7 @@ def matched_cnn_width(cfg: ModelConfig, in_shape, num_classes: int) -> int:
     (everything but the decoder, which does not classify). Counted on the meta device: no memory."""
     C, _, _ = in_shape
     with torch.device("meta"):
-        caps = CapsNet(_replace(cfg, decoder=False), in_shape, num_classes)
+        caps = CapsNet(replace(cfg, decoder=False), in_shape, num_classes)
         stem, c = _stem(C, cfg)
         conv = nn.Conv2d(c, cfg.primary_channels * cfg.primary_dim, cfg.primary_kernel, cfg.primary_stride)
     target = count_parameters(caps) - count_parameters(stem) - count_parameters(conv)
@@ -196,17 +196,13 @@ def matched_cnn_width(cfg: ModelConfig, in_shape, num_classes: int) -> int:
     return max(1, round((target - num_classes) / (feats + 1 + num_classes)))
 
 
-def _replace(cfg: ModelConfig, **kw) -> ModelConfig:
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
-
-
-def build(cfg: ModelConfig, in_shape, num_classes: int) -> nn.Module:
-    """The network of `cfg` for inputs (C, H, W) and `num_classes` classes. Raises ConfigError when the
-    kernels do not fit the input (see `check_fits`)."""
-    cfg = _model_cfg(cfg)
+def build(cfg, in_shape, num_classes: int) -> nn.Module:
+    """The network of `cfg` (a ModelConfig, or a RunConfig: a misfit's message then names the dataset)
+    for inputs (C, H, W) and `num_classes` classes. Raises ConfigError when the kernels do not fit the
+    input (see `check_fits`)."""
     in_shape = tuple(int(v) for v in in_shape)
     check_fits(cfg, in_shape)
+    cfg = _model_cfg(cfg)
     if cfg.arch == "cnn":
         width = cfg.cnn_width if cfg.cnn_width > 0 else matched_cnn_width(cfg, in_shape, num_classes)
         return CNN(cfg, in_shape, num_classes, width)

@@ -70,9 +70,8 @@ def prepare(cfg: cfgmod.RunConfig, data: Optional[datamod.RawData] = None
     raw = data if data is not None else datamod.load_raw(
         cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.sign_samples)
     splits = datamod.make_splits(raw, cfg.data, cfg.train.seed)
-    networks.check_fits(cfg, splits.in_shape)
     torch.manual_seed(cfg.train.seed)
-    model = networks.build(cfg.model, splits.in_shape, splits.num_classes).to(device)
+    model = networks.build(cfg, splits.in_shape, splits.num_classes).to(device)
     return splits, model, device
 
 
