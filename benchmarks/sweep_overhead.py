@@ -425,8 +425,7 @@ def state_save_cost(base: dict, reps: int = 3) -> dict:
     from capsmodels.train import _state
 
     cfg = runcfg.from_dict(base)
-    raw = datamod.load_raw(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.sign_samples)
-    splits = datamod.make_splits(raw, cfg.data, 0)
+    splits = datamod.load(cfg.data, 0)
     torch.manual_seed(0)
     model = networks.build(cfg.model, splits.in_shape, splits.num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -570,12 +569,12 @@ def report(res: dict) -> str:
     for key in order:
         if runs[key]["kind"] != "loop":
             runs[key]["loop_epochs"] = lp.get("epochs")
-            lines += sweep_breakdown(runs[key], n, fits, fit_cpu, loop_fixed)
+            lines += sweep_breakdown(runs[key], n, fits, fit_cpu)
     lines += summary(res)
     return "\n".join(lines)
 
 
-def sweep_timeline(r: dict, n: int, loop_fit: float) -> dict:
+def sweep_timeline(r: dict, loop_fit: float) -> dict:
     """The sweep's wall time as fixed costs + per-trial costs, from the child's timers, the MLflow run
     of each trial (opened when Tune starts the trial, closed when it completes) and Ray's result.json.
 
@@ -609,7 +608,7 @@ def epoch_stats(runs: list[list[list[float]]]) -> dict:
             "first_extra": statistics.mean(firsts)}
 
 
-def sweep_breakdown(r: dict, n: int, loop_fits: list[float], loop_cpu: list[float], loop_fixed: float) -> list[str]:
+def sweep_breakdown(r: dict, n: int, loop_fits: list[float], loop_cpu: list[float]) -> list[str]:
     c = r["c"]
     ch, tm, cnt = r["child"], r["child"]["timers"], r["child"]["counts"]
     startup = ch["t_imports"] - r["t_launch"]
@@ -635,7 +634,7 @@ def sweep_breakdown(r: dict, n: int, loop_fits: list[float], loop_cpu: list[floa
            f"+ Tuner.fit {tuner_fit:.1f} s"]
     out += [f"  outside  {k:56s} {v:6.1f} s" for k, v in fixed.items()]
     loop_mean = statistics.mean(loop_fits)
-    tl = sweep_timeline(r, n, loop_mean)
+    tl = sweep_timeline(r, loop_mean)
     if "span" in tl:
         out.append(f"  in fit   {'Tuner.fit start -> first trial running (first worker)':56s} {tl['fit_to_first_trial']:6.1f} s")
         out.append(f"  in fit   {'each trial, MLflow run open -> closed (mean)':56s} {tl['span']:6.1f} s"
@@ -690,7 +689,7 @@ def summary(res: dict) -> list[str]:
         r = runs.get(key)
         if not r:
             continue
-        tl = sweep_timeline(r, n, fit_mean)
+        tl = sweep_timeline(r, fit_mean)
         if "per_trial" not in tl:
             continue
         per, fixed = tl["per_trial"], tl["fixed"] - loop_fixed
