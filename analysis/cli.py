@@ -1,11 +1,13 @@
 """`capsweep report`: read a sweep from MLflow, decide the verdict, write the report, log it to MLflow.
 
-    capsweep report --experiment NAME [--tracking-uri URI] [--sweep NAME] [--out DIR]
-                    [--grad-ratio-min X] [--dead-frac-max X] [--acc-tolerance X] [--grad-floor X]
-                    [--chance-margin X] [--num-classes N] [--bootstrap N] [--seed N] [--no-log-artifacts]
+    capsweep report --experiment NAME [--tracking-uri URI] [--sweep NAME] [--reference SWEEP] [--out DIR]
+                    [--alpha A] [--acc-margin D] [--grad-margin DECADES] [--grad-ratio-min X]
+                    [--starved-frac-max X] [--dead-frac-max X] [--frozen-frac-max X]
+                    [--chance-margin X] [--num-classes N] [--no-log-artifacts]
 
 Also `python -m analysis ...`. Exit codes: 0 report written, 1 bad input (one line on stderr: missing
-store, experiment or sweep, no finished trial, runs without the probes), 2 bad arguments.
+store, experiment or sweep, no finished trial, runs without the probes), 2 bad arguments (one line).
+The rules the flags set: docs/PROBES.md, "The verdict".
 """
 from __future__ import annotations
 
@@ -13,60 +15,89 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 from analysis.errors import AnalysisError, one_line
 
 PROG = "capsweep report"
+REPLACED = {"--acc-tolerance": "--acc-margin (a non-inferiority margin)",
+            "--grad-floor": "--grad-margin (decades of min act_grad against the reference)"}
+IGNORED = {"--bootstrap": "the verdict uses t bounds, not a bootstrap",
+           "--seed": "the verdict uses t bounds, not a bootstrap"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`capsweep report: error: ...`, exit 2), not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{PROG}: error: {one_line(message)} (see {PROG} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from analysis.verdict import Thresholds
     d = Thresholds()
-    p = argparse.ArgumentParser(prog=PROG, description="Decide whether any CapsNet configuration of a sweep "
-                                "escapes vanishing gradients and capsule starvation, and write the report.")
+    p = _Parser(prog=PROG, description="Decide whether any CapsNet configuration of a sweep escapes "
+                "vanishing gradients and capsule starvation, and write the report. A candidate (CapsNet, "
+                "depth >= 1) escapes when every check passes at level --alpha: accuracy and gradient floor "
+                "non-inferior to the matched depth-0 CapsNet (Welch one-sided test with a margin), grad_ratio, "
+                "starved, dead and frozen fractions and accuracy against chance shown on the right side of "
+                "their thresholds by one-sided t bounds. Definitions: docs/PROBES.md.")
     p.add_argument("--experiment", default="capsweep", help="MLflow experiment name (default: capsweep)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--sweep", default=None, help="sweep name (default: the most recent sweep of the experiment)")
+    p.add_argument("--reference", default=None, metavar="SWEEP",
+                   help="take the depth-0 reference trials from this other sweep of the same experiment "
+                        "(matched on the shared params) instead of the sweep's own")
     p.add_argument("--out", default=None, help="output folder (default: reports/<sweep>)")
+    p.add_argument("--alpha", type=float, default=d.alpha,
+                   help=f"level of every one-sided test and bound, in (0, 0.5) (default {d.alpha})")
+    p.add_argument("--acc-margin", type=float, default=d.acc_margin,
+                   help="non-inferiority margin of test accuracy against the depth-0 reference, absolute "
+                        f"fraction in [0, 1) (default {d.acc_margin})")
+    p.add_argument("--grad-margin", type=float, default=d.grad_margin,
+                   help="non-inferiority margin of log10 min act_grad against the reference, in decades, "
+                        f">= 0 (default {d.grad_margin})")
     p.add_argument("--grad-ratio-min", type=float, default=d.grad_ratio_min,
-                   help=f"grad_ratio lower bound must reach this (default {d.grad_ratio_min})")
-    p.add_argument("--dead-frac-max", type=float, default=d.dead_frac_max,
-                   help=f"worst hidden layer dead_frac upper bound at most this, in [0, 1] (default {d.dead_frac_max})")
-    p.add_argument("--acc-tolerance", type=float, default=d.acc_tolerance,
-                   help=f"accuracy may be this far below the depth-0 CapsNet (default {d.acc_tolerance})")
-    p.add_argument("--grad-floor", type=float, default=d.grad_floor,
-                   help=f"min layer grad norm / shallow median grad norm, lower bound (default {d.grad_floor})")
+                   help=f"grad_ratio (act_grad/l1 / act_grad/l{{L}}) must be shown at least this, > 0 "
+                        f"(default {d.grad_ratio_min})")
+    for name, what in (("starved", "starved_frac"), ("dead", "dead_frac"), ("frozen", "frozen_frac")):
+        v = getattr(d, f"{name}_frac_max")
+        p.add_argument(f"--{name}-frac-max", type=float, default=v,
+                       help=f"worst hidden layer's {what} must be shown at most this, in [0, 1] (default {v})")
     p.add_argument("--chance-margin", type=float, default=d.chance_margin,
-                   help=f"accuracy must exceed 1/num_classes by this (default {d.chance_margin})")
+                   help=f"accuracy must be shown above 1/num_classes by this, in [0, 1) (default {d.chance_margin})")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes of the task (default: from data.name)")
-    p.add_argument("--bootstrap", type=int, default=d.n_boot, help=f"bootstrap resamples (default {d.n_boot})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"bootstrap seed (default {d.seed})")
     p.add_argument("--no-log-artifacts", action="store_true",
                    help="do not log the report on the sweep's parent run")
+    for flag in IGNORED:
+        p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """Range checks argparse types cannot express; parser.error exits 2 with the usage."""
-    if not a.grad_ratio_min >= 0:
-        p.error(f"--grad-ratio-min: {a.grad_ratio_min} is not allowed; must be >= 0")
-    if not 0 <= a.dead_frac_max <= 1:
-        p.error(f"--dead-frac-max: {a.dead_frac_max} is not allowed; must be in [0, 1]")
-    if not -1 <= a.acc_tolerance <= 1:
-        p.error(f"--acc-tolerance: {a.acc_tolerance} is not allowed; must be in [-1, 1] (a fraction)")
-    if not a.grad_floor >= 0:
-        p.error(f"--grad-floor: {a.grad_floor} is not allowed; must be >= 0")
-    if not 0 <= a.chance_margin < 1:
-        p.error(f"--chance-margin: {a.chance_margin} is not allowed; must be in [0, 1)")
+    """Range checks argparse types cannot express; each error is one line, exit 2."""
+    rules = [
+        ("--alpha", a.alpha, 0 < a.alpha < 0.5, "must be in (0, 0.5)"),
+        ("--acc-margin", a.acc_margin, 0 <= a.acc_margin < 1, "must be in [0, 1) (a fraction)"),
+        ("--grad-margin", a.grad_margin, 0 <= a.grad_margin < 300, "must be in [0, 300) (decades)"),
+        ("--grad-ratio-min", a.grad_ratio_min, 0 < a.grad_ratio_min < float("inf"), "must be > 0 and finite"),
+        ("--starved-frac-max", a.starved_frac_max, 0 <= a.starved_frac_max <= 1, "must be in [0, 1]"),
+        ("--dead-frac-max", a.dead_frac_max, 0 <= a.dead_frac_max <= 1, "must be in [0, 1]"),
+        ("--frozen-frac-max", a.frozen_frac_max, 0 <= a.frozen_frac_max <= 1, "must be in [0, 1]"),
+        ("--chance-margin", a.chance_margin, 0 <= a.chance_margin < 1, "must be in [0, 1)"),
+    ]
+    for flag, value, ok, allowed in rules:
+        if not ok:
+            p.error(f"{flag}: {value} is not allowed; {allowed}")
     if a.num_classes is not None and a.num_classes < 2:
         p.error(f"--num-classes: {a.num_classes} is not allowed; must be >= 2")
-    if a.bootstrap < 100:
-        p.error(f"--bootstrap: {a.bootstrap} is not allowed; must be >= 100")
     if not a.experiment:
         p.error("--experiment: must not be empty")
+    if a.reference is not None and (not a.reference or a.reference == a.sweep):
+        p.error(f"--reference: {a.reference!r} is not allowed; must name another sweep of the experiment")
 
 
 # A tracking server that does not answer should fail in seconds, not after minutes of retries
@@ -84,6 +115,11 @@ def _quiet_mlflow() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for old, new in REPLACED.items():
+        if any(a == old or a.startswith(old + "=") for a in argv):
+            print(f"{PROG}: error: {old} was replaced by {new} (see {PROG} --help)", file=sys.stderr)
+            return 2
     try:
         args = parser.parse_args(argv)
         _check(parser, args)
@@ -120,21 +156,30 @@ def _run(args: argparse.Namespace) -> int:
     from analysis.load import load_sweep
     from analysis.report import default_out_dir, log_report, write_report
     from analysis.verdict import Thresholds, annotate, compute_verdict
-    th = Thresholds(grad_ratio_min=args.grad_ratio_min, dead_frac_max=args.dead_frac_max,
-                    acc_tolerance=args.acc_tolerance, grad_floor=args.grad_floor,
-                    chance_margin=args.chance_margin, num_classes=args.num_classes,
-                    n_boot=args.bootstrap, seed=args.seed)
+    th = Thresholds(alpha=args.alpha, acc_margin=args.acc_margin, grad_margin=args.grad_margin,
+                    grad_ratio_min=args.grad_ratio_min, starved_frac_max=args.starved_frac_max,
+                    dead_frac_max=args.dead_frac_max, frozen_frac_max=args.frozen_frac_max,
+                    chance_margin=args.chance_margin, num_classes=args.num_classes)
+    for flag, why in IGNORED.items():
+        if getattr(args, flag.lstrip("-")) is not None:
+            print(f"{PROG}: note: {flag} is ignored: {why}", file=sys.stderr)
     data = load_sweep(args.experiment, args.tracking_uri, args.sweep)
+    reference = None
+    if args.reference:
+        if args.reference == data.sweep:
+            raise AnalysisError(f"--reference {args.reference!r} is the sweep being reported; name another")
+        reference = load_sweep(args.experiment, args.tracking_uri, args.reference, history_keys=())
     for note in data.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     annotated = annotate(data)
-    verdict = compute_verdict(data, th, annotated)
+    verdict = compute_verdict(data, th, annotated, reference)
     out = args.out or default_out_dir(data.sweep)
     try:
         paths = write_report(data, verdict, out, annotated)
     except OSError as e:
         raise AnalysisError(f"cannot write the report to {out}: {e.strerror or e}") from None
     print(f"escaped: {verdict['escaped']} -- {verdict['answer']}")
+    print(f"instrument: {verdict['instrument']} -- {verdict['instrument_text']}")
     print(f"report: {paths['html']} (also report.md, verdict.json in {out})")
     if args.no_log_artifacts:
         return 0

@@ -39,7 +39,8 @@ TAG_PARENT = "mlflow.parentRunId"
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_HISTORY_KEYS = ("val_acc", "test_acc", "grad_ratio")
-REQUIRED_PROBES = ("grad_ratio", "test_acc")   # a finished capsweep trial always logs these
+REQUIRED_PROBES = ("test_acc", "grad_norm/l* or act_grad/l*")   # a finished capsweep trial logs these
+GRAD_PROBE_PREFIXES = ("grad_norm/l", "act_grad/l")
 
 _SQL_CHUNK = 500        # run ids per SQL IN (...) list, well under every backend's parameter limit
 _REST_CHUNK = 100       # the server's MAX_RUNS_GET_METRIC_HISTORY_BULK
@@ -183,22 +184,14 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
     if not finished.any():
         counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
         raise AnalysisError(f"sweep {sweep!r} has no finished trials ({counts}); nothing to analyse")
-    # A network whose gradient vanished everywhere logs grad_ratio = 0/0 = NaN. That is the paper's
-    # effect at its most extreme, not a missing probe: no gradient reaches the first routed layer,
-    # so its ratio counts as 0.
-    if "grad_ratio" in trials and "grad_norm/l1" in trials:
-        zero = trials["grad_ratio"].isna() & (trials["grad_norm/l1"] == 0)
-        if zero.any():
-            trials.loc[zero, "grad_ratio"] = 0.0
-            notes.append(f"{int(zero.sum())} trial(s) had no gradient at all in the first routed layer "
-                         "(grad_ratio = 0/0); their grad_ratio counts as 0")
-    has_probes = np.ones(len(trials), dtype=bool)
-    for key in REQUIRED_PROBES:
-        has_probes &= trials[key].notna().to_numpy() if key in trials else False
+    # A metric the trial does not log is absent (n/a), never 0: grad_ratio = 0/0 stays absent
+    # (docs/PROBES.md). A capsweep trial always logs test_acc and per-layer gradient probes.
+    grad_cols = [c for c in trials.columns if str(c).startswith(GRAD_PROBE_PREFIXES)]
+    has_probes = trials["test_acc"].notna().to_numpy() if "test_acc" in trials else np.zeros(len(trials), bool)
+    has_probes &= trials[grad_cols].notna().any(axis=1).to_numpy() if grad_cols else False
     if not (has_probes & finished.to_numpy()).any():
         raise AnalysisError(f"no finished trial of sweep {sweep!r} logs the capsweep probes "
-                            f"({', '.join(REQUIRED_PROBES)}, grad_norm/l*); were these runs written by "
-                            "another tool?")
+                            f"({', '.join(REQUIRED_PROBES)}); were these runs written by another tool?")
     lacking = finished.to_numpy() & ~has_probes
     if lacking.any():
         trials.loc[lacking, "status"] = "incomplete"

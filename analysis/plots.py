@@ -1,32 +1,55 @@
 """The report's figures, as PNG files. matplotlib's object API with the Agg canvas (no pyplot, no global
 backend switch, no display needed), so it runs on a head node or in CI.
 
+Every figure shows every swept factor (docs/PROBES.md, "The verdict"): one factor on the x axis, one as
+the line colour (the legend names it; `model.arch` when it varies, so the cnn control sits beside the
+CapsNets), and one panel per combination of the others (small multiples). In a panel a line is one
+configuration per x value: its seeds as small points, and its mean over seeds as a marker with the
+two-sided (1 - 2 alpha) t interval of that mean (each end a one-sided bound at level alpha, the verdict's
+bounds). Bars of quantities that cannot be negative are clipped at 0 (fractions also at 1) and the
+caption says so. A probe a trial does not log (n/a) is not drawn, never drawn as 0.
+
 Every plot function takes the annotated trial table (analysis.verdict.annotate) and returns either
-{"file", "title", "caption"} for a written PNG or {"title", "skipped": reason} when its factor did not vary
-in the sweep. Values are over finished CapsNet trials; lines are means over seeds, bars the standard
-deviation across seeds.
+{"file", "title", "caption"} for a written PNG or {"title", "skipped": reason}.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
 from typing import Optional
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-DPI = 110
-HEATMAP_FACTORS = ("model.depth", "model.iterations", "model.caps_dim", "data.train_size")
-_GRAD = re.compile(r"^grad_norm/l(\d+)$")
+from analysis.stats import t_interval
+from analysis.verdict import factor_kind, short_names
+
+DPI = 100
+MAX_PANELS = 24
+_ACT = re.compile(r"^act_grad/l(\d+)$")
+PROBE_AXES = {  # probe -> (axis label, bounds for clipping, title)
+    "test_acc": ("test accuracy (fraction, last epoch)", (0.0, 1.0), "Test accuracy"),
+    "grad_ratio": ("log10 grad_ratio (act_grad/l1 / act_grad/l{L})", None, "Gradient ratio (log10)"),
+    "act_grad_min": ("log10 min over layers of act_grad", None, "Gradient floor: log10 min act_grad"),
+    "starved_worst": ("worst hidden layer starved_frac", (0.0, 1.0), "Starved capsules (worst hidden layer)"),
+    "dead_worst": ("worst hidden layer dead_frac", (0.0, 1.0), "Dead capsules (worst hidden layer)"),
+    "frozen_worst": ("worst hidden layer frozen_frac", (0.0, 1.0), "Frozen capsules (worst hidden layer)"),
+    "tree_score": ("tree score (mean over routed layers)", (0.0, 1.0), "Parse-tree score"),
+    "routing_dynamics": ("routing dynamics: std over inputs of c_ij", (0.0, None), "Routing dynamics"),
+}
+HIDDEN_ONLY = {"starved_worst", "dead_worst", "frozen_worst"}
 
 
-def _figure(ncols: int = 1, width: float = 6.4) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width * ncols, 4.4), dpi=DPI, layout="constrained")
+def _grid(n: int, width: float = 4.3, height: float = 3.3) -> tuple[Figure, list]:
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(width * ncols + 0.4, height * nrows + 0.9), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
     for ax in axes:
         ax.grid(True, alpha=0.3)
     return fig, axes
@@ -37,165 +60,189 @@ def _save(fig: Figure, out_dir: str, name: str) -> str:
     return name
 
 
-def _num(s: pd.Series) -> pd.Series:
-    return pd.to_numeric(s, errors="coerce")
+def _levels(df: pd.DataFrame, col: str) -> list:
+    """The levels of a factor that occur in df, numbers sorted numerically and before strings."""
+    vals = df[col].fillna("").astype(str).unique().tolist() if col in df else []
+    return sorted(vals, key=lambda v: (0, float(v), "") if _is_num(v) else (1, 0.0, v))
 
 
-def _levels(df: pd.DataFrame, col: str) -> int:
-    return df[col].dropna().astype(str).nunique() if col in df else 0
+def _is_num(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
-def _capsnets(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[(trials["status"] == "finished") & (trials["arch"] == "capsnet")]
+def layout(df: pd.DataFrame, x: str, swept: list[str], hue: Optional[str] = None) -> tuple[Optional[str], list[str]]:
+    """(hue factor, panel factors) for a plot of df against x: every swept factor that varies in df
+    besides x is either the hue (`model.arch` if it varies, else the one with the fewest levels) or a
+    panel factor."""
+    others = [f for f in swept if f != x and f in df and len(_levels(df, f)) > 1]
+    if hue is None and others:
+        hue = "model.arch" if "model.arch" in others else min(others, key=lambda f: len(_levels(df, f)))
+    return hue, [f for f in others if f != hue]
 
 
-def routing_setting(df: pd.DataFrame) -> pd.Series:
-    """'dynamic, 3 it' per trial: the routing algorithm and its iterations, the 'routing setting'."""
-    routing = df["model.routing"].astype(str) if "model.routing" in df else pd.Series("routing", index=df.index)
-    if "model.iterations" in df:
-        return routing + ", " + df["model.iterations"].astype(str) + " it"
-    return routing
+def _panels(df: pd.DataFrame, panel_factors: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) per combination of the panel factors that occurs in df."""
+    if not panel_factors:
+        return [("", df)]
+    names = short_names(panel_factors)
+    keys = df[panel_factors].fillna("").astype(str)
+    out = []
+    for combo in itertools.product(*(_levels(df, f) for f in panel_factors)):
+        sel = (keys == pd.Series(combo, index=panel_factors)).all(axis=1)
+        if sel.any():
+            out.append((", ".join(f"{names[f]}={v}" for f, v in zip(panel_factors, combo)), df[sel]))
+    return out
 
 
-def _mean_std_line(ax, df: pd.DataFrame, x: str, y: str, group: Optional[pd.Series], **kw) -> None:
-    groups = [("", df)] if group is None else sorted(df.groupby(group), key=lambda t: str(t[0]))
-    for name, g in groups:
-        agg = g.assign(_x=_num(g[x])).groupby("_x")[y].agg(["mean", "std"]).dropna(subset=["mean"])
-        if agg.empty:
+def _x_positions(df: pd.DataFrame, x: str) -> tuple[pd.Series, Optional[list]]:
+    """Numeric x per row, and the tick labels when x is categorical (levels at 0, 1, ...)."""
+    if factor_kind(df[x]) == "numeric":
+        return pd.to_numeric(df[x], errors="coerce"), None
+    levels = _levels(df, x)
+    return df[x].fillna("").astype(str).map({v: i for i, v in enumerate(levels)}).astype(float), levels
+
+
+def _clip(v: float, bounds) -> float:
+    if bounds is None or not math.isfinite(v):
+        return v
+    lo, hi = bounds
+    return max(lo, v) if hi is None else min(hi, max(lo, v))
+
+
+def _draw_series(ax, g: pd.DataFrame, xs: pd.Series, y: str, color, label: Optional[str], alpha: float,
+                 bounds, offset: float, width: float, ls: str = "-", hollow: bool = False) -> list[int]:
+    """One line: seed points and the mean with its t interval per x value. Returns the seed counts."""
+    pts, counts = [], []
+    for xv in sorted(xs.dropna().unique()):
+        vals = g.loc[xs == xv, y].to_numpy(dtype=float)
+        vals = vals[np.isfinite(vals)]
+        if not len(vals):
             continue
-        ax.errorbar(agg.index, agg["mean"], yerr=agg["std"].fillna(0), marker="o", capsize=3,
-                    label=str(name) if name != "" else None, **kw)
+        iv = t_interval(vals, alpha)
+        counts.append(iv.n)
+        jit = np.linspace(-width, width, len(vals)) if len(vals) > 1 else np.zeros(1)
+        ax.scatter(xv + offset + jit, vals, s=9, color=color, alpha=0.45, linewidths=0, zorder=2)
+        lo, hi = _clip(iv.lo, bounds), _clip(iv.hi, bounds)
+        if iv.n > 1 and math.isfinite(lo) and math.isfinite(hi):
+            ax.vlines(xv + offset, lo, hi, color=color, lw=1.6, zorder=3)
+        pts.append((xv + offset, iv.mean))
+    if pts:
+        px, py = zip(*pts)
+        ax.plot(px, py, ls=ls, marker="o", ms=5, color=color, label=label, zorder=4,
+                mfc="white" if hollow else color)
+    return counts
 
 
-def plot_grad_norms(trials: pd.DataFrame, out_dir: str) -> dict:
-    title = "Gradient norm per capsule layer against depth"
-    df = _capsnets(trials)
-    grad_cols = sorted((c for c in df.columns if _GRAD.match(str(c))), key=lambda c: int(_GRAD.match(c).group(1)))
-    if df.empty or not grad_cols or df["depth"].isna().all():
-        return {"title": title, "skipped": "no finished CapsNet trial logs grad_norm/l*"}
-    fig, (ax1, ax2) = _figure(2)
-    df = df.assign(_setting=routing_setting(df))
-    for setting, g in sorted(df.groupby("_setting"), key=lambda t: str(t[0])):
-        first, last = [], []
-        for depth, gd in sorted(g.groupby("depth")):
-            first.append((depth, gd["grad_norm/l1"].median() if "grad_norm/l1" in gd else np.nan))
-            key = f"grad_norm/l{int(depth) + 1}"
-            last.append((depth, gd[key].median() if key in gd else np.nan))
-        line, = ax1.plot(*zip(*first), marker="o", label=f"{setting}: first routed layer l1")
-        ax1.plot(*zip(*last), marker="s", ls="--", color=line.get_color(),
-                 label=f"{setting}: class capsules l(depth+1)")
-    _log_y(ax1)
-    ax1.set_xlabel("hidden capsule layers (depth)")
-    ax1.set_ylabel("gradient norm ||dL/dW||_F (median over seeds)")
-    ax1.set_title("first and last routed layer")
-    ax1.xaxis.get_major_locator().set_params(integer=True)
-    ax1.legend(fontsize=7)
-    for depth, gd in sorted(df.groupby("depth")):
-        ls = list(range(0, int(depth) + 2))
-        med = [gd[f"grad_norm/l{l}"].median() if f"grad_norm/l{l}" in gd else np.nan for l in ls]
-        ax2.plot(ls, med, marker="o", label=f"depth {int(depth)}")
-    _log_y(ax2)
-    ax2.set_xlabel("capsule layer l (0 = primary capsules, depth+1 = class capsules)")
-    ax2.set_ylabel("gradient norm ||dL/dW||_F (median over trials)")
-    ax2.set_title("per-layer profile, all routing settings")
-    ax2.xaxis.get_major_locator().set_params(integer=True)
-    ax2.legend(fontsize=7)
-    fig.suptitle(title)
-    return {"file": _save(fig, out_dir, "grad_norm_by_depth.png"), "title": title,
-            "caption": "Left: median gradient norm of the first routed layer (solid) and of the class "
-                       "capsules (dashed) per routing setting; a widening gap with depth is the vanishing "
-                       "gradient. Right: the norm of every capsule layer, one line per depth. Log scale."}
+def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: float, fname: str,
+               out_dir: str, threshold: Optional[tuple[float, str]] = None, null: Optional[str] = None,
+               title: Optional[str] = None, axis: Optional[tuple] = None, hue: Optional[str] = None) -> dict:
+    """`y` (a per-trial column of annotate) against factor `x`, faceted by every other swept factor.
+    axis: (y label, clipping bounds, title) when y is not in PROBE_AXES; hue: the colour factor
+    (default: chosen by `layout`)."""
+    ylabel, bounds, base_title = axis or PROBE_AXES[y]
+    name_x = _factor_label(x)
+    title = title or f"{base_title} against {name_x}"
+    df = trials[(trials["status"] == "finished") & trials[y].notna()]
+    if x not in trials or len(_levels(trials, x)) < 2:
+        return {"title": title, "skipped": f"{name_x} did not vary"}
+    if df.empty:
+        return {"title": title, "skipped": f"n/a: no finished trial logs what {y} needs"}
+    hue, panel_factors = layout(df, x, swept, hue)
+    panels = _panels(df, panel_factors)
+    if len(panels) > MAX_PANELS:
+        return {"title": title, "skipped": f"{len(panels)} panels (more than {MAX_PANELS}); see the table"}
+    fig, axes = _grid(len(panels))
+    hue_levels = _levels(df, hue) if hue else [""]
+    colors = {h: f"C{i % 10}" for i, h in enumerate(hue_levels)}
+    xs_all, ticks = _x_positions(df, x)
+    span = (xs_all.max() - xs_all.min()) or 1.0
+    dodge = 0.06 * span / max(1, len(hue_levels))
+    counts: list[int] = []
+    for ax, (ptitle, pdf) in zip(axes, panels):
+        for i, h in enumerate(hue_levels):
+            g = pdf if not hue else pdf[pdf[hue].fillna("").astype(str) == h]
+            if g.empty:
+                continue
+            off = (i - (len(hue_levels) - 1) / 2) * dodge
+            label = f"{short_names([hue])[hue]}={h}" if hue else None
+            counts += _draw_series(ax, g, xs_all.loc[g.index], y, colors[h], label, alpha, bounds, off,
+                                   dodge / 3)
+            if null:
+                gn = g[g[null].notna()]
+                if not gn.empty:
+                    _draw_series(ax, gn, xs_all.loc[gn.index], null, colors[h], None, alpha, bounds, off,
+                                 dodge / 3, ls="--", hollow=True)
+        if threshold:
+            ax.axhline(threshold[0], color="grey", ls=":", lw=1)
+        ax.set_title(ptitle, fontsize=9)
+        ax.set_xlabel(name_x, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        if ticks is not None:
+            ax.set_xticks(range(len(ticks)), ticks)
+        elif x in ("model.depth", "model.iterations"):
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.tick_params(labelsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    if labels:
+        fig.legend(handles, labels, loc="outside upper right", fontsize=8, ncols=min(4, len(labels)))
+    fig.suptitle(title, fontsize=11)
+    n_range = f"{min(counts)}" if counts and min(counts) == max(counts) else \
+        f"{min(counts)}-{max(counts)}" if counts else "0"
+    level = f"{100 * (1 - 2 * alpha):g}%"
+    caption = (f"Small points: one per finished seed. Marker and bar: mean over the N seeds of each configuration "
+               f"(N = {n_range} here) with its two-sided {level} t interval (each end a one-sided bound at "
+               f"level {alpha:g}, as in the verdict); one seed: no bar.")
+    if hue:
+        caption += f" Colour: {hue}."
+    if panel_factors:
+        caption += f" One panel per combination of {', '.join(panel_factors)}."
+    if bounds is not None:
+        caption += " Bars clipped to the quantity's range (" + (
+            "0 to 1" if bounds[1] is not None else "at least 0") + ")."
+    if threshold:
+        caption += f" Dotted line: {threshold[1]}."
+    if null:
+        caption += (" Dashed with hollow markers: the same statistic on the null (children's votes permuted "
+                    "across inputs); where routing cannot act the value is n/a and not drawn.")
+    if y in HIDDEN_ONLY:
+        caption += " Depth 0 has no hidden layer: n/a, not drawn."
+    return {"file": _save(fig, out_dir, fname), "title": title, "caption": caption}
 
 
-def plot_dead_heatmap(trials: pd.DataFrame, out_dir: str) -> dict:
-    title = "Dead-capsule fraction (worst hidden layer)"
-    df = _capsnets(trials)
-    factors = sorted((f for f in HEATMAP_FACTORS if _levels(df, f) > 1), key=lambda f: -_levels(df, f))[:2]
-    if not factors:
-        return {"title": title, "skipped": "none of depth, routing iterations, capsule dimension, "
-                                           "dataset size varied"}
-    if df["dead_worst"].notna().sum() == 0:
-        return {"title": title, "skipped": "no trial has a hidden capsule layer (all depth 0)"}
-    fy = factors[0]
-    fx = factors[1] if len(factors) > 1 else None
-    df = df.assign(_y=_num(df[fy]), _x=_num(df[fx]) if fx else 0)
-    table = df.pivot_table(index="_y", columns="_x", values="dead_worst", aggfunc="mean", dropna=False)
-    table = table.reindex(sorted(df["_y"].dropna().unique())).reindex(columns=sorted(df["_x"].dropna().unique()))
-    fig, (ax,) = _figure(1, width=7.0)
-    ax.grid(False)
-    vals = table.to_numpy(dtype=float)
-    cmap = colormaps["Reds"].with_extremes(bad="#dddddd")
-    im = ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=0, vmax=1, aspect="auto", origin="lower")
-    for (i, j), v in np.ndenumerate(vals):
-        ax.text(j, i, "n/a" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center",
-                fontsize=8, color="white" if np.isfinite(v) and v > 0.6 else "black")
-    ax.set_yticks(range(len(table.index)), [f"{v:g}" for v in table.index])
-    ax.set_ylabel(_factor_label(fy))
-    if fx:
-        ax.set_xticks(range(len(table.columns)), [f"{v:g}" for v in table.columns])
-        ax.set_xlabel(_factor_label(fx))
-    else:
-        ax.set_xticks([])
-        ax.set_xlabel("(only one of the heatmap factors varied)")
-    fig.colorbar(im, ax=ax, label="fraction of hidden capsules dead (0-1), mean over seeds")
-    ax.set_title(title)
-    return {"file": _save(fig, out_dir, "dead_frac_heatmap.png"), "title": title,
-            "caption": f"Mean over seeds of the worst hidden layer's dead_frac by {_factor_label(fy)}"
-                       + (f" and {_factor_label(fx)}" if fx else "") + "; grey n/a: no hidden layer "
-                       "(depth 0) or no trial in that cell."}
-
-
-def plot_routing(trials: pd.DataFrame, out_dir: str) -> dict:
-    title = "Parse-tree score and routing dynamics against routing iterations"
-    df = _capsnets(trials)
-    if _levels(df, "model.iterations") < 2:
-        return {"title": title, "skipped": "routing iterations did not vary"}
-    fig, (ax1, ax2) = _figure(2)
-    group = df["model.routing"].astype(str) if "model.routing" in df else None
-    _mean_std_line(ax1, df, "model.iterations", "tree_score", group)
-    _mean_std_line(ax2, df, "model.iterations", "routing_dynamics", group)
-    ax1.set_ylabel("tree score (0 = uniform couplings, 1 = one parent)")
-    ax2.set_ylabel("routing dynamics: std over inputs of c_ij")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("routing iterations")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(title="routing", fontsize=8)
-    fig.suptitle(title)
-    return {"file": _save(fig, out_dir, "routing_vs_iterations.png"), "title": title,
-            "caption": "Mean over routed layers and seeds (bars: std over seeds). Routing dynamics near 0 "
-                       "means the same routing for every input: no input-dependent parse tree."}
-
-
-def plot_accuracy(trials: pd.DataFrame, out_dir: str, factor: str) -> dict:
-    name = _factor_label(factor)
-    title = f"Test accuracy against {name}"
-    df = _capsnets(trials)
-    if _levels(df, factor) < 2:
-        return {"title": title, "skipped": f"{name} did not vary"}
-    fig, (ax,) = _figure(1, width=7.0)
-    _mean_std_line(ax, df, factor, "test_acc", routing_setting(df))
-    cnn = trials[(trials["status"] == "finished") & (trials["arch"] != "capsnet")]
-    if len(cnn) and factor != "model.depth" and _levels(cnn, factor) > 1:
-        _mean_std_line(ax, cnn, factor, "test_acc", pd.Series("CNN baseline", index=cnn.index), ls=":")
-    elif len(cnn):
-        ax.axhline(cnn["test_acc"].mean(), ls=":", color="grey", label="CNN baseline (mean)")
-    x = _num(df[factor]).dropna()
-    if factor == "data.train_size" and len(x) and x.min() > 0 and x.max() / x.min() >= 10:
-        ax.set_xscale("log")
-    ax.set_xlabel(name)
-    ax.set_ylabel("test accuracy (fraction, last epoch)")
-    if factor == "model.depth":
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8, title="routing setting")
-    ax.set_title(title)
-    slug = factor.split(".")[-1]
-    return {"file": _save(fig, out_dir, f"accuracy_vs_{slug}.png"), "title": title,
-            "caption": "Mean over seeds (bars: std), one line per routing setting."}
+def plot_layer_profile(trials: pd.DataFrame, swept: list[str], alpha: float, out_dir: str) -> dict:
+    """log10 act_grad per capsule layer, one line per depth, one panel per combination of the other
+    swept factors (architecture included)."""
+    title = "Gradient reaching each capsule layer: log10 act_grad/l{l} by layer"
+    cols = sorted((c for c in trials.columns if _ACT.match(str(c))), key=lambda c: int(_ACT.match(c).group(1)))
+    df = trials[trials["status"] == "finished"]
+    if not cols or df[cols].notna().sum().sum() == 0:
+        return {"title": title, "skipped": "n/a: no finished trial logs act_grad/l*"}
+    long = df.melt(id_vars=[c for c in df.columns if c not in cols], value_vars=cols, var_name="_layer",
+                   value_name="_act")
+    long = long[long["_act"].notna()].copy()
+    long["_l"] = pd.to_numeric(long["_layer"].str.extract(r"(\d+)$")[0])
+    long["_log_act"] = np.log10(np.maximum(long["_act"].to_numpy(dtype=float), np.finfo(float).tiny))
+    out = facet_plot(long, "_l", "_log_act", ["_l", *swept], alpha, "act_grad_by_layer.png", out_dir,
+                     title=title, axis=("log10 act_grad (mean ||dL/dv|| over inputs, capsules)", None, title),
+                     hue="model.depth" if "model.depth" in swept else None)
+    if "caption" in out:
+        out["caption"] = ("x: capsule layer l (0 = primary capsules, depth+1 = class capsules). " + out["caption"]
+                          + " A line that falls towards l = 0 is the vanishing gradient.")
+    return out
 
 
 def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str) -> dict:
-    """Training curves of the escaping configurations, else of the three most accurate candidates."""
+    """Validation-accuracy curves of the escaping configurations, else of the three most accurate
+    candidates."""
     escaped = [c for c in verdict["configurations"] if c["escaped"]]
     if escaped:
         chosen, which = escaped[:6], "escaping configurations"
@@ -207,46 +254,63 @@ def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, ou
     title = f"Training curves of the {which}"
     if not chosen or histories.empty:
         return {"title": title, "skipped": "no finished configuration with a metric history"}
-    fig, (ax1, ax2) = _figure(2)
+    fig, (ax,) = _grid(1, width=7.5, height=4.0)
     for c in chosen:
         runs = trials[(trials["config_id"] == c["id"]) & (trials["status"] == "finished")]["run_id"]
-        for ax, key in ((ax1, "val_acc"), (ax2, "grad_ratio")):
-            h = histories[(histories["key"] == key) & histories["run_id"].isin(runs)]
-            if h.empty:
-                continue
-            agg = h.groupby("step")["value"].agg(["mean", "min", "max"])
-            line, = ax.plot(agg.index, agg["mean"], marker="o", label=f"{c['id']}: {c['label']}")
-            ax.fill_between(agg.index, agg["min"], agg["max"], color=line.get_color(), alpha=0.2)
-    ax1.set_ylabel("validation accuracy (fraction)")
-    ax2.set_ylabel("grad_ratio = ||grad l1|| / ||grad l(depth+1)||")
-    _log_y(ax2)
-    for ax in (ax1, ax2):
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(title)
+        h = histories[(histories["key"] == "val_acc") & histories["run_id"].isin(runs)]
+        if h.empty:
+            continue
+        agg = h.groupby("step")["value"].agg(["mean", "min", "max", "count"])
+        line, = ax.plot(agg.index, agg["mean"], marker="o",
+                        label=f"{c['id']} ({int(agg['count'].max())} seeds): {c['label']}")
+        ax.fill_between(agg.index, agg["min"], agg["max"], color=line.get_color(), alpha=0.2)
+    ax.set_ylabel("validation accuracy (fraction)")
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
     return {"file": _save(fig, out_dir, "training_curves.png"), "title": title,
-            "caption": "Mean over seeds per epoch; shaded: min to max over seeds."}
+            "caption": "Line: mean over the finished seeds of the configuration (count in the legend) per "
+                       "epoch; shaded: min to max over those seeds."}
 
 
 def _factor_label(col: str) -> str:
     return {"model.depth": "hidden capsule layers (depth)", "model.iterations": "routing iterations",
             "model.caps_dim": "capsule dimension", "data.train_size": "training set size (fraction or count)",
-            "model.num_caps": "capsules per hidden layer"}.get(col, col)
+            "model.num_caps": "capsules per hidden layer", "_l": "capsule layer l"}.get(col, col)
 
 
-def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str) -> list[dict]:
+def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str,
+               swept: list[str]) -> list[dict]:
     """All report figures into out_dir; one dict per figure (written or skipped with its reason)."""
     os.makedirs(out_dir, exist_ok=True)
-    jobs = [
-        ("Gradient norm per capsule layer against depth", lambda: plot_grad_norms(trials, out_dir)),
-        ("Dead-capsule fraction", lambda: plot_dead_heatmap(trials, out_dir)),
-        ("Parse-tree score and routing dynamics", lambda: plot_routing(trials, out_dir)),
-        ("Test accuracy against depth", lambda: plot_accuracy(trials, out_dir, "model.depth")),
-        ("Test accuracy against training set size", lambda: plot_accuracy(trials, out_dir, "data.train_size")),
-        ("Training curves", lambda: plot_curves(trials, histories, verdict, out_dir)),
-    ]
+    th = verdict["thresholds"]
+    alpha = th["alpha"]
+    thresholds = {
+        "test_acc": (th["chance_accuracy_floor"], f"chance floor 1/K + chance_margin = {th['chance_accuracy_floor']:.3g}"),
+        "grad_ratio": (math.log10(th["grad_ratio_min"]), f"log10 grad_ratio_min = {math.log10(th['grad_ratio_min']):.3g}"),
+        "starved_worst": (th["starved_frac_max"], f"starved_frac_max = {th['starved_frac_max']:g}"),
+        "dead_worst": (th["dead_frac_max"], f"dead_frac_max = {th['dead_frac_max']:g}"),
+        "frozen_worst": (th["frozen_frac_max"], f"frozen_frac_max = {th['frozen_frac_max']:g}"),
+    }
+    jobs = []
+    x_main = "model.depth"
+    for probe in ("test_acc", "grad_ratio", "act_grad_min", "starved_worst", "dead_worst", "frozen_worst"):
+        jobs.append((f"{PROBE_AXES[probe][2]} against depth", lambda p=probe: facet_plot(
+            trials, x_main, p, swept, alpha, f"{p}_vs_depth.png", out_dir, thresholds.get(p))))
+    jobs.append(("act_grad by layer", lambda: plot_layer_profile(trials, swept, alpha, out_dir)))
+    x_routing = "model.iterations" if "model.iterations" in swept else x_main
+    for probe in ("tree_score", "routing_dynamics"):
+        jobs.append((f"{PROBE_AXES[probe][2]}", lambda p=probe: facet_plot(
+            trials, x_routing, p, swept, alpha, f"{p}_vs_{x_routing.split('.')[-1]}.png", out_dir,
+            null=f"{p}_null")))
+    for factor in swept:
+        if factor not in (x_main, "model.arch"):
+            jobs.append((f"Test accuracy against {factor}", lambda f=factor: facet_plot(
+                trials, f, "test_acc", swept, alpha, f"test_acc_vs_{f.split('.')[-1]}.png", out_dir,
+                thresholds["test_acc"])))
+    jobs.append(("Training curves", lambda: plot_curves(trials, histories, verdict, out_dir)))
     out = []
     for title, job in jobs:
         try:
@@ -254,16 +318,3 @@ def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out
         except Exception as e:  # noqa: BLE001 - one odd figure must not cost the whole report
             out.append({"title": title, "skipped": f"could not be drawn ({type(e).__name__}: {e})"})
     return out
-
-
-def _log_y(ax) -> None:
-    """Log y-axis when the data has a positive value; exact zeros (a gradient that vanished
-    completely) cannot sit on a log axis, so they are said in the axes instead of dropped silently."""
-    ys = np.concatenate([np.asarray(l.get_ydata(), dtype=float) for l in ax.get_lines()] or [np.array([])])
-    ys = ys[np.isfinite(ys)]
-    if (ys > 0).any():
-        ax.set_yscale("log")
-    if (ys == 0).any():
-        ax.text(0.01, 0.01, "values of exactly 0 (no gradient) not drawn on the log axis" if (ys > 0).any()
-                else "every value is exactly 0 (no gradient)", transform=ax.transAxes, fontsize=7,
-                color="firebrick", va="bottom")

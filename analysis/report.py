@@ -3,9 +3,11 @@ report.html (one self-contained file: PNGs as base64 data URIs, inline CSS, no e
 it can be mailed or opened from the MLflow UI's artifact view); then log them on the sweep's parent run
 under `report/`.
 
-Order of both documents: the answer in a big line, the thresholds and rules, the configurations table
-(escaped first, verdict coloured), the failed/diverged trials, the figures (and the ones skipped, with
-why), the trends table, notes.
+Order of both documents: the answer, the instrument (controls), the test with its margin and level (the
+first lines); notes; the configurations table (candidates, then controls, then references; each
+candidate's and control's checks under its row, the full list folded in a <details>); the thresholds
+and rules; failed/diverged trials; the figures (and the ones skipped, with why); the trends table
+(raw and Holm-adjusted p); the definitions live in docs/PROBES.md.
 """
 from __future__ import annotations
 
@@ -15,41 +17,59 @@ import os
 from typing import Optional
 
 from analysis import plots
-from analysis.verdict import FIGURES, annotate, verdict_json
+from analysis.verdict import annotate, verdict_json
 
-FIGURE_NAMES = {"grad_ratio": "grad ratio", "dead_worst": "worst dead frac", "tree_score": "tree score",
-                "routing_dynamics": "routing dyn.", "test_acc": "test acc", "grad_floor_ratio": "grad floor"}
+# (figure key, column title, check whose outcome colours the cell, null figure)
+COLUMNS = [
+    ("test_acc", "test acc", "chance", None),
+    ("_acc_diff", "&Delta; acc vs ref", "accuracy", None),
+    ("grad_ratio", "grad ratio", "grad_ratio", None),
+    ("act_grad_min", "min act_grad", "gradient floor", None),
+    ("starved_worst", "starved", "starved", None),
+    ("dead_worst", "dead", "dead", None),
+    ("frozen_worst", "frozen", "frozen", None),
+    ("tree_score", "tree score (null)", None, "tree_score_null"),
+    ("routing_dynamics", "routing dyn. (null)", None, "routing_dynamics_null"),
+]
 THRESHOLD_TEXT = [
-    ("grad_ratio_min", "grad_ratio lower bound at least"),
-    ("dead_frac_max", "worst hidden-layer dead_frac upper bound at most"),
-    ("acc_tolerance", "test accuracy may be below the shallow CapsNet's mean by at most"),
-    ("grad_floor", "min layer grad norm / shallow median grad norm, lower bound at least"),
+    ("alpha", "level of every one-sided test and bound"),
+    ("acc_margin", "non-inferiority margin of test accuracy against the depth-0 reference (absolute)"),
+    ("grad_margin", "non-inferiority margin of log10 min act_grad against the reference (decades)"),
+    ("grad_ratio_min", "grad_ratio (act_grad/l1 / act_grad/l{L}) shown at least"),
+    ("starved_frac_max", "worst hidden layer starved_frac shown at most"),
+    ("dead_frac_max", "worst hidden layer dead_frac shown at most"),
+    ("frozen_frac_max", "worst hidden layer frozen_frac shown at most"),
     ("chance_margin", "accuracy must exceed chance (1/num_classes) by"),
     ("num_classes", "number of classes"),
-    ("chance_accuracy_floor", "so test accuracy lower bound at least"),
+    ("chance_accuracy_floor", "so test accuracy shown at least"),
     ("dead_tau", "a capsule is dead when its largest activation is below tau ="),
-    ("n_boot", "bootstrap resamples (percentile interval of the mean over seeds)"),
-    ("confidence", "interval coverage"),
-    ("seed", "bootstrap seed"),
 ]
-_ORDER = {"escaped": 0, "not escaped": 1}
+_ROLE_ORDER = {"candidate": 0, "control": 1, "reference": 2}
+_VERDICT_ORDER = {"escaped": 0, "passes": 0, "undecided": 1, "not escaped": 2, "fails": 2}
+_OUTCOME_CLASS = {"pass": "ok", "fail": "bad", "inconclusive": "unk"}
+_ANSWER_CLASS = {"yes": "yes", "no": "no", "undecided": "und"}
+_INSTRUMENT_CLASS = {"validated": "yes", "control failed": "no"}
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
-color:#222;padding:0 1em}
-h1{font-size:1.5em;margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-.answer{font-size:2.4em;font-weight:700;padding:.4em .6em;border-radius:8px;margin:.4em 0}
-.yes{background:#e3f6e5;color:#11632a} .no{background:#fbe5e5;color:#8a1c1c}
-.sub{font-size:1.05em;margin:.2em 0 1em 0}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.escaped td.v{background:#c9efcf;color:#11632a;font-weight:700}
-tr.notescaped td.v{background:#f8d3d3;color:#8a1c1c}
-tr.reference td.v,tr.baseline td.v{background:#e6e9f2;color:#34406b}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1200px;
+color:#222;padding:0 1em;line-height:1.4}
+h1{font-size:1.4em;margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+.answer{font-size:2.1em;font-weight:700;padding:.3em .6em;border-radius:8px;margin:.3em 0}
+.instrument{font-size:1.1em;font-weight:600;padding:.4em .8em;border-radius:6px;margin:.3em 0}
+.yes{background:#e3f6e5;color:#11632a} .no{background:#fbe5e5;color:#8a1c1c} .und{background:#fff3cd;color:#6b5000}
+.test{margin:.4em 0 .8em 0}
+table{border-collapse:collapse;font-size:.82em;margin:.5em 0;width:100%}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#f3f3f3;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.ok{background:#e8f6ea} td.bad{background:#fbe0e0} td.unk{background:#fff6d6}
+td.v{font-weight:700;white-space:nowrap} td.v.ok{color:#11632a} td.v.bad{color:#8a1c1c} td.v.unk{color:#6b5000}
+tr.reference td{color:#445} tr.why td{border-top:none;background:#fafafa;font-size:.95em;color:#333}
+tr.main td{border-bottom:none}
+details summary{cursor:pointer;color:#345} ul.checks{margin:.2em 0 .2em 1.2em;padding:0}
 .note{background:#fff7da;border-left:4px solid #e0b400;padding:.4em .8em;margin:.3em 0}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.85em;color:#555} .sig{font-weight:700} .muted{color:#777}
+.small{font-size:.85em}
 """
 
 
@@ -58,30 +78,67 @@ def _t(s) -> str:
     return html.escape("" if s is None else str(s)).replace("://", "&#58;//")
 
 
-def _n(x, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}g}"
-
-
-def _interval(fig: dict) -> str:
-    if fig["mean"] is None:
+def _n(x, digits: int = 3, signed: bool = False) -> str:
+    if x is None:
         return "n/a"
-    if fig["n"] <= 1 or fig["lo"] == fig["hi"]:
-        return f"{_n(fig['mean'])}"
-    return f"{_n(fig['mean'])} [{_n(fig['lo'])}, {_n(fig['hi'])}]"
+    return f"{x:+.{digits}g}" if signed else f"{x:.{digits}g}"
+
+
+def _interval(fig: dict, signed: bool = False) -> str:
+    """'mean [lo, hi]'; one seed or equal seeds: the mean alone; absent: n/a."""
+    if fig is None or fig.get("mean") is None:
+        return "n/a"
+    m = _n(fig["mean"], signed=signed)
+    if fig.get("lo") is None or fig.get("hi") is None or fig["lo"] == fig["hi"]:
+        return m
+    return f"{m} [{_n(fig['lo'], signed=signed)}, {_n(fig['hi'], signed=signed)}]"
+
+
+def _cell(cfg: dict, key: str, null: Optional[str]) -> str:
+    """Text of one table cell: the figure's mean [bounds] (with its null), or the accuracy difference."""
+    if key == "_acc_diff":
+        chk = _check_of(cfg, "accuracy")
+        test = (chk or {}).get("test")
+        if not test or test.get("diff") is None:
+            return "n/a"
+        return _interval({"mean": test["diff"], "lo": test["lo"], "hi": test["hi"]}, signed=True)
+    text = _interval(cfg["figures"][key])
+    if null:
+        text += f" ({_n(cfg['figures'][null]['mean'])})"
+    return text
+
+
+def _check_of(cfg: dict, name: Optional[str]) -> Optional[dict]:
+    return next((c for c in cfg.get("checks") or [] if c["name"] == name), None)
 
 
 def _sorted_configs(verdict: dict) -> list[dict]:
     return sorted(verdict["configurations"],
-                  key=lambda c: (_ORDER.get(c["verdict"], 2), c["depth"] if c["depth"] is not None else -1,
-                                 -(c["figures"]["test_acc"]["mean"] or 0), c["id"]))
+                  key=lambda c: (_ROLE_ORDER.get(c["role"], 3), _VERDICT_ORDER.get(c["verdict"], 3),
+                                 c["depth"] if c["depth"] is not None else -1, c["id"]))
+
+
+def _why(cfg: dict) -> str:
+    """'fails: accuracy, dead; undecided: frozen' (empty when every check passes)."""
+    parts = []
+    for outcome, word in (("fail", "fails"), ("inconclusive", "undecided")):
+        names = [c["name"] for c in cfg["checks"] if c["outcome"] == outcome]
+        if names:
+            parts.append(f"{word}: {', '.join(names)}")
+    return "; ".join(parts)
+
+
+def _headline(verdict: dict) -> tuple[str, str]:
+    word = {"yes": "YES", "no": "NO", "undecided": "UNDECIDED"}[verdict["escaped"]]
+    return f"Escaped: {word}", f"Instrument: {verdict['instrument']}"
 
 
 def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] = None) -> dict[str, str]:
     """Write verdict.json, the figures, report.md and report.html into out_dir; return their paths.
     annotated: `annotate(data)` when the caller has it already (it computed the verdict from it)."""
     os.makedirs(out_dir, exist_ok=True)
-    trials, _, _ = annotated or annotate(data)
-    figures = plots.make_plots(trials, data.histories, verdict, out_dir)
+    trials, _, swept = annotated or annotate(data)
+    figures = plots.make_plots(trials, data.histories, verdict, out_dir, swept)
     paths = {"verdict": os.path.join(out_dir, "verdict.json"),
              "markdown": os.path.join(out_dir, "report.md"),
              "html": os.path.join(out_dir, "report.html")}
@@ -112,44 +169,69 @@ def log_report(data, out_dir: str, client=None) -> Optional[str]:
 # HTML
 
 def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
-    yes = verdict["escaped"] == "yes"
     c = verdict["counts"]
+    answer, instrument = _headline(verdict)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>capsweep report: {_t(verdict['sweep'])}</title>", f"<style>{CSS}</style></head><body>",
+        f'<div class="answer {_ANSWER_CLASS[verdict["escaped"]]}">{_t(answer)}</div>',
+        f'<div class="instrument {_INSTRUMENT_CLASS.get(verdict["instrument"], "und")}">{_t(instrument)}. '
+        f'<span style="font-weight:400">{_t(verdict["instrument_text"])}.</span></div>',
+        f'<p class="test"><b>Test.</b> {_t(verdict["test"])}. <b>Answer.</b> {_t(verdict["answer"])}.</p>',
         f"<h1>capsweep report &mdash; sweep <code>{_t(verdict['sweep'])}</code></h1>",
-        f'<div class="answer {"yes" if yes else "no"}">Escaped: {"YES" if yes else "NO"}</div>',
-        f'<p class="sub">{_t(verdict["answer"])}.</p>',
-        f"<p class='muted'>Experiment <code>{_t(verdict['experiment'])}</code> at "
-        f"<code>{_t(verdict['tracking_uri'])}</code>; parent run <code>{_t(verdict['parent_run_id'])}</code>. "
+        f"<p class='muted small'>Experiment <code>{_t(verdict['experiment'])}</code> at "
+        f"<code>{_t(verdict['tracking_uri'])}</code>; parent run <code>{_t(verdict['parent_run_id'])}</code>; "
+        f"references from {_t(verdict['reference_source'])}. "
         f"{c['trials']} trials: {_t(_status_text(c))}; {c['configurations']} configurations, "
-        f"{c['candidates']} candidates. Read in {data.load_seconds:.1f} s "
+        f"{c['candidates']} candidates, {c['controls']} controls. Read in {data.load_seconds:.1f} s "
         f"(histories: {_t(data.history_method)}).</p>",
     ]
     parts += [f'<div class="note">{_t(n)}</div>' for n in verdict["notes"]]
 
-    parts.append("<h2>Thresholds</h2><table><tr><th>parameter</th><th>meaning</th><th>value</th></tr>")
+    level = f"{100 * (1 - 2 * verdict['thresholds']['alpha']):g}%"
+    parts.append("<h2>Configurations</h2>")
+    parts.append(f"<p class='small'>Each cell: mean over the configuration's finished seeds [two-sided {level} "
+                 "t interval, each end the one-sided bound the verdict uses]; grad ratio and min act_grad: "
+                 "geometric mean (their checks work on log10). &Delta; acc: candidate &minus; matched depth-0 "
+                 "reference with its Welch bounds. Colour: the check on that column passes (green), fails (red) "
+                 "or is undecided (yellow). n/a: the probe is not logged (never counted as evidence). "
+                 "Under each row: the checks that did not pass; unfold for every check.</p>")
+    ncols = 4 + len(COLUMNS)
+    parts.append("<table><tr><th>id</th><th>configuration</th><th>verdict</th><th>seeds</th>"
+                 + "".join(f"<th>{title}</th>" for _, title, _, _ in COLUMNS) + "</tr>")
+    for cfg in _sorted_configs(verdict):
+        total = sum(cfg["statuses"].values())
+        vcls = _OUTCOME_CLASS.get(cfg["outcome"], "")
+        role = "" if cfg["role"] == "candidate" else f"{cfg['role']}: " if cfg["role"] == "control" else ""
+        cells = []
+        for key, _, check, null in COLUMNS:
+            chk = _check_of(cfg, check)
+            cls = f"num {_OUTCOME_CLASS[chk['outcome']]}" if chk else "num"
+            cells.append(f"<td class='{cls}'>{_t(_cell(cfg, key, null))}</td>")
+        row_cls = "reference" if cfg["role"] == "reference" else "main"
+        parts.append(f"<tr class='{row_cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td>"
+                     f"<td class='v {vcls}'>{_t(role + cfg['verdict'])}</td>"
+                     f"<td class='num'>{cfg['n_seeds']}/{total}</td>{''.join(cells)}</tr>")
+        if cfg["checks"]:
+            why = _why(cfg) or "every check passes"
+            shown = "".join(f"<li>{_t(ch['text'])}</li>" for ch in cfg["checks"] if ch["outcome"] != "pass")
+            every = "".join(f"<li><b>{_t(ch['outcome'])}</b>: {_t(ch['text'])}</li>" for ch in cfg["checks"])
+            ref = cfg["reference"] or {}
+            ref_text = (f"reference: {ref.get('how')} depth-0 {ref.get('arch')} from {ref.get('source')}, "
+                        f"{ref.get('n_trials')} trial(s)") if ref.get("n_trials") else "no reference"
+            parts.append(f"<tr class='why'><td></td><td colspan='{ncols - 1}'><b>{_t(why)}</b>"
+                         f"{'<ul class=checks>' + shown + '</ul>' if shown else ''}"
+                         f"<details><summary>all checks ({_t(ref_text)})</summary><ul class='checks'>{every}"
+                         "</ul></details></td></tr>")
+    parts.append("</table>")
+
+    parts.append("<h2>Thresholds and rules</h2><table><tr><th>parameter</th><th>meaning</th><th>value</th></tr>")
     for key, text in THRESHOLD_TEXT:
         v = verdict["thresholds"].get(key)
         parts.append(f"<tr><td><code>{key}</code></td><td>{_t(text)}</td><td class='num'>{_t(_fmt(v))}</td></tr>")
-    parts.append("</table><p>A candidate (CapsNet, depth &ge; 1) escapes when all hold, each on the "
-                 "conservative side of its interval:</p><ol>")
-    parts += [f"<li>{_t(r)}</li>" for r in verdict["rules"]]
-    parts.append("</ol>")
-
-    parts.append("<h2>Configurations</h2><table><tr><th>id</th><th>configuration</th><th>verdict</th>"
-                 "<th>seeds</th>" + "".join(f"<th>{FIGURE_NAMES[f]}<br><span class='muted'>mean [95% CI]"
-                                            "</span></th>" for f in FIGURES) + "<th>why not</th></tr>")
-    for cfg in _sorted_configs(verdict):
-        cls = {"escaped": "escaped", "not escaped": "notescaped"}.get(cfg["verdict"], cfg["role"])
-        total = sum(cfg["statuses"].values())
-        parts.append(
-            f"<tr class='{cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td><td class='v'>"
-            f"{_t(cfg['verdict'])}</td><td class='num'>{cfg['n_seeds']}/{total}</td>"
-            + "".join(f"<td class='num'>{_interval(cfg['figures'][f])}</td>" for f in FIGURES)
-            + f"<td>{'<br>'.join(_t(r) for r in cfg['reasons'])}</td></tr>")
-    parts.append("</table><p class='muted'>grad floor: min over layers of grad_norm divided by the shallow "
-                 "reference's median layer grad_norm. worst dead frac: n/a at depth 0 (no hidden layer).</p>")
+    parts.append("</table><ol>" + "".join(f"<li>{_t(r)}</li>" for r in verdict["rules"]) + "</ol>"
+                 "<p class='muted small'>Definitions of every probe and check: docs/PROBES.md in the capsweep "
+                 "repository.</p>")
 
     parts.append("<h2>Failed, diverged and unfinished trials</h2>")
     if verdict["failed_trials"]:
@@ -176,31 +258,38 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
             f"<li>{_t(f['title'])}: {_t(f['skipped'])}</li>" for f in skipped) + "</ul>")
 
     parts.append("<h2>Trends</h2>")
-    parts.append(_trends_html(verdict["trends"]))
+    parts.append(_trends_html(verdict["trends"], verdict["thresholds"]["alpha"]))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
-def _trends_html(trends: list[dict]) -> str:
+TRENDS_TEXT = ("One point per CapsNet configuration (its mean over seeds), never per seed. Numeric factors: "
+               "Spearman's rank correlation rho (booleans as 0/1); categorical factors: Kruskal-Wallis H "
+               "across levels. Other swept factors vary along with the one tested. p: raw; p (Holm): "
+               "adjusted across all {m} tests of this report.")
+
+
+def _trends_html(trends: list[dict], alpha: float) -> str:
     if not trends:
-        return "<p>No factor varied across finished CapsNet trials.</p>"
-    rows = ["<p>One point per finished CapsNet trial. Numeric factors: Spearman's rank correlation "
-            "&rho; (booleans as 0/1); categorical factors: Kruskal-Wallis H across levels. Bold: p &lt; 0.05 "
-            "(uncorrected).</p><table><tr><th>factor</th><th>probe</th><th>test</th><th>statistic</th>"
-            "<th>p-value</th><th>trials</th><th>levels</th><th>note</th></tr>"]
+        return "<p>No factor varied across CapsNet configurations.</p>"
+    m = sum(t["p_value"] is not None for t in trends)
+    rows = [f"<p class='small'>{_t(TRENDS_TEXT.format(m=m))} Bold: Holm-adjusted p &lt; {alpha:g}.</p>"
+            "<table><tr><th>factor</th><th>probe</th><th>test</th><th>statistic</th>"
+            "<th>p</th><th>p (Holm)</th><th>configurations</th><th>levels</th><th>note</th></tr>"]
     for t in trends:
-        sig = t["p_value"] is not None and t["p_value"] < 0.05
-        stat = ("&rho; = " if t["test"] == "spearman" else "H = ") + _n(t["statistic"])
+        sig = t["p_holm"] is not None and t["p_holm"] < alpha
+        stat = ("rho = " if t["test"] == "spearman" else "H = ") + _n(t["statistic"])
         rows.append(f"<tr{' class=sig' if sig else ''}><td>{_t(t['factor'])}</td><td>{_t(t['probe'])}</td>"
                     f"<td>{t['test']}</td><td class='num'>{stat}</td><td class='num'>{_n(t['p_value'])}</td>"
-                    f"<td class='num'>{t['n']}</td><td class='num'>{t['levels']}</td><td>{_t(t['note'])}</td></tr>")
+                    f"<td class='num'>{_n(t['p_holm'])}</td><td class='num'>{t['n']}</td>"
+                    f"<td class='num'>{t['levels']}</td><td>{_t(t['note'])}</td></tr>")
     rows.append("</table>")
     return "\n".join(rows)
 
 
 def _status_text(counts: dict) -> str:
     """'20 finished, 1 diverged, 1 failed': the trial statuses that occur."""
-    skip = {"trials", "configurations", "candidates"}
+    skip = {"trials", "configurations", "candidates", "controls"}
     return ", ".join(f"{n} {s}" for s, n in counts.items() if s not in skip and n)
 
 
@@ -220,29 +309,39 @@ def _md(s) -> str:
 
 
 def render_markdown(verdict: dict, figures: list[dict]) -> str:
-    yes = verdict["escaped"] == "yes"
     c = verdict["counts"]
-    out = [f"# capsweep report: sweep `{verdict['sweep']}`", "",
-           f"## Escaped: **{'YES' if yes else 'NO'}**", "", verdict["answer"] + ".", "",
-           f"Experiment `{verdict['experiment']}` at `{verdict['tracking_uri']}`, parent run "
-           f"`{verdict['parent_run_id']}`. {c['trials']} trials: {_status_text(c)}; "
-           f"{c['configurations']} configurations, {c['candidates']} candidates.", ""]
+    answer, instrument = _headline(verdict)
+    level = f"{100 * (1 - 2 * verdict['thresholds']['alpha']):g}%"
+    out = [f"# {answer}", "", f"**{instrument}.** {verdict['instrument_text']}.", "",
+           f"**Test.** {verdict['test']}.", "", f"**Answer.** {verdict['answer']}.", "",
+           f"capsweep report of sweep `{verdict['sweep']}`: experiment `{verdict['experiment']}` at "
+           f"`{verdict['tracking_uri']}`, parent run `{verdict['parent_run_id']}`, references from "
+           f"{verdict['reference_source']}. {c['trials']} trials: {_status_text(c)}; {c['configurations']} "
+           f"configurations, {c['candidates']} candidates, {c['controls']} controls.", ""]
     out += [f"> {n}" for n in verdict["notes"]] + ([""] if verdict["notes"] else [])
-    out += ["## Thresholds", "", "| parameter | meaning | value |", "|---|---|---|"]
-    out += [f"| `{k}` | {_md(text)} | {_md(_fmt(verdict['thresholds'].get(k)))} |" for k, text in THRESHOLD_TEXT]
-    out += ["", "A candidate (CapsNet, depth >= 1) escapes when all hold, each on the conservative side "
-                "of its interval:", ""]
-    out += [f"{i}. {r}" for i, r in enumerate(verdict["rules"], 1)]
-    out += ["", "## Configurations", "",
-            "| id | configuration | verdict | seeds | " + " | ".join(FIGURE_NAMES[f] for f in FIGURES)
-            + " | why not |", "|" + "---|" * (5 + len(FIGURES))]
+    titles = [html.unescape(t) for _, t, _, _ in COLUMNS]
+    out += ["## Configurations", "",
+            f"Mean over finished seeds [two-sided {level} t interval]; grad ratio and min act_grad: geometric "
+            "means; delta acc: candidate - reference with its Welch bounds. Checks that did not pass: below the "
+            "table. n/a: not logged.", "",
+            "| id | configuration | verdict | seeds | " + " | ".join(titles) + " |",
+            "|" + "---|" * (4 + len(COLUMNS))]
     for cfg in _sorted_configs(verdict):
         v = f"**{cfg['verdict']}**" if cfg["escaped"] else cfg["verdict"]
+        if cfg["role"] == "control":
+            v = f"control: {v}"
         out.append(f"| {cfg['id']} | {_md(cfg['label'])} | {v} | {cfg['n_seeds']}/{sum(cfg['statuses'].values())} | "
-                   + " | ".join(_interval(cfg["figures"][f]) for f in FIGURES)
-                   + f" | {_md('; '.join(cfg['reasons']))} |")
-    out += ["", "Values: mean over seeds [95% bootstrap interval].", "",
-            "## Failed, diverged and unfinished trials", ""]
+                   + " | ".join(_md(_cell(cfg, key, null)) for key, _, _, null in COLUMNS) + " |")
+    out += ["", "### Why (checks that did not pass)", ""]
+    for cfg in _sorted_configs(verdict):
+        bad = [ch for ch in cfg["checks"] if ch["outcome"] != "pass"]
+        if cfg["checks"]:
+            out.append(f"- **{cfg['id']}** ({cfg['verdict']}): " + ("; ".join(
+                f"{ch['outcome']}: {_md(ch['text'])}" for ch in bad) if bad else "every check passes"))
+    out += ["", "## Thresholds and rules", "", "| parameter | meaning | value |", "|---|---|---|"]
+    out += [f"| `{k}` | {_md(text)} | {_md(_fmt(verdict['thresholds'].get(k)))} |" for k, text in THRESHOLD_TEXT]
+    out += [""] + [f"{i}. {r}" for i, r in enumerate(verdict["rules"], 1)]
+    out += ["", "Definitions: docs/PROBES.md.", "", "## Failed, diverged and unfinished trials", ""]
     if verdict["failed_trials"]:
         out += ["| trial | run id | seed | status | configuration | error |", "|---|---|---|---|---|---|"]
         out += [f"| {_md(t['trial_id'])} | `{t['run_id']}` | {_md(t['seed'])} | {t['status']} | "
@@ -258,14 +357,14 @@ def render_markdown(verdict: dict, figures: list[dict]) -> str:
             out.append(f"- Not drawn: {fig['title']}: {fig['skipped']}")
     out += ["", "## Trends", ""]
     if verdict["trends"]:
-        out += ["Spearman's rho for numeric factors (booleans as 0/1), Kruskal-Wallis H for categorical ones; "
-                "one point per finished CapsNet trial.", "",
-                "| factor | probe | test | statistic | p-value | trials | levels | note |",
-                "|---|---|---|---|---|---|---|---|"]
+        m = sum(t["p_value"] is not None for t in verdict["trends"])
+        out += [TRENDS_TEXT.format(m=m), "",
+                "| factor | probe | test | statistic | p | p (Holm) | configurations | levels | note |",
+                "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {t['factor']} | {t['probe']} | {t['test']} | {_n(t['statistic'])} | {_n(t['p_value'])} | "
-                f"{t['n']} | {t['levels']} | {_md(t['note'])} |" for t in verdict["trends"]]
+                f"{_n(t['p_holm'])} | {t['n']} | {t['levels']} | {_md(t['note'])} |" for t in verdict["trends"]]
     else:
-        out.append("No factor varied across finished CapsNet trials.")
+        out.append("No factor varied across CapsNet configurations.")
     return "\n".join(out) + "\n"
 
 

@@ -1,85 +1,93 @@
 """The verdict: does any CapsNet configuration escape vanishing gradients and capsule starvation?
 
-Trials are grouped into configurations by all their params except the seed (and except bookkeeping
-params that do not change the model: `train.device`, `train.threads`, `train.progress`, `data.root`,
-`data.download`, `trial.*`, `sweep.*`). Per finished trial the probes are read from the last epoch:
+Definitions (every probe, every check, the special cases): docs/PROBES.md, "The verdict". In short:
 
-  grad_ratio        the logged `grad_ratio` (grad norm of the first routed layer l1 / the last, l{depth+1})
-  dead_worst        max over hidden layers l = 1..depth of `dead_frac/l{l}`; depth 0 has no hidden layer,
-                    so it is NaN there ("n/a") and the dead-capsule check does not apply
-  tree_score        mean over the routed layers l = 1..depth+1 of `tree_score/l{l}`
-  routing_dynamics  mean over the routed layers of `routing_dynamics/l{l}`
-  test_acc          the last epoch's `test_acc` (fraction)
-  grad_floor_ratio  min over all capsule layers l of `grad_norm/l{l}` divided by the reference gradient
-                    norm: the median, over the shallow reference's trials and all their layers, of
-                    `grad_norm/l{l}`. A collapsed deep net can have grad_ratio ~ 1 with every norm tiny;
-                    this ratio catches it.
-
-The shallow reference of a configuration is the depth-0 CapsNet trials of the same sweep that agree with
-it on every swept param except depth, the seed and the hidden-layer shape (`model.num_caps`,
-`model.caps_dim`); when none agree, all depth-0 CapsNet trials of the sweep are pooled (said so).
-
-Over a configuration's finished seeds each probe gets its mean and a seeded bootstrap percentile interval
-(analysis.stats.bootstrap_mean). A candidate (CapsNet, depth >= 1) escapes when all hold, each on the
-conservative side of its interval:
-  1. every seed finished (no diverged, failed, stopped, interrupted, running or incomplete seed)
-  2. grad_ratio lower bound >= grad_ratio_min
-  3. dead_worst upper bound <= dead_frac_max
-  4. test_acc lower bound >= reference mean test_acc - acc_tolerance
-  5. grad_floor_ratio lower bound >= grad_floor
-  6. no seed has a capsule layer (any l) whose capsules are all dead (dead_frac = 1)
-  7. test_acc lower bound >= 1 / num_classes + chance_margin
-Checks 4 and 5 need a depth-0 CapsNet in the sweep; without one no configuration can escape (said so).
-Depth-0 CapsNets are the reference and the CNN baseline (`model.arch=cnn`) is a baseline: neither is a
-candidate, both get their figures.
+Trials are grouped into configurations by all their params except the seed and bookkeeping
+(`train.device`, `train.threads`, `train.progress`, `data.root`, `data.download`, `trial.*` (the runner's
+`trial.role` included), `sweep.*`). Roles come from arch and depth, never from `trial.role`:
+  candidate  CapsNet, depth >= 1            reference  depth 0 (CapsNet; depth-0 cnn for the controls)
+  control    `model.arch=cnn`, depth >= 1: a healthy network that must pass the same checks
+Per finished trial the probes are read from the last epoch (a metric the trial does not log is n/a,
+never 0, and is never evidence):
+  test_acc          test accuracy (fraction)
+  grad_ratio        the logged act_grad-based `grad_ratio` (= act_grad/l1 / act_grad/l{L}), tested on
+                    log10; n/a for a trial without `act_grad/l*` (an old sweep's weight-norm ratio is
+                    not size-invariant and is not used)
+  act_grad_min      min over all capsule layers l0..l{L} of `act_grad/l{l}`, tested on log10
+  starved_worst, dead_worst, frozen_worst
+                    max over hidden layers l1..l{depth} of starved_frac/dead_frac/frozen_frac (else the
+                    logged *_max); n/a at depth 0
+  tree_score, routing_dynamics (+ *_null)
+                    mean over routed layers of the logged statistic and of its null: reported, not
+                    used by the verdict
+Checks of a candidate or control, each with three outcomes (pass / fail / inconclusive) at level alpha:
+  seeds            every seed finished (a diverged, failed, stopped, interrupted or incomplete seed
+                   fails; a seed still running is inconclusive)
+  accuracy         Welch non-inferiority of test_acc against the matched depth-0 reference, margin
+                   acc_margin (analysis.stats.noninferiority)
+  gradient floor   the same test on log10 act_grad_min, margin grad_margin decades
+  grad_ratio       one-sided t bound of mean log10 grad_ratio against log10 grad_ratio_min
+  starved / dead / frozen   one-sided t bound of the worst hidden fraction against its maximum
+  chance           one-sided t bound of test_acc against 1/num_classes + chance_margin
+A configuration escapes (control: passes) when every check passes; it is not escaped (fails) when one
+fails; otherwise undecided. Without a reference the two reference checks are inconclusive: a candidate
+is never failed for a reference the sweep lacks.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 
-from analysis.stats import Interval, bootstrap_mean, trend
+from analysis.stats import (FAIL, INCONCLUSIVE, PASS, Interval, check_bound, finite, holm,
+                            noninferiority, t_interval, trend)
 
 SEED_PARAM = "train.seed"
 NON_CONFIG_PARAMS = {SEED_PARAM, "train.device", "train.threads", "train.progress", "data.root",
                      "data.download"}
-NON_CONFIG_PREFIXES = ("trial.", "sweep.")  # bookkeeping the runner may add (trial.config_id, ...)
+NON_CONFIG_PREFIXES = ("trial.", "sweep.")  # bookkeeping the runner adds (trial.role, trial.config_id)
 HIDDEN_SHAPE_PARAMS = {"model.num_caps", "model.caps_dim"}
-PROBES = ("grad_ratio", "dead_worst", "tree_score", "routing_dynamics", "test_acc")
-FIGURES = PROBES + ("grad_floor_ratio",)
+MATCH_EXCLUDED = {"model.depth", "model.arch"} | HIDDEN_SHAPE_PARAMS
+# Per-trial probe columns (annotate) and what the report calls them. log10 columns are shown as 10^x.
+PROBES = ("test_acc", "grad_ratio", "act_grad_min", "starved_worst", "dead_worst", "frozen_worst",
+          "tree_score", "routing_dynamics")
+NULLS = {"tree_score": "tree_score_null", "routing_dynamics": "routing_dynamics_null"}
+LOG_PROBES = {"grad_ratio", "act_grad_min"}
+FIGURES = PROBES + tuple(NULLS.values())
 NUM_CLASSES = {"mnist": 10, "mnist5k": 10, "fashion_mnist": 10, "digits": 10, "cifar10": 10,
                "svhn": 10, "smallnorb": 5}
 # Statuses the runner writes besides "finished": diverged, failed, running, stopped (ended early by the
-# ASHA scheduler), interrupted (the sweep's driver stopped). All but "finished" count against a
-# configuration; "incomplete" is set by analysis.load for finished runs without the probes.
+# ASHA scheduler), interrupted (the sweep's driver stopped); "incomplete" is set by analysis.load for
+# finished runs without the probes. All but "finished" and "running" fail the seeds check.
 STATUS_ORDER = ("finished", "diverged", "failed", "stopped", "interrupted", "running", "incomplete")
+TINY = float(np.finfo(float).tiny)   # an exact 0 on a log10 axis: log10(2.2e-308) = -307.7
 _LAYER = re.compile(r"^(?P<name>[a-z_]+)/l(?P<l>\d+)$")
 
 
 @dataclass
 class Thresholds:
     """The verdict's parameters; the report states every one of them."""
-    grad_ratio_min: float = 0.1      # grad_ratio lower bound must reach this
-    dead_frac_max: float = 0.5       # worst hidden layer's dead fraction, upper bound, at most this
-    acc_tolerance: float = 0.0       # accuracy may fall this far (fraction) below the shallow CapsNet
-    grad_floor: float = 0.1          # min layer grad norm / shallow reference median, lower bound
-    chance_margin: float = 0.05      # accuracy must exceed 1/num_classes by this much
+    alpha: float = 0.05              # level of every one-sided test and bound
+    acc_margin: float = 0.01         # non-inferiority margin of test_acc against the reference (absolute)
+    grad_margin: float = 1.0         # non-inferiority margin of log10 min act_grad (decades)
+    grad_ratio_min: float = 0.1      # geometric mean grad_ratio must be shown at least this
+    starved_frac_max: float = 0.5    # worst hidden starved_frac must be shown at most this
+    dead_frac_max: float = 0.5       # worst hidden dead_frac must be shown at most this
+    frozen_frac_max: float = 0.5     # worst hidden frozen_frac must be shown at most this
+    chance_margin: float = 0.05      # accuracy must be shown above 1/num_classes + this
     num_classes: Optional[int] = None  # None: from data.name; unknown datasets count as 2 (strictest)
-    n_boot: int = 10_000
-    seed: int = 0
-    confidence: float = 0.95
 
 
 # ---------------------------------------------------------------------------------------------------
 # Per-trial probes
 
 def _layer_metrics(row: pd.Series, name: str) -> dict[int, float]:
+    """{l: value} of the metrics `name/l{l}` the trial logs (NaN = not logged = absent)."""
     out = {}
     for col, v in row.items():
         m = _LAYER.match(str(col))
@@ -92,37 +100,53 @@ def _depth_of(row: pd.Series) -> Optional[int]:
     v = row.get("model.depth")
     if v is not None and v == v and str(v).strip().lstrip("-").isdigit():
         return int(str(v).strip())
-    layers = _layer_metrics(row, "grad_norm")
+    layers = _layer_metrics(row, "grad_norm") or _layer_metrics(row, "act_grad")
     return max(layers) - 1 if layers else None
 
 
+def _log10(v: float) -> float:
+    """log10 with an exact 0 taken as the smallest normal float64 (a finite, very low value)."""
+    return math.nan if v is None or not v == v or v < 0 else math.log10(max(v, TINY))
+
+
+def _mean_or_nan(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def _worst_hidden(row: pd.Series, name: str, depth: Optional[int]) -> float:
+    """max over l1..l{depth} of `name/l{l}`, else the logged `name_max`; NaN at depth 0 or when absent."""
+    if not depth:
+        return math.nan
+    layers = _layer_metrics(row, name)
+    hidden = [layers[l] for l in range(1, depth + 1) if l in layers]
+    if hidden:
+        return max(hidden)
+    v = row.get(f"{name}_max")
+    return float(v) if v is not None and np.isfinite(v) else math.nan
+
+
 def trial_probes(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial: run_id, arch, depth and the probes of the module docstring (without
-    grad_floor_ratio, which needs the reference), plus grad_min (min layer grad norm), grad_layers
-    (all layer grad norms, for the reference median) and any_layer_dead (a layer with dead_frac >= 1)."""
+    """One row per trial: run_id, arch, depth and the probes of the module docstring (grad_ratio and
+    act_grad_min as log10), NaN where the trial does not log what a probe needs."""
     rows = []
     for _, r in trials.iterrows():
         depth = _depth_of(r)
         a = r.get("model.arch")
         arch = a if isinstance(a, str) and a else "capsnet"
-        grads = _layer_metrics(r, "grad_norm")
-        dead = _layer_metrics(r, "dead_frac")
-        tree = _layer_metrics(r, "tree_score")
-        dyn = _layer_metrics(r, "routing_dynamics")
-        hidden_dead = [dead[l] for l in range(1, (depth or 0) + 1) if l in dead]
-        routed = lambda d: [v for l, v in d.items() if l >= 1]  # noqa: E731  (l0 is never routed)
-        rows.append({
-            "run_id": r["run_id"], "arch": arch, "depth": depth,
-            "grad_ratio": float(r.get("grad_ratio", np.nan)),
-            "dead_worst": max(hidden_dead) if hidden_dead else np.nan,
-            "tree_score": float(np.mean(routed(tree))) if routed(tree) else np.nan,
-            "routing_dynamics": float(np.mean(routed(dyn))) if routed(dyn) else np.nan,
-            "test_acc": float(r.get("test_acc", np.nan)),
-            "grad_min": min(grads.values()) if grads else np.nan,
-            "grad_layers": [grads[l] for l in sorted(grads)],
-            "any_layer_dead": bool(dead) and max(dead.values()) >= 1.0,
-        })
-    return pd.DataFrame(rows)
+        act = _layer_metrics(r, "act_grad")
+        ratio = r.get("grad_ratio", math.nan)
+        row = {"run_id": r["run_id"], "arch": arch, "depth": depth,
+               "test_acc": float(r.get("test_acc", math.nan)),
+               "grad_ratio": _log10(float(ratio)) if act and ratio is not None else math.nan,
+               "act_grad_min": _log10(min(act.values())) if act else math.nan}
+        for probe, metric in (("starved_worst", "starved_frac"), ("dead_worst", "dead_frac"),
+                              ("frozen_worst", "frozen_frac")):
+            row[probe] = _worst_hidden(r, metric, depth)
+        for stat in ("tree_score", "routing_dynamics"):
+            for name in (stat, NULLS[stat]):
+                row[name] = _mean_or_nan([v for l, v in _layer_metrics(r, name).items() if l >= 1])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["run_id", "arch", "depth", *FIGURES])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,8 +178,7 @@ def assign_configs(trials: pd.DataFrame, param_cols: list[str]) -> tuple[pd.Seri
 
     def sort_key(k):
         d = dict(zip(cols, k))
-        depth = d.get("model.depth", "")
-        return (d.get("model.arch", "capsnet") != "capsnet", _as_number(depth),
+        return (d.get("model.arch", "capsnet") != "capsnet", _as_number(d.get("model.depth", "")),
                 tuple(_as_number(d[c]) for c in swept))
     ordered = sorted(set(keys), key=sort_key)
     ids = {k: f"c{i:02d}" for i, k in enumerate(ordered)}
@@ -205,97 +228,261 @@ def num_classes_of(trials: pd.DataFrame, th: Thresholds) -> tuple[int, str]:
                "chance taken as 1/2 (the strictest); pass --num-classes")
 
 
+def role_of(arch: str, depth: Optional[int]) -> str:
+    """reference (depth 0), candidate (CapsNet, depth >= 1 or unknown) or control (any other arch)."""
+    if depth == 0:
+        return "reference"
+    return "candidate" if arch == "capsnet" else "control"
+
+
 def annotate(data) -> tuple[pd.DataFrame, dict, list[str]]:
-    """The sweep's trial table with `config_id`, arch, depth and the per-trial probes joined on; the
-    label of each config id; the swept config params. Shared by the verdict and the plots."""
+    """The sweep's trial table with `config_id`, `role`, arch, depth and the per-trial probes joined on
+    (probe columns replace logged metrics of the same name: `grad_ratio` becomes its log10); the label
+    of each config id; the swept config params. Shared by the verdict and the plots."""
     trials = data.trials.copy()
     cfg_ids, labels, swept = assign_configs(trials, data.param_cols)
     trials["config_id"] = cfg_ids.to_numpy()
     probes = trial_probes(trials).set_index("run_id")
-    probes = probes[[c for c in probes.columns if c not in trials.columns]]  # grad_ratio, test_acc: as logged
-    trials = trials.join(probes, on="run_id")
-    for p in PROBES:
-        if p not in trials:
-            trials[p] = np.nan
+    trials = trials.drop(columns=[c for c in probes.columns if c in trials.columns]).join(probes, on="run_id")
+    trials["role"] = [role_of(a, None if d is None or d != d else int(d))
+                      for a, d in zip(trials["arch"], trials["depth"])]
     return trials, labels, swept
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference of a configuration
+
+def reference_pool(trials: pd.DataFrame) -> pd.DataFrame:
+    """Finished depth-0 trials (any arch): where references are drawn from."""
+    return trials[(trials["status"] == "finished") & (trials["depth"] == 0)]
+
+
+def find_reference(first: pd.Series, pool: pd.DataFrame, match_cols: list[str], source: str) -> dict:
+    """The depth-0 reference of a configuration whose first trial is `first`: trials of `pool` of the
+    same arch (a control without a depth-0 cnn falls back to the depth-0 CapsNet) agreeing with it on
+    every param of match_cols (all config params but depth, arch and the hidden shape), else all of
+    them ('pooled'). Returns {'how', 'arch', 'source', 'n_trials', 'run_ids', 'trials'}."""
+    arch = first["arch"]
+    same = pool[pool["arch"] == arch]
+    fallback = ""
+    if same.empty and arch != "capsnet":
+        same, fallback = pool[pool["arch"] == "capsnet"], f" (no depth-0 {arch}: the depth-0 CapsNet)"
+    if same.empty:
+        return {"how": "none", "arch": arch, "source": source, "n_trials": 0, "run_ids": [],
+                "trials": same}
+    sel = same
+    for c in match_cols:
+        want = first.get(c)
+        want = "" if want is None or want != want else str(want)
+        sel = sel[sel[c].fillna("").astype(str) == want]
+    how = "matched"
+    if sel.empty:
+        sel, how = same, "pooled"
+    return {"how": how + fallback, "arch": str(sel["arch"].iloc[0]), "source": source,
+            "n_trials": int(len(sel)), "run_ids": list(sel["run_id"]), "trials": sel}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks
+
+def _check(name: str, outcome: str, text: str, **detail) -> dict:
+    return {"name": name, "outcome": outcome, "text": text,
+            **{k: _plain(v) if not isinstance(v, dict) else v for k, v in detail.items()}}
+
+
+def _seeds_check(statuses: pd.Series) -> dict:
+    bad = statuses[statuses != "finished"]
+    if bad.empty:
+        return _check("seeds", PASS, f"all {len(statuses)} seed(s) finished")
+    counts = ", ".join(f"{n} {s}" for s, n in bad.value_counts().items())
+    if (bad == "running").all():
+        return _check("seeds", INCONCLUSIVE, f"seeds not finished yet: {counts}")
+    return _check("seeds", FAIL, f"seeds not finished: {counts}")
+
+
+def _bound_check(name: str, iv: Interval, threshold: float, good: str, what: str, absent: str,
+                 log: bool = False) -> dict:
+    """A one-sample three-way check, its sentence naming the bound that decided it."""
+    show = (lambda x: _f(10 ** x) if x is not None and math.isfinite(x) else _f(x)) if log else _f
+    thr = show(threshold)
+    if iv.n == 0:
+        return _check(name, INCONCLUSIVE, f"{what}: n/a ({absent})", n=0, threshold=threshold)
+    outcome = check_bound(iv, threshold, good)
+    detail = dict(mean=iv.mean, lo=iv.lo, hi=iv.hi, n=iv.n, threshold=threshold, log10=log)
+    rel = "at least" if good == "above" else "at most"
+    if iv.n == 1:
+        return _check(name, outcome, f"{what} {show(iv.mean)} on one seed: no interval, "
+                                     f"cannot show it is {rel} {thr}", **detail)
+    if outcome == PASS:
+        bound = iv.lo if good == "above" else iv.hi
+        text = f"{what}: bound {show(bound)} is {rel} {thr}"
+    elif outcome == FAIL:
+        bound = iv.hi if good == "above" else iv.lo
+        text = f"{what}: mean {show(iv.mean)}, even its {'upper' if good == 'above' else 'lower'} bound " \
+               f"{show(bound)} is {'below' if good == 'above' else 'above'} {thr}"
+    else:
+        text = f"{what}: mean {show(iv.mean)}, interval [{show(iv.lo)}, {show(iv.hi)}] contains {thr}"
+    return _check(name, outcome, text, **detail)
+
+
+def _ni_check(name: str, cand: list[float], ref: Optional[dict], margin: float, alpha: float,
+              probe: str, what: str, unit: str, absent: str) -> dict:
+    """Non-inferiority of the candidate's `probe` against the reference's, as a check record."""
+    if ref is None or ref["how"] == "none":
+        return _check(name, INCONCLUSIVE, f"{what}: no depth-0 reference in the sweep (add depth-0 CapsNet "
+                                          "trials or pass --reference SWEEP): not tested")
+    ref_vals = finite(ref["trials"][probe].tolist())
+    if len(finite(cand)) == 0 or len(ref_vals) == 0:
+        return _check(name, INCONCLUSIVE, f"{what}: n/a ({absent})")
+    r = noninferiority(cand, ref_vals, margin, alpha)
+    d = r.as_dict()
+    iv = f"diff {_f(r.diff, signed=True)}{unit}, bounds [{_f(r.lo, signed=True)}, {_f(r.hi, signed=True)}]"
+    power = f"; power {r.power:.2f} at the observed noise" if r.power is not None else ""
+    if r.outcome == PASS:
+        text = f"{what}: non-inferior to the reference ({iv}; lower bound > -{margin:g}{unit})"
+    elif r.outcome == FAIL:
+        text = f"{what}: worse than the reference by more than the margin ({iv}; upper bound < -{margin:g}{unit})"
+    else:
+        text = f"{what}: not decided ({iv} contain -{margin:g}{unit}; {r.how}{power})"
+    return _check(name, r.outcome, text, test=d)
+
+
+def config_checks(fin: pd.DataFrame, statuses: pd.Series, ref: Optional[dict], th: Thresholds,
+                  chance_floor: float) -> list[dict]:
+    """Every check of a candidate or control (module docstring) on its finished seeds `fin`."""
+    a = th.alpha
+    iv = {p: t_interval(fin[p].tolist(), a) for p in PROBES}
+    return [
+        _seeds_check(statuses),
+        _ni_check("accuracy", fin["test_acc"].tolist(), ref, th.acc_margin, a, "test_acc",
+                  "accuracy vs depth-0 reference", "", "no test_acc"),
+        _ni_check("gradient floor", fin["act_grad_min"].tolist(), ref, th.grad_margin, a, "act_grad_min",
+                  "gradient floor (log10 min act_grad) vs depth-0 reference", " decades",
+                  "act_grad/l* not logged"),
+        _bound_check("grad_ratio", iv["grad_ratio"], math.log10(th.grad_ratio_min) if th.grad_ratio_min > 0
+                     else -math.inf, "above", "grad_ratio (geometric mean)",
+                     "grad_ratio on act_grad not logged", log=True),
+        _bound_check("starved", iv["starved_worst"], th.starved_frac_max, "below",
+                     "worst hidden starved_frac", "starved_frac/l* not logged"),
+        _bound_check("dead", iv["dead_worst"], th.dead_frac_max, "below", "worst hidden dead_frac",
+                     "dead_frac/l* not logged"),
+        _bound_check("frozen", iv["frozen_worst"], th.frozen_frac_max, "below", "worst hidden frozen_frac",
+                     "frozen_frac/l* not logged"),
+        _bound_check("chance", iv["test_acc"], chance_floor, "above", "test_acc against chance",
+                     "no test_acc"),
+    ]
+
+
+def decide(checks: list[dict]) -> str:
+    """'pass' when every check passes, 'fail' when one fails, else 'inconclusive'."""
+    outcomes = {c["outcome"] for c in checks}
+    return FAIL if FAIL in outcomes else PASS if outcomes == {PASS} else INCONCLUSIVE
+
+
+VERDICT_WORDS = {"candidate": {PASS: "escaped", FAIL: "not escaped", INCONCLUSIVE: "undecided"},
+                 "control": {PASS: "passes", FAIL: "fails", INCONCLUSIVE: "undecided"}}
 
 
 # ---------------------------------------------------------------------------------------------------
 # The verdict
 
-def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[tuple] = None) -> dict:
-    """The verdict for a SweepData (analysis.load) as a JSON-able dict whose first key is 'escaped'.
-    annotated: `annotate(data)` when the caller has it already (the report needs it too)."""
+def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[tuple] = None,
+                    reference=None) -> dict:
+    """The verdict for a SweepData (analysis.load) as a JSON-able dict whose first key is 'escaped'
+    ('yes' | 'no' | 'undecided'), then 'instrument' ('validated' | 'control failed' | 'control
+    undecided' | 'no control'). annotated: `annotate(data)` when the caller has it already.
+    reference: another SweepData of the same experiment whose depth-0 trials are the references
+    (`capsweep report --reference SWEEP`); None: this sweep's own depth-0 trials."""
     th = th or Thresholds()
     trials, labels, swept = annotated or annotate(data)
     n_classes, classes_how = num_classes_of(trials, th)
     chance_floor = 1.0 / n_classes + th.chance_margin
-    ok = trials["status"] == "finished"
-    ref_pool = trials[ok & (trials["arch"] == "capsnet") & (trials["depth"] == 0)]
-    match_cols = [c for c in swept if c not in ({"model.depth"} | HIDDEN_SHAPE_PARAMS)]
     notes = list(data.notes)
-    if ref_pool.empty:
-        notes.append("the sweep has no finished depth-0 CapsNet: accuracy and gradient-floor checks "
-                     "cannot be made, so no configuration can escape")
+    if reference is not None:
+        ref_trials = annotate(reference)[0]
+        pool, source = reference_pool(ref_trials), f"sweep {reference.sweep}"
+        shared = set(data.param_cols) & set(reference.param_cols)
+        match_cols = [c for c in config_params(sorted(shared)) if c not in MATCH_EXCLUDED]
+        notes += [f"reference sweep: {n}" for n in reference.notes]
+    else:
+        pool, source = reference_pool(trials), "this sweep"
+        match_cols = [c for c in swept if c not in MATCH_EXCLUDED]
+    if pool[pool["arch"] == "capsnet"].empty:
+        notes.append(f"{source} has no finished depth-0 CapsNet: accuracy and gradient-floor checks cannot "
+                     "be made, so candidates are undecided (never failed) on them; add depth-0 trials or "
+                     "pass --reference SWEEP")
     if classes_how != "given" and not classes_how.startswith("from"):
         notes.append(classes_how)
 
-    configs, escapes = [], []
+    configs = []
     for cid in sorted(set(trials["config_id"])):
         g = trials[trials["config_id"] == cid]
         fin = g[g["status"] == "finished"]
         first = g.iloc[0]
-        arch, depth = first["arch"], first["depth"]
+        arch, depth, role = first["arch"], first["depth"], first["role"]
         depth = None if depth is None or depth != depth else int(depth)
-        role = "baseline" if arch != "capsnet" else ("reference" if depth == 0 else "candidate")
-        ref = _reference(first, ref_pool, match_cols)
-        fin = fin.assign(grad_floor_ratio=fin["grad_min"] / ref["grad_norm_median"]
-                         if ref["grad_norm_median"] else np.nan)
-        figs = {p: bootstrap_mean(fin[p].tolist(), th.n_boot, th.seed, th.confidence) for p in FIGURES}
-        bad = g[g["status"] != "finished"]
-        reasons = _reasons(figs, bad, fin, ref, th, chance_floor) if role == "candidate" else []
-        escaped = role == "candidate" and not reasons
-        verdict = {"candidate": "escaped" if escaped else "not escaped",
-                   "reference": "reference (depth 0)", "baseline": f"baseline ({arch})"}[role]
-        entry = {
-            "id": cid, "label": labels[cid], "role": role, "arch": arch, "depth": depth,
-            "params": {c: _plain(first.get(c)) for c in swept},
-            "verdict": verdict, "escaped": escaped, "reasons": reasons,
+        figs = {p: t_interval(fin[p].tolist(), th.alpha) for p in FIGURES}
+        entry = {"id": cid, "label": labels[cid], "role": role, "arch": arch, "depth": depth,
+                 "trial_role": sorted({str(v) for v in g["trial.role"].dropna()}) if "trial.role" in g else [],
+                 "params": {c: _plain(first.get(c)) for c in swept}}
+        if role == "reference":
+            entry.update(verdict=f"reference (depth-0 {arch})", outcome=None, escaped=False, checks=[],
+                         reasons=[], reference=None)
+        else:
+            ref = find_reference(first, pool, match_cols, source)
+            checks = config_checks(fin, g["status"], ref, th, chance_floor)
+            outcome = decide(checks)
+            entry.update(verdict=VERDICT_WORDS[role][outcome], outcome=outcome,
+                         escaped=role == "candidate" and outcome == PASS, checks=checks,
+                         reasons=[c["text"] for c in checks if c["outcome"] != PASS],
+                         reference={k: v for k, v in ref.items() if k != "trials"})
+        entry.update({
             "n_seeds": int(len(fin)), "seeds": [_plain(s) for s in fin["seed"]],
             "statuses": {str(k): int(v) for k, v in g["status"].value_counts().items()},
-            "figures": {p: figs[p].as_dict() for p in FIGURES},
-            "reference": {k: _plain(v) for k, v in ref.items()},
+            "figures": {p: _figure_dict(p, figs[p]) for p in FIGURES},
             "run_ids": list(g["run_id"]),
-        }
-        if escaped and len(fin) == 1:
-            notes.append(f"{cid} escapes on a single seed: its interval is that seed's value")
+        })
         configs.append(entry)
-        if escaped:
-            escapes.append({"id": cid, "label": labels[cid]})
+
+    cands = [c for c in configs if c["role"] == "candidate"]
+    controls = [c for c in configs if c["role"] == "control"]
+    escapes = [{"id": c["id"], "label": c["label"]} for c in cands if c["escaped"]]
+    undecided = [c["id"] for c in cands if c["outcome"] == INCONCLUSIVE]
+    escaped = "yes" if escapes else ("undecided" if undecided or not cands else "no")
+    instrument = ("no control" if not controls else "control failed" if any(c["outcome"] == FAIL for c in controls)
+                  else "control undecided" if any(c["outcome"] != PASS for c in controls) else "validated")
+    few = sorted({c["id"] for c in cands + controls if 0 < c["n_seeds"] < 5})
+    if few:
+        notes.append(f"{len(few)} candidate/control configuration(s) have fewer than 5 finished seeds "
+                     f"({', '.join(few)}): the non-inferiority test has little power there (each undecided "
+                     "accuracy check states its power at the observed noise); see docs/PROBES.md")
+    if undecided and not escapes:
+        notes.append(f"{len(undecided)} candidate(s) undecided ({', '.join(undecided)}): more seeds (or a "
+                     "reference) would decide them")
 
     failed = [{"run_id": r["run_id"], "trial_id": _plain(r["trial_id"]), "seed": _plain(r["seed"]),
                "status": r["status"], "error": r.get("error") or "", "config_id": r["config_id"],
                "label": labels[r["config_id"]]}
               for _, r in trials[trials["status"] != "finished"].iterrows()]
-    trend_rows = compute_trends(trials[ok & (trials["arch"] == "capsnet")], swept)
-    n_cand = sum(c["role"] == "candidate" for c in configs)
-    answer = (f"Yes: {len(escapes)} of {n_cand} candidate configuration(s) (CapsNet, depth >= 1) escape "
-              f"vanishing gradients and capsule starvation: {', '.join(e['id'] for e in escapes)}"
-              if escapes else
-              f"No: none of {n_cand} candidate configuration(s) (CapsNet, depth >= 1) escapes "
-              "vanishing gradients and capsule starvation")
+    capsnet_cfgs = [c for c in configs if c["arch"] == "capsnet" and c["n_seeds"]]
+    trend_rows = compute_trends(capsnet_cfgs, swept)
     status_counts = trials["status"].value_counts()
     return {
-        "escaped": "yes" if escapes else "no",
-        "answer": answer,
+        "escaped": escaped,
+        "instrument": instrument,
+        "answer": _answer(escaped, escapes, cands, undecided),
+        "instrument_text": _instrument_text(instrument, controls),
+        "test": _test_text(th),
         "experiment": data.experiment, "sweep": data.sweep, "tracking_uri": data.tracking_uri,
         "parent_run_id": data.parent_run_id,
+        "reference_source": source,
         "thresholds": {**asdict(th), "num_classes": n_classes, "num_classes_source": classes_how,
                        "chance_accuracy_floor": chance_floor,
                        "dead_tau": sorted({_plain(v) for v in trials.get("train.dead_tau", pd.Series(
                            dtype=str)).dropna()}) or "training default (0.01)"},
         "rules": RULES,
-        "counts": {"trials": int(len(trials)), "configurations": len(configs), "candidates": n_cand,
+        "counts": {"trials": int(len(trials)), "configurations": len(configs), "candidates": len(cands),
+                   "controls": len(controls),
                    **{s: int(status_counts.get(s, 0)) for s in STATUS_ORDER},
                    **{str(s): int(n) for s, n in status_counts.items() if s not in STATUS_ORDER}},
         "swept_params": swept,
@@ -307,101 +494,113 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
     }
 
 
+def _figure_dict(probe: str, iv: Interval) -> dict:
+    """A probe's mean and bounds for the report; log10 probes are given back as 10^x (geometric mean)."""
+    d = iv.as_dict()
+    if probe in LOG_PROBES:
+        d = {k: (None if v is None else 10 ** v) if k in ("mean", "lo", "hi") else v for k, v in d.items()}
+        d["scale"] = "geometric"
+        d.pop("sd")
+    return d
+
+
+def _answer(escaped: str, escapes: list, cands: list, undecided: list) -> str:
+    n = len(cands)
+    what = "candidate configuration(s) (CapsNet, depth >= 1)"
+    if escaped == "yes":
+        return (f"Yes: {len(escapes)} of {n} {what} escape vanishing gradients and capsule starvation: "
+                + ", ".join(e["id"] for e in escapes))
+    if escaped == "no":
+        return f"No: each of the {n} {what} is shown not to escape (some check fails)"
+    if not cands:
+        return "Undecided: the sweep has no candidate configuration (CapsNet, depth >= 1)"
+    return (f"Undecided: none of {n} {what} is shown to escape, and {len(undecided)} are not decided "
+            f"either way ({', '.join(undecided)})")
+
+
+def _instrument_text(instrument: str, controls: list) -> str:
+    if instrument == "no control":
+        return ("No control: the sweep has no cnn control at depth >= 1, so the thresholds are not "
+                "validated for this sweep")
+    if instrument == "validated":
+        return (f"Instrument validated: all {len(controls)} cnn control configuration(s) (depth >= 1, a "
+                "healthy network) pass the same checks")
+    bad = [c["id"] for c in controls if c["outcome"] != PASS]
+    if instrument == "control failed":
+        return (f"Instrument NOT validated: cnn control(s) {', '.join(bad)} fail the same checks, so the "
+                "thresholds are wrong for this sweep and its 'no' may be the instrument's, not the networks'")
+    return (f"Instrument not validated: cnn control(s) {', '.join(bad)} do not pass the same checks "
+            "(undecided: more seeds needed)")
+
+
+def _test_text(th: Thresholds) -> str:
+    return (f"Accuracy: Welch one-sided non-inferiority test of candidate - matched depth-0 reference, "
+            f"margin {th.acc_margin:g}, level alpha = {th.alpha:g}; gradient floor: the same test on log10 min "
+            f"act_grad, margin {th.grad_margin:g} decades; structural checks: one-sided t bounds of the seed "
+            f"mean at level {th.alpha:g}")
+
+
 RULES = [
-    "every seed finished (diverged, failed, stopped-early, interrupted, running or incomplete seeds count "
-    "against the configuration)",
-    "grad_ratio: lower bound of the interval >= grad_ratio_min",
-    "worst hidden layer's dead_frac: upper bound <= dead_frac_max",
-    "test_acc: lower bound >= the shallow (depth-0) CapsNet's mean test_acc - acc_tolerance",
-    "gradient floor: lower bound of (min over layers of grad_norm / the shallow reference's median "
-    "layer grad_norm) >= grad_floor",
-    "no seed has a capsule layer with every capsule dead (dead_frac = 1)",
-    "test_acc: lower bound >= 1/num_classes + chance_margin",
+    "seeds: every seed finished (a diverged, failed, stopped-early, interrupted or incomplete seed fails; "
+    "one still running is undecided)",
+    "accuracy: Welch one-sided non-inferiority of test_acc, candidate - matched depth-0 reference: pass "
+    "when the lower bound L > -acc_margin, fail when the upper bound U < -acc_margin",
+    "gradient floor: the same test on log10(min over capsule layers of act_grad), margin grad_margin decades",
+    "grad_ratio (act_grad/l1 / act_grad/l{L}, on log10): pass when the lower t bound of the mean is at least "
+    "log10 grad_ratio_min, fail when the upper bound is below it",
+    "starved / dead / frozen: worst hidden layer's starved_frac, dead_frac, frozen_frac: pass when the "
+    "upper t bound is at most its maximum, fail when the lower bound is above it",
+    "chance: test_acc's lower t bound at least 1/num_classes + chance_margin (fail: upper bound below)",
+    "a configuration escapes when every check passes, is not escaped when one fails, else is undecided; "
+    "no reference makes the reference checks undecided, never failed; n/a (a probe not logged) is never "
+    "evidence either way",
 ]
 
 
-def _reference(first: pd.Series, pool: pd.DataFrame, match_cols: list[str]) -> dict:
-    """The shallow reference for a configuration: matched depth-0 CapsNet trials, else all of them."""
-    if pool.empty:
-        return {"how": "none", "n_trials": 0, "acc_mean": None, "grad_norm_median": None}
-    sel = pool
-    for c in match_cols:
-        sel = sel[sel[c].fillna("").astype(str) == ("" if first.get(c) != first.get(c) else str(first.get(c)))]
-    how = "matched"
-    if sel.empty:
-        sel, how = pool, "pooled"
-    layers = [v for lst in sel["grad_layers"] for v in lst]
-    return {"how": how, "n_trials": int(len(sel)), "acc_mean": float(sel["test_acc"].mean()),
-            "grad_norm_median": float(np.median(layers)) if layers else None}
-
-
-def _reasons(figs: dict[str, Interval], bad: pd.DataFrame, fin: pd.DataFrame, ref: dict,
-             th: Thresholds, chance_floor: float) -> list[str]:
-    """Why a candidate does not escape (empty: it escapes). One short sentence per failed check."""
-    out = []
-    if len(bad):
-        counts = bad["status"].value_counts()
-        out.append("seeds not finished: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    if fin.empty:
-        out.append("no finished seed")
-        return out
-    gr, dw, acc, fl = figs["grad_ratio"], figs["dead_worst"], figs["test_acc"], figs["grad_floor_ratio"]
-    if not (gr.lo >= th.grad_ratio_min):
-        out.append(f"vanishing gradients: grad_ratio lower bound {_f(gr.lo)} < {th.grad_ratio_min:g}")
-    if not (dw.hi <= th.dead_frac_max):
-        out.append(f"starved capsules: worst hidden dead_frac upper bound {_f(dw.hi)} > {th.dead_frac_max:g}")
-    if ref["acc_mean"] is None:
-        out.append("no depth-0 CapsNet reference to compare accuracy and gradient norms with")
-    else:
-        need = ref["acc_mean"] - th.acc_tolerance
-        if not (acc.lo >= need):
-            out.append(f"accuracy below the shallow CapsNet: test_acc lower bound {_f(acc.lo)} < {_f(need)}")
-        if not (fl.lo >= th.grad_floor):
-            out.append(f"collapsed gradients: min layer grad_norm / shallow median, lower bound "
-                       f"{_f(fl.lo)} < {th.grad_floor:g}")
-    if fin["any_layer_dead"].any():
-        out.append(f"all capsules dead in some layer ({int(fin['any_layer_dead'].sum())} seed(s))")
-    if not (acc.lo >= chance_floor):
-        out.append(f"accuracy near chance: test_acc lower bound {_f(acc.lo)} < {_f(chance_floor)}")
-    return out
-
-
-def _f(x) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
+def _f(x, signed: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a" if x is None or x != x else ("-inf" if x < 0 else "+inf")
+    return f"{x:+.3g}" if signed else f"{x:.3g}"
 
 
 def _plain(v):
-    """numpy/pandas scalars -> plain JSON types; NaN -> None."""
+    """numpy/pandas scalars -> plain JSON types; NaN/inf -> None."""
     if v is None:
         return None
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, (float, np.floating)):
         return None if not math.isfinite(float(v)) else float(v)
-    if isinstance(v, (np.bool_,)):
-        return bool(v)
     return v
 
 
-def compute_trends(trials: pd.DataFrame, swept: list[str]) -> list:
-    """Trend of each probe against each swept factor over finished CapsNet trials (one point per trial).
-    Numeric factors: Spearman's rho; booleans encoded 0/1, then Spearman; categorical factors (routing
-    algorithm, squash, init): Kruskal-Wallis H across levels."""
+def compute_trends(configs: list[dict], swept: list[str]) -> list:
+    """Trend of each probe against each swept factor over CapsNet configuration means (one point per
+    configuration, never per seed: seeds of one configuration are not independent evidence about a
+    factor). Numeric factors: Spearman's rho; booleans 0/1, then Spearman; categorical factors:
+    Kruskal-Wallis H across levels. p-values are Holm-adjusted across every trend of the report."""
     out = []
     for factor in swept:
-        if factor == "model.arch" or factor not in trials:
+        if factor == "model.arch":
             continue
-        kind = factor_kind(trials[factor])
-        xs = factor_values(trials[factor], kind)
+        raw = pd.Series([c["params"].get(factor) for c in configs], dtype=object)
+        kind = factor_kind(raw)
+        xs = factor_values(raw, kind)
         for probe in PROBES:
-            out.append(trend(factor, probe, xs, trials[probe].to_numpy(dtype=float), kind))
-    return out
+            means = [c["figures"][probe]["mean"] for c in configs]
+            if probe in LOG_PROBES:
+                means = [None if m is None or m <= 0 else math.log10(m) for m in means]
+            out.append(trend(factor, probe, xs, means, kind))
+    adjusted = holm([t.p_value for t in out])
+    return [replace(t, p_holm=p) for t, p in zip(out, adjusted)]
 
 
 def verdict_json(verdict: dict) -> str:
-    """The verdict as JSON text whose first line reads `{"escaped": "yes", "answer": ...,`."""
-    head = {k: verdict[k] for k in ("escaped", "answer")}
+    """The verdict as JSON text whose first line reads `{"escaped": "yes", "instrument": ..., "answer": ...,`."""
+    head = {k: verdict[k] for k in ("escaped", "instrument", "answer")}
     rest = {k: v for k, v in verdict.items() if k not in head}
     body = json.dumps(rest, indent=2, allow_nan=False, default=_plain)
-    first = json.dumps(head)[:-1]  # '{"escaped": "no", "answer": "..."'
+    first = json.dumps(head)[:-1]
     return first + ",\n" + body[2:] + "\n"
