@@ -96,9 +96,10 @@ def _format_final(m: dict) -> str:
 
 # ---- run ----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from sweeps.spec import load_spec
+    from sweeps.spec import describe_trials, load_spec
     try:
         spec = load_spec(args.spec, args.overrides)
+        print(f"capsweep: sweep {spec.name!r}: {describe_trials(spec)}", flush=True)
         from sweeps import runner, tracking
         result = runner.run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
                                   verbose=args.verbose)
@@ -139,12 +140,12 @@ def _ui_command(uri: str) -> str:
 
 # ---- validate -----------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
-    from sweeps.spec import SpecError, load_spec, total_trials
+    from sweeps.spec import SpecError, describe_trials, load_spec
     code = 0
     for name in args.specs:
         try:
             spec = load_spec(name, args.overrides)
-            print(f"{name}: ok ({total_trials(spec)} trials, search {spec.search.algorithm})")
+            print(f"{name}: ok ({describe_trials(spec)}, search {spec.search.algorithm})")
         except SpecError as e:
             print(f"capsweep: error: {name}: {e}", file=sys.stderr)
             code = EXIT_BAD_INPUT

@@ -23,9 +23,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from capsmodels import config as runcfg  # noqa: E402
 from capsmodels import data as datamod  # noqa: E402
-from sweeps import search, tracking  # noqa: E402
-from sweeps.spec import (SpecError, SweepSpec, objectives, probe_values, storage_dir, to_yaml,  # noqa: E402
-                         total_trials, trial_config)
+from sweeps import extras, search, tracking  # noqa: E402
+from sweeps.spec import (ROLE_KEY, SEED_KEY, SpecError, SweepSpec, objectives, probe_values,  # noqa: E402
+                         storage_dir, to_yaml, total_trials, trial_config, trial_counts)
 
 INJECT_ENV = ("CAPSWEEP_INJECT_FAILURE",)
 STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
@@ -61,7 +61,8 @@ def load_datasets(spec: SweepSpec) -> dict:
 
 def check_shapes(spec: SweepSpec, raws: dict) -> None:
     """Every trial's network must fit its input, checked before Ray starts. Grid and choice values
-    of the model and data keys are combined; ranges contribute their two ends."""
+    of the model and data keys are combined; ranges contribute their two ends; then the added
+    references and controls (sweeps/extras.py)."""
     import itertools
     from capsmodels import networks
     keys, options = [], []
@@ -70,10 +71,9 @@ def check_shapes(spec: SweepSpec, raws: dict) -> None:
             continue
         keys.append(key)
         options.append(probe_values(*next(iter(entry.items()))))
-    for n, combo in enumerate(itertools.product(*options)):
-        if n >= 5000:
-            break
-        params = dict(zip(keys, combo))
+    combos = itertools.islice(itertools.product(*options), 5000)
+    added = extras.reference_points(spec) + extras.control_points(spec)
+    for params in itertools.chain((dict(zip(keys, c)) for c in combos), added):
         cfg = runcfg.from_dict(trial_config(spec.base, params))
         try:
             networks.check_fits(cfg, raws[cfg.data.name].in_shape)
@@ -93,9 +93,9 @@ class _TrialParams:
         return runcfg.to_dict(runcfg.from_dict(trial_config(self.base, config)))
 
     def params(self, config: dict) -> tuple[dict, int]:
-        """Flattened params (MLflow) and seed of one trial."""
+        """Flattened params (MLflow), with `trial.role`, and seed of one trial."""
         resolved = self.resolved(config)
-        return runcfg.flatten(resolved), int(resolved["train"]["seed"])
+        return {**runcfg.flatten(resolved), ROLE_KEY: extras.role(config)}, int(resolved["train"]["seed"])
 
     def yaml(self, config: dict) -> str:
         import yaml
@@ -188,7 +188,8 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
               "sweep.metric": ",".join(metrics), "sweep.mode": ",".join(modes),
               "sweep.num_samples": spec.num_samples, "sweep.seeds": ",".join(map(str, spec.seeds)),
               "sweep.scheduler": spec.scheduler.name, "sweep.trials": total_trials(spec),
-              "sweep.space": ",".join(spec.space)}
+              "sweep.space": ",".join(spec.space),
+              **{f"sweep.{role}s": n for role, n in trial_counts(spec).items()}}
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(rid, to_yaml(spec), "spec.yaml")
     return rid
@@ -214,7 +215,8 @@ def _reporter(spec: SweepSpec):
     for m in metrics:
         cols.setdefault(m, m.replace("/", "_"))
     params = {k: k.split(".")[-1] for k in list(spec.space)[:6]}
-    params[search.SEED_KEY] = "seed"
+    params[SEED_KEY] = "seed"
+    params[ROLE_KEY] = "role"
     return CLIReporter(metric_columns=cols, parameter_columns=params, max_report_frequency=15,
                        print_intermediate_tables=True)
 
@@ -263,9 +265,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-                                        reuse_actors=spec.reuse_actors,
-                                        max_concurrent_trials=(spec.max_concurrent or None)
-                                        if search_alg is None else None),
+                                        reuse_actors=spec.reuse_actors),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(storage), callbacks=[logger],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),

@@ -5,6 +5,10 @@
 - optuna: a define-by-run space (optuna style: `trial.suggest_*` per entry) searched by TPE, CMA-ES
   or NSGA-II (several objectives); seeds through `SeedRepeater`, which gives each suggestion to
   every seed and reports the seed-mean of each objective back to Optuna.
+- the references and controls of sweeps/extras.py are Tune trials too: under grid/random search
+  `points_to_evaluate` of Tune's own BasicVariantGenerator (run first, each fixing every key of the
+  space), under optuna `ExtrasFirst`, which hands them out before the first suggestion. Neither
+  Optuna nor ASHA ever sees their results: they are yardsticks, not points of the search.
 """
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ from typing import Any, Optional
 
 import numpy as np
 from ray import tune
-from ray.tune.search import Repeater, Searcher
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, Repeater, Searcher
 
-from sweeps.spec import SweepSpec, objectives
+from capsmodels import config as runcfg
+from sweeps import extras
+from sweeps.spec import KEEP_BASE, ROLE_KEY, SEED_KEY, SweepSpec, objectives
 
 log = logging.getLogger("capsweep.search")
-SEED_KEY = "train.seed"
 
 
 def tune_domain(kind: str, values: list):
@@ -104,25 +110,103 @@ class SeedRepeater(Repeater):
                                             result=dict(zip(self.metrics, map(float, mean))))
 
     def save(self, checkpoint_path: str) -> None:
-        inner = self.searcher
-        self.searcher = None
-        try:
-            blob = pickle.dumps(self.__dict__)
-        finally:
-            self.searcher = inner
-        inner.save(checkpoint_path)
-        with open(checkpoint_path + ".repeater", "wb") as f:
-            f.write(blob)
+        _save_wrapper(self, checkpoint_path, ".repeater")
 
     def restore(self, checkpoint_path: str) -> None:
-        self.searcher.restore(checkpoint_path)
-        try:
-            with open(checkpoint_path + ".repeater", "rb") as f:
-                state = pickle.loads(f.read())
-        except OSError:
-            return
-        state.pop("searcher", None)
+        _restore_wrapper(self, checkpoint_path, ".repeater")
+
+
+def _save_wrapper(wrapper: Searcher, checkpoint_path: str, suffix: str) -> None:
+    """Save a wrapping searcher: the inner one at the path, the wrapper's own state beside it.
+    (Tune's experiment state keeps wrappers through get_state; this is the Searcher.save API.)"""
+    inner = wrapper.searcher
+    wrapper.searcher = None
+    try:
+        blob = pickle.dumps(wrapper.__dict__)
+    finally:
+        wrapper.searcher = inner
+    inner.save(checkpoint_path)
+    with open(checkpoint_path + suffix, "wb") as f:
+        f.write(blob)
+
+
+def _restore_wrapper(wrapper: Searcher, checkpoint_path: str, suffix: str) -> None:
+    wrapper.searcher.restore(checkpoint_path)
+    try:
+        with open(checkpoint_path + suffix, "rb") as f:
+            state = pickle.loads(f.read())
+    except OSError:
+        return
+    state.pop("searcher", None)
+    wrapper.__dict__.update(state)
+
+
+class ExtrasFirst(Searcher):
+    """Hands out fixed trials (the references and controls of sweeps/extras.py) before delegating to
+    the search; their results never reach it. Its state (the trials still to hand out, and which
+    trial ids were extra) is saved with the experiment, so `--resume` neither repeats nor forgets them."""
+
+    def __init__(self, searcher: Searcher, points: list[dict]):
+        self.searcher = searcher
+        self.pending = [dict(p) for p in points]
+        self.extra_ids: set[str] = set()
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if self.pending:
+            self.extra_ids.add(trial_id)
+            return self.pending.pop(0)
+        config = self.searcher.suggest(trial_id)
+        if isinstance(config, dict):
+            config = {**config, ROLE_KEY: extras.CANDIDATE}
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.extra_ids:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False, **kw):
+        if trial_id not in self.extra_ids:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error, **kw)
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def get_state(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "searcher"}
+
+    def set_state(self, state: dict) -> None:
         self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        _save_wrapper(self, checkpoint_path, ".extras")
+
+    def restore(self, checkpoint_path: str) -> None:
+        _restore_wrapper(self, checkpoint_path, ".extras")
+
+
+class CandidateASHA(AsyncHyperBandScheduler):
+    """ASHA that judges candidates only: a reference or control always runs all its epochs (the
+    report compares at the last epoch) and never raises a rung's cutoff for the candidates."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if extras.role(trial.config) != extras.CANDIDATE:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if extras.role(trial.config) != extras.CANDIDATE:
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
+
+
+class _DropPresetWarnings(logging.Filter):
+    """Tune warns when a point_to_evaluate sets a key to a value outside its domain; the extra trials
+    do that on purpose (depth 0 outside a depth grid, cnn against a constant arch)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Pre-set value")
 
 
 def _finite(x: Any) -> bool:
@@ -133,27 +217,36 @@ def _finite(x: Any) -> bool:
 
 
 def build(spec: SweepSpec) -> tuple[dict, Any, Any, int]:
-    """(param_space, search_alg, scheduler, num_samples) for tune.TuneConfig."""
+    """(param_space, search_alg, scheduler, num_samples) for tune.TuneConfig; the search algorithm
+    carries the concurrency limit (spec.max_concurrent)."""
     metrics, modes = objectives(spec)
     scheduler = None
     if spec.scheduler.name == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-        max_t = int(spec.base.get("train", {}).get("epochs", 0)) or None
-        scheduler = ASHAScheduler(metric=metrics[0], mode=modes[0], time_attr="training_iteration",
-                                  max_t=max_t or 100, grace_period=spec.scheduler.grace_period,
+        epochs = runcfg.from_dict(spec.base).train.epochs      # presets and defaults included
+        scheduler = CandidateASHA(metric=metrics[0], mode=modes[0], time_attr="training_iteration",
+                                  max_t=epochs, grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor)
+    added = extras.extra_trials(spec)
     if spec.search.algorithm in ("grid", "random"):
         space = {k: tune_domain(*next(iter(v.items()))) for k, v in spec.space.items()}
+        for point in added:     # keys the extras fix that candidates leave to the base config
+            space.update({k: KEEP_BASE for k in point if k not in space and k not in (SEED_KEY, ROLE_KEY)})
         space[SEED_KEY] = tune.grid_search(list(spec.seeds))
-        return space, None, scheduler, spec.num_samples
+        space[ROLE_KEY] = extras.CANDIDATE
+        points = [extras.complete(spec, p, space) for p in added]
+        if points:
+            logging.getLogger("ray.tune.search.variant_generator").addFilter(_DropPresetWarnings())
+        # each point is one sample of its own: Tune counts points_to_evaluate against num_samples
+        search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=spec.max_concurrent)
+        return space, search_alg, scheduler, spec.num_samples + len(points)
 
     from ray.tune.search.optuna import OptunaSearch
     multi = len(metrics) > 1
     searcher = OptunaSearch(space=OptunaSpace(spec), metric=metrics if multi else metrics[0],
                             mode=modes if multi else modes[0], sampler=make_sampler(spec),
                             seed=spec.search.seed)
-    search_alg = SeedRepeater(searcher, spec.seeds)
+    search_alg = ExtrasFirst(SeedRepeater(searcher, spec.seeds), added)
     if spec.max_concurrent:
         from ray.tune.search import ConcurrencyLimiter
         search_alg = ConcurrencyLimiter(search_alg, max_concurrent=spec.max_concurrent)
-    return {}, search_alg, scheduler, spec.num_samples * len(spec.seeds)
+    return {}, search_alg, scheduler, spec.num_samples * len(spec.seeds) + len(added)

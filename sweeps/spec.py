@@ -11,6 +11,8 @@ A spec is YAML like
     metric: val_acc
     mode: max
     seeds: [0, 1]
+    references: true     # depth-0 CapsNet references the space forgot (sweeps/extras.py)
+    controls: true       # model.arch: cnn controls at every swept depth (sweeps/extras.py)
 
 Everything is validated here, before Ray or MLflow start: a mistake costs one line and exit 2, not a
 cluster allocation. YAML is read with OmegaConf (yaml.SafeLoader underneath: no object construction).
@@ -35,12 +37,18 @@ SCHEDULERS = ("none", "asha")
 MODES = ("min", "max")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CONFIG_DIR = Path(__file__).parent / "configs"
+SEED_KEY = "train.seed"        # set from `seeds`, never searched over
+ROLE_KEY = "trial.role"        # candidate | reference | control (sweeps/extras.py); not a run-config key
+KEEP_BASE = "__base__"         # a param value meaning "leave this key to the base config"
+RUN_SECTIONS = ("model", "data", "train")
 
-# Metrics every trial reports, and per-layer ones (l = 0 .. depth+1). `sweeps` checks the spec's
-# metric against these so a typo fails before a single trial runs.
+# Metrics every trial reports, and per-layer ones (l = 0 .. depth+1), as docs/PROBES.md defines them.
+# `sweeps` checks the spec's metric against these so a typo fails before a single trial runs.
 SCALAR_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-                  "grad_ratio", "dead_frac_max", "images_per_s", "peak_mem_mb", "time_s")
-LAYER_METRICS = ("grad_norm", "act_mean", "dead_frac", "tree_score", "routing_dynamics", "squash_gain")
+                  "grad_ratio", "dead_frac_max", "starved_frac_max", "frozen_frac_max",
+                  "images_per_s", "peak_mem_mb", "time_s")
+LAYER_METRICS = ("grad_norm", "grad_rms", "act_grad", "starved_frac", "act_mean", "dead_frac", "frozen_frac",
+                 "tree_score", "tree_score_null", "routing_dynamics", "routing_dynamics_null", "squash_gain")
 
 
 class SpecError(ValueError):
@@ -90,6 +98,8 @@ class SweepSpec:
     reuse_actors: bool = False  # one warm trial worker serves the next trial: ~5 s less per trial
                                 # (benchmarks/sweep_overhead.py); off by default, since trials then
                                 # share a process (and its GPU memory) one after another
+    references: bool = True     # add the depth-0 CapsNet references the space lacks (sweeps/extras.py)
+    controls: bool = True       # add model.arch: cnn controls at every depth the sweep takes
     storage_path: str = "ray_results"                # Ray Tune experiment state (resume) lives here
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
 
@@ -131,11 +141,19 @@ def load_spec(spec: str, overrides: Optional[list[str]] = None) -> SweepSpec:
     return from_config(merged, origin=str(path))
 
 
+BOOL_FIELDS = ("references", "controls", "reuse_actors")
+
+
 def from_config(raw: DictConfig | dict, origin: str = "spec") -> SweepSpec:
     """Type-check against the SweepSpec schema, then validate meaning."""
     schema = OmegaConf.structured(SweepSpec)
     if isinstance(raw, dict):
         raw = OmegaConf.create(raw)
+    for name in BOOL_FIELDS:
+        # OmegaConf would read 2 or "yes" as true; a switch that turns trials on and off takes a bool
+        value = _plain(raw.get(name)) if isinstance(raw, DictConfig) and name in raw else None
+        if value is not None and not isinstance(value, bool):
+            _fail(f"{name}: {value!r} is not allowed; expected true or false")
     try:
         merged = OmegaConf.merge(schema, raw)
         spec: SweepSpec = OmegaConf.to_object(merged)
@@ -254,6 +272,8 @@ def validate(spec: SweepSpec) -> SweepSpec:
 
     base = _validate_base(spec.base)
     _validate_space(spec, base)
+    from sweeps import extras   # extras builds on this module
+    extras.check(spec)
 
     metrics, modes = objectives(spec)
     if isinstance(spec.mode, list) and len(spec.mode) != len(metrics):
@@ -326,13 +346,14 @@ def _validate_space(spec: SweepSpec, base: runcfg.RunConfig) -> None:
 
 
 def trial_config(base: dict, params: dict) -> dict:
-    """The resolved nested run config of one trial: base <- sampled dotted params."""
+    """The resolved nested run config of one trial: base <- sampled dotted params. Params outside
+    the run config (`trial.role`, Tune's `__trial_index__`) and KEEP_BASE values are left out."""
     import copy
     out = copy.deepcopy(base)
     for key, value in params.items():
-        if key.startswith("__"):
-            continue
         sec, _, name = key.partition(".")
+        if sec not in RUN_SECTIONS or isinstance(value, str) and value == KEEP_BASE:
+            continue
         out.setdefault(sec, {})[name] = value
     return out
 
@@ -346,11 +367,32 @@ def grid_size(spec: SweepSpec) -> int:
     return n
 
 
-def total_trials(spec: SweepSpec) -> int:
-    """How many trials (MLflow child runs) the sweep will have when it completes."""
+def candidate_trials(spec: SweepSpec) -> int:
+    """How many trials the sweep's own space asks for."""
     if spec.search.algorithm == "optuna":
         return spec.num_samples * len(spec.seeds)
     return spec.num_samples * grid_size(spec) * len(spec.seeds)
+
+
+def trial_counts(spec: SweepSpec) -> dict:
+    """{candidate, reference, control}: trials per role (sweeps/extras.py adds the last two)."""
+    from sweeps import extras
+    added = extras.extra_trials(spec)
+    return {"candidate": candidate_trials(spec),
+            "reference": sum(p[ROLE_KEY] == "reference" for p in added),
+            "control": sum(p[ROLE_KEY] == "control" for p in added)}
+
+
+def total_trials(spec: SweepSpec) -> int:
+    """How many trials (MLflow child runs) the sweep will have when it completes, extras included."""
+    return sum(trial_counts(spec).values())
+
+
+def describe_trials(spec: SweepSpec) -> str:
+    """'N trials (C candidates, R references, K controls)'."""
+    n = trial_counts(spec)
+    return (f"{sum(n.values())} trials ({n['candidate']} candidates, {n['reference']} references, "
+            f"{n['control']} controls)")
 
 
 def to_yaml(spec: SweepSpec) -> str:

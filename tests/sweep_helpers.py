@@ -25,7 +25,9 @@ base:
 
 
 def write_spec(path: Path, name: str, space: str, seeds="[0, 1]", epochs: int = 2, extra: str = "",
-               tracking_uri: str | None = None, storage: str | None = None) -> Path:
+               tracking_uri: str | None = None, storage: str | None = None, extras: bool = False) -> Path:
+    """A tiny sweep spec. extras: let the runner add its references and controls (sweeps/extras.py);
+    off by default, so that a test runs only the trials its space names."""
     text = f"name: {name}\n" + TINY_BASE % {"epochs": epochs} + textwrap.dedent(f"""
         space:
         {textwrap.indent(textwrap.dedent(space).strip(), '  ')}
@@ -33,6 +35,8 @@ def write_spec(path: Path, name: str, space: str, seeds="[0, 1]", epochs: int = 
         mode: max
         seeds: {seeds}
         resources: {{cpu: 1}}
+        references: {str(extras).lower()}
+        controls: {str(extras).lower()}
         """)
     if tracking_uri:
         text += f"mlflow: {{tracking_uri: '{tracking_uri}', experiment: capsweep}}\n"

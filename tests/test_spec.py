@@ -55,10 +55,32 @@ def assert_one_line_error(workdir, capsys, spec_text, overrides=(), must_contain
     return err
 
 
-def test_good_spec_counts_trials(workdir):
+def test_good_spec_counts_trials(workdir, capsys):
     spec = load_spec(write(workdir, GOOD))
-    assert total_trials(spec) == 4
+    # depth 0/1 x 2 seeds, + one cnn control per depth and seed; depth 0 is swept: no reference
+    assert total_trials(spec) == 4 + 4
     assert spec.base["model"]["preset"] == "tiny"
+    assert load_spec(write(workdir, GOOD), ["controls=false"]).controls is False
+    assert total_trials(load_spec(write(workdir, GOOD), ["controls=false"])) == 4
+    deep = GOOD.replace("grid: [0, 1]", "grid: [2, 3]")
+    assert total_trials(load_spec(write(workdir, deep))) == 4 + 2 + 4      # + a depth-0 reference per seed
+    assert cli.main(["validate", write(workdir, deep)]) == 0
+    assert "ok (10 trials (4 candidates, 2 references, 4 controls), search grid)" in capsys.readouterr().out
+
+
+BOOL = "expected true or false"
+
+
+@pytest.mark.parametrize("text, must_contain", [
+    (GOOD + "references: 2\n", ["references: 2", BOOL]),
+    (GOOD + "references: maybe\n", ["references", BOOL]),
+    (GOOD + "controls: [true]\n", ["controls", BOOL]),
+    (GOOD + "controls: 1.0\n", ["controls", BOOL]),
+    (GOOD.replace("model.depth: {grid: [0, 1]}", "model.depth: {int: [0, 20]}") + "search: {algorithm: random}\n",
+     ["controls: model.depth takes 21 values", "controls: false"]),
+])
+def test_references_and_controls_take_a_bool_and_few_depths(workdir, capsys, text, must_contain):
+    assert_one_line_error(workdir, capsys, text, must_contain=must_contain)
 
 
 def test_shipped_specs_all_validate(capsys):

@@ -3,6 +3,7 @@ values and empty spaces all get a one-line error and exit code 2, and start noth
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import string
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from capsmodels import config as runcfg
 from sweeps import cli
-from sweeps.spec import SpecError, from_config
+from sweeps.spec import SCALAR_METRICS, SpecError, SweepSpec, from_config
 
 VALID = {
     "name": "prop",
@@ -20,8 +21,7 @@ VALID = {
     "space": {"model.depth": {"grid": [0, 1]}},
     "metric": "val_acc", "mode": "max", "seeds": [0],
 }
-TOP_FIELDS = {"name", "base", "space", "search", "metric", "mode", "num_samples", "seeds", "scheduler",
-              "resources", "max_concurrent", "max_failures", "storage_path", "mlflow"}
+TOP_FIELDS = {f.name for f in dataclasses.fields(SweepSpec)}
 identifiers = st.text(string.ascii_lowercase + "_", min_size=3, max_size=12)
 not_an_int = st.one_of(st.text(string.ascii_letters, min_size=1, max_size=8), st.lists(st.integers(), max_size=2),
                        st.floats(allow_nan=False).filter(lambda f: not float(f).is_integer()))
@@ -56,8 +56,7 @@ mistakes = st.one_of(
     .map(lambda k: _set(VALID, ("base", "model", k), 1)),
     not_an_int.map(lambda v: _set(VALID, ("base", "train", "epochs"), v)),
     st.sampled_from([math.inf, -math.inf, math.nan]).map(lambda v: _set(VALID, ("base", "train", "epochs"), v)),
-    identifiers.filter(lambda m: m not in ("val_acc", "test_acc", "train_acc", "val_loss", "test_loss", "train_loss",
-                                           "grad_ratio", "dead_frac_max", "images_per_s", "peak_mem_mb", "time_s"))
+    identifiers.filter(lambda m: m not in SCALAR_METRICS)
     .map(lambda m: _set(VALID, ("metric",), m)),
     identifiers.filter(lambda m: m not in ("min", "max")).map(lambda m: _set(VALID, ("mode",), m)),
     st.floats(1.01, 7.9).filter(lambda g: not g.is_integer()).map(lambda g: _set(VALID, ("resources", "gpu"), g)),
