@@ -5,14 +5,26 @@ the head node as the sweep driver, joins the cluster (RAY_ADDRESS=auto inside a 
 tracking URI of the spec (a cluster uses an MLflow server, see cluster.yaml). When submitted from a
 capsweep checkout, the checkout travels as the job's working directory, so the cluster runs the
 code you have; otherwise the cluster's installed capsweep is used.
+
+An Optuna sweep needs `max_concurrent`: without it Ray Tune keeps one trial pending at a time
+(`tune_controller._get_max_pending_trials` gives 1 for any searcher but its own grid/random generator),
+so the autoscaler only ever sees one trial's demand and the cluster never grows. When the spec leaves it
+at 0, `submit` sets it to the trials the cluster can hold at once (`trial_concurrency`).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from sweeps.spec import SweepSpec, resolve_spec_path
+
+NODE_GROUP_LABEL = "ray.io/node-group"   # Ray labels a node with the launcher's node type (RAY_NODE_TYPE_NAME)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXCLUDES = [".venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "ray_results", "reports", "**/__pycache__",
@@ -40,6 +52,67 @@ def check_cluster_ready(spec: SweepSpec) -> None:
     if not Path(spec.storage_path).expanduser().is_absolute():
         raise SubmitError(f"storage_path: {spec.storage_path!r} is relative to the job's temporary folder; "
                           "trials on other nodes need shared storage: storage_path=/shared/ray_results")
+
+
+def autoscaler_ceiling(cfg: dict, resource: str) -> float:
+    """The most of `resource` (GPU, CPU) a cluster-launcher config lets the cluster hold: the head's plus
+    its worker types', taking the types with the most per node first, each up to its max_workers, all
+    within the global max_workers (every node counts 1 against that bound, so this order is optimal)."""
+    types = cfg["available_node_types"]
+    head = cfg["head_node_type"]
+    total = float((types[head].get("resources") or {}).get(resource, 0))
+    workers = sorted(((float((t.get("resources") or {}).get(resource, 0)), int(t.get("max_workers", 0)))
+                      for name, t in types.items() if name != head), reverse=True)
+    slots = int(cfg.get("max_workers", sum(n for _, n in workers)))
+    for amount, n in workers:
+        take = min(n, slots)
+        total += take * amount
+        slots -= take
+    return total
+
+
+def launched_from(cfg: dict, nodes: list[dict]) -> bool:
+    """Whether the running cluster's nodes are of this config's node types: `ray up` labels each node
+    with its type (ray.io/node-group), the head with head_node_type."""
+    types = set(cfg.get("available_node_types") or {})
+    groups = [(n.get("labels") or {}).get(NODE_GROUP_LABEL) for n in nodes]
+    heads = [g for n, g in zip(nodes, groups) if n.get("is_head_node")]
+    return bool(heads) and heads[0] == cfg.get("head_node_type") and all(g in types for g in groups)
+
+
+def trial_concurrency(spec: SweepSpec, nodes: list[dict], cluster_config: Optional[Path]) -> tuple[int, str]:
+    """(trials the cluster can run at once, why): its GPUs (CPUs for CPU-only trials) divided by what one
+    trial asks. The GPUs are those of the alive nodes now or, when the cluster was started from
+    `cluster_config`, as many as its autoscaler bounds allow, whichever is more."""
+    resource, per = ("GPU", spec.resources.gpu) if spec.resources.gpu > 0 else ("CPU", spec.resources.cpu)
+    now = sum(float((n.get("resources_total") or {}).get(resource, 0)) for n in nodes)
+    capacity, why = now, f"{now:g} {resource} on the cluster's nodes now"
+    if cluster_config is not None and cluster_config.is_file():
+        cfg = yaml.safe_load(cluster_config.read_text())
+        if isinstance(cfg, dict) and cfg.get("available_node_types") and launched_from(cfg, nodes):
+            ceiling = autoscaler_ceiling(cfg, resource)
+            if ceiling > capacity:
+                capacity, why = ceiling, f"up to {ceiling:g} {resource} within {cluster_config.name}'s autoscaler bounds"
+    return math.floor(capacity / per + 1e-9), f"{why}, resources.{resource.lower()}={per:g} per trial"
+
+
+def _alive_nodes(address: str) -> list[dict]:
+    from ray.util.state import list_nodes
+    nodes = list_nodes(address=job_address(address), detail=True, limit=10000, raise_on_missing_output=False)
+    as_dicts = [dataclasses.asdict(n) if dataclasses.is_dataclass(n) else dict(n) for n in nodes]
+    return [n for n in as_dicts if n.get("state") == "ALIVE"]
+
+
+def _concurrency_override(spec: SweepSpec, address: str, wd: Optional[Path]) -> list[str]:
+    """`max_concurrent=N` for an Optuna sweep that leaves it at 0 (see the module's docstring)."""
+    if spec.search.algorithm != "optuna" or spec.max_concurrent:
+        return []
+    n, why = trial_concurrency(spec, _alive_nodes(address), (wd or PROJECT_ROOT) / "cluster.yaml")
+    if n < 1:
+        raise SubmitError(f"max_concurrent: 0 leaves an Optuna sweep one pending trial at a time and the cluster "
+                          f"cannot be counted ({why}); set max_concurrent=N, the trials to run at once")
+    print(f"capsweep: max_concurrent={n} ({why}); set max_concurrent to choose another", file=sys.stderr)
+    return [f"max_concurrent={n}"]
 
 
 def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
@@ -82,8 +155,13 @@ def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
                       + " ".join(shlex.quote(a) for a in [*overrides, *flags]))
     try:
         client = JobSubmissionClient(job_address(address))
+        if not resume:                           # a resumed sweep keeps the searcher it was started with
+            extra = _concurrency_override(spec, address, wd)
+            entrypoint += "".join(" " + shlex.quote(a) for a in extra)
         return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
                                  metadata={"capsweep.sweep": spec.name})
+    except SubmitError:
+        raise
     except Exception as e:  # noqa: BLE001 - connection errors of several libraries
         text = " ".join(str(e).split())
         if "nauthori" in text or "uthentication" in text or "token" in text.lower():

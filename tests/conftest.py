@@ -1,0 +1,59 @@
+"""Session fixtures for the cluster tests: the `cluster` extra installed, and one real PostgreSQL server."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests import pg_helpers
+from tests.sweep_helpers import ROOT
+
+
+def cluster_requirements() -> list[str]:
+    """pyproject.toml's `cluster` extra, as written."""
+    try:
+        import tomllib
+    except ImportError:                       # Python 3.10
+        from pip._vendor import tomli as tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return list(project["optional-dependencies"]["cluster"])
+
+
+@pytest.fixture(scope="session")
+def cluster_extra() -> list[str]:
+    """The `cluster` extra installed into this environment (what cluster.yaml's install line,
+    `pip install -e ".../capsweep[cluster]"`, adds on every node): pip runs only for what is missing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+    reqs = cluster_requirements()
+    missing = []
+    for text in reqs:
+        req = Requirement(text)
+        try:
+            ok = req.specifier.contains(version(req.name), prereleases=True)
+        except PackageNotFoundError:
+            ok = False
+        if not ok:
+            missing.append(text)
+    if missing:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, f"pip install {missing} failed: {proc.stderr[-2000:]}"
+    return reqs
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of this machine's Debian package, with the head's max_connections; apt-get
+    installs the package first when it is missing (as root; otherwise the tests that need it skip)."""
+    from tests.cluster_helpers import load_cluster, pg_max_connections
+    reason = pg_helpers.ensure_debian_packages({"initdb": "postgresql", "psql": "postgresql-client"})
+    if reason:
+        pytest.skip(reason)
+    pg = pg_helpers.start_postgres(pg_max_connections(load_cluster()))
+    try:
+        yield pg
+    finally:
+        pg.stop()

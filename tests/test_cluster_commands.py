@@ -1,0 +1,210 @@
+"""cluster.yaml's commands as Ray's cluster launcher runs them (tests/cluster_helpers.py says how).
+
+- every command, as `ray up` sends it to the head and the autoscaler to each worker type, must parse
+  (`bash -n` on exactly the script the remote bash receives); the check is shown to catch the bug
+  `- |-` caused (a here-document closed by `EOF)`) and a broken quote;
+- the worker start commands, run alone as on a reused (stopped, then restarted) worker, leave /shared
+  mounted and writable, and stop the node before `ray start` when it is not;
+- the head's start commands pin the workers' AMI and wait for MLflow's health check, failing loudly.
+
+/shared on this machine: this container's kernel has no NFS (no `nfs`/`nfs4` in /proc/filesystems),
+so the worker's NFS mount is replaced by a bind mount of a temp folder (`mount --bind EXPORT TARGET`
+for `mount -t nfs4 ... "$RAY_HEAD_IP:/shared" /shared`, and /shared by a temp path everywhere); the
+rest of each command (mkdir, mountpoint, the idempotence, the write check, Ray's wrapping and its stop
+on failure) runs as written. The real /shared of the machine, if any, is never touched.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+
+import click
+import pytest
+import yaml
+
+from tests import pg_helpers
+from tests.cluster_helpers import (LocalSSH, launcher_steps, load_cluster, local_shell_env, run_like_ray)
+
+RAY_CMD = re.compile(r"\bray (stop|start)\b")
+
+
+@pytest.fixture(scope="module")
+def cfg() -> dict:
+    return load_cluster()
+
+
+@pytest.mark.parametrize("node_type", ["head", "gpu_1x_a10g", "gpu_4x_a10g"])
+def test_every_command_parses_as_ray_runs_it(cfg, node_type):
+    """What a new node of this type runs (initialization, setup, start), each command wrapped by Ray's
+    own SSHCommandRunner, parsed by bash exactly as the node's bash would receive it."""
+    steps = launcher_steps(cfg, node_type)
+    head = node_type == cfg["head_node_type"]
+    expected = (len(cfg["initialization_commands"]) + len(cfg["setup_commands"])
+                + len(cfg["head_setup_commands" if head else "worker_setup_commands"])
+                + len(cfg["head_start_ray_commands" if head else "worker_start_ray_commands"]))
+    assert len(steps) == expected
+    ssh = LocalSSH()
+    for step in steps:
+        try:
+            run_like_ray(step.command, ssh, **step.kwargs)
+        except click.ClickException:
+            pytest.fail(f"{step.stage} command does not parse as Ray runs it:\n{step.command}\n{ssh.calls[-1][3]}")
+    assert len(ssh.calls) == expected
+    # the wrapping really is Ray's: the script ends in `&& (COMMAND)`, with the launcher's exports
+    last = ssh.calls[-1][1]
+    assert last.startswith("source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore && (export ")
+    assert last.endswith(")") and "RAY_OVERRIDE_RESOURCES=" in last and "ray start" in last
+
+
+ORIGINAL_HEREDOC = """
+commands:
+  - |-
+    sudo tee /etc/systemd/system/mlflow.service > /dev/null <<'EOF'
+    [Service]
+    ExecStart=/home/ubuntu/venv/bin/mlflow server
+    EOF
+  - |
+    sudo tee /etc/systemd/system/mlflow.service > /dev/null <<'EOF'
+    [Service]
+    ExecStart=/home/ubuntu/venv/bin/mlflow server
+    EOF
+  - echo "a quote that never closes
+"""
+
+
+def test_the_check_catches_a_broken_heredoc_and_a_broken_quote():
+    """The bug of cluster.yaml before issue 14: the unit file's here-document written with `- |-` loses
+    its final newline, Ray appends `)`, and bash never finds `EOF`. On its own the command is fine;
+    only Ray's wrapping breaks it, which is why the check must wrap as Ray does."""
+    stripped, kept, quote = yaml.safe_load(ORIGINAL_HEREDOC)["commands"]
+    assert not stripped.endswith("\n") and kept.endswith("\n")
+    assert subprocess.run(["bash", "-n", "-c", stripped]).returncode == 0, "fine without Ray's wrapping"
+    ssh = LocalSSH()
+    with pytest.raises(click.ClickException):
+        run_like_ray(stripped, ssh, run_env="auto")
+    assert "unexpected end of file" in ssh.calls[-1][3] and "wanted `EOF'" in ssh.calls[-1][3]
+    run_like_ray(kept, ssh, run_env="auto")                     # `- |`: the fix cluster.yaml uses
+    with pytest.raises(click.ClickException):
+        run_like_ray(quote, ssh, run_env="auto")
+    assert [c[2] for c in ssh.calls] == [2, 0, 2]
+
+
+# ---- a worker that was stopped and is started again ----------------------------------------------------
+def _on_this_machine(command: str, export: str, target: str) -> tuple[str, int]:
+    """The NFS mount of the head's /shared -> a bind mount of `export`; /shared -> `target`."""
+    command, n = re.subn(r'-t nfs4(?: -o \S+)? "\$RAY_HEAD_IP:/shared"', f"--bind {export}", command)
+    return re.sub(r"(?<![\w:])/shared\b", target, command), n
+
+
+def _mounts_at(target: str) -> int:
+    return sum(line.split()[4] == target for line in open("/proc/self/mountinfo"))
+
+
+@pytest.fixture
+def mount_tools():
+    if not pg_helpers.is_root():
+        pytest.skip("mounting needs root (the cluster's commands use sudo mount)")
+    reason = pg_helpers.ensure_debian_packages({"sudo": "sudo", "mountpoint": "util-linux"})
+    if reason:
+        pytest.skip(reason)
+
+
+def test_restarted_worker_mounts_shared_before_ray_starts(cfg, tmp_path, mount_tools):
+    """A reused worker runs only its start commands ("Configuration already up to date, skipping file
+    mounts, initialization and setup commands"). Run alone, twice (a second restart), they leave
+    /shared mounted once and writable, and the files land in the head's export. Ray's own `ray stop` /
+    `ray start` lines are not run here (they would stop this machine's other Ray clusters); they are
+    checked to come after the mount and its check, and a failing check is shown to stop the sequence."""
+    steps = [s for s in launcher_steps(cfg, "gpu_1x_a10g") if s.stage == "start"]
+    order = [("mount" if " mount " in s.command else "check" if "mountpoint -q" in s.command and "touch" in s.command
+              else "ray start" if "ray start" in s.command else "other") for s in steps]
+    assert order.index("mount") < order.index("check") < order.index("ray start"), order
+    export, target = tmp_path / "head-export", str(tmp_path / "worker" / "shared")
+    export.mkdir()
+    local = []
+    for s in steps:
+        if not RAY_CMD.search(s.command):
+            command, n = _on_this_machine(s.command, str(export), target)
+            local.append((command, n, s.kwargs))
+    assert sum(n for _, n, _ in local) == 1, "the NFS mount of $RAY_HEAD_IP:/shared was not found"
+    ssh = LocalSSH(execute=True, env=local_shell_env(tmp_path / "home"))
+    try:
+        for _ in range(2):
+            for command, _, kwargs in local:
+                try:
+                    run_like_ray(command, ssh, **kwargs)
+                except click.ClickException:
+                    pytest.fail(f"start command failed:\n{command}\n{ssh.calls[-1][3]}")
+            assert _mounts_at(target) == 1, "mounted once, also after a second start"
+        (tmp_path / "worker" / "shared" / "state.pt").write_text("epoch 3")
+        assert (export / "state.pt").read_text() == "epoch 3", "written through the mount into the head's folder"
+        assert not list(export.glob(".write-test-*")), "the write check cleans up after itself"
+
+        # the same check on a worker whose /shared is not mounted stops before Ray starts
+        subprocess.run(["umount", target], check=True)
+        (check, _, kwargs) = [x for x in local if "touch" in x[0]][0]
+        with pytest.raises(click.ClickException):
+            run_like_ray(check, ssh, **kwargs)
+        assert f"capsweep: {target} is not mounted from the head or not writable here" in ssh.calls[-1][3]
+    finally:
+        while _mounts_at(target):
+            subprocess.run(["umount", "-l", target], check=False)
+
+
+# ---- the head's start commands ---------------------------------------------------------------------
+def _head_start(cfg: dict, needle: str):
+    (step,) = [s for s in launcher_steps(cfg, cfg["head_node_type"]) if s.stage == "start" and needle in s.command]
+    return step
+
+
+def test_head_pins_the_workers_ami_to_its_own(cfg, tmp_path):
+    """Workers are launched by the head's IAM role, which cannot resolve `resolve:ssm:` parameters: the
+    head rewrites ~/ray_bootstrap_config.yaml (written by `ray up` as JSON) with its own AMI id before the
+    autoscaler reads it. The instance-metadata lookup is replaced by a fixed id here (no EC2 metadata
+    service on this machine); the rewrite, and what Ray then reads back, are real."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    step = _head_start(cfg, "meta-data/ami-id")
+    lookup = r"\$\(TOKEN=\$\(curl [^)]*169\.254\.169\.254/latest/api/token\) && curl [^)]*/latest/meta-data/ami-id\)"
+    assert len(re.findall(lookup, step.command)) == 1, "IMDSv2: a token, then meta-data/ami-id"
+    home = tmp_path / "home"
+    env = local_shell_env(home)
+    boot = home / "ray_bootstrap_config.yaml"
+    original = json.dumps(prepare_config(cfg))
+    assert original.count('"ImageId": "resolve:ssm:') == len(cfg["available_node_types"])
+    boot.write_text(original)
+    ssh = LocalSSH(execute=True, env=env)
+    run_like_ray(re.sub(lookup, "$(echo ami-0123456789abcdef0)", step.command), ssh, **step.kwargs)
+    pinned = yaml.safe_load(boot.read_text())               # the autoscaler reads it with yaml
+    validate_config(pinned)
+    expected = json.loads(original)
+    for t in expected["available_node_types"].values():
+        t["node_config"]["ImageId"] = "ami-0123456789abcdef0"
+    assert pinned == expected, "every ImageId pinned, nothing else changed"
+    # no id from the metadata service: `ray up` stops here, the file is left as it was
+    boot.write_text(original)
+    with pytest.raises(click.ClickException):
+        run_like_ray(re.sub(lookup, "$(false)", step.command), ssh, **step.kwargs)
+    assert "cannot read this head's AMI id" in ssh.calls[-1][3]
+    assert boot.read_text() == original
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_head_start_fails_loudly_when_mlflow_does_not_answer(cfg, tmp_path):
+    """`systemctl restart mlflow` returns 0 even when the server then crash-loops; the next start
+    command polls its /health and stops `ray up` when it never answers. Here nothing listens on the
+    port, and the loop's 90 tries are cut to 2 (the passing case, against a real server on
+    PostgreSQL, is in tests/test_cluster_postgres.py)."""
+    step = _head_start(cfg, "/health")
+    assert "seq 90" in step.command and "127.0.0.1:5000" in step.command
+    command = step.command.replace("seq 90", "seq 2").replace("127.0.0.1:5000", f"127.0.0.1:{_free_port()}")
+    ssh = LocalSSH(execute=True, env=local_shell_env(tmp_path / "home"))
+    with pytest.raises(click.ClickException):
+        run_like_ray(command, ssh, **step.kwargs)
+    assert ssh.calls[-1][2] == 1 and "the MLflow server does not answer" in ssh.calls[-1][3]
