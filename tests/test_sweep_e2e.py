@@ -1,4 +1,5 @@
 """A real Ray Tune sweep end to end on a tiny config, checked through MLflow's own API, then the report.
+The sweep's space names depth 1 only: the runner adds the depth-0 references and the cnn controls.
 
 Also: resume after the driver is SIGKILLed mid-sweep (every trial exactly once, finished trials not
 rerun, nothing left RUNNING, the same parent run), a second sweep of the same name refused, and a
@@ -18,11 +19,16 @@ from tests.sweep_helpers import (background_sweep, capsweep_cmd, children, env_f
 
 
 
+# (trial.role, model.arch, model.depth) of the finished sweep's trials, each once per seed
+ROLES = [("candidate", "capsnet", "1"), ("control", "cnn", "1"), ("reference", "capsnet", "0")]
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
-    """One real sweep (depth 0/1 x 2 seeds x 2 epochs), run as a user runs it, reused by the checks."""
+    """One real sweep (depth 1 x 2 seeds x 2 epochs, + a depth-0 reference and a depth-1 cnn control
+    per seed), run as a user runs it, reused by the checks."""
     work = tmp_path_factory.mktemp("sweep")
-    spec = write_spec(work / "tiny.yaml", "tiny", "model.depth: {grid: [0, 1]}")
+    spec = write_spec(work / "tiny.yaml", "tiny", "model.depth: {grid: [1]}", extras=True)
     proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "2"), work, env_for_subprocess())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
@@ -32,14 +38,18 @@ def finished_sweep(tmp_path_factory):
 def test_sweep_logs_one_child_run_per_trial(finished_sweep):
     work, client, proc = finished_sweep
     assert "capsweep report --experiment capsweep --sweep tiny" in proc.stdout
+    assert "6 trials (2 candidates, 2 references, 2 controls)" in proc.stdout
     (parent,) = parents(client)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["capsweep.sweep"] == "tiny"
-    assert parent.data.metrics["trials_finished"] == 4
+    assert parent.data.metrics["trials_finished"] == 6
+    assert (parent.data.params["sweep.candidates"], parent.data.params["sweep.references"],
+            parent.data.params["sweep.controls"]) == ("2", "2", "2")
     kids = children(client)
-    assert len(kids) == 4
-    combos = sorted((r.data.params["model.depth"], r.data.params["train.seed"]) for r in kids)
-    assert combos == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    assert len(kids) == 6
+    combos = sorted((r.data.params["trial.role"], r.data.params["model.arch"], r.data.params["model.depth"],
+                     r.data.params["train.seed"]) for r in kids)
+    assert combos == [(*role, seed) for role in ROLES for seed in ("0", "1")]
     for r in kids:
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.info.status == "FINISHED"
@@ -55,13 +65,16 @@ def test_metric_histories_have_one_point_per_epoch(finished_sweep):
     for r in children(client):
         depth = int(r.data.params["model.depth"])
         names = ["val_acc", "test_acc", "train_loss", "grad_ratio", "images_per_s"]
-        names += [f"grad_norm/l{l}" for l in range(depth + 2)]
-        names += [f"dead_frac/l{l}" for l in range(depth + 2)]
-        names += [f"tree_score/l{l}" for l in range(1, depth + 2)]
-        names += [f"routing_dynamics/l{l}" for l in range(1, depth + 2)]
+        names += [f"{m}/l{l}" for m in ("grad_norm", "grad_rms", "act_grad", "dead_frac") for l in range(depth + 2)]
         for name in names:
             hist = client.get_metric_history(r.info.run_id, name)
             assert sorted(m.step for m in hist) == [0, 1], (name, [m.step for m in hist])
+        # routing probes are absent (n/a) in an epoch where a layer is dead, and the cnn has no routing
+        for l in range(1, depth + 2):
+            for name in (f"tree_score/l{l}", f"routing_dynamics/l{l}"):
+                steps = [m.step for m in client.get_metric_history(r.info.run_id, name)]
+                assert sorted(steps) == sorted(set(steps)) and set(steps) <= {0, 1}, (name, steps)
+                assert not steps or r.data.params["model.arch"] == "capsnet", name
         assert 0.0 <= r.data.metrics["val_acc"] <= 1.0
 
 
@@ -73,6 +86,8 @@ def test_artifacts_spec_and_resolved_config(finished_sweep):
     for r in children(client):
         cfg = yaml.safe_load(open(client.download_artifacts(r.info.run_id, "config.yaml")).read())
         assert cfg["model"]["depth"] == int(r.data.params["model.depth"])
+        assert cfg["model"]["arch"] == r.data.params["model.arch"]
+        assert "trial" not in cfg                   # the role is a param, not part of the run config
         assert cfg["train"]["seed"] == int(r.data.params["train.seed"])
         assert cfg["model"]["conv_kernel"] == 3
 
@@ -97,12 +112,13 @@ def test_same_name_is_refused(finished_sweep):
     proc = run(capsweep_cmd("run", str(work / "tiny.yaml")), work, env_for_subprocess(), timeout=120)
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and "--resume" in proc.stderr
-    assert len(children(client)) == 4 and len(parents(client)) == 1
+    assert len(children(client)) == 6 and len(parents(client)) == 1
 
 
 def test_driver_killed_then_resumed(tmp_path):
-    """SIGKILL the driver mid-sweep; --resume finishes: each trial once, finished ones not rerun."""
-    spec = write_spec(tmp_path / "res.yaml", "res", "model.depth: {grid: [0, 1, 2]}", seeds="[0]", epochs=4)
+    """SIGKILL the driver mid-sweep; --resume finishes: each trial once (the added reference and
+    control too), finished ones not rerun."""
+    spec = write_spec(tmp_path / "res.yaml", "res", "model.depth: {grid: [1]}", seeds="[0]", epochs=4, extras=True)
     env = env_for_subprocess()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     with background_sweep("run", str(spec), "--num-cpus", "1", cwd=tmp_path, env=env):
@@ -124,6 +140,7 @@ def test_driver_killed_then_resumed(tmp_path):
     after = children(client, sweep="res")
     assert len(after) == 3
     assert len({r.data.tags["capsweep.trial_id"] for r in after}) == 3
+    assert sorted(r.data.params["trial.role"] for r in after) == ["candidate", "control", "reference"]
     (parent_after,) = parents(client)
     assert parent_after.info.run_id == parent_before.info.run_id
     assert parent_after.info.status == "FINISHED"
