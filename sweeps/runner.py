@@ -232,19 +232,24 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     try:
         if not experiment_id:
             experiment_id = tracking.get_or_create_experiment(client, spec.mlflow.experiment)
+        expected = total_trials(spec)
         if parent is None:
             parent_id = create_parent(client, experiment_id, spec)
         else:
             parent_id = parent.info.run_id
+            # the size planned when the sweep started (Tune's restored search makes those trials, even
+            # if this code or the overrides would plan another, e.g. a sweep from before references)
+            expected = int(parent.data.params.get("sweep.trials") or expected)
             client.update_run(parent_id, status="RUNNING")
             client.set_tag(parent_id, tracking.STATUS, "running")
         init_ray(address, num_cpus)
-        return _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose)
+        return _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose, expected)
     finally:
         lock.release()
 
 
-def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose) -> SweepResult:
+def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose,
+          expected: int) -> SweepResult:
     import ray
     from ray import tune
     trainable = tune.with_resources(
@@ -253,7 +258,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     tp = _TrialParams(spec.base)
     logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
-                                        exp_dir, tp.params, tp.yaml, expected_trials=total_trials(spec))
+                                        exp_dir, tp.params, tp.yaml, expected_trials=expected)
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
         run_config = tuner._local_tuner.get_run_config()   # swap in a logger bound to this driver
@@ -278,7 +283,6 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
         interrupted = True
     statuses = dict(logger.statuses)
     done = all(s in tracking.FINAL for s in statuses.values())
-    expected = total_trials(spec)
     if len(statuses) < expected or not done:
         interrupted = True
     if interrupted:
