@@ -377,10 +377,9 @@ def candidate_trials(spec: SweepSpec) -> int:
 def trial_counts(spec: SweepSpec) -> dict:
     """{candidate, reference, control}: trials per role (sweeps/extras.py adds the last two)."""
     from sweeps import extras
-    added = extras.extra_trials(spec)
-    return {"candidate": candidate_trials(spec),
-            "reference": sum(p[ROLE_KEY] == "reference" for p in added),
-            "control": sum(p[ROLE_KEY] == "control" for p in added)}
+    roles = [p[ROLE_KEY] for p in extras.extra_trials(spec)]
+    return {extras.CANDIDATE: candidate_trials(spec), extras.REFERENCE: roles.count(extras.REFERENCE),
+            extras.CONTROL: roles.count(extras.CONTROL)}
 
 
 def total_trials(spec: SweepSpec) -> int:
