@@ -41,9 +41,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.cluster_helpers import CLUSTER_YAML, mlflow_unit
 from tests.sweep_helpers import ROOT, capsweep_cmd, children, env_for_subprocess, parents, wait_for, write_spec
 
-CLUSTER_YAML = ROOT / "cluster.yaml"
 BIN = Path(sys.executable).parent          # the venv: its `ray` and `mlflow`, and `python` for the job
 
 
@@ -69,14 +69,6 @@ def _ray_start(cfg: dict, key: str) -> tuple[dict, list[str]]:
         env[k] = v
     assert words[:2] == ["ray", "start"], line
     return env, words[2:]
-
-
-def _mlflow_server(cfg: dict) -> list[str]:
-    text = "\n".join(_commands(cfg))
-    (line,) = re.findall(r"^ExecStart=(\S*mlflow server .*)$", text, flags=re.M)
-    argv = shlex.split(line)
-    assert Path(argv[0]).name == "mlflow" and argv[1] == "server"
-    return argv[2:]
 
 
 def test_cluster_yaml_passes_rays_validator(cluster_cfg):
@@ -108,7 +100,7 @@ def test_cluster_commands_parse_with_the_real_clis(cluster_cfg):
     worker = ray_start.make_context("start", worker_argv)
     assert not worker.params["head"] and worker.params["address"] == f"$RAY_HEAD_IP:{head.params['port']}"
     assert head_env == worker_env == {"RAY_AUTH_MODE": "token"}, "Ray token authentication on every node"
-    srv = mlflow_server.make_context("server", _mlflow_server(cluster_cfg))
+    srv = mlflow_server.make_context("server", mlflow_unit(cluster_cfg)[0])
     assert srv.params["host"] == "127.0.0.1"
     # a real database, reached over the local socket as the OS user: no user, password or TCP host
     from sqlalchemy.engine import make_url
@@ -328,9 +320,12 @@ def two_node_cluster(tmp_path_factory):
         return True
 
     def start_worker(name: str = "n1", off: int = 60) -> subprocess.Popen:
-        """The second node (again, after a test killed it: give it a new temp folder and port offset)."""
-        worker = _popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{ports['gcs']}", *node_args(name, off)],
-                        env, work / f"{name}.log")
+        """The second node (again, after a test killed it: give it a new temp folder and port offset).
+        Like cluster.yaml's workers it offers a GPU and the head none: `--num-gpus=1` declares Ray's GPU
+        resource (this machine has no GPU; a trial given it sees CUDA_VISIBLE_DEVICES=0, finds no CUDA
+        device and trains on the CPU), so a trial that asks for resources.gpu=1 can only run here."""
+        worker = _popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{ports['gcs']}", *node_args(name, off),
+                         "--num-gpus=1"], env, work / f"{name}.log")
         groups.append(worker.pid)
         nodes["worker"] = worker
         wait_for(lambda: running(worker, f"{name}.log") and len(dash.alive_nodes()) == 2, 90,
@@ -413,7 +408,7 @@ def test_submit_runs_a_sweep_across_two_nodes(two_node_cluster):
     for r in kids:
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.info.status == "FINISHED" and r.data.tags["capsweep.status"] == "finished"
-        for name in ("val_acc", "train_loss", "grad_ratio", "dead_frac/l1", "tree_score/l1"):
+        for name in ("val_acc", "train_loss", "grad_ratio", "dead_frac/l1", "act_mean/l1"):
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, name)) == [0, 1], name
         # artifacts go through the server (--serve-artifacts) into its --artifacts-destination
         assert r.info.artifact_uri.startswith("mlflow-artifacts:")
@@ -421,6 +416,31 @@ def test_submit_runs_a_sweep_across_two_nodes(two_node_cluster):
         assert cfg["model"]["depth"] == int(r.data.params["model.depth"])
     assert list((work / "artifacts").rglob("config.yaml")), "artifacts landed in --artifacts-destination"
     assert (work / "shared" / "ray_results" / "multi").is_dir(), "Tune state in the spec's storage_path"
+
+
+def test_submit_gives_an_optuna_sweep_the_clusters_concurrency(two_node_cluster):
+    """An Optuna sweep left at max_concurrent 0 would keep one trial pending at a time (the autoscaler
+    would see one trial's demand): `capsweep submit` counts the cluster (two nodes of one CPU each, CPU
+    trials of one CPU; its nodes carry no cluster.yaml node types, so no autoscaler bound is added) and
+    sends max_concurrent=2 with the job, which runs to the end with both trials."""
+    c = two_node_cluster
+    work, dash = c["work"], c["dash"]
+    spec = write_spec(work / "opt.yaml", "opt", "model.depth: {choice: [0, 1]}", seeds="[0]", epochs=1,
+                      storage=str(work / "shared" / "ray_results"),
+                      extra="search: {algorithm: optuna}\nnum_samples: 2\n")
+    proc = subprocess.run(capsweep_cmd("submit", str(spec), f"mlflow.tracking_uri={c['mlflow']}",
+                                       "mlflow.experiment=optuna", "--address", dash.url),
+                          cwd=work, env=c["env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "capsweep: max_concurrent=2 (2 CPU on the cluster's nodes now, resources.cpu=1 per trial)" in proc.stderr
+    (job_id,) = re.findall(r"as Ray job (\S+)", proc.stdout)
+    c["job"]["id"] = job_id
+    assert dash.job(job_id)["entrypoint"].endswith(" max_concurrent=2")
+    info = wait_for(lambda: (j := dash.job(job_id))["status"] in ("SUCCEEDED", "FAILED", "STOPPED") and j,
+                    240, interval=2, what=f"Ray job {job_id}")
+    assert info["status"] == "SUCCEEDED", dash.logs(job_id)[-4000:]
+    kids = children(MlflowClient(c["mlflow"]), "optuna", "opt")
+    assert len(kids) == 2 and all(r.data.tags["capsweep.status"] == "finished" for r in kids)
 
 
 def _descendants(root: int) -> list[int]:
@@ -474,10 +494,13 @@ def _results(trial_dir: Path) -> list[dict]:
 
 
 def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
-    """Fault: a worker node dies mid-trial (SIGKILL of its raylet and everything under it). Ray declares
-    the node dead, Tune retries the trial (FailureConfig.max_failures) on the surviving node, the trial
-    continues from the state it saved after its last epoch on the shared storage, and the sweep
-    completes: one MLflow run per trial, every epoch logged once."""
+    """Fault: a worker node dies mid-trial (SIGKILL of its raylet and everything under it). The trials
+    ask for a GPU, which only the worker node offers (as on the cluster, whose head has none), so the
+    first attempt runs there whatever the scheduler prefers, and the two trials run one after the other.
+    Ray declares the node dead, a replacement node joins (the autoscaler's part on the cluster), Tune
+    retries the trial there (FailureConfig.max_failures), the trial continues from the state it saved
+    after its last epoch on the shared storage, and the sweep completes: one MLflow run per trial, every
+    epoch logged once, and no trial ever on the head."""
     c = two_node_cluster
     work, dash = c["work"], c["dash"]
     name, epochs = "nodekill", 40
@@ -489,8 +512,9 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
     client = MlflowClient(c["mlflow"])
     log = work / f"{name}.log"
     driver = _popen(capsweep_cmd("run", str(spec), f"mlflow.tracking_uri={c['mlflow']}",
-                                 "mlflow.experiment=faults", "max_failures=2", "--address", c["gcs"]),
-                    c["env"], log)
+                                 "mlflow.experiment=faults", "max_failures=2", "resources.gpu=1",
+                                 "--address", c["gcs"]), c["env"], log)
+    replacement_id = None
     try:
         def driver_alive() -> bool:
             assert driver.poll() is None, f"the sweep driver exited early ({driver.returncode}): " + \
@@ -522,6 +546,8 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
         killed_at = time.time()
         wait_for(lambda: worker_id not in dash.alive_nodes(), 60, interval=1, what="Ray to declare the node dead")
         detected_s = time.time() - killed_at
+        c["start_worker"]("n2", 110)                  # the module's cluster has two nodes again
+        (replacement_id,) = dash.alive_nodes() - {head_id}
 
         try:
             rc = driver.wait(timeout=300)
@@ -532,8 +558,8 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
-        if worker_id not in dash.alive_nodes():
-            c["start_worker"]("n2", 110)          # the module's cluster has two nodes again
+        if replacement_id is None and worker_id not in dash.alive_nodes():
+            c["start_worker"]("n2", 110)
 
     # one child run per trial, all finished; the killed trial's retry is counted on its own run
     (parent,) = parents(client, "faults")
@@ -570,11 +596,12 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
     assert logged == {r["epoch"]: r["val_acc"] for r in res}, "MLflow holds the values Tune received"
 
-    # Ray's record: the first attempt ran on the killed node, the retry on the head
+    # Ray's record: the first attempt ran on the killed node; the retry and the other trial on the
+    # replacement; nothing on the head
     job_actors = [a for a in dash.state("actors", detail="true")
                   if _is_trial(a) and a["job_id"] == actor["job_id"]]
-    where = {head_id: "head", worker_id: "killed node"}
+    where = {head_id: "head", worker_id: "killed node", replacement_id: "replacement"}
     assert sorted((where.get(a["node_id"], a["node_id"]), a["state"]) for a in job_actors) == [
-        ("head", "DEAD"), ("head", "DEAD"), ("killed node", "DEAD")], job_actors
+        ("killed node", "DEAD"), ("replacement", "DEAD"), ("replacement", "DEAD")], job_actors
     print(f"node declared dead {detected_s:.1f} s after the kill; trial {tid}: epochs 0..{k} on the killed node, "
-          f"{r0}..{epochs - 1} on the head")
+          f"{r0}..{epochs - 1} on the replacement node")
