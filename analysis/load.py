@@ -187,8 +187,9 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
     # A metric the trial does not log is absent (n/a), never 0: grad_ratio = 0/0 stays absent
     # (docs/PROBES.md). A capsweep trial always logs test_acc and per-layer gradient probes.
     grad_cols = [c for c in trials.columns if str(c).startswith(GRAD_PROBE_PREFIXES)]
-    has_probes = trials["test_acc"].notna().to_numpy() if "test_acc" in trials else np.zeros(len(trials), bool)
-    has_probes &= trials[grad_cols].notna().any(axis=1).to_numpy() if grad_cols else False
+    has_acc = trials["test_acc"].notna().to_numpy() if "test_acc" in trials else np.zeros(len(trials), bool)
+    has_grad = trials[grad_cols].notna().any(axis=1).to_numpy() if grad_cols else np.zeros(len(trials), bool)
+    has_probes = has_acc & has_grad
     if not (has_probes & finished.to_numpy()).any():
         raise AnalysisError(f"no finished trial of sweep {sweep!r} logs the capsweep probes "
                             f"({', '.join(REQUIRED_PROBES)}); were these runs written by another tool?")

@@ -45,11 +45,13 @@ HIDDEN_ONLY = {"starved_worst", "dead_worst", "frozen_worst"}
 
 
 def _grid(n: int, width: float = 4.3, height: float = 3.3) -> tuple[Figure, list]:
-    ncols = min(3, n)
+    """n panels sharing one y axis (so panels compare at a glance), 2 or 3 to a row."""
+    ncols = 2 if n in (2, 4) else min(3, n)
     nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(width * ncols + 0.4, height * nrows + 0.9), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
+    axes = [fig.add_subplot(nrows, ncols, 1)]
+    axes += [fig.add_subplot(nrows, ncols, i + 1, sharey=axes[0]) for i in range(1, n)]
     for ax in axes:
         ax.grid(True, alpha=0.3)
     return fig, axes
@@ -84,26 +86,37 @@ def layout(df: pd.DataFrame, x: str, swept: list[str], hue: Optional[str] = None
     return hue, [f for f in others if f != hue]
 
 
-def _panels(df: pd.DataFrame, panel_factors: list[str]) -> list[tuple[str, pd.DataFrame]]:
-    """(title, rows) per combination of the panel factors that occurs in df."""
+def _panels(df: pd.DataFrame, panel_factors: list[str]) -> list[tuple[str, dict]]:
+    """(title, {factor: level}) per combination of the panel factors that occurs in df."""
     if not panel_factors:
-        return [("", df)]
+        return [("", {})]
     names = short_names(panel_factors)
     keys = df[panel_factors].fillna("").astype(str)
     out = []
     for combo in itertools.product(*(_levels(df, f) for f in panel_factors)):
-        sel = (keys == pd.Series(combo, index=panel_factors)).all(axis=1)
-        if sel.any():
-            out.append((", ".join(f"{names[f]}={v}" for f, v in zip(panel_factors, combo)), df[sel]))
+        if (keys == pd.Series(combo, index=panel_factors)).all(axis=1).any():
+            out.append((", ".join(f"{names[f]}={v}" for f, v in zip(panel_factors, combo)),
+                        dict(zip(panel_factors, combo))))
     return out
 
 
-def _x_positions(df: pd.DataFrame, x: str) -> tuple[pd.Series, Optional[list]]:
-    """Numeric x per row, and the tick labels when x is categorical (levels at 0, 1, ...)."""
+def _select(df: pd.DataFrame, levels: dict) -> pd.DataFrame:
+    """The rows of df at the given factor levels."""
+    keep = np.ones(len(df), dtype=bool)
+    for f, v in levels.items():
+        keep &= (df[f].fillna("").astype(str) == v).to_numpy()
+    return df[keep]
+
+
+def _x_positions(df: pd.DataFrame, x: str) -> tuple[pd.Series, list, Optional[list]]:
+    """Numeric x per row, the positions of all levels, and the tick labels when x is categorical (levels
+    at 0, 1, ...)."""
     if factor_kind(df[x]) == "numeric":
-        return pd.to_numeric(df[x], errors="coerce"), None
+        xs = pd.to_numeric(df[x], errors="coerce")
+        return xs, sorted(xs.dropna().unique().tolist()), None
     levels = _levels(df, x)
-    return df[x].fillna("").astype(str).map({v: i for i, v in enumerate(levels)}).astype(float), levels
+    xs = df[x].fillna("").astype(str).map({v: i for i, v in enumerate(levels)}).astype(float)
+    return xs, list(range(len(levels))), levels
 
 
 def _clip(v: float, bounds) -> float:
@@ -146,7 +159,8 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
     ylabel, bounds, base_title = axis or PROBE_AXES[y]
     name_x = _factor_label(x)
     title = title or f"{base_title} against {name_x}"
-    df = trials[(trials["status"] == "finished") & trials[y].notna()]
+    fin = trials[trials["status"] == "finished"]
+    df = fin[fin[y].notna()]
     if x not in trials or len(_levels(trials, x)) < 2:
         return {"title": title, "skipped": f"{name_x} did not vary"}
     if df.empty:
@@ -158,11 +172,15 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
     fig, axes = _grid(len(panels))
     hue_levels = _levels(df, hue) if hue else [""]
     colors = {h: f"C{i % 10}" for i, h in enumerate(hue_levels)}
-    xs_all, ticks = _x_positions(df, x)
-    span = (xs_all.max() - xs_all.min()) or 1.0
+    xs_all, positions, ticks = _x_positions(fin, x)
+    span = (max(positions) - min(positions)) or 1.0
     dodge = 0.06 * span / max(1, len(hue_levels))
     counts: list[int] = []
-    for ax, (ptitle, pdf) in zip(axes, panels):
+    for ax, (ptitle, levels) in zip(axes, panels):
+        pdf = _select(df, levels)
+        missing = sorted(set(xs_all.loc[_select(fin, levels).index].dropna()) - set(xs_all.loc[pdf.index]))
+        for xv in missing:       # the factor level exists in this panel, the probe does not: say so
+            ax.text(xv, 0.03, "n/a", transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="grey")
         for i, h in enumerate(hue_levels):
             g = pdf if not hue else pdf[pdf[hue].fillna("").astype(str) == h]
             if g.empty:
@@ -182,9 +200,10 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
         ax.set_xlabel(name_x, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         if ticks is not None:
-            ax.set_xticks(range(len(ticks)), ticks)
-        elif x in ("model.depth", "model.iterations"):
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_xticks(positions, ticks)
+        elif len(positions) <= 12:
+            ax.set_xticks(positions, [f"{v:g}" for v in positions])
+        ax.set_xlim(min(positions) - 0.08 * span, max(positions) + 0.08 * span)
         ax.tick_params(labelsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:
@@ -193,7 +212,7 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
                 handles.append(h)
                 labels.append(l)
     if labels:
-        fig.legend(handles, labels, loc="outside upper right", fontsize=8, ncols=min(4, len(labels)))
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=min(6, len(labels)))
     fig.suptitle(title, fontsize=11)
     n_range = f"{min(counts)}" if counts and min(counts) == max(counts) else \
         f"{min(counts)}-{max(counts)}" if counts else "0"
@@ -212,7 +231,8 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
         caption += f" Dotted line: {threshold[1]}."
     if null:
         caption += (" Dashed with hollow markers: the same statistic on the null (children's votes permuted "
-                    "across inputs); where routing cannot act the value is n/a and not drawn.")
+                    "across inputs).")
+    caption += " 'n/a' on the axis: configurations that exist but do not log this probe (not drawn as 0)."
     if y in HIDDEN_ONLY:
         caption += " Depth 0 has no hidden layer: n/a, not drawn."
     return {"file": _save(fig, out_dir, fname), "title": title, "caption": caption}

@@ -58,11 +58,11 @@ h1{font-size:1.4em;margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-b
 .instrument{font-size:1.1em;font-weight:600;padding:.4em .8em;border-radius:6px;margin:.3em 0}
 .yes{background:#e3f6e5;color:#11632a} .no{background:#fbe5e5;color:#8a1c1c} .und{background:#fff3cd;color:#6b5000}
 .test{margin:.4em 0 .8em 0}
-table{border-collapse:collapse;font-size:.82em;margin:.5em 0;width:100%}
+table{border-collapse:collapse;font-size:.8em;margin:.5em 0;width:100%}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#f3f3f3;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.ok{background:#e8f6ea} td.bad{background:#fbe0e0} td.unk{background:#fff6d6}
-td.v{font-weight:700;white-space:nowrap} td.v.ok{color:#11632a} td.v.bad{color:#8a1c1c} td.v.unk{color:#6b5000}
+td.v{font-weight:700} .ci{font-size:.85em;color:#555} .m{white-space:nowrap} td.v.ok{color:#11632a} td.v.bad{color:#8a1c1c} td.v.unk{color:#6b5000}
 tr.reference td{color:#445} tr.why td{border-top:none;background:#fafafa;font-size:.95em;color:#333}
 tr.main td{border-bottom:none}
 details summary{cursor:pointer;color:#345} ul.checks{margin:.2em 0 .2em 1.2em;padding:0}
@@ -84,28 +84,28 @@ def _n(x, digits: int = 3, signed: bool = False) -> str:
     return f"{x:+.{digits}g}" if signed else f"{x:.{digits}g}"
 
 
-def _interval(fig: dict, signed: bool = False) -> str:
-    """'mean [lo, hi]'; one seed or equal seeds: the mean alone; absent: n/a."""
+def _interval(fig: Optional[dict], signed: bool = False) -> tuple[str, str]:
+    """('mean', '[lo, hi]'); one seed or equal seeds: no interval; absent: ('n/a', '')."""
     if fig is None or fig.get("mean") is None:
-        return "n/a"
+        return "n/a", ""
     m = _n(fig["mean"], signed=signed)
     if fig.get("lo") is None or fig.get("hi") is None or fig["lo"] == fig["hi"]:
-        return m
-    return f"{m} [{_n(fig['lo'], signed=signed)}, {_n(fig['hi'], signed=signed)}]"
+        return m, ""
+    return m, f"[{_n(fig['lo'], signed=signed)}, {_n(fig['hi'], signed=signed)}]"
 
 
-def _cell(cfg: dict, key: str, null: Optional[str]) -> str:
-    """Text of one table cell: the figure's mean [bounds] (with its null), or the accuracy difference."""
+def _cell(cfg: dict, key: str, null: Optional[str]) -> tuple[str, str]:
+    """One table cell as (value, interval): the figure's mean and bounds (the value followed by its null
+    in parentheses), or the accuracy difference with its Welch bounds."""
     if key == "_acc_diff":
-        chk = _check_of(cfg, "accuracy")
-        test = (chk or {}).get("test")
+        test = (_check_of(cfg, "accuracy") or {}).get("test")
         if not test or test.get("diff") is None:
-            return "n/a"
+            return "n/a", ""
         return _interval({"mean": test["diff"], "lo": test["lo"], "hi": test["hi"]}, signed=True)
-    text = _interval(cfg["figures"][key])
+    value, ci = _interval(cfg["figures"][key])
     if null:
-        text += f" ({_n(cfg['figures'][null]['mean'])})"
-    return text
+        value += f" ({_n(cfg['figures'][null]['mean'])})"
+    return value, ci
 
 
 def _check_of(cfg: dict, name: Optional[str]) -> Optional[dict]:
@@ -207,22 +207,24 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
         for key, _, check, null in COLUMNS:
             chk = _check_of(cfg, check)
             cls = f"num {_OUTCOME_CLASS[chk['outcome']]}" if chk else "num"
-            cells.append(f"<td class='{cls}'>{_t(_cell(cfg, key, null))}</td>")
+            value, ci = _cell(cfg, key, null)
+            cells.append(f"<td class='{cls}'><span class='m'>{_t(value)}</span>" + (f"<br><span class='ci'>{_t(ci).replace(', ', ',<wbr> ')}</span>" if ci else "")
+                         + "</td>")
         row_cls = "reference" if cfg["role"] == "reference" else "main"
         parts.append(f"<tr class='{row_cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td>"
                      f"<td class='v {vcls}'>{_t(role + cfg['verdict'])}</td>"
                      f"<td class='num'>{cfg['n_seeds']}/{total}</td>{''.join(cells)}</tr>")
         if cfg["checks"]:
-            why = _why(cfg) or "every check passes"
+            why = _why(cfg)
             shown = "".join(f"<li>{_t(ch['text'])}</li>" for ch in cfg["checks"] if ch["outcome"] != "pass")
             every = "".join(f"<li><b>{_t(ch['outcome'])}</b>: {_t(ch['text'])}</li>" for ch in cfg["checks"])
             ref = cfg["reference"] or {}
             ref_text = (f"reference: {ref.get('how')} depth-0 {ref.get('arch')} from {ref.get('source')}, "
                         f"{ref.get('n_trials')} trial(s)") if ref.get("n_trials") else "no reference"
-            parts.append(f"<tr class='why'><td></td><td colspan='{ncols - 1}'><b>{_t(why)}</b>"
-                         f"{'<ul class=checks>' + shown + '</ul>' if shown else ''}"
-                         f"<details><summary>all checks ({_t(ref_text)})</summary><ul class='checks'>{every}"
-                         "</ul></details></td></tr>")
+            head = f"<b>{_t(why)}</b><ul class='checks'>{shown}</ul>" if shown else ""
+            summary = f"{'' if shown else '<b>every check passes</b>; '}all checks ({_t(ref_text)})"
+            parts.append(f"<tr class='why'><td></td><td colspan='{ncols - 1}'>{head}<details><summary>{summary}"
+                         f"</summary><ul class='checks'>{every}</ul></details></td></tr>")
     parts.append("</table>")
 
     parts.append("<h2>Thresholds and rules</h2><table><tr><th>parameter</th><th>meaning</th><th>value</th></tr>")
@@ -331,7 +333,7 @@ def render_markdown(verdict: dict, figures: list[dict]) -> str:
         if cfg["role"] == "control":
             v = f"control: {v}"
         out.append(f"| {cfg['id']} | {_md(cfg['label'])} | {v} | {cfg['n_seeds']}/{sum(cfg['statuses'].values())} | "
-                   + " | ".join(_md(_cell(cfg, key, null)) for key, _, _, null in COLUMNS) + " |")
+                   + " | ".join(_md(" ".join(_cell(cfg, key, null)).strip()) for key, _, _, null in COLUMNS) + " |")
     out += ["", "### Why (checks that did not pass)", ""]
     for cfg in _sorted_configs(verdict):
         bad = [ch for ch in cfg["checks"] if ch["outcome"] != "pass"]

@@ -58,6 +58,11 @@ PROBES = ("test_acc", "grad_ratio", "act_grad_min", "starved_worst", "dead_worst
           "tree_score", "routing_dynamics")
 NULLS = {"tree_score": "tree_score_null", "routing_dynamics": "routing_dynamics_null"}
 LOG_PROBES = {"grad_ratio", "act_grad_min"}
+# The range of each bounded probe: the figures' bounds are clipped to it (the checks use the bounds as
+# computed; a t bound past 0 or 1 only says the interval is wide).
+RANGES = {"test_acc": (0.0, 1.0), "starved_worst": (0.0, 1.0), "dead_worst": (0.0, 1.0),
+          "frozen_worst": (0.0, 1.0), "tree_score": (0.0, 1.0), "tree_score_null": (0.0, 1.0),
+          "routing_dynamics": (0.0, math.inf), "routing_dynamics_null": (0.0, math.inf)}
 FIGURES = PROBES + tuple(NULLS.values())
 NUM_CLASSES = {"mnist": 10, "mnist5k": 10, "fashion_mnist": 10, "digits": 10, "cifar10": 10,
                "svhn": 10, "smallnorb": 5}
@@ -495,8 +500,13 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
 
 
 def _figure_dict(probe: str, iv: Interval) -> dict:
-    """A probe's mean and bounds for the report; log10 probes are given back as 10^x (geometric mean)."""
+    """A probe's mean and bounds for the report; log10 probes are given back as 10^x (geometric mean);
+    bounds of a bounded probe are clipped to its range (RANGES)."""
     d = iv.as_dict()
+    if probe in RANGES:
+        lo, hi = RANGES[probe]
+        d["lo"] = None if d["lo"] is None else max(lo, d["lo"])
+        d["hi"] = None if d["hi"] is None else min(hi, d["hi"])
     if probe in LOG_PROBES:
         d = {k: (None if v is None else 10 ** v) if k in ("mean", "lo", "hi") else v for k, v in d.items()}
         d["scale"] = "geometric"
@@ -519,18 +529,19 @@ def _answer(escaped: str, escapes: list, cands: list, undecided: list) -> str:
 
 
 def _instrument_text(instrument: str, controls: list) -> str:
+    """The sentence after 'Instrument: <status>.' on the report's second line."""
     if instrument == "no control":
-        return ("No control: the sweep has no cnn control at depth >= 1, so the thresholds are not "
-                "validated for this sweep")
+        return ("not validated: the sweep has no cnn control at depth >= 1, so nothing shows that the "
+                "thresholds let a healthy deep network pass")
     if instrument == "validated":
-        return (f"Instrument validated: all {len(controls)} cnn control configuration(s) (depth >= 1, a "
-                "healthy network) pass the same checks")
+        return (f"all {len(controls)} cnn control configuration(s) (depth >= 1, healthy networks) pass the "
+                "same checks")
     bad = [c["id"] for c in controls if c["outcome"] != PASS]
     if instrument == "control failed":
-        return (f"Instrument NOT validated: cnn control(s) {', '.join(bad)} fail the same checks, so the "
-                "thresholds are wrong for this sweep and its 'no' may be the instrument's, not the networks'")
-    return (f"Instrument not validated: cnn control(s) {', '.join(bad)} do not pass the same checks "
-            "(undecided: more seeds needed)")
+        return (f"NOT validated: cnn control(s) {', '.join(bad)} fail the same checks, so the thresholds are "
+                "wrong for this sweep and its 'no' may be the instrument's, not the networks'")
+    return (f"not validated: cnn control(s) {', '.join(bad)} do not pass the same checks (undecided: more "
+            "seeds needed)")
 
 
 def _test_text(th: Thresholds) -> str:

@@ -1,15 +1,21 @@
 """Tests of the analysis package against a real MLflow store (sqlite in tmp), no mocks.
 
-The store holds runs written in the sweep runner's layout with known values:
-  sweep "s1": a depth-0 reference (3 seeds) and six depth >= 1 configurations, one built to escape
-  (E: healthy grad ratios, few dead capsules, better accuracy) and five built not to, one reason each
-  (V vanishing grad_ratio + a failed seed, D many dead capsules, A accuracy below the shallow net,
-  C collapsed: grad_ratio 1 but every layer's gradient 1e-6, X a diverged seed, S a seed stopped early
-  by the scheduler), plus a CNN baseline;
-  sweep "tiny" (logged last): depth 0..3, one seed each, accuracies chosen for a hand-computed Spearman rho;
+The store holds runs written in the sweep runner's layout with known values, with the probes of
+docs/PROBES.md (act_grad, starved_frac, frozen_frac, routing nulls):
+  sweep "s1": a depth-0 reference (3 seeds) and depth >= 1 configurations, one built to escape
+  (E: healthy gradients, few dead capsules, better accuracy), one built to be undecided (U: accuracy
+  whose interval straddles the margin) and the others built not to escape, one reason each (V vanishing
+  grad_ratio + a failed seed, D many dead capsules, F frozen capsules, T starved capsules, A accuracy
+  below the shallow net, C collapsed: grad_ratio 1 but every layer's act_grad 1e-6, X a diverged seed,
+  S a seed stopped early by the scheduler), plus cnn at depth 0 (the controls' reference) and depth 2
+  (a control that passes);
+  sweep "deep": one healthy depth-2 CapsNet without any depth-0 trial (for --reference s1);
+  sweep "tiny" (logged last): depth 0..3, one seed each, logged with the old probes only (no act_grad,
+  starved, frozen or nulls), accuracies chosen for a hand-computed Spearman rho;
   experiments "empty", "othertool" (runs without capsweep tags or probes) and "noprobes" (capsweep tags,
   no probes).
-Expected numbers are derived here independently (the bootstrap is written out with numpy, rho by hand).
+Expected numbers are derived here independently (t bounds and Welch's test from the formula with
+scipy.stats.t, rho by hand).
 """
 from __future__ import annotations
 
@@ -32,14 +38,15 @@ from analysis import cli
 from analysis.load import fetch_histories, load_sweep
 from analysis.errors import AnalysisError
 from analysis.report import write_report
-from analysis.stats import bootstrap_mean
 from analysis.verdict import Thresholds, compute_verdict, verdict_json
+from scipy import stats
 
 EPOCHS = 3
 BASE = {"model.arch": "capsnet", "model.routing": "dynamic", "model.iterations": 3, "model.caps_dim": 8,
         "data.name": "mnist5k", "data.train_size": 1.0, "train.dead_tau": 0.01}
 E_GRAD, E_DEAD, E_ACC = [0.5, 0.6, 0.7], [0.1, 0.05, 0.2], [0.92, 0.93, 0.91]
 TINY_ACC = [0.9, 0.7, 0.8, 0.6]  # depth 0, 1, 2, 3
+U_ACC = [0.88, 0.91, 0.86]       # mean 0.883 against the reference's 0.90: straddles the margin
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -52,26 +59,52 @@ def start_sweep(client: MlflowClient, exp_id: str, sweep: str) -> str:
 
 
 def capsnet_metrics(depth: int, *, grad_ratio: float, dead_hidden: float, test_acc: float,
-                    grad_scale: float = 0.05) -> dict[str, float]:
-    """Final-epoch metrics of a CapsNet with `depth` hidden layers. Grad norms fall geometrically from
-    l1 (= grad_scale) to l{depth+1} (= grad_scale / grad_ratio), so their ratio is grad_ratio; l0 =
-    grad_scale. Hidden layers have dead_frac = dead_hidden, primaries and class capsules 0."""
+                    grad_scale: float = 0.05, seed: int = 0, starved: float = 0.0, frozen: float = 0.0,
+                    new_probes: bool = True) -> dict[str, float]:
+    """Final-epoch metrics of a CapsNet with `depth` hidden layers. act_grad (and grad_norm) fall
+    geometrically from l1 (= grad_scale, times 1 + 0.05 seed so seeds differ) to l{depth+1} (= that / 
+    grad_ratio), so their ratio is grad_ratio; l0 = l1. Hidden layers have dead_frac = dead_hidden,
+    starved_frac = starved, frozen_frac = frozen; primaries and class capsules 0. new_probes=False: the
+    metrics an old sweep logged (no act_grad, grad_rms, starved, frozen, nulls)."""
     last = depth + 1
     ratio = grad_ratio if depth > 0 else 1.0
+    scale = grad_scale * (1 + 0.05 * seed)
     m = {"test_acc": test_acc, "val_acc": test_acc + 0.01, "train_acc": test_acc + 0.02,
          "test_loss": 1 - test_acc, "val_loss": 1 - test_acc, "train_loss": 0.9 - test_acc,
-         "grad_ratio": ratio, "images_per_s": 500.0, "peak_mem_mb": 100.0, "time_s": 1.0,
-         "grad_norm/l0": grad_scale}
-    for l in range(1, last + 1):
-        frac = (l - 1) / (last - 1) if last > 1 else 0.0
-        m[f"grad_norm/l{l}"] = grad_scale * (1.0 / ratio) ** frac
+         "grad_ratio": ratio, "images_per_s": 500.0, "peak_mem_mb": 100.0, "time_s": 1.0}
     for l in range(0, last + 1):
-        m[f"dead_frac/l{l}"] = dead_hidden if 1 <= l <= depth else 0.0
+        frac = (l - 1) / (last - 1) if last > 1 and l >= 1 else 0.0
+        g = scale * (1.0 / ratio) ** frac
+        m[f"grad_norm/l{l}"] = g
+        hidden = 1 <= l <= depth
+        m[f"dead_frac/l{l}"] = dead_hidden if hidden else 0.0
         m[f"act_mean/l{l}"] = 0.3
         m[f"squash_gain/l{l}"] = 0.4
+        if new_probes:
+            m[f"act_grad/l{l}"] = g
+            m[f"grad_rms/l{l}"] = g / 100
+            m[f"starved_frac/l{l}"] = starved if hidden else 0.0
+            m[f"frozen_frac/l{l}"] = frozen if hidden else 0.0
         if l >= 1:
             m[f"tree_score/l{l}"] = 0.3
             m[f"routing_dynamics/l{l}"] = 0.02
+            if new_probes:
+                m[f"tree_score_null/l{l}"] = 0.1
+                m[f"routing_dynamics_null/l{l}"] = 0.005
+    m["dead_frac_max"] = dead_hidden if depth else 0.0
+    if new_probes:
+        m["starved_frac_max"] = starved if depth else 0.0
+        m["frozen_frac_max"] = frozen if depth else 0.0
+    return m
+
+
+def cnn_metrics(depth: int, test_acc: float, seed: int) -> dict[str, float]:
+    """A healthy cnn control: act_grad 0.1 on every layer, nothing dead, starved or frozen, no routing."""
+    m = {"test_acc": test_acc, "val_acc": test_acc, "grad_ratio": 1.0}
+    for l in range(depth + 2):
+        m[f"grad_norm/l{l}"] = m[f"act_grad/l{l}"] = 0.1 * (1 + 0.05 * seed)
+        for name in ("dead_frac", "starved_frac", "frozen_frac"):
+            m[f"{name}/l{l}"] = 0.0
     return m
 
 
@@ -119,39 +152,60 @@ def store(tmp_path_factory):
 
     for s, a in enumerate([0.90, 0.91, 0.89]):
         trial("R", cfg(0, "std", 0.001), s, capsnet_metrics(0, grad_ratio=1, dead_hidden=0, test_acc=a,
-                                                            grad_scale=0.04))
+                                                            grad_scale=0.04, seed=s))
     for s, (g, d, a) in enumerate(zip(E_GRAD, E_DEAD, E_ACC)):
         trial("E", cfg(2, "fan", 0.001), s, capsnet_metrics(2, grad_ratio=g, dead_hidden=d, test_acc=a,
-                                                            grad_scale=0.04))
+                                                            grad_scale=0.04, seed=s))
+    for s, a in enumerate(U_ACC):
+        trial("U", cfg(3, "std", 0.01), s, capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=a, seed=s))
     for s, g in enumerate([0.01, 0.02, 0.015]):
-        trial("V", cfg(2, "std", 0.001), s, capsnet_metrics(2, grad_ratio=g, dead_hidden=0.1, test_acc=0.92))
+        trial("V", cfg(2, "std", 0.001), s, capsnet_metrics(2, grad_ratio=g, dead_hidden=0.1, test_acc=0.92,
+                                                            seed=s))
     trial("V", cfg(2, "std", 0.001), 3, {}, status="failed", error="RuntimeError: CUDA out of memory")
     for s, d in enumerate([0.8, 0.7, 0.9]):
-        trial("D", cfg(1, "fan", 0.001), s, capsnet_metrics(1, grad_ratio=0.5, dead_hidden=d, test_acc=0.92))
+        trial("D", cfg(1, "fan", 0.001), s, capsnet_metrics(1, grad_ratio=0.5, dead_hidden=d, test_acc=0.92,
+                                                            seed=s))
+    for s, f in enumerate([0.8, 0.9, 0.85]):
+        trial("F", cfg(1, "fan", 0.01), s, capsnet_metrics(1, grad_ratio=0.5, dead_hidden=0.1, frozen=f,
+                                                           test_acc=0.92, seed=s))
+    for s, st in enumerate([0.7, 0.8, 0.75]):
+        trial("T", cfg(3, "std", 0.001), s, capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, starved=st,
+                                                            test_acc=0.92, seed=s))
     for s, a in enumerate([0.80, 0.82, 0.81]):
-        trial("A", cfg(3, "fan", 0.001), s, capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=a))
+        trial("A", cfg(3, "fan", 0.001), s, capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=a,
+                                                            seed=s))
     for s in range(3):
         trial("C", cfg(2, "fan", 0.01), s, capsnet_metrics(2, grad_ratio=1.0, dead_hidden=0.1, test_acc=0.92,
-                                                           grad_scale=1e-6))
+                                                           grad_scale=1e-6, seed=s))
     for s in range(2):
-        trial("X", cfg(3, "fan", 0.01), s, capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.92))
+        trial("X", cfg(3, "fan", 0.01), s, capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.92,
+                                                           seed=s))
     diverged = {**capsnet_metrics(3, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.1),
                 "test_loss": float("nan"), "val_loss": float("nan")}
     trial("X", cfg(3, "fan", 0.01), 2, diverged, status="diverged")
     for s in range(3):  # healthy, but the scheduler stopped one seed early: it must not escape
-        trial("S", cfg(1, "std", 0.01), s, capsnet_metrics(1, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.92),
+        trial("S", cfg(1, "std", 0.01), s, capsnet_metrics(1, grad_ratio=0.5, dead_hidden=0.1, test_acc=0.92,
+                                                           seed=s),
               status="stopped" if s == 2 else "finished")
-    cnn = {"test_acc": 0.95, "val_acc": 0.95, "grad_ratio": 1.0, "grad_norm/l0": 0.1, "grad_norm/l1": 0.1}
-    for s in range(2):
-        trial("CNN", {**cfg(0, "std", 0.001), "model.arch": "cnn"}, s, cnn)
+    for depth, name, accs in ((0, "CNN0", [0.95, 0.955, 0.95]), (2, "CNN2", [0.955, 0.96, 0.955])):
+        for s, a in enumerate(accs):
+            trial(name, {**cfg(depth, "std", 0.001), "model.arch": "cnn"}, s, cnn_metrics(depth, a, s))
     c.set_terminated(parent, "FINISHED")
+
+    time.sleep(0.01)
+    deep = start_sweep(c, exp, "deep")
+    for s, (g, d, a) in enumerate(zip(E_GRAD, E_DEAD, E_ACC)):
+        rid = log_trial(c, exp, deep, "deep", f"deep{s}", {**BASE, **cfg(2, "fan", 0.001), "train.seed": s},
+                        capsnet_metrics(2, grad_ratio=g, dead_hidden=d, test_acc=a, grad_scale=0.04, seed=s))
+        ids["configs"].setdefault("deep", []).append(rid)
+    c.set_terminated(deep, "FINISHED")
 
     time.sleep(0.01)  # "tiny" starts later: the most recent sweep
     tiny = start_sweep(c, exp, "tiny")
     ids["tiny_parent"] = tiny
     for depth, a in enumerate(TINY_ACC):
         log_trial(c, exp, tiny, "tiny", f"d{depth}", {**BASE, "model.depth": depth, "train.seed": 0},
-                  capsnet_metrics(depth, grad_ratio=0.5, dead_hidden=0.1, test_acc=a))
+                  capsnet_metrics(depth, grad_ratio=0.5, dead_hidden=0.1, test_acc=a, new_probes=False))
     c.set_terminated(tiny, "FINISHED")
 
     c.create_experiment("empty")
@@ -182,10 +236,10 @@ def _config_of(verdict: dict, run_id: str) -> dict:
 def test_load_table_has_one_row_per_trial_of_the_sweep(store, s1):
     data, _ = s1
     t = data.trials
-    assert len(t) == 3 + 3 + 4 + 3 + 3 + 3 + 3 + 3 + 2  # R E V D A C X S CNN; tiny's runs kept apart
+    assert len(t) == 3 + 3 + 3 + 4 + 3 + 3 + 3 + 3 + 3 + 3 + 3 + 3 + 3  # R E U V D F T A C X S CNN0 CNN2
     assert set(t["sweep"]) == {"s1"} and data.parent_run_id == store["parent"]
     assert {"model.depth", "model.init", "train.lr", "train.seed"} <= set(data.param_cols)
-    assert t["status"].value_counts().to_dict() == {"finished": 24, "failed": 1, "diverged": 1,
+    assert t["status"].value_counts().to_dict() == {"finished": 37, "failed": 1, "diverged": 1,
                                                   "stopped": 1}
     e = t[t["run_id"].isin(store["configs"]["E"])].sort_values("seed")
     assert e["grad_ratio"].tolist() == E_GRAD and e["test_acc"].tolist() == E_ACC
@@ -210,7 +264,7 @@ def test_bulk_histories_equal_per_run_histories(store):
 def test_default_sweep_is_the_most_recent_with_a_note(store):
     data = load_sweep("capsweep", store["uri"], None, progress=False)
     assert data.sweep == "tiny" and len(data.trials) == 4
-    assert any("2 sweeps" in n and "'tiny'" in n for n in data.notes)
+    assert any("3 sweeps" in n and "'tiny'" in n for n in data.notes)
 
 
 def test_sweeps_whose_parent_run_is_gone_are_found_and_the_latest_is_the_default(store):
@@ -248,50 +302,72 @@ def test_verdict_finds_exactly_the_escaping_configuration(store, s1):
     _, v = s1
     cfg = store["configs"]
     escaping = _config_of(v, cfg["E"][0])
-    assert v["escaped"] == "yes"
+    assert v["escaped"] == "yes" and v["instrument"] == "validated"
     assert [e["id"] for e in v["escapes"]] == [escaping["id"]]
     assert [c["id"] for c in v["configurations"] if c["escaped"]] == [escaping["id"]]
-    assert escaping["reasons"] == []
-    expected = {"V": ["1 failed", "vanishing gradients"], "D": ["starved capsules"],
-                "A": ["accuracy below the shallow"], "C": ["collapsed gradients"], "X": ["1 diverged"],
-                "S": ["1 stopped"]}
-    for name, words in expected.items():
+    assert escaping["reasons"] == [] and {ch["outcome"] for ch in escaping["checks"]} == {"pass"}
+    # the one check each configuration was built to fail (every other check passes)
+    expected = {"V": {"seeds": "1 failed", "grad_ratio": "grad_ratio"}, "D": {"dead": "dead_frac"},
+                "F": {"frozen": "frozen_frac"}, "T": {"starved": "starved_frac"},
+                "A": {"accuracy": "worse than the reference"}, "C": {"gradient floor": "worse than the reference"},
+                "X": {"seeds": "1 diverged"}, "S": {"seeds": "1 stopped"}}
+    for name, fails in expected.items():
         c = _config_of(v, cfg[name][0])
-        assert c["role"] == "candidate" and not c["escaped"]
-        assert len(c["reasons"]) == len(words), (name, c["reasons"])
-        for w, r in zip(words, c["reasons"]):
-            assert w in r, (name, c["reasons"])
+        outcomes = {ch["name"]: ch["outcome"] for ch in c["checks"]}
+        assert c["role"] == "candidate" and c["verdict"] == "not escaped", (name, c["reasons"])
+        assert {n for n, o in outcomes.items() if o != "pass"} == set(fails), (name, c["reasons"])
+        assert {n for n, o in outcomes.items() if o == "fail"} == set(fails), (name, c["reasons"])
+        for check, words in fails.items():
+            assert words in next(ch["text"] for ch in c["checks"] if ch["name"] == check), (name, c["reasons"])
+    u = _config_of(v, cfg["U"][0])
+    assert u["verdict"] == "undecided" and [ch["name"] for ch in u["checks"] if ch["outcome"] != "pass"] == ["accuracy"]
+    assert "power" in u["reasons"][0]
     assert _config_of(v, cfg["R"][0])["role"] == "reference"
-    assert _config_of(v, cfg["CNN"][0])["role"] == "baseline"
-    # C is healthy by ratio: only its absolute norms (1e-6 / median 0.04 of the shallow) give it away
+    assert _config_of(v, cfg["CNN0"][0])["role"] == "reference"
+    ctrl = _config_of(v, cfg["CNN2"][0])
+    assert ctrl["role"] == "control" and ctrl["verdict"] == "passes" and ctrl["reference"]["arch"] == "cnn"
+    assert set(ctrl["reference"]["run_ids"]) == set(cfg["CNN0"])
+    # C is healthy by ratio: only its absolute act_grad (1e-6 against the shallow net's 0.04) gives it away
     c = _config_of(v, cfg["C"][0])
     assert c["figures"]["grad_ratio"]["mean"] == pytest.approx(1.0)
-    assert c["figures"]["grad_floor_ratio"]["mean"] == pytest.approx(1e-6 / 0.04)
+    floor = next(ch for ch in c["checks"] if ch["name"] == "gradient floor")
+    assert floor["test"]["diff"] == pytest.approx(math.log10(1e-6 / 0.04), abs=0.05)
 
 
-def test_intervals_match_an_independent_bootstrap(store, s1):
+def test_bounds_and_welch_test_match_an_independent_derivation(store, s1):
+    """E's figures are means with t bounds (scipy.stats.t.interval at 1 - 2 alpha); its accuracy check is
+    Welch's one-sided test against R, recomputed from the formula."""
     _, v = s1
     e = _config_of(v, store["configs"]["E"][0])
-    for probe, values in (("grad_ratio", E_GRAD), ("dead_worst", E_DEAD), ("test_acc", E_ACC)):
+    for probe, values in (("dead_worst", E_DEAD), ("test_acc", E_ACC)):
         x = np.array(values)
-        rng = np.random.default_rng(0)
-        means = x[rng.integers(0, 3, size=(10_000, 3))].mean(axis=1)
-        lo, hi = np.percentile(means, [2.5, 97.5])
+        lo, hi = stats.t.interval(0.90, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
         fig = e["figures"][probe]
-        assert fig["mean"] == pytest.approx(x.mean(), abs=1e-12)
-        assert (fig["lo"], fig["hi"]) == pytest.approx((lo, hi), abs=1e-12)
-        assert fig["n"] == 3
-    # with 3 seeds the 2.5% tail holds resamples drawing the smallest value 3 times (1/27 > 2.5%)
-    assert e["figures"]["grad_ratio"]["lo"] == pytest.approx(min(E_GRAD))
+        assert (fig["mean"], fig["lo"], fig["hi"], fig["n"]) == pytest.approx((x.mean(), lo, hi, 3), abs=1e-12)
+    logs = np.log10(E_GRAD)                       # grad_ratio: t bounds on log10, shown as 10^x
+    lo, hi = stats.t.interval(0.90, 2, loc=logs.mean(), scale=stats.sem(logs))
+    g = e["figures"]["grad_ratio"]
+    assert (g["mean"], g["lo"], g["hi"]) == pytest.approx((10 ** logs.mean(), 10 ** lo, 10 ** hi), rel=1e-9)
+    c, r = np.array(E_ACC), np.array([0.90, 0.91, 0.89])
+    se = math.sqrt(c.var(ddof=1) / 3 + r.var(ddof=1) / 3)
+    df = se ** 4 / ((c.var(ddof=1) / 3) ** 2 / 2 + (r.var(ddof=1) / 3) ** 2 / 2)
+    d = c.mean() - r.mean()
+    acc = next(ch for ch in e["checks"] if ch["name"] == "accuracy")["test"]
+    assert (acc["diff"], acc["lo"], acc["df"]) == pytest.approx((d, d - stats.t.ppf(0.95, df) * se, df), rel=1e-9)
+    assert acc["lo"] > -0.01 and acc["outcome"] == "pass"
 
 
 def test_thresholds_move_the_verdict(store):
     data = load_sweep("capsweep", store["uri"], "s1", progress=False)
-    strict = compute_verdict(data, Thresholds(grad_ratio_min=0.6))  # E's lower bound is 0.5
-    assert strict["escaped"] == "no"
-    lenient = compute_verdict(data, Thresholds(dead_frac_max=0.95))  # D (dead 0.7-0.9) now passes
+    # E's grad_ratio interval is about [0.45, 0.79]: a minimum of 0.6 inside it makes E undecided
+    strict = compute_verdict(data, Thresholds(grad_ratio_min=0.6))
+    assert strict["escaped"] == "undecided" and not strict["escapes"]
+    assert _config_of(strict, store["configs"]["E"][0])["verdict"] == "undecided"
+    lenient = compute_verdict(data, Thresholds(dead_frac_max=0.99))  # D (dead 0.7-0.9, bound 0.97) passes
     ids = {_config_of(lenient, store["configs"][n][0])["id"] for n in ("E", "D")}
     assert {e["id"] for e in lenient["escapes"]} == ids
+    wide = compute_verdict(data, Thresholds(acc_margin=0.1))        # U's accuracy is now shown non-inferior
+    assert _config_of(wide, store["configs"]["U"][0])["verdict"] == "escaped"
 
 
 def test_failed_and_diverged_trials_are_listed(store, s1):
@@ -303,7 +379,9 @@ def test_failed_and_diverged_trials_are_listed(store, s1):
     assert listed[diverged]["status"] == "diverged"
 
 
-def test_trend_rho_matches_hand_computed_rank_correlation(store):
+def test_old_sweep_is_read_with_na_probes_and_rho_on_configuration_means(store):
+    """'tiny' was logged before act_grad, starved_frac, frozen_frac and the nulls: those are n/a (None),
+    never 0, its checks are undecided, and the trend is over the 4 configurations."""
     data = load_sweep("capsweep", store["uri"], "tiny", progress=False)
     v = compute_verdict(data)
     t = next(t for t in v["trends"] if t["factor"] == "model.depth" and t["probe"] == "test_acc")
@@ -315,21 +393,42 @@ def test_trend_rho_matches_hand_computed_rank_correlation(store):
     # two-sided p of Student's t with n - 2 = 2 degrees of freedom: 2 * (1/2 - t/(2 sqrt(2 + t^2)))
     tt = abs(rho) * math.sqrt(2 / (1 - rho ** 2))
     assert t["p_value"] == pytest.approx(1 - tt / math.sqrt(2 + tt ** 2), rel=1e-9)
-    assert v["escaped"] == "no"  # every deep net is less accurate than depth 0
+    assert v["escaped"] == "undecided"   # one seed per configuration: nothing can be shown
+    d1 = next(c for c in v["configurations"] if c["depth"] == 1)
+    for probe in ("grad_ratio", "act_grad_min", "starved_worst", "frozen_worst", "tree_score_null"):
+        assert d1["figures"][probe]["mean"] is None, probe
+    assert d1["figures"]["tree_score"]["mean"] == pytest.approx(0.3)
+    outcomes = {ch["name"]: ch["outcome"] for ch in d1["checks"]}
+    assert outcomes["seeds"] == "pass" and set(outcomes.values()) == {"pass", "inconclusive"}
+    assert "n/a" in next(ch["text"] for ch in d1["checks"] if ch["name"] == "starved")
+    assert v["instrument"] == "no control"
 
 
-def test_single_seed_interval_is_the_value_and_no_value_is_nan():
-    assert bootstrap_mean([0.3]).as_dict() == {"mean": 0.3, "lo": 0.3, "hi": 0.3, "n": 1}
-    assert bootstrap_mean([float("nan")]).as_dict() == {"mean": None, "lo": None, "hi": None, "n": 0}
+def test_reference_from_another_sweep(store):
+    """'deep' has no depth-0 trial: alone its candidate is undecided (never failed for the missing
+    reference); with s1 as the reference sweep it escapes."""
+    deep = load_sweep("capsweep", store["uri"], "deep", progress=False)
+    alone = compute_verdict(deep)
+    assert alone["escaped"] == "undecided"
+    (c,) = alone["configurations"]
+    assert {ch["name"] for ch in c["checks"] if ch["outcome"] != "pass"} == {"accuracy", "gradient floor"}
+    ref = load_sweep("capsweep", store["uri"], "s1", progress=False, history_keys=())
+    v = compute_verdict(deep, reference=ref)
+    (c,) = v["configurations"]
+    assert v["escaped"] == "yes", c["reasons"]
+    # s1's depth-0 CapsNet is init=std, deep's candidate init=fan: no exact match, so pooled (said so)
+    assert c["reference"]["source"] == "sweep s1" and c["reference"]["how"] == "pooled"
+    assert set(c["reference"]["run_ids"]) == set(store["configs"]["R"])
 
 
 def test_verdict_json_first_line_and_round_trip(s1):
     _, v = s1
     text = verdict_json(v)
-    assert text.splitlines()[0].startswith('{"escaped": "yes", ')
+    assert text.splitlines()[0].startswith('{"escaped": "yes", "instrument": "validated", "answer": ')
     back = json.loads(text)
     assert list(back)[0] == "escaped" and back["escapes"] == v["escapes"]
-    assert back["thresholds"]["grad_ratio_min"] == 0.1 and back["thresholds"]["n_boot"] == 10_000
+    assert back["thresholds"]["grad_ratio_min"] == 0.1 and back["thresholds"]["alpha"] == 0.05
+    assert back["thresholds"]["acc_margin"] == 0.01 and back["thresholds"]["grad_margin"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,7 +478,6 @@ def test_html_report_is_self_contained(s1, tmp_path):
     low = text.lower()
     assert "http://" not in low and "https://" not in low
     assert p.links == [] and all("src" not in s for s in p.scripts)
-    assert "Escaped: YES" in text
     md = open(paths["markdown"]).read()
     pngs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".png"))
     assert len(pngs) == len(p.imgs)
@@ -388,18 +486,86 @@ def test_html_report_is_self_contained(s1, tmp_path):
     assert open(paths["verdict"]).readline().startswith('{"escaped": "yes", ')
 
 
+def _visible_text(html_text: str) -> list[str]:
+    """The report's text in reading order, one entry per text node (no style block)."""
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.out, self.skip = [], False
+
+        def handle_starttag(self, tag, attrs):
+            self.skip = tag == "style"
+
+        def handle_data(self, data):
+            if not self.skip and data.strip():
+                self.out.append(" ".join(data.split()))
+    t = Text()
+    t.feed(html_text)
+    return t.out
+
+
+def test_first_lines_state_answer_instrument_test_margin_and_level(s1, tmp_path):
+    data, v = s1
+    paths = write_report(data, v, str(tmp_path))
+    head = " ".join(_visible_text(open(paths["html"]).read())[1:8])   # [0] is the <title>
+    assert head.startswith("Escaped: YES Instrument: validated.")
+    for words in ("Welch one-sided non-inferiority", "margin 0.01", "alpha = 0.05", "margin 1 decades"):
+        assert words in head, head
+    md = open(paths["markdown"]).read().splitlines()
+    assert md[0] == "# Escaped: YES" and md[2].startswith("**Instrument: validated.**")
+    assert "margin 0.01, level alpha = 0.05" in md[4]
+    # reasons sit under their row (a full-width row), not in a column that widens the table
+    text = open(paths["html"]).read()
+    assert "why not" not in text and text.count("<tr class='why'>") == sum(
+        1 for c in v["configurations"] if c["role"] != "reference")
+
+
+def test_report_of_an_old_sweep_shows_na_not_zero(store, tmp_path):
+    data = load_sweep("capsweep", store["uri"], "tiny", progress=False)
+    v = compute_verdict(data)
+    paths = write_report(data, v, str(tmp_path))
+    md = open(paths["markdown"]).read()
+    row = next(l for l in md.splitlines() if l.startswith("| c01 |"))          # depth 1, one seed
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # test acc, delta acc, grad ratio, min act_grad, starved, dead, frozen, tree (null), routing (null)
+    assert cells[4:] == ["0.7", "-0.2", "n/a", "n/a", "n/a", "0.1", "n/a", "0.3 (n/a)", "0.02 (n/a)"]
+    assert md.splitlines()[0] == "# Escaped: UNDECIDED"
+    assert "Not drawn: Gradient floor: log10 min act_grad against hidden capsule layers (depth): n/a" in md
+
+
 def test_cli_writes_report_and_logs_it_on_the_parent_run(store, tmp_path, capsys):
     out = tmp_path / "rep"
     code = cli.main(["--experiment", "capsweep", "--tracking-uri", store["uri"], "--sweep", "s1",
-                     "--out", str(out), "--bootstrap", "2000"])
+                     "--out", str(out), "--alpha", "0.1"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.out.startswith("escaped: yes")
+    assert captured.out.splitlines()[1].startswith("instrument: validated")
     client = MlflowClient(store["uri"])
     logged = {os.path.basename(f.path) for f in client.list_artifacts(store["parent"], "report")}
     assert {"report.html", "report.md", "verdict.json"} <= logged
     assert {f for f in os.listdir(out) if f.endswith(".png")} <= logged
-    assert json.loads((out / "verdict.json").read_text())["thresholds"]["n_boot"] == 2000
+    assert json.loads((out / "verdict.json").read_text())["thresholds"]["alpha"] == 0.1
+
+
+def test_cli_reference_flag(store, tmp_path, capsys):
+    out = tmp_path / "rep"
+    args = ["--experiment", "capsweep", "--tracking-uri", store["uri"], "--sweep", "deep", "--out", str(out),
+            "--no-log-artifacts"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.startswith("escaped: undecided")
+    assert cli.main(args + ["--reference", "s1"]) == 0
+    assert capsys.readouterr().out.startswith("escaped: yes")
+    assert json.loads((out / "verdict.json").read_text())["reference_source"] == "sweep s1"
+    assert cli.main(args + ["--reference", "nope"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "sweep 'nope' not found" in line
+
+
+def test_cli_ignores_the_old_bootstrap_flag_with_a_note(store, tmp_path, capsys):
+    assert cli.main(["--experiment", "capsweep", "--tracking-uri", store["uri"], "--sweep", "s1", "--out",
+                     str(tmp_path / "r"), "--bootstrap", "500", "--no-log-artifacts"]) == 0
+    assert "--bootstrap is ignored" in capsys.readouterr().err
 
 
 def test_cli_says_where_the_report_is_when_mlflow_cannot_take_it(store, tmp_path, capsys):
@@ -455,7 +621,20 @@ def test_missing_sqlite_store_is_not_created(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "does not exist" in err
 
 
-@pytest.mark.parametrize("args", [["--dead-frac-max", "2"], ["--bootstrap", "x"], ["--bogus"]])
-def test_bad_arguments_exit_2(args, capsys):
+@pytest.mark.parametrize("args, words", [
+    (["--dead-frac-max", "2"], "--dead-frac-max: 2.0 is not allowed; must be in [0, 1]"),
+    (["--alpha", "0.7"], "--alpha: 0.7 is not allowed; must be in (0, 0.5)"),
+    (["--alpha", "x"], "argument --alpha: invalid float value: 'x'"),
+    (["--acc-margin", "-0.1"], "--acc-margin: -0.1 is not allowed"),
+    (["--grad-margin", "nan"], "--grad-margin: nan is not allowed"),
+    (["--grad-ratio-min", "0"], "--grad-ratio-min: 0.0 is not allowed; must be > 0"),
+    (["--acc-tolerance", "0.1"], "--acc-tolerance was replaced by --acc-margin"),
+    (["--grad-floor=0.1"], "--grad-floor was replaced by --grad-margin"),
+    (["--reference", ""], "--reference: '' is not allowed"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(args, words, capsys):
     assert cli.main(["--experiment", "capsweep"] + args) == 2
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("capsweep report: error: ") and words in line, err

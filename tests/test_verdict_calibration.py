@@ -193,7 +193,7 @@ def test_a_control_that_fails_says_the_thresholds_are_wrong():
                                   ("cnn", 3, "healthy")])
     v = compute_verdict(sweep, Thresholds(frozen_frac_max=0.0))   # healthy nets have a few frozen capsules
     assert v["instrument"] == "control failed"
-    assert v["instrument_text"].startswith("Instrument NOT validated") and "thresholds are wrong" in v["instrument_text"]
+    assert v["instrument_text"].startswith("NOT validated") and "thresholds are wrong" in v["instrument_text"]
 
 
 @pytest.mark.parametrize("old", [True, False])
