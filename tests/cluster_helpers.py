@@ -157,6 +157,16 @@ def mlflow_unit(cfg: dict) -> tuple[list[str], dict]:
     return argv[2:], env
 
 
+def cluster_requirements() -> list[str]:
+    """pyproject.toml's `cluster` extra, as written."""
+    try:
+        import tomllib
+    except ImportError:                       # Python 3.10
+        from pip._vendor import tomli as tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return list(project["optional-dependencies"]["cluster"])
+
+
 def pg_max_connections(cfg: dict) -> int:
     (n,) = re.findall(r"ALTER SYSTEM SET max_connections = (\d+)", "\n".join(cfg["head_setup_commands"]))
     return int(n)

@@ -1,4 +1,5 @@
-"""Session fixtures for the cluster tests: the `cluster` extra installed, and one real PostgreSQL server."""
+"""Session fixtures for the cluster tests: the `cluster` extra installed, and one real PostgreSQL server.
+(Imports of the cluster helpers stay inside the fixtures: every test session loads this file.)"""
 from __future__ import annotations
 
 import subprocess
@@ -7,17 +8,6 @@ import sys
 import pytest
 
 from tests import pg_helpers
-from tests.sweep_helpers import ROOT
-
-
-def cluster_requirements() -> list[str]:
-    """pyproject.toml's `cluster` extra, as written."""
-    try:
-        import tomllib
-    except ImportError:                       # Python 3.10
-        from pip._vendor import tomli as tomllib
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return list(project["optional-dependencies"]["cluster"])
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +17,8 @@ def cluster_extra() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.requirements import Requirement
+
+    from tests.cluster_helpers import cluster_requirements
     reqs = cluster_requirements()
     missing = []
     for text in reqs:

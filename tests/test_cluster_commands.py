@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from tests import pg_helpers
-from tests.cluster_helpers import (LocalSSH, launcher_steps, load_cluster, local_shell_env, run_like_ray)
+from tests.cluster_helpers import (LocalSSH, cluster_requirements, launcher_steps, load_cluster, local_shell_env,
+                                   mlflow_unit, run_like_ray)
 
 RAY_CMD = re.compile(r"\bray (stop|start)\b")
 
@@ -89,6 +90,18 @@ def test_the_check_catches_a_broken_heredoc_and_a_broken_quote():
     with pytest.raises(click.ClickException):
         run_like_ray(quote, ssh, run_env="auto")
     assert [c[2] for c in ssh.calls] == [2, 0, 2]
+
+
+def test_backend_uri_names_the_driver_the_cluster_extra_installs(cfg):
+    """SQLAlchemy 2.1 would pick psycopg (3) for a bare postgresql:// URI; the unit names it, and the
+    `cluster` extra, which every node installs, provides it."""
+    from packaging.requirements import Requirement
+    from sqlalchemy.engine import make_url
+    argv, _ = mlflow_unit(cfg)
+    url = make_url(argv[argv.index("--backend-store-uri") + 1])
+    assert url.drivername == "postgresql+psycopg" and url.get_driver_name() == "psycopg"
+    assert "psycopg" in {Requirement(r).name for r in cluster_requirements()}
+    assert any('[cluster]"' in c for c in cfg["setup_commands"] if "pip install" in c)
 
 
 # ---- a worker that was stopped and is started again ----------------------------------------------------
@@ -201,6 +214,9 @@ def test_head_start_fails_loudly_when_mlflow_does_not_answer(cfg, tmp_path):
     command polls its /health and stops `ray up` when it never answers. Here nothing listens on the
     port, and the loop's 90 tries are cut to 2 (the passing case, against a real server on
     PostgreSQL, is in tests/test_cluster_postgres.py)."""
+    reason = pg_helpers.ensure_debian_packages({"curl": "curl"})      # without it the loop could not pass
+    if reason:
+        pytest.skip(reason)
     step = _head_start(cfg, "/health")
     assert "seq 90" in step.command and "127.0.0.1:5000" in step.command
     command = step.command.replace("seq 90", "seq 2").replace("127.0.0.1:5000", f"127.0.0.1:{_free_port()}")
