@@ -263,28 +263,34 @@ def reference_pool(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def find_reference(first: pd.Series, pool: pd.DataFrame, match_cols: list[str], source: str) -> dict:
-    """The depth-0 reference of a configuration whose first trial is `first`: trials of `pool` of the
-    same arch (a control without a depth-0 cnn falls back to the depth-0 CapsNet) agreeing with it on
-    every param of match_cols (all config params but depth, arch and the hidden shape), else all of
-    them ('pooled'). Returns {'how', 'arch', 'source', 'n_trials', 'run_ids', 'trials'}."""
+    """The depth-0 reference of a configuration whose first trial is `first`: the trials of `pool` of
+    the same arch (a control without a depth-0 cnn falls back to the depth-0 CapsNet), narrowed param by
+    param (match_cols: all config params but depth, arch and the hidden shape) to those agreeing with
+    it; a param on which no trial agrees is skipped and named ('matched except ...': a sampled value the
+    runner could not match in advance), and when none agrees the whole arch is pooled ('pooled').
+    Returns {'how', 'arch', 'source', 'n_trials', 'run_ids', 'unmatched', 'trials'}."""
     arch = first["arch"]
-    same = pool[pool["arch"] == arch]
+    sel = pool[pool["arch"] == arch]
     fallback = ""
-    if same.empty and arch != "capsnet":
-        same, fallback = pool[pool["arch"] == "capsnet"], f" (no depth-0 {arch}: the depth-0 CapsNet)"
-    if same.empty:
-        return {"how": "none", "arch": arch, "source": source, "n_trials": 0, "run_ids": [],
-                "trials": same}
-    sel = same
+    if sel.empty and arch != "capsnet":
+        sel, fallback = pool[pool["arch"] == "capsnet"], f" (no depth-0 {arch}: the depth-0 CapsNet)"
+    if sel.empty:
+        return {"how": "none", "arch": arch, "source": source, "n_trials": 0, "run_ids": [], "unmatched": [],
+                "trials": sel}
+    matched, unmatched = [], []
     for c in match_cols:
         want = first.get(c)
         want = "" if want is None or want != want else str(want)
-        sel = sel[sel[c].fillna("").astype(str) == want]
-    how = "matched"
-    if sel.empty:
-        sel, how = same, "pooled"
+        narrowed = sel[sel[c].fillna("").astype(str) == want]
+        if narrowed.empty:
+            unmatched.append(c)
+        else:
+            sel = narrowed
+            matched.append(c)
+    how = ("pooled" if unmatched and not matched else
+           f"matched except {', '.join(unmatched)}" if unmatched else "matched")
     return {"how": how + fallback, "arch": str(sel["arch"].iloc[0]), "source": source,
-            "n_trials": int(len(sel)), "run_ids": list(sel["run_id"]), "trials": sel}
+            "n_trials": int(len(sel)), "run_ids": list(sel["run_id"]), "unmatched": unmatched, "trials": sel}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -128,3 +128,20 @@ def test_trends_use_one_point_per_configuration_and_holm():
     ps = [t["p_value"] for t in v["trends"]]
     assert [t["p_holm"] for t in v["trends"]] == pytest.approx(holm(ps), nan_ok=True)
     assert "model.arch" not in {t["factor"] for t in v["trends"]}
+
+
+def test_reference_is_matched_param_by_param():
+    """A candidate whose sampled lr no reference has is matched on init and the lr is named unmatched;
+    a cnn control without a depth-0 cnn falls back to the depth-0 CapsNet, said so."""
+    import pandas as pd
+    from analysis.verdict import find_reference
+    pool = pd.DataFrame({"run_id": ["a", "b", "c"], "arch": ["capsnet"] * 3,
+                         "model.init": ["std", "data", "data"], "train.lr": ["0.001"] * 3})
+    first = pd.Series({"arch": "capsnet", "model.init": "data", "train.lr": "0.0013"})
+    ref = find_reference(first, pool, ["model.init", "train.lr"], "this sweep")
+    assert ref["how"] == "matched except train.lr" and ref["run_ids"] == ["b", "c"]
+    assert find_reference(first.replace({"data": "fan"}), pool, ["model.init", "train.lr"], "x")["how"] == "pooled"
+    ctrl = find_reference(pd.Series({"arch": "cnn", "model.init": "std", "train.lr": "0.001"}), pool,
+                          ["model.init", "train.lr"], "this sweep")
+    assert ctrl["how"] == "matched (no depth-0 cnn: the depth-0 CapsNet)" and ctrl["run_ids"] == ["a"]
+    assert find_reference(first, pool.iloc[:0], ["model.init"], "x")["how"] == "none"
