@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 ROUTINGS = ("dynamic", "em", "uniform")
 SQUASHES = ("sabour", "exp", "tanh")
-INITS = ("std", "fan")
+INITS = ("std", "fan", "data")
 ARCHS = ("capsnet", "cnn")
 DATASETS = ("fashion_mnist", "mnist", "mnist5k", "digits", "cifar10", "svhn", "smallnorb", "sign")
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,9 +47,12 @@ class ModelConfig:
     detach_inner: bool = False        # detach u_hat in inner routing iterations (as some public code)
     bias: bool = False                # bias before the squash (Peer et al. 2019)
     squash: str = "sabour"            # sabour | exp | tanh
-    init: str = "std"                 # std: N(0, init_std) as public code | fan: keeps lengths ~1
+    init: str = "std"                 # std: N(0, init_std) as public code | fan: ||s|| ~ 1 if inputs
+                                      # had length squash_length(1) | data: measured (capsmodels.init)
     init_std: float = 0.01
     init_scale: float = 1.0           # multiplier on the fan-based scale (a sweep axis in `hunt`)
+    init_target: float = 1.0          # init data: mean pre-squash length ||s|| hit per capsule layer
+    bias_init: float = 0.1            # constant start of the bias when bias is on (Peer; Sabour's code)
     decoder: bool = True              # masked reconstruction decoder 512-1024-pixels
     recon_weight: float = 0.0005
     cnn_width: int = 0                # cnn baseline: hidden width of its dense layer (0 = matched size)
@@ -126,6 +129,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                           "must be a non-empty list of positive integers")
     if m.init_std <= 0 or m.init_scale <= 0:
         raise ConfigError("model.init_std/model.init_scale: must be > 0")
+    if not (math.isfinite(m.init_target) and m.init_target > 0):
+        raise ConfigError(f"model.init_target: {m.init_target!r} is not allowed; must be a finite number > 0")
+    if not math.isfinite(m.bias_init):
+        raise ConfigError(f"model.bias_init: {m.bias_init!r} is not allowed; must be a finite number")
     _at_least("model.recon_weight", m.recon_weight, 0.0)
     if not (0 < d.train_size <= 1.0 or (d.train_size > 1 and float(d.train_size).is_integer())):
         raise ConfigError(f"data.train_size: {d.train_size!r} is not allowed; "

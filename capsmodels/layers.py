@@ -13,31 +13,44 @@ import torch.nn as nn
 from capsmodels.config import INITS, ROUTINGS, SQUASHES
 
 
-def safe_norm(x: torch.Tensor, dim: int = -1, keepdim: bool = False, eps: float = 1e-12) -> torch.Tensor:
-    """||x|| with the squared norm floored at eps, so the gradient at x = 0 is 0 instead of NaN."""
-    return (x * x).sum(dim, keepdim=keepdim).clamp_min(eps).sqrt()
+def safe_norm(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """||x|| along `dim`, right in value and gradient for any non-zero x however short; 0 at x = 0.
+
+    Computed as m * ||x / m|| with m = max_k |x_k| (detached: m ||x/m|| equals ||x|| for every m > 0,
+    so m carries no gradient of its own). Squaring x / m, whose largest entry is 1, cannot underflow,
+    so a vector of length 1e-25 in float32 gets its true length and the true gradient x / ||x|| (a
+    plain sqrt(sum x^2) squares it to 1e-50 = 0 in float32; the old floor ||x||^2 >= 1e-12 passed back
+    exactly 0 below ||x|| = 1e-6: docs/PROBES.md). At x = 0 exactly the value is 0 and the gradient 0.
+    """
+    m = x.detach().abs().amax(dim, keepdim=True)                    # (..., 1, ...) largest entry
+    zero = m == 0
+    y = x / torch.where(zero, torch.ones_like(m), m)                # entries in [-1, 1]
+    n = m * ((y * y).sum(dim, keepdim=True) + zero.to(y.dtype)).sqrt()   # sqrt(1) * 0 at x = 0
+    return n if keepdim else n.squeeze(dim)
 
 
-def squash(s: torch.Tensor, dim: int = -1, kind: str = "sabour", eps: float = 1e-12) -> torch.Tensor:
+def squash(s: torch.Tensor, dim: int = -1, kind: str = "sabour") -> torch.Tensor:
     """Shrink s to a length in [0, 1) keeping its direction.
 
     sabour: ||s||^2 / (1 + ||s||^2) * s / ||s||   (Sabour et al. 2017), computed as s * ||s|| / (1 + ||s||^2)
     exp:    (1 - exp(-||s||)) * s / ||s||          (Mazzia et al. 2021, efficient CapsNet)
     tanh:   tanh(||s||) * s / ||s||
-    eps floors ||s||^2 inside the norm: at s = 0 the value is exactly 0 and the gradient is finite
-    (sqrt(eps) * I for sabour, about I for exp and tanh, whose true slope at 0 is I).
+    ||s|| is `safe_norm`, so short vectors keep their true length (a collapsed layer's ||s|| of 1e-8 is
+    not read as 1e-6) and the gradient stays right; at s = 0 exactly the value is 0 and the gradient is
+    the true slope there: 0 for sabour (v ~ ||s|| s), the identity for exp and tanh (v ~ s). Long
+    vectors (||s|| up to float32's max) squash to length ~1 without overflowing ||s||^2.
     """
-    n2 = (s * s).sum(dim, keepdim=True)
-    n = n2.clamp_min(eps).sqrt()
-    if kind == "sabour":
-        scale = n / (1.0 + n2)
-    elif kind == "exp":
-        scale = -torch.expm1(-n) / n
-    elif kind == "tanh":
-        scale = torch.tanh(n) / n
-    else:
+    n = safe_norm(s, dim, keepdim=True)
+    if kind == "sabour":                    # n / (1 + n^2), as 1 / (n + 1/n) above 1: no n^2 overflow
+        big = n > 1
+        nb = torch.where(big, n, torch.ones_like(n))
+        return s * torch.where(big, 1.0 / (nb + 1.0 / nb), n / (1.0 + n * n))
+    if kind not in ("exp", "tanh"):
         raise ValueError(f"squash kind {kind!r} is not allowed; choose one of {', '.join(SQUASHES)}")
-    return s * scale
+    nz = n > 0
+    n1 = torch.where(nz, n, torch.ones_like(n))                     # no 0/0 (nor its gradient) at s = 0
+    ratio = -torch.expm1(-n1) / n1 if kind == "exp" else torch.tanh(n1) / n1
+    return s * torch.where(nz, ratio, torch.ones_like(n))          # the limit of the ratio at 0 is 1
 
 
 def squash_length(x: float, kind: str = "sabour") -> float:
@@ -83,24 +96,27 @@ class PrimaryCaps(nn.Module):
 
 
 class CapsOut(NamedTuple):
-    pose: torch.Tensor                 # (B, J, d_out): v (dynamic/uniform) or mu (EM)
+    pose: torch.Tensor                 # (B, J, d_out): v (dynamic/uniform) or mu (+ bias) (EM)
     act: torch.Tensor                  # (B, J): ||v_j|| or the EM activation
     coupling: torch.Tensor             # (B, I, J): final couplings / EM assignments
     gain: Optional[torch.Tensor]       # (B, J): ||s|| / (1 + ||s||^2), None for EM
+    s_norm: torch.Tensor               # (B, J): pre-squash length ||s_j|| (EM: ||pose_j||)
 
 
 def fan_std(n_in: int, n_out: int, d_out: int, squash_kind: str = "sabour") -> float:
-    """Weight std that gives parents a pre-squash length ||s|| of about 1 at initialisation.
+    """Weight std that gives parents ||s|| of about 1 IF every input capsule has length
+    rho = squash_length(1) (0.5 for sabour): an assumption, not a measurement.
 
     Derivation. With W_ij entries i.i.d. N(0, sigma^2), E||W_ij u_i||^2 = d_out sigma^2 ||u_i||^2. At
     initialisation the couplings are about uniform, c_ij = 1/J, and s_j = (1/J) sum_i W_ij u_i is a sum of
     I independent zero-mean vectors, so E||s_j||^2 = I d_out sigma^2 rho^2 / J^2, with rho^2 the mean
     squared input length. Setting it to 1 gives sigma = J / (rho sqrt(I d_out)).
-    Target ||s|| = 1: that is where the squash gain ||s||/(1+||s||^2) peaks (1/2). The squash maps a
-    short vector of length x to about x^2 (sabour), so a layer whose ||s|| starts at 0.1 outputs 0.01,
-    the next layer starts shorter still and lengths collapse layer after layer; at ||s|| = 1 each layer
-    outputs rho = squash_length(1) (0.5 for sabour) and, with the same rule for the next layer, gets
-    ||s|| = 1 again: a fixed point. So rho is taken as squash_length(1) of the inputs' squash.
+    rho = squash_length(1) is the fixed point of a chain of such layers: a layer at ||s|| = 1 outputs
+    length squash_length(1), which gives the next layer ||s|| = 1 again. What breaks it: the primary
+    capsules (PyTorch's default conv init, not touched by `fan`) come out much shorter than rho, and
+    sabour's squash maps a short length x to about x^2, so every layer starts below the fixed point and
+    lengths fall layer after layer. docs/PROBES.md ("Initialisation") measures it; `init: data`
+    (capsmodels.init) measures the lengths instead of assuming them.
     (Public code uses sigma = 0.01: for Sabour's class layer, I=1152, J=10, d_out=16, that is
     ||s|| ~ 0.14 rho; this rule gives sigma ~ 0.15.)
     """
@@ -112,28 +128,41 @@ class CapsuleLayer(nn.Module):
     """Fully connected capsule layer: predictions u_hat_ij = W_ij u_i, then routing to J parents.
 
     W (I, J, d_out, d_in). `init`: "std" draws N(0, init_std) (public code); "fan" draws
-    N(0, (init_scale * fan_std)^2) (see `fan_std`). bias (J, d_out), zeros, is added to s before the
-    squash (Peer et al. 2019); for EM it is added to the output pose. EM has learned beta_u, beta_a (J,).
+    N(0, (init_scale * fan_std)^2) (see `fan_std`); "data" draws like "std" and is then rescaled on a
+    training batch by `capsmodels.init.data_init`. bias (J, d_out) is added to s before the squash
+    (Peer et al. 2019); for EM it is added to the output pose. EM has learned beta_u, beta_a (J,).
+
+    bias_init: the bias starts at this constant (default 0.1), as in Peer et al.'s code
+    (github.com/peerdavid/gamma-capsule-network, capsule/gamma_capsule_layer.py:
+    `tf.constant_initializer(0.1)`) and in Sabour et al.'s official code
+    (github.com/Sarasra/models, research/capsules/models/layers/variables.py, `bias_variable`:
+    `tf.constant_initializer(0.1)`). A zero bias gives a collapsed layer nothing to start from.
     """
 
     def __init__(self, n_in: int, d_in: int, n_out: int, d_out: int, routing: str = "dynamic",
                  iterations: int = 3, bias: bool = False, squash_kind: str = "sabour",
                  detach_inner: bool = False, init: str = "std", init_std: float = 0.01,
-                 init_scale: float = 1.0):
+                 init_scale: float = 1.0, bias_init: float = 0.1):
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"routing {routing!r} is not allowed; choose one of {', '.join(ROUTINGS)}")
+        if init not in INITS:
+            raise ValueError(f"init {init!r} is not allowed; choose one of {', '.join(INITS)}")
         self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
         self.routing, self.iterations, self.squash_kind = routing, iterations, squash_kind
         self.detach_inner = detach_inner
-        std = init_std if init == "std" else init_scale * fan_std(n_in, n_out, d_out, squash_kind)
-        if init not in INITS:
-            raise ValueError(f"init {init!r} is not allowed; choose one of {', '.join(INITS)}")
+        std = init_scale * fan_std(n_in, n_out, d_out, squash_kind) if init == "fan" else init_std
         self.W = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * std)
-        self.bias = nn.Parameter(torch.zeros(n_out, d_out)) if bias else None
+        self.bias = nn.Parameter(torch.full((n_out, d_out), float(bias_init))) if bias else None
         if routing == "em":
             self.beta_u = nn.Parameter(torch.zeros(n_out))
             self.beta_a = nn.Parameter(torch.zeros(n_out))
+
+    @property
+    def routes(self) -> bool:
+        """Whether the couplings can depend on the input: not with uniform routing or 1 iteration
+        (then c = 1/J, or EM's uniform first assignment). The routing probes are n/a otherwise."""
+        return self.routing != "uniform" and self.iterations > 1
 
     def predict(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, I, d_in) -> u_hat (B, I, J, d_out), laid out (B, J, I, d_out) in memory for routing.
@@ -146,9 +175,28 @@ class CapsuleLayer(nn.Module):
         uT = torch.einsum("ijek,bik->bjie", self.W, u).contiguous()
         return uT.permute(0, 2, 1, 3)
 
+    def route(self, u_hat: torch.Tensor, a_in: torch.Tensor) -> CapsOut:
+        """Dynamic or EM routing of predictions u_hat (B, I, J, d_out); a_in (B, I) child activations
+        (EM only).
+
+        Separate from `forward` so the routing null (capsmodels.probes.routing_null) re-routes
+        predictions shuffled across inputs with exactly the layer's own routing.
+        """
+        from capsmodels import routing as R                                 # routing imports squash
+        if self.routing == "em":
+            pose, a_out, r = R.em_routing(u_hat, a_in, self.iterations, self.beta_u, self.beta_a)
+            if self.bias is not None:
+                pose = pose + self.bias
+            return CapsOut(pose, a_out, r, None, safe_norm(pose))
+        if self.routing == "uniform":        # forward's single matmul never makes u_hat
+            raise ValueError("route: uniform routing has no couplings to route; call the layer")
+        v, c, s = R.dynamic_routing_full(u_hat, self.iterations, self.bias, self.detach_inner,
+                                         self.squash_kind)
+        s_norm = safe_norm(s)
+        return CapsOut(v, safe_norm(v), c, squash_gain(s_norm), s_norm)
+
     def forward(self, u: torch.Tensor, a_in: Optional[torch.Tensor] = None) -> CapsOut:
         """u (B, I, d_in) input poses; a_in (B, I) input activations (EM only; default ||u||)."""
-        from capsmodels import routing as R                                 # routing imports squash
         B = u.shape[0]
         if self.routing == "uniform":
             # s_j = (1/J) sum_i W_ij u_i: one (B, I*d_in) @ (I*d_in, J*d_out) matmul, no u_hat at all
@@ -158,15 +206,6 @@ class CapsuleLayer(nn.Module):
                 s = s + self.bias
             v = squash(s, kind=self.squash_kind)
             c = u.new_full((1, 1, 1), 1.0 / self.n_out).expand(B, self.n_in, self.n_out)
-            return CapsOut(v, safe_norm(v), c, squash_gain(safe_norm(s)))
-        u_hat = self.predict(u)
-        if self.routing == "dynamic":
-            v, c, s = R.dynamic_routing_full(u_hat, self.iterations, self.bias, self.detach_inner,
-                                             self.squash_kind)
-            return CapsOut(v, safe_norm(v), c, squash_gain(safe_norm(s)))
-        if a_in is None:
-            a_in = safe_norm(u)
-        pose, a_out, r = R.em_routing(u_hat, a_in, self.iterations, self.beta_u, self.beta_a)
-        if self.bias is not None:
-            pose = pose + self.bias
-        return CapsOut(pose, a_out, r, None)
+            s_norm = safe_norm(s)
+            return CapsOut(v, safe_norm(v), c, squash_gain(s_norm), s_norm)
+        return self.route(self.predict(u), safe_norm(u) if a_in is None else a_in)

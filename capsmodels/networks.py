@@ -41,16 +41,21 @@ DECODER_HIDDEN = (512, 1024)
 
 @dataclass
 class LayerTrace:
-    act: torch.Tensor                       # (B, n) a_j(x) = ||v_j|| (EM: activation)
-    coupling: Optional[torch.Tensor]        # (B, n_in, n) final couplings; None for l = 0
-    gain: Optional[torch.Tensor]            # (B, n) ||s|| / (1 + ||s||^2); None for EM layers
+    """What the probes read of one capsule layer (docs/PROBES.md). Tensors stay on the graph: `pose`
+    is the very tensor the next layer (or the loss) consumes, so autograd.grad(loss, pose) is dL/dv."""
+    act: torch.Tensor                       # (B, n) a_j(x) = ||v_j|| (EM: activation; CNN class: score)
+    coupling: Optional[torch.Tensor]        # (B, n_in, n) final couplings; None for l = 0 and the CNN
+    gain: Optional[torch.Tensor]            # (B, n) ||s|| / (1 + ||s||^2); None for EM layers and the CNN
+    pose: Optional[torch.Tensor] = None     # (B, n, d) the layer's output pose v_j(x)
+    s_norm: Optional[torch.Tensor] = None   # (B, n) pre-squash length ||s_j(x)|| (EM: ||pose||); CNN None
+    routes: bool = False                    # couplings can depend on x (routing probes apply)
 
 
 @dataclass
 class NetOutput:
     scores: torch.Tensor                    # (B, K) in [0, 1]: class capsule lengths (EM: activations)
     recon: Optional[torch.Tensor] = None    # (B, C*H*W) or None
-    layers: list = field(default_factory=list)   # LayerTrace per capsule layer; [] for the CNN
+    layers: list = field(default_factory=list)   # LayerTrace per capsule layer, l = 0 .. depth+1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,7 +127,8 @@ class CapsNet(nn.Module):
         self.caps = nn.ModuleList(
             CapsuleLayer(n_in, d_in, n_out, d_out, routing=cfg.routing, iterations=cfg.iterations,
                          bias=cfg.bias, squash_kind=cfg.squash, detach_inner=cfg.detach_inner,
-                         init=cfg.init, init_std=cfg.init_std, init_scale=cfg.init_scale)
+                         init=cfg.init, init_std=cfg.init_std, init_scale=cfg.init_scale,
+                         bias_init=cfg.bias_init)
             for (n_in, d_in), (n_out, d_out) in zip(sizes[:-1], sizes[1:]))
         self.decoder = None
         if cfg.decoder:
@@ -134,11 +140,11 @@ class CapsNet(nn.Module):
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> NetOutput:
         u, s_norm = self.primary(self.stem(x))                  # (B, N0, d0), (B, N0)
         a = safe_norm(u)
-        layers = [LayerTrace(a, None, squash_gain(s_norm))]
+        layers = [LayerTrace(a, None, squash_gain(s_norm), u, s_norm)]
         for layer in self.caps:
             out = layer(u, a)                                   # EM uses a; the others ignore it
             u, a = out.pose, out.act
-            layers.append(LayerTrace(out.act, out.coupling, out.gain))
+            layers.append(LayerTrace(out.act, out.coupling, out.gain, out.pose, out.s_norm, layer.routes))
         recon = None
         if self.decoder is not None:                            # mask all but the true (else best) class
             idx = y if y is not None else a.detach().argmax(1)
@@ -156,29 +162,61 @@ class CapsNet(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 class CNN(nn.Module):
-    """Stem convs -> the primary conv as a plain conv (ReLU) -> dense (width, ReLU) -> K logits.
+    """The control: stem convs -> the primary conv as a plain conv (ReLU) -> dense layers -> K scores.
 
-    scores = sigmoid(logits): in [0, 1] like capsule lengths, so the same margin loss trains it and
-    its numbers compare with the CapsNets'. No decoder, no capsule layers (NetOutput.layers = []).
+    depth 0: one dense layer of `width` units (ReLU; PyTorch's default init), the baseline matched in
+    size to the CapsNet encoder. depth d > 0: d dense layers of num_caps * caps_dim units (ReLU,
+    Kaiming-normal weights, zero bias: He et al. 2015's rule keeps activation and gradient scales
+    through ReLU layers), so a deep network that trains is there to compare with (docs/PROBES.md,
+    "CNN control"). scores = sigmoid(logits): in [0, 1] like capsule lengths, so the same margin loss
+    trains it. No decoder.
+
+    Traces for the probes: l0 = the primary conv's output cut into "capsules" of primary_dim channels
+    at one position (as PrimaryCaps), l1..ld = each hidden layer cut into capsules of caps_dim
+    consecutive units, l{d+1} = the class layer, one 1-d "capsule" per class whose act is its score.
+    The depth-0 width layer is not a capsule layer and is not traced.
     """
 
     def __init__(self, cfg: ModelConfig, in_shape, num_classes: int, width: int):
         super().__init__()
         C, _, _ = in_shape
-        stem, c = _stem(C, cfg)
+        self.stem, c = _stem(C, cfg)
         _, (ph, pw) = feature_sizes(cfg, in_shape)
-        feats = cfg.primary_channels * cfg.primary_dim
-        self.features = nn.Sequential(
-            *stem, nn.Conv2d(c, feats, cfg.primary_kernel, cfg.primary_stride), nn.ReLU(inplace=True),
-            nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(feats * ph * pw, width), nn.ReLU(inplace=True),
-                                  nn.Linear(width, num_classes))
+        self.primary_channels, self.primary_dim, self.caps_dim = cfg.primary_channels, cfg.primary_dim, cfg.caps_dim
+        self.primary = nn.Conv2d(c, cfg.primary_channels * cfg.primary_dim, cfg.primary_kernel,
+                                 cfg.primary_stride)
+        widths = [width] if cfg.depth == 0 else [cfg.num_caps * cfg.caps_dim] * cfg.depth
+        n_in = [cfg.primary_channels * cfg.primary_dim * ph * pw] + widths[:-1]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(n_in, widths))
+        self.head = nn.Linear(widths[-1], num_classes)
+        self.traced_hidden = cfg.depth > 0
+        if self.traced_hidden:
+            for lin in self.hidden:
+                nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+                nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> NetOutput:
-        return NetOutput(scores=torch.sigmoid(self.head(self.features(x))), recon=None, layers=[])
+        h = F.relu(self.primary(self.stem(x)))                          # (B, K*d0, H, W)
+        B, _, H, W = h.shape
+        K, d0 = self.primary_channels, self.primary_dim
+        u = h.view(B, K, d0, H, W).permute(0, 1, 3, 4, 2).reshape(B, K * H * W, d0)   # (B, N0, d0)
+        layers = [LayerTrace(safe_norm(u), None, None, u)]
+        z = u.view(B, K, H, W, d0).permute(0, 1, 4, 2, 3).reshape(B, -1)   # h.flatten(1), from u
+        for lin in self.hidden:
+            z = F.relu(lin(z))
+            if self.traced_hidden:
+                u = z.view(B, -1, self.caps_dim)                         # (B, num_caps, caps_dim)
+                layers.append(LayerTrace(safe_norm(u), None, None, u))
+                z = u.reshape(B, -1)
+        pose = torch.sigmoid(self.head(z)).unsqueeze(-1)                # (B, K, 1)
+        scores = pose.squeeze(-1)
+        layers.append(LayerTrace(scores, None, None, pose))
+        return NetOutput(scores=scores, recon=None, layers=layers)
 
     def layer_weights(self) -> list:
-        return [m.weight for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        """W_l per traced layer: l0 the primary conv, l1..ld the hidden layers, l{d+1} the head."""
+        hidden = [lin.weight for lin in self.hidden] if self.traced_hidden else []
+        return [self.primary.weight] + hidden + [self.head.weight]
 
 
 def matched_cnn_width(cfg: ModelConfig, in_shape, num_classes: int) -> int:
@@ -204,7 +242,8 @@ def build(cfg, in_shape, num_classes: int) -> nn.Module:
     check_fits(cfg, in_shape)
     cfg = _model_cfg(cfg)
     if cfg.arch == "cnn":
-        width = cfg.cnn_width if cfg.cnn_width > 0 else matched_cnn_width(cfg, in_shape, num_classes)
+        width = 0 if cfg.depth > 0 else (  # the width only sizes the depth-0 baseline's dense layer
+            cfg.cnn_width if cfg.cnn_width > 0 else matched_cnn_width(cfg, in_shape, num_classes))
         return CNN(cfg, in_shape, num_classes, width)
     if cfg.arch != "capsnet":
         raise ConfigError(f"model.arch: {cfg.arch!r} is not allowed; choose one of capsnet, cnn")

@@ -1,83 +1,183 @@
-"""Probes: the per-layer measurements the research question needs (DESIGN.md, "Probes").
+"""Probes: the per-layer measurements the research question needs. Definitions: docs/PROBES.md.
 
 Names are stable because analysis and MLflow dashboards key on them. Layer index l counts capsule
-layers from the primaries: l0 = PrimaryCaps, l1..l{depth} = hidden layers, l{depth+1} = class capsules.
+layers from the primaries: l0 = PrimaryCaps, l1..l{depth} = hidden layers, l{L} = l{depth+1} the
+class capsules (the CNN control has the same layout: capsmodels.networks.CNN). A probe that cannot
+say anything (n/a) is left out of the result, never reported as 0 or NaN.
 
-Two kinds of probe:
-- gradient norms, accumulated during training by `GradTracker` (read from `.grad` after backward,
-  so no extra forward/backward passes and no change to the optimiser's trajectory);
-- activation/routing statistics, computed by `routing_probes` from the layer traces of one forward
-  pass over a fixed evaluation batch D, under `torch.no_grad` with the RNG state forked, so training
-  is bit-for-bit the same with or without the probes.
+Three kinds of probe:
+- weight-gradient norms, accumulated during training by `GradTracker` from `.grad` after backward
+  (no extra passes, the optimiser's trajectory unchanged): grad_norm/l{l}, grad_rms/l{l};
+- activation-gradient probes on the fixed evaluation batch D (`gradient_probes`): one extra
+  forward + backward of the training loss w.r.t. each layer's output poses: act_grad/l{l},
+  starved_frac/l{l}, starved_frac_max, grad_ratio;
+- activation and routing statistics of the same forward (`trace_probes`), routing ones against a
+  null that re-routes predictions shuffled across inputs (`routing_null`).
+`evaluation_probes` runs the last two on a float64 copy of the model in eval mode with the RNG forked,
+so training is bit-for-bit the same with or without them, and no probe underflows to 0.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+STARVED_REL = 1e-3        # starved: per-capsule act_grad < STARVED_REL x the class layer's median
+FROZEN_REL = 0.01         # frozen: std_x a_j(x) <= FROZEN_REL x mean_x a_j(x)
+NULL_SEED = 0             # the routing null's permutations (fixed: the same null every epoch)
 
-def coupling_entropy_score(c: torch.Tensor) -> torch.Tensor:
-    """tree_score = mean over x, i of 1 - H(c_i.(x)) / log J.
 
-    c: (B, n_in, J) couplings, rows summing to 1 over the J parents. 1 means every child sends all of
-    its output to one parent (a parse tree), 0 means uniform couplings (no structure). 0 log 0 = 0.
+# ----------------------------------------------------------------------------------------------------
+# routing statistics
+# ----------------------------------------------------------------------------------------------------
+
+def coupling_certainty(c: torch.Tensor) -> torch.Tensor:
+    """1 - H(c_i.(x)) / log J per input x and child i: c (B, I, J), rows summing to 1 -> (B, I).
+
+    1 when child i sends all of its output to one parent (a parse tree), 0 for uniform couplings.
+    0 log 0 = 0. Needs J >= 2 (log 1 = 0).
     """
-    J = c.shape[-1]
-    if J < 2:
-        return torch.tensor(float("nan"))
-    plogp = torch.where(c > 0, c * torch.log(c.clamp_min(1e-30)), torch.zeros_like(c))
-    entropy = -plogp.sum(-1)                               # (B, n_in)
-    return (1.0 - entropy / math.log(J)).mean()
+    plogp = torch.where(c > 0, c * torch.log(c.clamp_min(1e-300)), torch.zeros_like(c))
+    return 1.0 - (-plogp.sum(-1)) / math.log(c.shape[-1])
 
 
-def routing_dynamics(c: torch.Tensor) -> torch.Tensor:
-    """Mean over i, j of the std over inputs x of c_ij(x) (population std, ddof=0).
+def tree_score(c: torch.Tensor, a_child: torch.Tensor) -> Optional[float]:
+    """Activation-weighted mean over x, i of 1 - H(c_i.(x)) / log J, weights a_i(x) (B, I).
 
-    c: (B, n_in, J). 0 means the routing is the same for every input: a static, input-independent
-    assignment, which is what Mitterreiter et al. report for trained CapsNets.
+    A child that does not fire sends nothing whatever its couplings say, so it must not count: an
+    unweighted mean is dominated by dead children's couplings. None (n/a) when J < 2 or all weights
+    are 0.
     """
-    return c.std(dim=0, unbiased=False).mean()
+    if c.shape[-1] < 2:
+        return None
+    c, w = c.detach(), a_child.detach().to(c.dtype)
+    total = w.sum()
+    if not total > 0:
+        return None
+    return float((w * coupling_certainty(c)).sum() / total)
 
 
-def activation_stats(act: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act_mean, dead_frac) of one layer. act: (B, n) activations a_j(x) = ||v_j(x)||.
+def routing_dynamics(c: torch.Tensor) -> float:
+    """Mean over i, j of the population std over inputs x of c_ij(x). c: (B, I, J).
 
-    act_mean = mean over x, j of a_j(x); dead_frac = fraction of capsules j whose activation never
-    reaches tau on the evaluation batch: max over x of a_j(x) < tau.
+    0 means the routing is the same for every input: a static, input-independent assignment, which is
+    what Mitterreiter et al. report for trained CapsNets.
     """
-    return act.mean(), (act.max(dim=0).values < tau).float().mean()
+    return float(c.detach().std(dim=0, unbiased=False).mean())
 
 
-def routing_probes(layers: Sequence, tau: float) -> dict[str, float]:
-    """All trace-based probes of one forward pass. `layers`: list of LayerTrace (act, coupling, gain)."""
+def permute_children(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (B, I, ...) -> t' with t'[b, i] = t[idx[b, i], i]; idx (B, I), each column a permutation."""
+    B, I = idx.shape
+    return t.gather(0, idx.view(B, I, *([1] * (t.dim() - 2))).expand_as(t))
+
+
+def routing_null(layer: torch.nn.Module, u: torch.Tensor, a_in: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Couplings of `layer` re-routed on predictions whose children come from other inputs.
+
+    u (B, I, d_in) the layer's input poses, a_in (B, I) its child activations. Child i's votes and
+    activation are taken from input pi_i(x), an independent permutation of the batch per child drawn
+    from `generator` (CPU): the votes keep their magnitudes and the layer's weights, but the children
+    no longer agree about one input's parts. (A plain shuffle of the couplings would be useless:
+    tree_score and routing_dynamics are invariant to permuting inputs.)
+    Returns (c_null (B, I, J), a_null (B, I): the children's activations, the tree_score weights).
+    """
+    B, I = a_in.shape
+    idx = torch.rand(B, I, generator=generator).argsort(0).to(u.device)     # (B, I)
+    a_null = permute_children(a_in, idx)
+    return layer.route(permute_children(layer.predict(u), idx), a_null).coupling, a_null
+
+
+def activation_stats(act: torch.Tensor, tau: float) -> tuple[float, float, float]:
+    """(act_mean, dead_frac, frozen_frac) of one layer. act: (B, n) activations a_j(x).
+
+    dead: max over x of a_j(x) < tau (never fires on D). frozen: population std over x of a_j(x) <=
+    FROZEN_REL x its mean: alive or not, the capsule says the same for every input (a dead capsule
+    is also frozen).
+    """
+    dead = (act.max(dim=0).values < tau).to(act.dtype).mean()
+    frozen = (act.std(dim=0, unbiased=False) <= FROZEN_REL * act.mean(dim=0)).to(act.dtype).mean()
+    return float(act.mean()), float(dead), float(frozen)
+
+
+def _hidden_max(out: dict, name: str, n_layers: int) -> None:
+    """out[name + '_max'] = max over the hidden layers l1..l{L-1} of out[name/l]; 0.0 without hidden
+    layers (the depth-0 network has none to starve)."""
+    hidden = [out[f"{name}/l{l}"] for l in range(1, n_layers - 1) if f"{name}/l{l}" in out]
+    out[f"{name}_max"] = max(hidden) if hidden else 0.0
+
+
+def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None) -> dict[str, float]:
+    """Activation and routing probes of one forward pass.
+
+    layers: LayerTrace per layer (act, coupling, gain, routes; see capsmodels.networks).
+    nulls: {l: (c_null, a_null)} for the layers whose routing null was computed (`routing_null`).
+    Routing probes of layer l are n/a (absent) where routing cannot act: `routes` false (uniform
+    routing, 1 iteration), or a dead child or parent layer (dead_frac == 1).
+    """
     out: dict[str, float] = {}
     for l, tr in enumerate(layers):
-        act_mean, dead = activation_stats(tr.act.detach().float(), tau)
-        out[f"act_mean/l{l}"] = float(act_mean)
-        out[f"dead_frac/l{l}"] = float(dead)
+        act = tr.act.detach()
+        out[f"act_mean/l{l}"], out[f"dead_frac/l{l}"], out[f"frozen_frac/l{l}"] = activation_stats(act, tau)
         if tr.gain is not None:
-            out[f"squash_gain/l{l}"] = float(tr.gain.detach().float().mean())
-        if tr.coupling is not None:
-            c = tr.coupling.detach().float()
-            score = coupling_entropy_score(c)
-            if not torch.isnan(score):
-                out[f"tree_score/l{l}"] = float(score)
-            out[f"routing_dynamics/l{l}"] = float(routing_dynamics(c))
+            out[f"squash_gain/l{l}"] = float(tr.gain.detach().mean())
+    for l, tr in enumerate(layers):
+        if l == 0 or tr.coupling is None or not tr.routes:
+            continue
+        if out[f"dead_frac/l{l - 1}"] == 1.0 or out[f"dead_frac/l{l}"] == 1.0:
+            continue
+        c = tr.coupling.detach()
+        score = tree_score(c, layers[l - 1].act.detach())
+        if score is None:
+            continue
+        out[f"tree_score/l{l}"] = score
+        out[f"routing_dynamics/l{l}"] = routing_dynamics(c)
+        if nulls and l in nulls:
+            c_null, a_null = nulls[l]
+            null_score = tree_score(c_null, a_null)
+            if null_score is not None:
+                out[f"tree_score_null/l{l}"] = null_score
+            out[f"routing_dynamics_null/l{l}"] = routing_dynamics(c_null)
     if len(layers) >= 2:
-        # worst hidden layer (l1..l{depth}); the shallow CapsNet has none, so nothing is starved
-        hidden = [out[f"dead_frac/l{l}"] for l in range(1, len(layers) - 1)]
-        out["dead_frac_max"] = max(hidden) if hidden else 0.0
+        _hidden_max(out, "dead_frac", len(layers))
+        _hidden_max(out, "frozen_frac", len(layers))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradient probes
+# ----------------------------------------------------------------------------------------------------
+
+def gradient_probes(grads: Sequence[torch.Tensor]) -> dict[str, float]:
+    """act_grad, starved_frac and grad_ratio from dL/dv per layer: grads[l] (B, n_l, d_l).
+
+    Per capsule j: act_grad_j = mean over x of ||dL/dv_j(x)|| (in float64); act_grad/l{l} = mean over
+    j. starved_frac/l{l} = fraction of capsules with act_grad_j < STARVED_REL x the median over the
+    class layer's capsules (absent when that median is 0: nothing to compare with). grad_ratio =
+    act_grad/l1 / act_grad/l{L} (1.0 at depth 0, where l1 is the class layer; absent for 0/0).
+    """
+    per_cap = [torch.linalg.vector_norm(g.detach(), dim=-1, dtype=torch.float64).mean(0) for g in grads]
+    out = {f"act_grad/l{l}": float(p.mean()) for l, p in enumerate(per_cap)}
+    ref = float(torch.quantile(per_cap[-1], 0.5))
+    if ref > 0:
+        for l, p in enumerate(per_cap):
+            out[f"starved_frac/l{l}"] = float((p < STARVED_REL * ref).double().mean())
+        _hidden_max(out, "starved_frac", len(per_cap))
+    if len(per_cap) >= 2 and out[f"act_grad/l{len(per_cap) - 1}"] > 0:
+        out["grad_ratio"] = out["act_grad/l1"] / out[f"act_grad/l{len(per_cap) - 1}"]
     return out
 
 
 class GradTracker:
-    """Frobenius norms ||dL/dW_l||_F of each capsule layer, averaged over the last K steps.
+    """Frobenius norms ||dL/dW_l||_F of each layer's weights, averaged over the last K steps.
 
-    Call `record()` after `loss.backward()` and before `optimizer.step()`/`zero_grad()`. One fused
-    `torch.stack` of per-tensor norms per step keeps the cost negligible next to the step itself.
+    Call `record()` after `loss.backward()` and before `optimizer.step()`/`zero_grad()`. The norms are
+    taken in float64 (a float32 sum of squares of entries ~1e-26 is 0) in one fused `torch.stack`
+    per step, kept on the device: no wait per step.
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], window: int):
@@ -85,33 +185,67 @@ class GradTracker:
         self.window: deque = deque(maxlen=window)
 
     def record(self) -> None:
-        norms = [w.grad.detach().norm() if w.grad is not None else torch.zeros((), device=w.device)
-                 for w in self.weights]
+        norms = [torch.linalg.vector_norm(w.grad.detach(), dtype=torch.float64) if w.grad is not None
+                 else torch.zeros((), dtype=torch.float64, device=w.device) for w in self.weights]
         if norms:
-            self.window.append(torch.stack(norms).float())     # on the device: no wait per step
+            self.window.append(torch.stack(norms))
 
     def summary(self) -> dict[str, float]:
-        """grad_norm/l{l} and grad_ratio (first routed layer l1 over the last, l{L}); empty if no steps."""
+        """grad_norm/l{l} and grad_rms/l{l} = grad_norm / sqrt(numel W_l); empty if no steps.
+
+        grad_rms does not grow with the size of W_l: it compares layers of different shapes."""
         if not self.window:
             return {}
-        mean = torch.stack(list(self.window)).mean(0)
-        out = {f"grad_norm/l{l}": float(v) for l, v in enumerate(mean)}
-        if len(mean) >= 2:
-            first, last = float(mean[1]), float(mean[-1])
-            out["grad_ratio"] = first / last if last > 0 else float("nan")
+        mean = torch.stack(list(self.window)).mean(0).tolist()
+        out = {f"grad_norm/l{l}": v for l, v in enumerate(mean)}
+        out.update({f"grad_rms/l{l}": v / math.sqrt(w.numel())
+                    for l, (v, w) in enumerate(zip(mean, self.weights))})
         return out
 
     def reset(self) -> None:
         self.window.clear()
 
 
-def evaluation_probes(model: torch.nn.Module, x_eval: torch.Tensor, tau: float) -> dict[str, float]:
-    """Trace probes on the fixed evaluation batch, leaving training state and RNG untouched."""
-    was_training = model.training
+# ----------------------------------------------------------------------------------------------------
+# the evaluation pass
+# ----------------------------------------------------------------------------------------------------
+
+def evaluation_probes(model: torch.nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, tau: float,
+                      recon_weight: float = 0.0) -> dict[str, float]:
+    """All probes of the fixed evaluation batch D = (x_eval, y_eval), leaving training untouched.
+
+    Runs on a float64 copy of the model in eval mode, under fork_rng: the model's parameters, .grad,
+    mode and the RNG streams are as before. One forward (labels mask the decoder as in training), one
+    backward of the per-example training loss (margin + recon_weight x reconstruction, summed over D)
+    w.r.t. every layer's output pose, and the routing nulls.
+    """
+    from capsmodels import losses                   # local: losses is light, but keep probes leaf-like
     devices = [x_eval.device] if x_eval.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        model.eval()
-        out = model(x_eval)
-        probes = routing_probes(out.layers, tau)
-    model.train(was_training)
-    return probes
+    with torch.random.fork_rng(devices=devices):
+        probe = copy.deepcopy(model).double().eval()
+        for p in probe.parameters():
+            p.grad = None
+        x = x_eval.double()
+        with torch.enable_grad():
+            out = probe(x, y_eval)
+            loss, _ = losses.total_loss(out, x, y_eval, recon_weight)
+            poses = [tr.pose for tr in out.layers]
+            # the loss is a mean over D; times |D| it is the sum of per-example losses, whose gradient
+            # w.r.t. v_j(x) is input x's own dL(x)/dv_j(x) (inputs do not interact in eval mode)
+            grads = torch.autograd.grad(loss * len(y_eval), poses, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(poses, grads)]
+        with torch.no_grad():
+            nulls = _routing_nulls(probe, out.layers)
+        result = trace_probes(out.layers, tau, nulls)
+        result.update(gradient_probes(grads))
+    return result
+
+
+def _routing_nulls(model: torch.nn.Module, layers: Sequence) -> dict:
+    """{l: routing_null(...)} for the CapsNet layers where routing can act (nothing for the CNN)."""
+    caps = getattr(model, "caps", None)
+    if caps is None:
+        return {}
+    gen = torch.Generator().manual_seed(NULL_SEED)
+    return {l: routing_null(caps[l - 1], layers[l - 1].pose, layers[l - 1].act, gen)
+            for l in range(1, len(layers)) if layers[l].routes}

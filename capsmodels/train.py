@@ -2,8 +2,8 @@
 
 It knows nothing of Ray or MLflow: a sweep's trainable passes a `report` callable that forwards the
 metrics to Ray Tune, `capsweep train` passes one that prints them. One clear path, nanoGPT style:
-build data -> build model -> for each epoch: train steps (grad norms recorded) -> evaluate ->
-probes on the fixed batch D -> report.
+build data -> build model (-> `init: data` scales it on the first training batch) -> for each epoch:
+train steps (grad norms recorded) -> evaluate -> probes on the fixed batch D (docs/PROBES.md) -> report.
 
 Determinism: the model is initialised under `torch.manual_seed(seed)`, and every random choice of
 the loop (shuffling, augmentation) draws from one dedicated `torch.Generator` seeded from the same
@@ -22,7 +22,7 @@ import torch
 
 from capsmodels import config as cfgmod
 from capsmodels import data as datamod
-from capsmodels import losses, networks, probes
+from capsmodels import init, losses, networks, probes
 
 Report = Callable[..., Any]
 
@@ -72,7 +72,22 @@ def prepare(cfg: cfgmod.RunConfig, data: Optional[datamod.RawData] = None
     splits = datamod.make_splits(raw, cfg.data, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = networks.build(cfg, splits.in_shape, splits.num_classes).to(device)
+    if cfg.model.init == "data" and cfg.model.arch == "capsnet":     # the CNN keeps its own init
+        x0, _ = fixed_batch(splits.train, init.IMAGES, cfg.train.seed)
+        init.data_init(model, x0.to(device), cfg.model.init_target, chunk=cfg.train.batch_size)
     return splits, model, device
+
+
+def fixed_batch(ds: torch.utils.data.TensorDataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images (x (n, C, H, W), y (n,)) of `ds` drawn without replacement by a generator of its own
+    seeded with `seed`: the same every epoch and resume, and drawing it moves no other RNG.
+
+    Not the first n: splits keep the raw order, and some raw files are sorted by class (mnist5k's
+    first 256 validation images are all 0s and 1s), so a prefix would not be a sample.
+    """
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    x, y = ds.tensors
+    return x[idx], y[idx]
 
 
 def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
@@ -110,7 +125,7 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         start_epoch = int(state["epoch"]) + 1
 
     x_train, y_train = splits.train.tensors
-    x_eval = splits.val.tensors[0][: t.eval_batch].to(device)
+    x_eval, y_eval = (v.to(device) for v in fixed_batch(splits.val, t.eval_batch, t.seed))
     tracker = probes.GradTracker(model.layer_weights(), t.grad_window)
     n = len(y_train)
     steps = math.ceil(n / t.batch_size)
@@ -173,7 +188,7 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
             metrics["test_loss"], metrics["test_acc"] = evaluate(model, splits.test, device, recon_w)
             diverged = not all(math.isfinite(metrics[k]) for k in ("val_loss", "test_loss"))
         if not diverged:
-            metrics.update(probes.evaluation_probes(model, x_eval, t.dead_tau))
+            metrics.update(probes.evaluation_probes(model, x_eval, y_eval, t.dead_tau, recon_w))
         metrics["images_per_s"] = seen / train_time if train_time > 0 else 0.0
         metrics["peak_mem_mb"] = peak_memory_mb(device)
         metrics["time_s"] = train_time

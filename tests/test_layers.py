@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from capsmodels.layers import (CapsuleLayer, PrimaryCaps, fan_std, squash, squash_gain, squash_length)
-from capsmodels.routing import uniform_routing
+from capsmodels.layers import (CapsuleLayer, PrimaryCaps, fan_std, safe_norm, squash, squash_gain,
+                               squash_length)
+from capsmodels.routing import dynamic_routing_reference, uniform_routing
 
 CLOSED = {
     "sabour": lambda n: n * n / (1 + n * n),
@@ -145,3 +146,97 @@ def test_fan_init_keeps_lengths_near_one(kind):
         assert abs(fan(u).act.mean().item() - rho) < 0.1
     scaled = CapsuleLayer(I, d_in, J, d_out, init="fan", init_scale=2.0, squash_kind=kind)
     assert abs(scaled.W.std().item() / fan.W.std().item() - 2.0) < 0.05
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-5, 1e-12, 1e-25, 1e-35])
+def test_safe_norm_value_and_gradient_for_tiny_vectors_in_float32(scale):
+    """||x|| and its gradient x/||x|| against float64 numpy, for lengths down to 1e-35 in float32
+    (a plain sum of squares is 0 below ~1e-19; the old floor ||x||^2 >= 1e-12 was wrong below 1e-6)."""
+    rng = np.random.default_rng(0)
+    x64 = rng.normal(size=(3, 5)) * scale
+    x = torch.tensor(x64, dtype=torch.float32, requires_grad=True)
+    n = safe_norm(x)
+    ref = np.linalg.norm(x.detach().double().numpy(), axis=-1)        # of the float32 entries
+    np.testing.assert_allclose(n.detach().double().numpy(), ref, rtol=1e-6)
+    (g,) = torch.autograd.grad(n.sum(), x)
+    np.testing.assert_allclose(g.double().numpy(), x.detach().double().numpy() / ref[:, None], rtol=1e-5)
+    assert (n > 0).all()
+
+
+def test_safe_norm_is_exactly_zero_at_zero_with_zero_gradient_and_keeps_dims():
+    x = torch.zeros(2, 3, requires_grad=True)
+    n = safe_norm(x, keepdim=True)
+    assert n.shape == (2, 1) and torch.equal(n, torch.zeros(2, 1))
+    (g,) = torch.autograd.grad(n.sum(), x)
+    assert torch.equal(g, torch.zeros(2, 3))
+    y = torch.tensor([[3.0, 0.0], [4.0, 0.0]])                        # along dim 0: (3, 4) and (0, 0)
+    torch.testing.assert_close(safe_norm(y, dim=0), torch.tensor([5.0, 0.0]))
+
+
+@pytest.mark.parametrize("kind", ["sabour", "exp", "tanh"])
+def test_squash_of_short_vectors_in_float32_matches_float64(kind):
+    """A collapsed layer's ||s|| of 1e-9 must give sabour's ||s||^2 = 1e-18, not 1e-6 * ||s|| as with
+    the old floor; exp/tanh pass short vectors on nearly unchanged."""
+    rng = np.random.default_rng(1)
+    s64 = rng.normal(size=(4, 6)) * 1e-9
+    s = torch.tensor(s64, dtype=torch.float32, requires_grad=True)
+    v = squash(s, kind=kind)
+    s_ref = s.detach().double()
+    v_ref = squash(s_ref, kind=kind)
+    n = np.linalg.norm(s_ref.numpy(), axis=-1, keepdims=True)
+    # (1 - exp(-n) in float64 loses ~1e-7 of its value to cancellation at n = 1e-9: hence rtol 1e-6)
+    np.testing.assert_allclose(v_ref.numpy(), np.vectorize(CLOSED[kind])(n) * s_ref.numpy() / n, rtol=1e-6)
+    np.testing.assert_allclose(v.detach().double().numpy(), v_ref.numpy(), rtol=1e-5)
+    # gradient: float32 against float64 autograd of the closed form
+    w = torch.randn(4, 6, dtype=torch.float64)
+    (g,) = torch.autograd.grad((v * w.float()).sum(), s)
+    s_ref.requires_grad_(True)
+    nn_ = torch.linalg.vector_norm(s_ref, dim=-1, keepdim=True)
+    closed = {"sabour": nn_ * nn_ / (1 + nn_ * nn_), "exp": -torch.expm1(-nn_), "tanh": torch.tanh(nn_)}[kind]
+    (g_ref,) = torch.autograd.grad((closed * s_ref / nn_ * w).sum(), s_ref)
+    np.testing.assert_allclose(g.double().numpy(), g_ref.numpy(), rtol=1e-4, atol=1e-30)
+
+
+@pytest.mark.parametrize("kind", ["sabour", "exp", "tanh"])
+def test_squash_of_long_vectors_in_float32_has_length_one(kind):
+    s = torch.tensor([[3e30, -4e30], [1e20, 0.0], [2.0, 0.0]], requires_grad=True)
+    v = squash(s, kind=kind)
+    expected = [1.0, 1.0, CLOSED[kind](2.0)]
+    np.testing.assert_allclose(v.detach().norm(dim=-1).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(v[0].detach().numpy(), [0.6, -0.8], rtol=1e-6)
+    (g,) = torch.autograd.grad(v.sum(), s)
+    assert torch.isfinite(g).all()
+
+
+def test_bias_starts_at_bias_init_and_routes_flag():
+    layer = CapsuleLayer(4, 3, 5, 2, bias=True)
+    assert torch.equal(layer.bias.detach(), torch.full((5, 2), 0.1))    # Peer's and Sabour's 0.1
+    assert torch.equal(CapsuleLayer(4, 3, 5, 2, bias=True, bias_init=-0.25).bias.detach(),
+                       torch.full((5, 2), -0.25))
+    assert CapsuleLayer(4, 3, 5, 2, bias=False).bias is None
+    assert CapsuleLayer(4, 3, 5, 2, iterations=3).routes
+    assert not CapsuleLayer(4, 3, 5, 2, iterations=1).routes
+    assert not CapsuleLayer(4, 3, 5, 2, routing="uniform", iterations=3).routes
+    assert CapsuleLayer(4, 3, 5, 2, routing="em", iterations=2).routes
+
+
+@pytest.mark.parametrize("routing", ["dynamic", "em"])
+def test_route_of_the_predictions_is_the_forward_pass(routing):
+    torch.manual_seed(4)
+    layer = CapsuleLayer(6, 3, 4, 5, routing=routing, iterations=3, bias=True, init_std=0.5).double()
+    u = torch.randn(2, 6, 3, dtype=torch.float64)
+    a = torch.rand(2, 6, dtype=torch.float64)
+    out = layer(u, a)
+    again = layer.route(layer.predict(u), a)
+    for x, y in zip(out, again):
+        torch.testing.assert_close(x, y)
+    if routing == "dynamic":                                            # and the readable reference loop
+        u_hat = torch.einsum("ijek,bik->bije", layer.W, u)
+        v, c, s = dynamic_routing_reference(u_hat, 3, layer.bias)
+        torch.testing.assert_close(out.pose, v)
+        torch.testing.assert_close(out.s_norm, s.norm(dim=-1))
+    else:
+        torch.testing.assert_close(out.s_norm, out.pose.norm(dim=-1))   # EM: the pose length
+    with pytest.raises(ValueError, match="uniform"):
+        CapsuleLayer(6, 3, 4, 5, routing="uniform").route(u_hat.float() if routing == "dynamic" else
+                                                          torch.zeros(2, 6, 4, 5), a.float())

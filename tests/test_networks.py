@@ -1,9 +1,11 @@
 """Network assembly: Sabour's parameter count, shapes for every depth and routing, fit checks, CNN."""
 import dataclasses
+import math
 
 import pytest
 import torch
 
+from capsmodels import probes
 from capsmodels.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict
 from capsmodels.networks import (CNN, PRESETS, CapsNet, NetOutput, build, check_fits,
                                  count_parameters)
@@ -50,8 +52,12 @@ def test_shapes_every_depth_and_routing(routing, depth):
     assert out.recon.shape == (3, 784) and ((out.recon >= 0) & (out.recon <= 1)).all()
     assert len(out.layers) == depth + 2 == len(net.layer_weights())
     n = [8 * 6 * 6] + [cfg.num_caps] * depth + [10]
+    d = [cfg.primary_dim] + [cfg.caps_dim] * depth + [cfg.out_dim]
     for l, tr in enumerate(out.layers):
-        assert tr.act.shape == (3, n[l])
+        assert tr.act.shape == (3, n[l]) and tr.pose.shape == (3, n[l], d[l]) and tr.s_norm.shape == (3, n[l])
+        assert tr.routes == (l > 0 and routing != "uniform")
+        if routing != "em" or l == 0:
+            torch.testing.assert_close(tr.act, tr.pose.norm(dim=-1))      # a_j = ||v_j||
         if l == 0:
             assert tr.coupling is None and tr.gain.shape == (3, n[0])
         else:
@@ -114,12 +120,63 @@ def test_cnn_baseline_matches_capsnet_encoder_size():
     assert isinstance(caps, CapsNet)
     assert abs(count_parameters(cnn) / count_parameters(caps) - 1) < 0.01
     out = cnn(torch.randn(4, *MNIST), torch.arange(4))
-    assert out.recon is None and out.layers == []
+    assert out.recon is None
     assert ((out.scores > 0) & (out.scores < 1)).all()
-    # conv1, primary conv, dense, output
-    assert [w.dim() for w in cnn.layer_weights()] == [4, 4, 2, 2]
+    # depth 0: l0 the primary conv cut into capsules, l1 the class scores; the width layer untraced
+    assert [tuple(tr.pose.shape) for tr in out.layers] == [(4, 16 * 6 * 6, 8), (4, 10, 1)]
+    torch.testing.assert_close(out.layers[-1].act, out.scores)
+    assert [w.dim() for w in cnn.layer_weights()] == [4, 2]               # primary conv, class head
     wide = build(model_cfg("cnn", cnn_width=7), MNIST, 10)
-    assert wide.layer_weights()[2].shape[0] == 7
+    assert wide.hidden[0].weight.shape[0] == 7 and len(wide.hidden) == 1
+
+
+def test_cnn_primary_capsules_are_grouped_like_primarycaps():
+    """l0 capsule n = k*H*W + y*W + x holds conv channels k*D..k*D+D-1 at (y, x) after the ReLU."""
+    torch.manual_seed(0)
+    cnn = build(model_cfg("tiny", arch="cnn"), MNIST, 10)
+    x = torch.rand(2, *MNIST)
+    h = torch.relu(cnn.primary(cnn.stem(x))).detach()                     # (2, K*D, 6, 6)
+    pose = cnn(x).layers[0].pose.detach()
+    K, D, H, W = 8, 4, 6, 6
+    for k, y, xx in [(0, 0, 0), (3, 2, 5), (7, 5, 1)]:
+        torch.testing.assert_close(pose[:, k * H * W + y * W + xx], h[:, k * D:(k + 1) * D, y, xx])
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_cnn_control_at_depth(depth):
+    torch.manual_seed(1)
+    cfg = model_cfg("tiny", arch="cnn", depth=depth)
+    cnn = build(cfg, MNIST, 10)
+    units = cfg.num_caps * cfg.caps_dim                                   # 8 x 4 = 32
+    feats = 8 * 4 * 6 * 6
+    conv = (1 * 9 + 1) * 16 + (16 * 16 + 1) * 32                          # stem 3x3x1->16, primary 4x4x16->32
+    dense = (feats + 1) * units + (depth - 1) * (units + 1) * units + (units + 1) * 10
+    assert count_parameters(cnn) == conv + dense
+    out = cnn(torch.rand(5, *MNIST))
+    shapes = [(5, 288, 4)] + [(5, cfg.num_caps, cfg.caps_dim)] * depth + [(5, 10, 1)]
+    assert [tuple(tr.pose.shape) for tr in out.layers] == shapes
+    assert len(cnn.layer_weights()) == depth + 2
+    for tr in out.layers:
+        assert tr.coupling is None and tr.gain is None and not tr.routes
+    for tr in out.layers[:-1]:
+        torch.testing.assert_close(tr.act, tr.pose.norm(dim=-1))
+    # Kaiming-normal hidden layers: std sqrt(2 / fan_in), zero bias
+    for lin in cnn.hidden:
+        assert abs(lin.weight.std().item() / math.sqrt(2 / lin.in_features) - 1) < 0.05
+        assert torch.equal(lin.bias.detach(), torch.zeros(units))
+
+
+def test_cnn_control_keeps_its_gradient_at_depth_6_where_a_std_capsnet_loses_it():
+    """act_grad/l1 / act_grad/l{L} at initialisation (the probe `grad_ratio`)."""
+    torch.manual_seed(2)
+    x, y = torch.rand(32, *MNIST), torch.arange(32) % 10
+    ratios = {}
+    for arch in ("cnn", "capsnet"):
+        torch.manual_seed(3)
+        net = build(model_cfg("tiny", arch=arch, depth=6, init="std"), MNIST, 10)
+        ratios[arch] = probes.evaluation_probes(net, x, y, tau=0.01, recon_weight=0.0005).get("grad_ratio", 0.0)
+    assert 0.02 < ratios["cnn"] < 50, ratios
+    assert ratios["capsnet"] < 1e-30, ratios
 
 
 def test_em_and_detach_options_reach_layers():
