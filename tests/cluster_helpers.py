@@ -170,3 +170,20 @@ def cluster_requirements() -> list[str]:
 def pg_max_connections(cfg: dict) -> int:
     (n,) = re.findall(r"ALTER SYSTEM SET max_connections = (\d+)", "\n".join(cfg["head_setup_commands"]))
     return int(n)
+
+
+def assert_outage_survived(client, out: str, returncode: int, epochs: int) -> None:
+    """What a sweep whose tracking server went away and came back must show (the server kill/restart
+    tests): it finished, said the server was unreachable and the queued writes delivered, and every
+    trial has every epoch once, none lost, none doubled."""
+    from tests.sweep_helpers import children, parents
+    assert returncode == 0, out[-3000:]
+    assert "unreachable" in out and "delivered" in out
+    runs = children(client)
+    assert len(runs) == 2
+    for r in runs:
+        steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc"))
+        assert steps == list(range(epochs)), steps
+        assert r.info.status == "FINISHED"
+    (parent,) = parents(client)
+    assert parent.info.status == "FINISHED"
