@@ -85,10 +85,12 @@ def _format_epoch(m: dict) -> str:
 
 
 def _format_final(m: dict) -> str:
-    groups = ("loss", "acc", "grad_norm", "grad_ratio", "act_mean", "dead_frac", "tree_score",
-              "routing_dynamics", "squash_gain", "images_per_s", "peak_mem_mb", "status")
-    # grouped in this order; a key matching several groups is shown under the first
+    groups = ("loss", "acc", "grad_norm", "grad_rms", "act_grad", "grad_ratio", "starved_frac", "act_mean",
+              "dead_frac", "frozen_frac", "tree_score", "routing_dynamics", "squash_gain", "images_per_s",
+              "peak_mem_mb", "status")
+    # grouped in this order; a key matching several groups is shown under the first; anything else last
     keys = dict.fromkeys(k for g in groups for k in sorted(m) if k.startswith(g) or k.endswith("_" + g))
+    keys.update(dict.fromkeys(k for k in sorted(m) if k != "epoch"))
     lines = ["final metrics:"]
     lines += [f"  {k:24s} {m[k]:.6g}" if isinstance(m[k], float) else f"  {k:24s} {m[k]}" for k in keys]
     return "\n".join(lines)
