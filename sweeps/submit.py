@@ -109,8 +109,8 @@ def _concurrency_override(spec: SweepSpec, address: str, wd: Optional[Path]) -> 
         return []
     n, why = trial_concurrency(spec, _alive_nodes(address), (wd or PROJECT_ROOT) / "cluster.yaml")
     if n < 1:
-        raise SubmitError(f"max_concurrent: 0 leaves an Optuna sweep one pending trial at a time and the cluster "
-                          f"cannot be counted ({why}); set max_concurrent=N, the trials to run at once")
+        raise SubmitError(f"max_concurrent: 0 leaves an Optuna sweep one pending trial at a time, and the cluster "
+                          f"holds no whole trial to count from ({why}); set max_concurrent=N, the trials to run at once")
     print(f"capsweep: max_concurrent={n} ({why}); set max_concurrent to choose another", file=sys.stderr)
     return [f"max_concurrent={n}"]
 

@@ -428,9 +428,16 @@ def test_submit_gives_an_optuna_sweep_the_clusters_concurrency(two_node_cluster)
     spec = write_spec(work / "opt.yaml", "opt", "model.depth: {choice: [0, 1]}", seeds="[0]", epochs=1,
                       storage=str(work / "shared" / "ray_results"),
                       extra="search: {algorithm: optuna}\nnum_samples: 2\n")
-    proc = subprocess.run(capsweep_cmd("submit", str(spec), f"mlflow.tracking_uri={c['mlflow']}",
-                                       "mlflow.experiment=optuna", "--address", dash.url),
-                          cwd=work, env=c["env"], capture_output=True, text=True, timeout=120)
+    submit = capsweep_cmd("submit", str(spec), f"mlflow.tracking_uri={c['mlflow']}", "mlflow.experiment=optuna")
+    # two GPUs a trial, one (the worker's) on the cluster: nothing to run at once, so one line and no job
+    proc = subprocess.run([*submit, "resources.gpu=2", "--address", dash.url], cwd=work, env=c["env"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "capsweep: error: max_concurrent: 0 leaves an Optuna sweep one pending trial at a time, and the cluster "
+        "holds no whole trial to count from (1 GPU on the cluster's nodes now, resources.gpu=2 per trial); set max_concurrent=N, "
+        "the trials to run at once"], proc.stderr
+    proc = subprocess.run([*submit, "--address", dash.url], cwd=work, env=c["env"], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "capsweep: max_concurrent=2 (2 CPU on the cluster's nodes now, resources.cpu=1 per trial)" in proc.stderr
     (job_id,) = re.findall(r"as Ray job (\S+)", proc.stdout)
