@@ -116,12 +116,18 @@ def _mounts_at(target: str) -> int:
 
 
 @pytest.fixture
-def mount_tools():
+def mount_tools(tmp_path):
     if not pg_helpers.is_root():
         pytest.skip("mounting needs root (the cluster's commands use sudo mount)")
     reason = pg_helpers.ensure_debian_packages({"sudo": "sudo", "mountpoint": "util-linux"})
     if reason:
         pytest.skip(reason)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    tried = subprocess.run(["mount", "--bind", str(probe), str(probe)], capture_output=True, text=True)
+    if tried.returncode:
+        pytest.skip(f"this machine does not allow bind mounts: {tried.stderr.strip()}")
+    subprocess.run(["umount", str(probe)], check=True)
 
 
 def test_restarted_worker_mounts_shared_before_ray_starts(cfg, tmp_path, mount_tools):
