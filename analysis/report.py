@@ -28,8 +28,8 @@ COLUMNS = [
     ("starved_worst", "starved", "starved", None),
     ("dead_worst", "dead", "dead", None),
     ("frozen_worst", "frozen", "frozen", None),
-    ("tree_score", "tree score (null)", None, "tree_score_null"),
-    ("routing_dynamics", "routing dyn. (null)", None, "routing_dynamics_null"),
+    ("tree_score", "tree score", None, "tree_score_null"),
+    ("routing_dynamics", "routing dyn.", None, "routing_dynamics_null"),
 ]
 THRESHOLD_TEXT = [
     ("alpha", "level of every one-sided test and bound"),
@@ -94,18 +94,17 @@ def _interval(fig: Optional[dict], signed: bool = False) -> tuple[str, str]:
     return m, f"[{_n(fig['lo'], signed=signed)}, {_n(fig['hi'], signed=signed)}]"
 
 
-def _cell(cfg: dict, key: str, null: Optional[str]) -> tuple[str, str]:
-    """One table cell as (value, interval): the figure's mean and bounds (the value followed by its null
-    in parentheses), or the accuracy difference with its Welch bounds."""
+def _cell(cfg: dict, key: str, null: Optional[str]) -> tuple[str, str, str]:
+    """One table cell as (value, interval, null): the figure's mean, its bounds and, for a routing
+    statistic, 'null x' (its null's mean); or the accuracy difference with its Welch bounds."""
     if key == "_acc_diff":
         test = (_check_of(cfg, "accuracy") or {}).get("test")
         if not test or test.get("diff") is None:
-            return "n/a", ""
-        return _interval({"mean": test["diff"], "lo": test["lo"], "hi": test["hi"]}, signed=True)
+            return "n/a", "", ""
+        return (*_interval({"mean": test["diff"], "lo": test["lo"], "hi": test["hi"]}, signed=True), "")
     value, ci = _interval(cfg["figures"][key])
-    if null:
-        value += f" ({_n(cfg['figures'][null]['mean'])})"
-    return value, ci
+    null_mean = cfg["figures"][null]["mean"] if null else None
+    return value, ci, f"null {_n(null_mean)}" if null and (value != "n/a" or null_mean is not None) else ""
 
 
 def _check_of(cfg: dict, name: Optional[str]) -> Optional[dict]:
@@ -142,12 +141,11 @@ def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] =
     paths = {"verdict": os.path.join(out_dir, "verdict.json"),
              "markdown": os.path.join(out_dir, "report.md"),
              "html": os.path.join(out_dir, "report.html")}
-    with open(paths["verdict"], "w") as f:
-        f.write(verdict_json(verdict))
-    with open(paths["markdown"], "w") as f:
-        f.write(render_markdown(verdict, figures))
-    with open(paths["html"], "w") as f:
-        f.write(render_html(data, verdict, figures, out_dir))
+    texts = {"verdict": verdict_json(verdict), "markdown": render_markdown(verdict, figures),
+             "html": render_html(data, verdict, figures, out_dir)}   # all rendered before any is written
+    for key, text in texts.items():
+        with open(paths[key], "w") as f:
+            f.write(text)
     for fig in figures:
         if "file" in fig:
             paths[fig["file"]] = os.path.join(out_dir, fig["file"])
@@ -183,7 +181,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
         f"<code>{_t(verdict['tracking_uri'])}</code>; parent run <code>{_t(verdict['parent_run_id'])}</code>; "
         f"references from {_t(verdict['reference_source'])}. "
         f"{c['trials']} trials: {_t(_status_text(c))}; {c['configurations']} configurations, "
-        f"{c['candidates']} candidates, {c['controls']} controls. Read in {data.load_seconds:.1f} s "
+        f"{c['candidates']} candidate(s), {c['controls']} control(s). Read in {data.load_seconds:.1f} s "
         f"(histories: {_t(data.history_method)}).</p>",
     ]
     parts += [f'<div class="note">{_t(n)}</div>' for n in verdict["notes"]]
@@ -194,7 +192,8 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
                  "t interval, each end the one-sided bound the verdict uses]; grad ratio and min act_grad: "
                  "geometric mean (their checks work on log10). &Delta; acc: candidate &minus; matched depth-0 "
                  "reference with its Welch bounds. Colour: the check on that column passes (green), fails (red) "
-                 "or is undecided (yellow). n/a: the probe is not logged (never counted as evidence). "
+                 "or is undecided (yellow). Tree score and routing dynamics: with the same statistic on the null "
+                 "(votes permuted across inputs) below. n/a: the probe is not logged (never counted as evidence). "
                  "Under each row: the checks that did not pass; unfold for every check.</p>")
     ncols = 4 + len(COLUMNS)
     parts.append("<table><tr><th>id</th><th>configuration</th><th>verdict</th><th>seeds</th>"
@@ -207,9 +206,10 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
         for key, _, check, null in COLUMNS:
             chk = _check_of(cfg, check)
             cls = f"num {_OUTCOME_CLASS[chk['outcome']]}" if chk else "num"
-            value, ci = _cell(cfg, key, null)
-            cells.append(f"<td class='{cls}'><span class='m'>{_t(value)}</span>" + (f"<br><span class='ci'>{_t(ci).replace(', ', ',<wbr> ')}</span>" if ci else "")
-                         + "</td>")
+            value, ci, null_text = _cell(cfg, key, null)
+            cells.append(f"<td class='{cls}'><span class='m'>{_t(value)}</span>"
+                         + (f"<br><span class='ci'>{_t(ci).replace(', ', ',<wbr> ')}</span>" if ci else "")
+                         + (f"<br><span class='ci'>{_t(null_text)}</span>" if null_text else "") + "</td>")
         row_cls = "reference" if cfg["role"] == "reference" else "main"
         parts.append(f"<tr class='{row_cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td>"
                      f"<td class='v {vcls}'>{_t(role + cfg['verdict'])}</td>"
@@ -310,6 +310,11 @@ def _md(s) -> str:
     return str(s if s is not None else "").replace("|", "\\|").replace("\n", " ")
 
 
+def _md_cell(value: str, ci: str, null_text: str) -> str:
+    """'0.25 [0.2, 0.3] (null 0.07)'."""
+    return " ".join(p for p in (value, ci, f"({null_text})" if null_text else "") if p)
+
+
 def render_markdown(verdict: dict, figures: list[dict]) -> str:
     c = verdict["counts"]
     answer, instrument = _headline(verdict)
@@ -319,13 +324,13 @@ def render_markdown(verdict: dict, figures: list[dict]) -> str:
            f"capsweep report of sweep `{verdict['sweep']}`: experiment `{verdict['experiment']}` at "
            f"`{verdict['tracking_uri']}`, parent run `{verdict['parent_run_id']}`, references from "
            f"{verdict['reference_source']}. {c['trials']} trials: {_status_text(c)}; {c['configurations']} "
-           f"configurations, {c['candidates']} candidates, {c['controls']} controls.", ""]
+           f"configurations, {c['candidates']} candidate(s), {c['controls']} control(s).", ""]
     out += [f"> {n}" for n in verdict["notes"]] + ([""] if verdict["notes"] else [])
     titles = [html.unescape(t) for _, t, _, _ in COLUMNS]
     out += ["## Configurations", "",
             f"Mean over finished seeds [two-sided {level} t interval]; grad ratio and min act_grad: geometric "
-            "means; delta acc: candidate - reference with its Welch bounds. Checks that did not pass: below the "
-            "table. n/a: not logged.", "",
+            "means; delta acc: candidate - reference with its Welch bounds; tree score and routing dyn.: with their "
+            "null (votes permuted across inputs). Checks that did not pass: below the table. n/a: not logged.", "",
             "| id | configuration | verdict | seeds | " + " | ".join(titles) + " |",
             "|" + "---|" * (4 + len(COLUMNS))]
     for cfg in _sorted_configs(verdict):
@@ -333,7 +338,7 @@ def render_markdown(verdict: dict, figures: list[dict]) -> str:
         if cfg["role"] == "control":
             v = f"control: {v}"
         out.append(f"| {cfg['id']} | {_md(cfg['label'])} | {v} | {cfg['n_seeds']}/{sum(cfg['statuses'].values())} | "
-                   + " | ".join(_md(" ".join(_cell(cfg, key, null)).strip()) for key, _, _, null in COLUMNS) + " |")
+                   + " | ".join(_md(_md_cell(*_cell(cfg, key, null))) for key, _, _, null in COLUMNS) + " |")
     out += ["", "### Why (checks that did not pass)", ""]
     for cfg in _sorted_configs(verdict):
         bad = [ch for ch in cfg["checks"] if ch["outcome"] != "pass"]

@@ -553,7 +553,7 @@ def _instrument_text(instrument: str, controls: list) -> str:
 def _test_text(th: Thresholds) -> str:
     return (f"Accuracy: Welch one-sided non-inferiority test of candidate - matched depth-0 reference, "
             f"margin {th.acc_margin:g}, level alpha = {th.alpha:g}; gradient floor: the same test on log10 min "
-            f"act_grad, margin {th.grad_margin:g} decades; structural checks: one-sided t bounds of the seed "
+            f"act_grad, margin {th.grad_margin:g} decade(s); structural checks: one-sided t bounds of the seed "
             f"mean at level {th.alpha:g}")
 
 

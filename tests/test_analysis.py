@@ -514,7 +514,7 @@ def test_first_lines_state_answer_instrument_test_margin_and_level(s1, tmp_path)
     paths = write_report(data, v, str(tmp_path))
     head = " ".join(_visible_text(open(paths["html"]).read())[1:8])   # [0] is the <title>
     assert head.startswith("Escaped: YES Instrument: validated.")
-    for words in ("Welch one-sided non-inferiority", "margin 0.01", "alpha = 0.05", "margin 1 decades"):
+    for words in ("Welch one-sided non-inferiority", "margin 0.01", "alpha = 0.05", "margin 1 decade(s)"):
         assert words in head, head
     md = open(paths["markdown"]).read().splitlines()
     assert md[0] == "# Escaped: YES" and md[2].startswith("**Instrument: validated.**")
@@ -532,8 +532,8 @@ def test_report_of_an_old_sweep_shows_na_not_zero(store, tmp_path):
     md = open(paths["markdown"]).read()
     row = next(l for l in md.splitlines() if l.startswith("| c01 |"))          # depth 1, one seed
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # test acc, delta acc, grad ratio, min act_grad, starved, dead, frozen, tree (null), routing (null)
-    assert cells[4:] == ["0.7", "-0.2", "n/a", "n/a", "n/a", "0.1", "n/a", "0.3 (n/a)", "0.02 (n/a)"]
+    # test acc, delta acc, grad ratio, min act_grad, starved, dead, frozen, tree score, routing dyn.
+    assert cells[4:] == ["0.7", "-0.2", "n/a", "n/a", "n/a", "0.1", "n/a", "0.3 (null n/a)", "0.02 (null n/a)"]
     assert md.splitlines()[0] == "# Escaped: UNDECIDED"
     assert "Not drawn: Gradient floor: log10 min act_grad against hidden capsule layers (depth): n/a" in md
 
