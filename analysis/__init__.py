@@ -1,10 +1,11 @@
 """capsweep analysis: MLflow runs of a sweep -> pandas -> verdict and report.
 
 Answers one question with evidence: does any CapsNet configuration escape vanishing gradients and
-capsule starvation? Modules, one job each:
+capsule starvation? (yes / no / undecided, with the instrument checked on cnn controls; the rules:
+docs/PROBES.md, "The verdict".) Modules, one job each:
   load     read one sweep back from MLflow into a tidy table (+ per-epoch histories, batched)
-  stats    seeded bootstrap intervals and rank trends (numpy/scipy only)
-  verdict  per-configuration probes, the escape rule, trends -> a JSON-able dict
+  stats    t bounds, Welch non-inferiority, rank trends, Holm (numpy/scipy only, pure functions)
+  verdict  per-configuration probes, the three-way checks, controls, trends -> a JSON-able dict
   plots    matplotlib figures (Agg) for the report
   report   report.html (self-contained), report.md, verdict.json; artifacts on the parent run
   cli      `capsweep report ...` / `python -m analysis ...`

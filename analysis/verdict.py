@@ -362,6 +362,9 @@ def config_checks(fin: pd.DataFrame, statuses: pd.Series, ref: Optional[dict], t
                   chance_floor: float) -> list[dict]:
     """Every check of a candidate or control (module docstring) on its finished seeds `fin`."""
     a = th.alpha
+    if fin.empty:
+        return [_seeds_check(statuses)] + [_check(name, INCONCLUSIVE, f"{name}: no finished seed to test")
+                                           for name in CHECK_NAMES[1:]]
     iv = {p: t_interval(fin[p].tolist(), a) for p in PROBES}
     return [
         _seeds_check(statuses),
@@ -382,6 +385,9 @@ def config_checks(fin: pd.DataFrame, statuses: pd.Series, ref: Optional[dict], t
         _bound_check("chance", iv["test_acc"], chance_floor, "above", "test_acc against chance",
                      "no test_acc"),
     ]
+
+
+CHECK_NAMES = ("seeds", "accuracy", "gradient floor", "grad_ratio", "starved", "dead", "frozen", "chance")
 
 
 def decide(checks: list[dict]) -> str:

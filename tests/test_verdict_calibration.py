@@ -216,3 +216,18 @@ def test_absent_probes_are_na_and_never_evidence(old):
         assert v["escaped"] == "undecided"
     else:
         assert set(outcomes.values()) == {PASS} and v["escaped"] == "yes"
+
+
+@pytest.mark.parametrize("status, verdict", [("failed", "not escaped"), ("running", "undecided")])
+def test_a_candidate_without_finished_seeds(status, verdict):
+    """Every seed failed: not escaped (the seeds check fails); every seed still running: undecided.
+    Either way the other checks have nothing to test and say so."""
+    rng = np.random.default_rng(9)
+    sweep = synthetic_sweep(rng, HEALTHY)
+    sweep.trials.loc[sweep.trials["model.depth"].eq("3") & sweep.trials["model.arch"].eq("capsnet"), "status"] = status
+    v = compute_verdict(sweep)
+    c = next(c for c in v["configurations"] if c["role"] == "candidate")
+    assert c["verdict"] == verdict and c["n_seeds"] == 0
+    assert [ch["outcome"] for ch in c["checks"][1:]] == ["inconclusive"] * 7
+    assert all("no finished seed" in ch["text"] for ch in c["checks"][1:])
+    assert v["escaped"] == ("no" if status == "failed" else "undecided")
