@@ -16,12 +16,19 @@ from capsmodels.config import INITS, ROUTINGS, SQUASHES
 def safe_norm(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """||x|| along `dim`, right in value and gradient for any non-zero x however short; 0 at x = 0.
 
-    Computed as m * ||x / m|| with m = max_k |x_k| (detached: m ||x/m|| equals ||x|| for every m > 0,
-    so m carries no gradient of its own). Squaring x / m, whose largest entry is 1, cannot underflow,
-    so a vector of length 1e-25 in float32 gets its true length and the true gradient x / ||x|| (a
-    plain sqrt(sum x^2) squares it to 1e-50 = 0 in float32; the old floor ||x||^2 >= 1e-12 passed back
-    exactly 0 below ||x|| = 1e-6: docs/PROBES.md). At x = 0 exactly the value is 0 and the gradient 0.
+    A plain sqrt(sum x^2) in float32 squares a length of 1e-25 to 1e-50 = 0, and the old floor
+    ||x||^2 >= 1e-12 passed back exactly 0 below ||x|| = 1e-6, so a collapsed layer looked like one
+    with no gradient at all (docs/PROBES.md, "Numerics"). Here the true gradient x / ||x|| survives:
+    - float32/16 x: the sum of squares is taken in float64, where the square of any float32 number
+      (1e-45 .. 3e38) is a normal number: exact, as cheap as the plain form for capsule-sized vectors;
+    - float64 x (the probe pass): m ||x / m|| with m = max_k |x_k| (detached: m ||x/m|| = ||x|| for
+      every m > 0, so m carries no gradient); squaring x / m, whose largest entry is 1, cannot underflow.
+    At x = 0 exactly the value is 0 and the gradient 0 (no NaN).
     """
+    if x.dtype != torch.float64:
+        xd = x.to(torch.float64)
+        n2 = (xd * xd).sum(dim, keepdim=keepdim)                    # >= 2e-90 unless x = 0
+        return n2.clamp_min(1e-300).sqrt().to(x.dtype)              # sqrt(1e-300) -> 0 in float32
     m = x.detach().abs().amax(dim, keepdim=True)                    # (..., 1, ...) largest entry
     zero = m == 0
     y = x / torch.where(zero, torch.ones_like(m), m)                # entries in [-1, 1]
@@ -35,22 +42,28 @@ def squash(s: torch.Tensor, dim: int = -1, kind: str = "sabour") -> torch.Tensor
     sabour: ||s||^2 / (1 + ||s||^2) * s / ||s||   (Sabour et al. 2017), computed as s * ||s|| / (1 + ||s||^2)
     exp:    (1 - exp(-||s||)) * s / ||s||          (Mazzia et al. 2021, efficient CapsNet)
     tanh:   tanh(||s||) * s / ||s||
-    ||s|| is `safe_norm`, so short vectors keep their true length (a collapsed layer's ||s|| of 1e-8 is
-    not read as 1e-6) and the gradient stays right; at s = 0 exactly the value is 0 and the gradient is
-    the true slope there: 0 for sabour (v ~ ||s|| s), the identity for exp and tanh (v ~ s). Long
-    vectors (||s|| up to float32's max) squash to length ~1 without overflowing ||s||^2.
+    The scale is computed in float64 from an exact ||s|| (see `safe_norm`), so a collapsed layer's
+    ||s|| of 1e-9 gives sabour's true 1e-18 (the old floor read it as 1e-6) with the right gradient,
+    and ||s|| up to float32's max squashes to length ~1 without overflowing ||s||^2. At s = 0 exactly
+    the value is 0 and the gradient is the true slope there: 0 for sabour (v ~ ||s|| s), the identity
+    for exp and tanh (v ~ s): ||s|| is floored at 1e-300 only there.
     """
-    n = safe_norm(s, dim, keepdim=True)
-    if kind == "sabour":                    # n / (1 + n^2), as 1 / (n + 1/n) above 1: no n^2 overflow
-        big = n > 1
-        nb = torch.where(big, n, torch.ones_like(n))
-        return s * torch.where(big, 1.0 / (nb + 1.0 / nb), n / (1.0 + n * n))
-    if kind not in ("exp", "tanh"):
+    if kind not in SQUASHES:
         raise ValueError(f"squash kind {kind!r} is not allowed; choose one of {', '.join(SQUASHES)}")
-    nz = n > 0
-    n1 = torch.where(nz, n, torch.ones_like(n))                     # no 0/0 (nor its gradient) at s = 0
-    ratio = -torch.expm1(-n1) / n1 if kind == "exp" else torch.tanh(n1) / n1
-    return s * torch.where(nz, ratio, torch.ones_like(n))          # the limit of the ratio at 0 is 1
+    if s.dtype == torch.float64:
+        n = safe_norm(s, dim, keepdim=True).clamp_min(1e-300)      # exact to float64's underflow
+        n2 = n * n
+    else:                                                           # float32's squares are normal float64s
+        sd = s.to(torch.float64)
+        n2 = (sd * sd).sum(dim, keepdim=True).clamp_min(1e-300)
+        n = n2.sqrt()
+    if kind == "sabour":
+        scale = n / (1.0 + n2)
+    elif kind == "exp":
+        scale = -torch.expm1(-n) / n
+    else:
+        scale = torch.tanh(n) / n
+    return s * scale.to(s.dtype)
 
 
 def squash_length(x: float, kind: str = "sabour") -> float:
