@@ -17,8 +17,9 @@ layers' shape (model.num_caps, model.caps_dim: there are no hidden layers at dep
   number at most MAX_LEVEL_COMBOS, else the base value. A sampled value cannot be matched in
   advance, so the report compares on the levels it can.
 - ranges: the base value.
-Controls (`controls: true`): `model.arch: cnn` at every depth a candidate can take (each grid/choice
-value, each integer of an int range, at most MAX_CONTROL_DEPTHS of them), the base config otherwise.
+Controls (`controls: true`): `model.arch: cnn` at depth 0 and at every depth a candidate can take (each
+grid/choice value, each integer of an int range, at most MAX_CONTROL_DEPTHS of them), the base config
+otherwise; the depth-0 cnn is the deeper controls' reference.
 None are added when a grid search crosses model.arch through cnn with its depths itself.
 """
 from __future__ import annotations
@@ -91,7 +92,9 @@ def control_points(spec: SweepSpec) -> list[dict]:
         raise SpecError(f"controls: model.depth takes {len(ds)} values ({ds[0]}..{ds[-1]}); controls run one "
                         f"cnn per depth and seed, at most {MAX_CONTROL_DEPTHS} depths: narrow the range or "
                         "set controls: false")
-    return [{"model.arch": "cnn", "model.depth": int(d)} for d in ds]
+    # depth 0 always: a control is judged against its own shallow twin (the depth-0 cnn), as a
+    # candidate is against the depth-0 CapsNet (docs/PROBES.md, "The verdict")
+    return [{"model.arch": "cnn", "model.depth": d} for d in sorted({0, *(int(d) for d in ds)})]
 
 
 def extra_trials(spec: SweepSpec) -> list[dict]:

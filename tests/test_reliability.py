@@ -80,7 +80,7 @@ def test_trial_that_raises_is_retried_then_failed(tmp_path):
     from analysis.cli import main as report_main
     out = tmp_path / "rep"
     assert report_main(["--experiment", "capsweep", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                        "--out", str(out), "--bootstrap", "200", "--no-log-artifacts"]) == 0
+                        "--out", str(out), "--no-log-artifacts"]) == 0
     assert bad.info.run_id in (out / "verdict.json").read_text()
     assert "failed" in (out / "report.md").read_text()
 

@@ -61,13 +61,13 @@ def test_grid_without_depth_zero_gets_matched_references_and_controls_per_seed()
     refs = sorted((c["train.lr"], c["train.seed"]) for c in roles["reference"])
     assert refs == [(1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)]
     assert all(c["model.depth"] == 0 and c["model.arch"] == "capsnet" for c in roles["reference"])
-    # one cnn per swept depth and seed, base config otherwise (tiny: caps_dim 4, lr 1e-3)
+    # one cnn per swept depth and seed, plus its depth-0 twin, base config otherwise (tiny: caps_dim 4, lr 1e-3)
     ctrl = sorted((c["model.depth"], c["train.seed"]) for c in roles["control"])
-    assert ctrl == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    assert ctrl == [(0, 0), (0, 1), (1, 0), (1, 1), (3, 0), (3, 1)]
     assert all(c["model.arch"] == "cnn" and c["train.lr"] == 1e-3 and c["model.caps_dim"] == 4
                for c in roles["control"])
-    assert len(trials) == total_trials(spec) == 24
-    assert describe_trials(spec) == "24 trials (16 candidates, 4 references, 4 controls)"
+    assert len(trials) == total_trials(spec) == 26
+    assert describe_trials(spec) == "26 trials (16 candidates, 4 references, 6 controls)"
     for t in trials:                                   # every trial resolves to a valid run config
         cfg = runcfg.from_dict(trial_config(BASE, t.config))
         assert cfg.model.arch == {"control": "cnn"}.get(t.config["trial.role"], "capsnet")
@@ -78,7 +78,7 @@ def test_references_and_controls_can_be_switched_off():
     assert {t.config["trial.role"] for t in tune_trials(spec_of(space=space, references=False, controls=False))} \
         == {"candidate"}
     roles = by_role(tune_trials(spec_of(space=space, references=False)))
-    assert not roles["reference"] and len(roles["control"]) == 2
+    assert not roles["reference"] and len(roles["control"]) == 3       # depths 0, 1, 3
 
 
 def test_depth_outside_the_space_gets_references_when_the_base_is_deep():
@@ -86,7 +86,7 @@ def test_depth_outside_the_space_gets_references_when_the_base_is_deep():
     roles = by_role(tune_trials(spec))
     assert sorted(c["model.iterations"] for c in roles["reference"]) == [1, 3]
     assert all(c["model.depth"] == 0 for c in roles["reference"])
-    assert [c["model.depth"] for c in roles["control"]] == [2]
+    assert [c["model.depth"] for c in roles["control"]] == [0, 2]
     assert all(c["model.depth"] == KEEP_BASE for c in roles["candidate"])
     assert spec_of(space={"model.iterations": {"grid": [1, 3]}}, controls=False).references is True
     assert total_trials(spec_of(space={"model.iterations": {"grid": [1, 3]}}, controls=False)) == 2   # depth 0: none

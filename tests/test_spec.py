@@ -63,9 +63,9 @@ def test_good_spec_counts_trials(workdir, capsys):
     assert load_spec(write(workdir, GOOD), ["controls=false"]).controls is False
     assert total_trials(load_spec(write(workdir, GOOD), ["controls=false"])) == 4
     deep = GOOD.replace("grid: [0, 1]", "grid: [2, 3]")
-    assert total_trials(load_spec(write(workdir, deep))) == 4 + 2 + 4      # + a depth-0 reference per seed
+    assert total_trials(load_spec(write(workdir, deep))) == 4 + 2 + 6      # + a depth-0 reference per seed; cnn at 0, 2, 3
     assert cli.main(["validate", write(workdir, deep)]) == 0
-    assert "ok (10 trials (4 candidates, 2 references, 4 controls), search grid)" in capsys.readouterr().out
+    assert "ok (12 trials (4 candidates, 2 references, 6 controls), search grid)" in capsys.readouterr().out
 
 
 BOOL = "expected true or false"

@@ -97,10 +97,10 @@ def test_report_on_the_real_sweep(finished_sweep):
     work, client, _ = finished_sweep
     out = work / "report"
     code = report_main(["--experiment", "capsweep", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
-                        "--sweep", "tiny", "--out", str(out), "--bootstrap", "500"])
+                        "--sweep", "tiny", "--out", str(out)])
     assert code == 0
     verdict = json.loads((out / "verdict.json").read_text())
-    assert verdict["escaped"] in ("yes", "no")
+    assert verdict["escaped"] in ("yes", "no", "undecided")
     assert (out / "report.html").stat().st_size > 1000
     (parent,) = parents(client)
     names = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
