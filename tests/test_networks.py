@@ -138,7 +138,8 @@ def test_cnn_primary_capsules_are_grouped_like_primarycaps():
     h = torch.relu(cnn.primary(cnn.stem(x))).detach()                     # (2, K*D, 6, 6)
     pose = cnn(x).layers[0].pose.detach()
     K, D, H, W = 8, 4, 6, 6
-    for k, y, xx in [(0, 0, 0), (3, 2, 5), (7, 5, 1)]:
+    assert pose.shape == (2, K * H * W, D)
+    for k, y, xx in [(0, 0, 0), (3, 2, 5), (7, K - 3, 1)]:
         torch.testing.assert_close(pose[:, k * H * W + y * W + xx], h[:, k * D:(k + 1) * D, y, xx])
 
 
