@@ -15,11 +15,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from capsmodels.catalogue import DATASETS  # noqa: F401 - re-exported: the allowed data.name values
+
 ROUTINGS = ("dynamic", "em", "uniform")
 SQUASHES = ("sabour", "exp", "tanh")
 INITS = ("std", "fan", "data")
 ARCHS = ("capsnet", "cnn")
-DATASETS = ("fashion_mnist", "mnist", "mnist5k", "digits", "cifar10", "svhn", "smallnorb", "sign")
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from filelock import FileLock, Timeout as FileLockTimeout
 from torch.utils.data import TensorDataset
 
-from capsmodels.config import DATASETS, DataConfig
+from capsmodels.catalogue import CLASSES, DATASETS, SIGN_SIZE
+from capsmodels.config import DataConfig
 from capsmodels.fetch import ChecksumError, FetchError, download as fetch_url, extract_tar, file_hash
 from capsmodels.formats import (NORB_INT, NORB_UBYTE, FormatError, read_cifar_batch, read_csv_gz,
                                 read_idx, read_norb, read_svhn_mat)
@@ -168,19 +169,9 @@ _HOMEPAGE = {"mnist": _MNIST_MIRRORS[0], "fashion_mnist": "https://github.com/za
              "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html",
              "svhn": "http://ufldl.stanford.edu/housenumbers/", "smallnorb": _NORB_URL}
 
-_DIGITS = [str(i) for i in range(10)]
-CLASSES = {
-    "mnist": _DIGITS, "mnist5k": _DIGITS, "digits": _DIGITS, "svhn": _DIGITS,
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                      "Sneaker", "Bag", "Ankle boot"],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-    "smallnorb": ["animal", "human", "airplane", "truck", "car"],
-    "sign": ["negative", "positive"],
-}
 FIXED_TEST = {"mnist5k": 1000, "digits": 360}   # stratified, seed FIXED_SEED, for sets without a test split
 FIXED_SEED = 0
 SMALLNORB_FACTOR = 3     # 96x96 -> 32x32 by 3x3 area averaging (as the CapsNet papers' 32x32 inputs)
-SIGN_SIZE = 8            # sign task: each scalar fills a 1x8x8 image
 LOCK_TIMEOUT_S = 3600.0  # how long to wait for another process downloading the same dataset
 _CACHE_VERSION = "1"     # bump when a decoder changes, to invalidate decoded caches
 

@@ -10,6 +10,8 @@ import io
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from capsmodels import data
+from capsmodels import catalogue, data
 from capsmodels.config import DataConfig
 from capsmodels.data import DataError, RawData, Remote
 
@@ -559,6 +561,23 @@ def test_sign_task():
     xt, yt = s.train.tensors
     assert xt.min() >= 0 and xt.max() <= 1
     assert torch.equal(yt, (xt[:, 0, 0, 0] > 0.5).long())        # (x + 1) / 2 > 0.5  <=>  x > 0
+
+
+@pytest.mark.parametrize("name", ["sign", "digits", "mnist5k"])
+def test_catalogue_matches_the_loaded_data(name):
+    """The dependency-free catalogue's facts are those of the decoded data (the datasets at hand)."""
+    raw = data.load_raw(name, sign_samples=40)
+    assert raw.in_shape == catalogue.IN_SHAPES[name]
+    assert raw.num_classes == catalogue.NUM_CLASSES[name] == len(raw.classes)
+    assert set(np.unique(raw.y_train)) == set(range(raw.num_classes))
+
+
+def test_catalogue_imports_only_the_standard_library():
+    code = "import sys, capsmodels.catalogue; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
+    assert set(catalogue.DATASETS) == set(catalogue.IN_SHAPES) == set(catalogue.NUM_CLASSES)
 
 
 def test_data_root_order(tmp_path, monkeypatch):
