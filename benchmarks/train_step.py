@@ -34,7 +34,8 @@ import torch.nn as nn  # noqa: E402
 
 from capsmodels.config import ConfigError, from_dict  # noqa: E402
 from capsmodels.losses import margin_loss, total_loss  # noqa: E402
-from capsmodels.networks import PRESETS, build, count_parameters, feature_sizes  # noqa: E402
+from capsmodels.networks import build, count_parameters, feature_sizes  # noqa: E402
+from capsmodels.presets import PRESETS  # noqa: E402
 
 IN_SHAPE, CLASSES = (1, 28, 28), 10
 

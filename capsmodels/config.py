@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from capsmodels.catalogue import DATASETS  # noqa: F401 - re-exported: the allowed data.name values
+from capsmodels.presets import PRESETS
 
 ROUTINGS = ("dynamic", "em", "uniform")
 SQUASHES = ("sabour", "exp", "tanh")
@@ -31,7 +32,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """CapsNet family (or the CNN baseline). Defaults are Sabour et al. 2017 except where noted."""
-    preset: str = "small"             # name in capsmodels.networks.PRESETS, applied below the file
+    preset: str = "small"             # name in capsmodels.presets.PRESETS, applied below the file
     arch: str = "capsnet"             # capsnet | cnn (plain CNN baseline of matched size)
     conv_channels: list = field(default_factory=lambda: [256])   # stem conv layers (ReLU)
     conv_kernel: int = 9
@@ -112,7 +113,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     `capsmodels.networks.check_fits`, which is called before training starts.
     """
     m, d, t = cfg.model, cfg.data, cfg.train
-    from capsmodels.networks import PRESETS  # local: networks imports this module
     _choice("model.preset", m.preset, tuple(PRESETS))
     _choice("model.arch", m.arch, ARCHS)
     _choice("model.routing", m.routing, ROUTINGS)
@@ -177,7 +177,6 @@ def from_dict(raw: dict) -> RunConfig:
     Unknown sections or keys raise ConfigError naming the key. Types are coerced the way YAML users
     expect (an int where a float is declared); anything else that does not fit raises.
     """
-    from capsmodels.networks import PRESETS
     raw = raw or {}
     sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
     for sec, values in raw.items():

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from capsmodels.config import ConfigError
-from capsmodels.layers import safe_norm
+from capsmodels.functional import safe_norm
 
 MAX_ITER = 20        # secant steps per layer; 2-4 are typical (exactly 1 for a linear layer)
 REL_TOL = 1e-3       # stop when the measured mean ||s|| is within 0.1% of the target

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from capsmodels.layers import squash
+from capsmodels.functional import squash
 
 
 # ----------------------------------------------------------------------------------------------------

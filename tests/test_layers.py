@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from capsmodels.layers import (CapsuleLayer, PrimaryCaps, fan_std, safe_norm, squash, squash_gain,
-                               squash_length)
+from capsmodels.functional import safe_norm, squash, squash_gain, squash_length
+from capsmodels.layers import CapsuleLayer, PrimaryCaps, fan_std
 from capsmodels.routing import dynamic_routing_reference, uniform_routing
 
 CLOSED = {

@@ -7,8 +7,8 @@ import torch
 
 from capsmodels import probes
 from capsmodels.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict
-from capsmodels.networks import (CNN, PRESETS, CapsNet, NetOutput, build, check_fits,
-                                 count_parameters)
+from capsmodels.networks import CNN, CapsNet, NetOutput, build, check_fits, count_parameters
+from capsmodels.presets import PRESETS
 
 MNIST = (1, 28, 28)
 
