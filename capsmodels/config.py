@@ -17,12 +17,20 @@ from typing import Any, Optional
 
 from capsmodels.catalogue import DATASETS  # noqa: F401 - re-exported: the allowed data.name values
 from capsmodels.presets import PRESETS
+from capsmodels.registry import routing_names
 
-ROUTINGS = ("dynamic", "em", "uniform")
 SQUASHES = ("sabour", "exp", "tanh")
 INITS = ("std", "fan", "data")
 ARCHS = ("capsnet", "cnn")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def __getattr__(name: str):
+    """`ROUTINGS`: the registered routing families (capsmodels.registry), asked for when read, so
+    importing this module does not import the families (and torch)."""
+    if name == "ROUTINGS":
+        return routing_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -44,7 +52,7 @@ class ModelConfig:
     num_caps: int = 32                # capsules per hidden layer
     caps_dim: int = 8                 # pose dimension of hidden capsules
     out_dim: int = 16                 # pose dimension of class capsules
-    routing: str = "dynamic"          # dynamic | em | uniform (couplings fixed at 1/n_out)
+    routing: str = "dynamic"          # a family of capsmodels.registry: dynamic | em | uniform (c = 1/n_out)
     iterations: int = 3               # routing iterations (1 = uniform couplings for dynamic)
     detach_inner: bool = False        # detach u_hat in inner routing iterations (as some public code)
     bias: bool = False                # bias before the squash (Peer et al. 2019)
@@ -115,7 +123,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     m, d, t = cfg.model, cfg.data, cfg.train
     _choice("model.preset", m.preset, tuple(PRESETS))
     _choice("model.arch", m.arch, ARCHS)
-    _choice("model.routing", m.routing, ROUTINGS)
+    _choice("model.routing", m.routing, routing_names())
     _choice("model.squash", m.squash, SQUASHES)
     _choice("model.init", m.init, INITS)
     _choice("data.name", d.name, DATASETS)

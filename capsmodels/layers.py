@@ -10,9 +10,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from capsmodels import routing as R
-from capsmodels.config import INITS, ROUTINGS
+import capsmodels.routing  # noqa: F401 - registers the built-in routing families (capsmodels.registry)
+from capsmodels.config import INITS
 from capsmodels.functional import safe_norm, squash, squash_gain, squash_length
+from capsmodels.registry import RouteOptions, Routed, RoutingFamily, get_routing
 
 
 class PrimaryCaps(nn.Module):
@@ -73,7 +74,8 @@ class CapsuleLayer(nn.Module):
     W (I, J, d_out, d_in). `init`: "std" draws N(0, init_std) (public code); "fan" draws
     N(0, (init_scale * fan_std)^2) (see `fan_std`); "data" draws like "std" and is then rescaled on a
     training batch by `capsmodels.init.data_init`. bias (J, d_out) is added to s before the squash
-    (Peer et al. 2019); for EM it is added to the output pose. EM has learned beta_u, beta_a (J,).
+    (Peer et al. 2019); for EM it is added to the output pose. `routing` names a family of
+    `capsmodels.registry`, which may add its own parameters (EM: beta_u, beta_a (J,)).
 
     bias_init: the bias starts at this constant (default 0.1), as in Peer et al.'s code
     (github.com/peerdavid/gamma-capsule-network, capsule/gamma_capsule_layer.py:
@@ -87,8 +89,7 @@ class CapsuleLayer(nn.Module):
                  detach_inner: bool = False, init: str = "std", init_std: float = 0.01,
                  init_scale: float = 1.0, bias_init: float = 0.1):
         super().__init__()
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing {routing!r} is not allowed; choose one of {', '.join(ROUTINGS)}")
+        family = get_routing(routing)                       # ValueError naming the allowed families
         if init not in INITS:
             raise ValueError(f"init {init!r} is not allowed; choose one of {', '.join(INITS)}")
         self.n_in, self.d_in, self.n_out, self.d_out = n_in, d_in, n_out, d_out
@@ -97,15 +98,24 @@ class CapsuleLayer(nn.Module):
         std = init_scale * fan_std(n_in, n_out, d_out, squash_kind) if init == "fan" else init_std
         self.W = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * std)
         self.bias = nn.Parameter(torch.full((n_out, d_out), float(bias_init))) if bias else None
-        if routing == "em":
-            self.beta_u = nn.Parameter(torch.zeros(n_out))
-            self.beta_a = nn.Parameter(torch.zeros(n_out))
+        for name, param in (family.params(n_out, d_out) if family.params else {}).items():
+            self.register_parameter(name, param)            # the family's own (EM: beta_u, beta_a)
+
+    @property
+    def family(self) -> RoutingFamily:
+        """The registered routing family (looked up by name, so a layer pickles without it)."""
+        return get_routing(self.routing)
+
+    @property
+    def options(self) -> RouteOptions:
+        return RouteOptions(self.iterations, self.detach_inner, self.squash_kind)
 
     @property
     def routes(self) -> bool:
-        """Whether the couplings can depend on the input: not with uniform routing or 1 iteration
-        (then c = 1/J, or EM's uniform first assignment). The routing probes are n/a otherwise."""
-        return self.routing != "uniform" and self.iterations > 1
+        """Whether the couplings can depend on the input: not for a non-adaptive family (uniform) or
+        with 1 iteration (then c = 1/J, or EM's uniform first assignment). The routing probes are n/a
+        otherwise."""
+        return self.family.adaptive and self.iterations > 1
 
     def predict(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, I, d_in) -> u_hat (B, I, J, d_out), laid out (B, J, I, d_out) in memory for routing.
@@ -119,35 +129,26 @@ class CapsuleLayer(nn.Module):
         return uT.permute(0, 2, 1, 3)
 
     def route(self, u_hat: torch.Tensor, a_in: torch.Tensor) -> CapsOut:
-        """Dynamic or EM routing of predictions u_hat (B, I, J, d_out); a_in (B, I) child activations
-        (EM only).
+        """The layer's routing family on predictions u_hat (B, I, J, d_out); a_in (B, I) child
+        activations (used by EM).
 
         Separate from `forward` so the routing null (capsmodels.probes.routing_null) re-routes
         predictions shuffled across inputs with exactly the layer's own routing.
         """
-        if self.routing == "em":
-            pose, a_out, r = R.em_routing(u_hat, a_in, self.iterations, self.beta_u, self.beta_a)
-            if self.bias is not None:
-                pose = pose + self.bias
-            return CapsOut(pose, a_out, r, None, safe_norm(pose))
-        if self.routing == "uniform":        # forward's single matmul never makes u_hat
-            raise ValueError("route: uniform routing has no couplings to route; call the layer")
-        v, c, s = R.dynamic_routing_full(u_hat, self.iterations, self.bias, self.detach_inner,
-                                         self.squash_kind)
-        s_norm = safe_norm(s)
-        return CapsOut(v, safe_norm(v), c, squash_gain(s_norm), s_norm)
+        return _caps_out(self.family.route(u_hat, a_in, self, self.options))
 
     def forward(self, u: torch.Tensor, a_in: Optional[torch.Tensor] = None) -> CapsOut:
         """u (B, I, d_in) input poses; a_in (B, I) input activations (EM only; default ||u||)."""
-        B = u.shape[0]
-        if self.routing == "uniform":
-            # s_j = (1/J) sum_i W_ij u_i: one (B, I*d_in) @ (I*d_in, J*d_out) matmul, no u_hat at all
-            Wf = self.W.permute(0, 3, 1, 2).reshape(self.n_in * self.d_in, self.n_out * self.d_out)
-            s = (u.reshape(B, -1) @ Wf).view(B, self.n_out, self.d_out) / self.n_out
-            if self.bias is not None:
-                s = s + self.bias
-            v = squash(s, kind=self.squash_kind)
-            c = u.new_full((1, 1, 1), 1.0 / self.n_out).expand(B, self.n_in, self.n_out)
-            s_norm = safe_norm(s)
-            return CapsOut(v, safe_norm(v), c, squash_gain(s_norm), s_norm)
+        family = self.family
+        if family.shortcut is not None:                     # uniform: one matmul, no u_hat at all
+            return _caps_out(family.shortcut(u, self, self.options))
         return self.route(self.predict(u), safe_norm(u) if a_in is None else a_in)
+
+
+def _caps_out(r: Routed) -> CapsOut:
+    """A family's result with the lengths the probes read: ||s|| and the squash gain, or for a family
+    without a squash (s None: EM) ||pose|| and no gain."""
+    if r.s is None:
+        return CapsOut(r.pose, r.act, r.coupling, None, safe_norm(r.pose))
+    s_norm = safe_norm(r.s)
+    return CapsOut(r.pose, r.act, r.coupling, squash_gain(s_norm), s_norm)

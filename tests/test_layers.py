@@ -220,7 +220,7 @@ def test_bias_starts_at_bias_init_and_routes_flag():
     assert CapsuleLayer(4, 3, 5, 2, routing="em", iterations=2).routes
 
 
-@pytest.mark.parametrize("routing", ["dynamic", "em"])
+@pytest.mark.parametrize("routing", ["dynamic", "em", "uniform"])
 def test_route_of_the_predictions_is_the_forward_pass(routing):
     torch.manual_seed(4)
     layer = CapsuleLayer(6, 3, 4, 5, routing=routing, iterations=3, bias=True, init_std=0.5).double()
@@ -235,8 +235,15 @@ def test_route_of_the_predictions_is_the_forward_pass(routing):
         v, c, s = dynamic_routing_reference(u_hat, 3, layer.bias)
         torch.testing.assert_close(out.pose, v)
         torch.testing.assert_close(out.s_norm, s.norm(dim=-1))
-    else:
+    elif routing == "em":
         torch.testing.assert_close(out.s_norm, out.pose.norm(dim=-1))   # EM: the pose length
-    with pytest.raises(ValueError, match="uniform"):
-        CapsuleLayer(6, 3, 4, 5, routing="uniform").route(u_hat.float() if routing == "dynamic" else
-                                                          torch.zeros(2, 6, 4, 5), a.float())
+    else:                                   # the forward's matmul shortcut: s_j = sum_i u_hat_ij / J
+        u_hat = torch.einsum("ijek,bik->bije", layer.W, u)
+        s = u_hat.sum(1) / 4 + layer.bias
+        torch.testing.assert_close(out.s_norm, s.norm(dim=-1))
+        torch.testing.assert_close(out.coupling, torch.full((2, 6, 4), 0.25, dtype=torch.float64))
+
+
+def test_unknown_routing_names_the_registered_families():
+    with pytest.raises(ValueError, match="routing 'bogus' is not allowed; choose one of dynamic, em, uniform"):
+        CapsuleLayer(6, 3, 4, 5, routing="bogus")

@@ -184,3 +184,61 @@ def test_em_and_detach_options_reach_layers():
     net = build(model_cfg("tiny", depth=1, routing="em", iterations=2, detach_inner=True), MNIST, 10)
     assert all(layer.routing == "em" and layer.iterations == 2 and layer.detach_inner for layer in net.caps)
     assert hasattr(net.caps[0], "beta_u") and hasattr(net.caps[1], "beta_a")
+
+
+@pytest.fixture
+def toy_family():
+    """A routing family defined here and registered with one call, nothing else edited: couplings
+    c_ij = softmax_j(theta)_j from a learned (J,) vector theta (input-independent), v_j = squash(s_j)."""
+    from capsmodels.functional import safe_norm, squash
+    from capsmodels.registry import Routed, register_routing, unregister_routing
+
+    def params(n_out, d_out):
+        return {"theta": torch.nn.Parameter(torch.zeros(n_out))}
+
+    @register_routing("toy", adaptive=False, params=params, doc="learned fixed couplings (test)")
+    def toy(u_hat, a_in, layer, opts):
+        B, I, J, _ = u_hat.shape
+        c = torch.softmax(layer.theta, 0).expand(B, I, J)
+        s = torch.einsum("bij,bijd->bjd", c, u_hat)
+        if layer.bias is not None:
+            s = s + layer.bias
+        v = squash(s, kind=opts.squash)
+        return Routed(v, safe_norm(v), c, s)
+
+    yield "toy"
+    unregister_routing("toy")
+
+
+def test_a_registered_family_is_a_valid_routing_and_builds(toy_family):
+    cfg = model_cfg("tiny", routing=toy_family, depth=1, bias=True, init="fan")
+    torch.manual_seed(5)
+    net = build(cfg, MNIST, 10)
+    torch.manual_seed(5)
+    uniform = build(dataclasses.replace(cfg, routing="uniform"), MNIST, 10)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("theta")}
+    assert set(net.state_dict()) - set(state) == {"caps.0.theta", "caps.1.theta"}
+    uniform.load_state_dict(state)                      # the same draws: theta is not random
+    x = torch.rand(3, *MNIST, dtype=torch.float64)
+    out, ref = net.double()(x), uniform.double()(x)     # theta = 0: c = 1/J, uniform routing's s
+    torch.testing.assert_close(out.scores, ref.scores)
+    assert not any(tr.routes for tr in out.layers)      # not adaptive: the routing probes are n/a
+    out.scores.sum().backward()
+    assert net.caps[1].theta.grad is not None and net.caps[1].theta.grad.abs().sum() > 0
+
+
+def test_an_unregistered_family_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="model.routing: 'toy' is not allowed; choose one of dynamic, em, uniform"):
+        model_cfg("tiny", routing="toy")
+
+
+def test_config_import_stays_below_the_models():
+    """Importing the schema imports no torch; validating a routing name loads the built-in families."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; from capsmodels import config; before = 'torch' in sys.modules; "
+            "config.from_dict({'model': {'routing': 'em'}}); print(before, config.ROUTINGS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "False ('dynamic', 'em', 'uniform')"

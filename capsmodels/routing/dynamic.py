@@ -1,28 +1,22 @@
-"""Routing algorithms between two fully connected capsule layers.
+"""Dynamic routing (Sabour et al. 2017, routing by agreement), registered as `model.routing: dynamic`.
 
-Shapes (B batch, I = n_in children, J = n_out parents, D pose size):
-  predictions u_hat (B, I, J, D): child i's vote for parent j
-  couplings   c     (B, I, J): how much of child i goes to parent j (sums to 1 over J)
-  parent pose v     (B, J, D)
-
-`dynamic_routing` is Sabour et al. 2017 (routing by agreement). Its forward and backward are written by
+Shapes as in `capsmodels.routing`. `dynamic_routing`'s forward and backward are written by
 hand (`_DynamicRouting`) because autograd's version of the same loop allocates and adds one (B, I, J, D)
 gradient per use of u_hat (2R-1 uses for R iterations) and permutes between layouts: on a CPU those
 memory passes, not the FLOPs, were most of a Sabour CapsNet's routing cost. The hand-written backward
 collects all 2R-1 rank-one terms per (b, j) and writes the u_hat gradient once with a single batched
-matmul. `dynamic_routing_reference` is the plain autograd loop, kept as the readable specification
-(the tests check the fast path against it and against finite differences).
+matmul. `dynamic_routing_reference` is the plain autograd loop, kept beside it as the readable
+specification (the tests check the fast path against it and against finite differences).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from capsmodels.functional import squash
+from capsmodels.functional import safe_norm, squash
+from capsmodels.registry import RouteOptions, Routed, register_routing
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,79 +158,8 @@ def dynamic_routing_reference(u_hat: torch.Tensor, iterations: int, bias: Option
     return v, c, s
 
 
-# ----------------------------------------------------------------------------------------------------
-# no routing (ablation)
-# ----------------------------------------------------------------------------------------------------
-
-def uniform_routing(u_hat: torch.Tensor, bias: Optional[torch.Tensor] = None, squash_kind: str = "sabour"):
-    """Couplings fixed at 1/J: s_j = (1/J) sum_i u_hat_ij (+ bias). Returns (v (B, J, D), c (B, I, J)).
-
-    c is an expanded view of one constant (no memory). `CapsuleLayer` does not call this with a
-    materialised u_hat: with fixed couplings s is one matmul of the inputs with the summed weights.
-    """
-    B, I, J, D = u_hat.shape
-    s = u_hat.sum(1) / J
-    if bias is not None:
-        s = s + bias
-    c = u_hat.new_full((1, 1, 1), 1.0 / J).expand(B, I, J)
-    return squash(s, kind=squash_kind), c
-
-
-# ----------------------------------------------------------------------------------------------------
-# EM routing (Hinton, Sabour, Frosst 2018)
-# ----------------------------------------------------------------------------------------------------
-
-def em_lambda_schedule(iterations: int, lambda_final: float = 1.0) -> list:
-    """Inverse temperature per iteration: rises linearly to lambda_final at the last M-step.
-
-    The paper only says lambda increases over iterations; a linear ramp ending at a value of order 1
-    pairs with the mass normalisation in `em_routing` (so the cost is O(pose size) for any layer width).
-    """
-    return [lambda_final * (t + 1) / iterations for t in range(iterations)]
-
-
-def em_routing(votes: torch.Tensor, a_in: torch.Tensor, iterations: int, beta_u: torch.Tensor,
-               beta_a: torch.Tensor, lambda_final: float = 1.0, eps: float = 1e-6,
-               normalize_mass: bool = True, center_cost: bool = True):
-    """EM routing for a fully connected capsule layer (Hinton, Sabour, Frosst 2018), vectorised.
-
-    votes (B, I, J, P), a_in (B, I) child activations in [0, 1], beta_u / beta_a broadcastable to (J,).
-    Each parent is a Gaussian with diagonal covariance over the P pose entries; R starts uniform (1/J).
-      M-step: R'_ij = R_ij a_i;  mu_jh, sigma^2_jh = R'-weighted mean and variance of the votes;
-              cost_jh = (beta_u + log sigma_jh) * m_j;  a_j = sigmoid(lambda_t (beta_a - sum_h cost_jh))
-      E-step (between M-steps): R_ij = softmax_j(log a_j + log N(V_ij; mu_j, sigma_j^2)).
-    m_j = sum_i R'_ij in the paper; with normalize_mass it is scaled by J / I, so that a uniform
-    assignment of active children gives mass 1 whatever the layer's width (the paper's sum grows with I
-    and saturates the sigmoid unless lambda is retuned per layer). With center_cost the total cost of
-    each parent is taken relative to the mean over parents (as common public implementations normalise
-    it): a common scale of all votes shifts every log sigma by the same amount, and without centring
-    small votes (weights drawn with std 0.01) drive every activation to exactly 1.0 and its gradient to 0.
-    normalize_mass=False, center_cost=False is the paper's formula.
-    Returns pose mu (B, J, P), activations a_out (B, J), and R (B, I, J), the assignment probabilities
-    used in the last M-step (the couplings; they sum to 1 over parents).
-    """
-    B, I, J, P = votes.shape
-    scale = J / I if normalize_mass else 1.0
-    a_in = a_in.unsqueeze(-1)                                       # (B, I, 1)
-    r = votes.new_full((B, I, J), 1.0 / J)
-    lambdas = em_lambda_schedule(iterations, lambda_final)
-    for t in range(iterations):
-        # M-step
-        rp = r * a_in                                               # (B, I, J)
-        mass = rp.sum(1)                                            # (B, J)
-        w = rp / (mass.unsqueeze(1) + eps)                          # weights over children
-        mu = torch.einsum("bij,bijp->bjp", w, votes)                # (B, J, P)
-        diff2 = (votes - mu.unsqueeze(1)) ** 2                      # (B, I, J, P)
-        var = torch.einsum("bij,bijp->bjp", w, diff2) + eps         # (B, J, P)
-        cost = (beta_u.unsqueeze(-1) + 0.5 * torch.log(var)) * (mass * scale).unsqueeze(-1)
-        cost = cost.sum(-1)                                         # (B, J)
-        if center_cost:
-            cost = cost - cost.mean(-1, keepdim=True)
-        logit = lambdas[t] * (beta_a - cost)                        # (B, J)
-        a_out = torch.sigmoid(logit)
-        if t < iterations - 1:
-            # E-step: log of a_j * N(V_ij | mu_j, sigma_j^2), normalised over parents j
-            log_p = -0.5 * (diff2 / var.unsqueeze(1)).sum(-1) \
-                    - 0.5 * torch.log(2 * math.pi * var).sum(-1).unsqueeze(1)   # (B, I, J)
-            r = F.softmax(F.logsigmoid(logit).unsqueeze(1) + log_p, dim=2)   # log a_j, no underflow
-    return mu, a_out, r
+@register_routing("dynamic", doc="routing by agreement (Sabour et al. 2017)")
+def route_dynamic(u_hat: torch.Tensor, a_in: torch.Tensor, layer, opts: RouteOptions) -> Routed:
+    """The registry's signature (capsmodels.registry); child activations are not used."""
+    v, c, s = dynamic_routing_full(u_hat, opts.iterations, layer.bias, opts.detach_inner, opts.squash)
+    return Routed(v, safe_norm(v), c, s)

@@ -1,0 +1,117 @@
+"""Routing families by name (timm-style registry): a new family is one module plus one registration.
+
+A family is a routing function with ONE signature,
+
+    route(u_hat, a_in, layer, opts) -> Routed(pose, act, coupling, s)
+
+  u_hat    (B, I, J, D) predictions of the I children for the J parents (`CapsuleLayer.predict`);
+  a_in     (B, I) child activations (the primaries' lengths, or the layer below's `act`);
+  layer    the `CapsuleLayer` calling it: its parameters (`layer.bias` (J, D) or None, and any the
+           family declared with `params`);
+  opts     `RouteOptions` (iterations, detach_inner, squash) from the model config;
+  returns  pose (B, J, D) the parents' output poses, act (B, J) their activations in [0, 1],
+           coupling (B, I, J) the final couplings (summing to 1 over parents), and s (B, J, D) the
+           squash input whose length gives the probes' `squash_gain`, or None when the family has no
+           squash (then the layer reports ||pose|| as the pre-squash length and no gain);
+
+plus what the layer needs to know about it at construction (see `RoutingFamily`). `CapsuleLayer`,
+`config.validate` (allowed `model.routing` values) and the sweeps read this table and nothing else, so
+none of them changes when a family is added:
+
+    @register_routing("mine", doc="...")
+    def mine(u_hat, a_in, layer, opts): ...
+
+Import order (why this module is dependency-free): `capsmodels.config` is the bottom of the chain
+config <- functional <- routing <- layers <- networks and must not import torch, yet its validation
+needs the family names. So the registry lives here, standard library only; the built-in families
+(`capsmodels.routing.dynamic`, `.em`, `.uniform`) register themselves when the package
+`capsmodels.routing` is imported (by `capsmodels.layers` at import time), and every lookup here imports
+that package first (`_builtins`), so asking for the names from the config alone also finds them. The
+import happens on the first lookup, not when config is imported: `import capsmodels.config` stays free
+of torch. A family defined elsewhere (a test, a user's module) is valid once its module has run.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional
+
+
+class Routed(NamedTuple):
+    """What a routing family returns (shapes in the module docstring)."""
+    pose: Any                        # (B, J, D) tensor
+    act: Any                         # (B, J)
+    coupling: Any                    # (B, I, J)
+    s: Optional[Any]                 # (B, J, D) squash input, or None (no squash: EM)
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """The model config's routing fields, as a family reads them."""
+    iterations: int = 3              # model.iterations (>= 1)
+    detach_inner: bool = False       # model.detach_inner
+    squash: str = "sabour"           # model.squash: the kind of `capsmodels.functional.squash`
+
+
+RouteFn = Callable[[Any, Any, Any, RouteOptions], Routed]
+
+
+@dataclass(frozen=True)
+class RoutingFamily:
+    """A registered routing family.
+
+    route:    the routing function (signature above).
+    adaptive: whether its couplings can depend on the input. The routing probes are n/a for a layer
+              whose family is not adaptive, or that routes with 1 iteration (docs/PROBES.md).
+    params:   (n_out, d_out) -> {name: nn.Parameter} extra learned parameters the layer registers
+              under these names, in this order (EM's beta_u, beta_a); None: none.
+    shortcut: (u (B, I, d_in), layer, opts) -> Routed computed without materialising u_hat, used by
+              the layer's forward when given (uniform: one matmul); `route` stays the definition (and
+              what the routing null re-routes), and the tests check the two agree.
+    doc:      one line for `capsweep` users (what the family is, whose paper).
+    """
+    name: str
+    route: RouteFn
+    adaptive: bool = True
+    params: Optional[Callable[[int, int], dict]] = None
+    shortcut: Optional[Callable[[Any, Any, RouteOptions], Routed]] = None
+    doc: str = ""
+
+
+_FAMILIES: dict[str, RoutingFamily] = {}
+
+
+def register_routing(name: str, *, adaptive: bool = True, params: Optional[Callable] = None,
+                     shortcut: Optional[Callable] = None, doc: str = "") -> Callable[[RouteFn], RouteFn]:
+    """Decorator: register `route` under `name`. Registering a name twice is an error (two modules
+    claiming one name would make a config mean whichever was imported last)."""
+    def deco(route: RouteFn) -> RouteFn:
+        if name in _FAMILIES and _FAMILIES[name].route is not route:
+            raise ValueError(f"routing family {name!r} is already registered "
+                             f"(by {_FAMILIES[name].route.__module__})")
+        _FAMILIES[name] = RoutingFamily(name, route, adaptive, params, shortcut, doc)
+        return route
+    return deco
+
+
+def unregister_routing(name: str) -> None:
+    """Remove a family (for tests that register a temporary one)."""
+    _FAMILIES.pop(name, None)
+
+
+def _builtins() -> None:
+    importlib.import_module("capsmodels.routing")    # registers dynamic, em, uniform (once)
+
+
+def routing_names() -> tuple[str, ...]:
+    """The allowed `model.routing` values, in registration order (built-ins first)."""
+    _builtins()
+    return tuple(_FAMILIES)
+
+
+def get_routing(name: str) -> RoutingFamily:
+    """The family registered as `name`; ValueError (one line, listing the allowed names) otherwise."""
+    _builtins()
+    if name not in _FAMILIES:
+        raise ValueError(f"routing {name!r} is not allowed; choose one of {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
