@@ -9,7 +9,9 @@ docs/PROBES.md, "The verdict".) Modules, one job each:
   plots    matplotlib figures (Agg) for the report
   report   report.html (self-contained), report.md, verdict.json; artifacts on the parent run
   cli      `capsweep report ...` / `python -m analysis ...`
+  mlflowio paginated run search and scoped MLFLOW_HTTP_* settings (shared with sweeps)
 
-Depends on mlflow, pandas, numpy, scipy and matplotlib only (never torch, ray or capsmodels), so a
+Depends on mlflow, pandas, numpy, scipy and matplotlib, and of capsmodels only on its dependency-free
+contract and catalogue (the names sweeps write, the datasets' class counts): never torch or ray, so a
 laptop can analyse a cluster's sweep without the training stack.
 """

@@ -18,6 +18,8 @@ import sys
 from typing import NoReturn, Optional
 
 from analysis.errors import AnalysisError, one_line
+from analysis.mlflowio import mlflow_http_env
+from capsmodels.contract import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRACKING_URI_ENV
 
 PROG = "capsweep report"
 REPLACED = {"--acc-tolerance": "--acc-margin (a non-inferiority margin)",
@@ -43,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "non-inferior to the matched depth-0 CapsNet (Welch one-sided test with a margin), grad_ratio, "
                 "starved, dead and frozen fractions and accuracy against chance shown on the right side of "
                 "their thresholds by one-sided t bounds. Definitions: docs/PROBES.md.")
-    p.add_argument("--experiment", default="capsweep", help="MLflow experiment name (default: capsweep)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                   help=f"MLflow experiment name (default: {DEFAULT_EXPERIMENT})")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+                   help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
     p.add_argument("--sweep", default=None, help="sweep name (default: the most recent sweep of the experiment)")
     p.add_argument("--reference", default=None, metavar="SWEEP",
                    help="take the depth-0 reference trials from this other sweep of the same experiment "
@@ -100,17 +103,10 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--reference: {a.reference!r} is not allowed; must name another sweep of the experiment")
 
 
-# A tracking server that does not answer should fail in seconds, not after minutes of retries
-# (MLflow's defaults: 7 retries with exponential backoff, 120 s timeout). The user's settings win.
-_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
 def _quiet_mlflow() -> None:
     """MLflow and alembic log INFO lines (database migrations) to stderr; keep stderr for our own lines."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for k, v in _ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -126,9 +122,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as e:  # argparse printed usage + error (2) or --help (0)
         return int(e.code) if isinstance(e.code, int) else 2
     import warnings
-    saved_env = {k: os.environ.get(k) for k in _ENV_DEFAULTS}
     try:
-        with warnings.catch_warnings():
+        # a tracking server that does not answer fails the report in seconds, not after minutes of
+        # MLflow's own retries; the user's settings win, and the block restores the environment (main()
+        # may run inside another program: the sweeps CLI, tests)
+        with warnings.catch_warnings(), mlflow_http_env(max_retries=2, timeout_s=30, override=False):
             warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
             _quiet_mlflow()
             return _run(args)
@@ -144,12 +142,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: error: {type(e).__name__}: {one_line(e)} (set CAPSWEEP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
-    finally:  # main() may run inside another program (the sweeps CLI, tests): leave its env as it was
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run(args: argparse.Namespace) -> int:

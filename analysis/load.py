@@ -2,7 +2,7 @@
 
 The sweep runner writes one parent run per sweep (tags capsweep.role=parent, capsweep.sweep=NAME) and
 one child run per trial (capsweep.role=trial, capsweep.sweep, capsweep.trial_id, capsweep.seed,
-capsweep.status in finished/diverged/failed/running, capsweep.error, capsweep.git_commit), params
+capsweep.status, capsweep.error, capsweep.git_commit: the names are capsmodels/contract.py's), params
 flattened with dots, per-epoch metrics with step = epoch. Runs of several sweeps in one experiment are
 kept apart by the capsweep.sweep tag.
 
@@ -27,20 +27,16 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError, one_line
+from analysis.mlflowio import quote, search_all
+from capsmodels.contract import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, FAILED, FINISHED, GRAD_PROBES,
+                                 INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, TAG_COMMIT,
+                                 TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
+                                 TAG_TRIAL, TRACKING_URI_ENV, layer_metric)
 
-TAG_ROLE = "capsweep.role"
-TAG_SWEEP = "capsweep.sweep"
-TAG_TRIAL = "capsweep.trial_id"
-TAG_SEED = "capsweep.seed"
-TAG_STATUS = "capsweep.status"
-TAG_ERROR = "capsweep.error"
-TAG_COMMIT = "capsweep.git_commit"
-TAG_PARENT = "mlflow.parentRunId"
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_HISTORY_KEYS = ("val_acc", "test_acc", "grad_ratio")
-REQUIRED_PROBES = ("test_acc", "grad_norm/l* or act_grad/l*")   # a finished capsweep trial logs these
-GRAD_PROBE_PREFIXES = ("grad_norm/l", "act_grad/l")
+GRAD_PROBE_PREFIXES = tuple(layer_metric(m, "") for m in GRAD_PROBES)
+# a finished capsweep trial logs these
+REQUIRED_PROBES = ("test_acc", " or ".join(f"{p}*" for p in GRAD_PROBE_PREFIXES))
 
 _SQL_CHUNK = 500        # run ids per SQL IN (...) list, well under every backend's parameter limit
 _REST_CHUNK = 100       # the server's MAX_RUNS_GET_METRIC_HISTORY_BULK
@@ -80,7 +76,7 @@ class SweepData:
 
 def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
     """None -> $MLFLOW_TRACKING_URI, else MLflow's own default `sqlite:///mlflow.db` (the sweeps' default)."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return tracking_uri or os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
 
 
 def check_store_exists(tracking_uri: str) -> None:
@@ -100,7 +96,7 @@ def check_store_exists(tracking_uri: str) -> None:
                             "run a sweep first or pass --tracking-uri")
 
 
-def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
+def load_sweep(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: Optional[str] = None,
                sweep: Optional[str] = None, history_keys: Iterable[str] = DEFAULT_HISTORY_KEYS,
                progress: Optional[bool] = None) -> SweepData:
     """Read sweep `sweep` of MLflow experiment `experiment` (None: the most recent sweep, with a note).
@@ -129,12 +125,12 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
     notes: list[str] = []
     show = sys.stderr.isatty() if progress is None else progress
 
-    parents = _search_all(client, exp_id, f"tags.`{TAG_ROLE}` = 'parent'")
+    parents = search_all(client, exp_id, f"tags.`{TAG_ROLE}` = '{RUN_PARENT}'")
     parents_by_sweep: dict[str, list] = {}
     for r in parents:
         name = r.data.tags.get(TAG_SWEEP) or r.info.run_name
         parents_by_sweep.setdefault(name, []).append(r)
-    trial_filter = f"tags.`{TAG_ROLE}` = 'trial'"
+    trial_filter = f"tags.`{TAG_ROLE}` = '{RUN_TRIAL}'"
     everything: Optional[list] = None     # every trial run of the experiment: read only when needed
 
     def sweeps_of(runs: list) -> list[str]:
@@ -147,7 +143,7 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
                          f"({', '.join(sorted(parents_by_sweep))}); analysing the most recent, {sweep!r} "
                          "(choose with --sweep)")
     elif sweep is None:   # trials without a parent (an interrupted start?): the trials' own tags say
-        everything = _search_all(client, exp_id, trial_filter, progress=show, what="trial runs")
+        everything = search_all(client, exp_id, trial_filter, progress=show, what="trial runs")
         tagged = [r for r in everything if r.data.tags.get(TAG_SWEEP)]
         if not tagged:
             if not client.search_runs([exp_id], max_results=1):
@@ -168,10 +164,10 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
     if everything is not None:
         runs = [r for r in everything if r.data.tags.get(TAG_SWEEP) == sweep]
     else:
-        runs = _search_all(client, exp_id, f"tags.`{TAG_SWEEP}` = '{_quote(sweep)}' and {trial_filter}",
+        runs = search_all(client, exp_id, f"tags.`{TAG_SWEEP}` = '{quote(sweep)}' and {trial_filter}",
                            progress=show, what=f"trial runs of sweep {sweep}")
     if not runs and parent_id is None:
-        known = sweeps_of(_search_all(client, exp_id, trial_filter))
+        known = sweeps_of(search_all(client, exp_id, trial_filter))
         raise AnalysisError(f"sweep {sweep!r} not found in experiment {experiment!r}; "
                             f"sweeps there: {', '.join(known) or '(none)'}")
     if parent_id is None:
@@ -180,7 +176,7 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
         raise AnalysisError(f"sweep {sweep!r} of experiment {experiment!r} has no trial runs yet")
     trials, param_cols, metric_cols = _trials_table(runs, sweep)
 
-    finished = trials["status"] == "finished"
+    finished = trials["status"] == FINISHED
     if not finished.any():
         counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
         raise AnalysisError(f"sweep {sweep!r} has no finished trials ({counts}); nothing to analyse")
@@ -195,7 +191,7 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
                             f"({', '.join(REQUIRED_PROBES)}); were these runs written by another tool?")
     lacking = finished.to_numpy() & ~has_probes
     if lacking.any():
-        trials.loc[lacking, "status"] = "incomplete"
+        trials.loc[lacking, "status"] = INCOMPLETE
         notes.append(f"{int(lacking.sum())} finished trial(s) lack the probes "
                      f"({', '.join(REQUIRED_PROBES)}) and are counted as incomplete")
 
@@ -209,36 +205,12 @@ def load_sweep(experiment: str = "capsweep", tracking_uri: Optional[str] = None,
                      load_seconds=time.perf_counter() - t0)
 
 
-def _quote(s: str) -> str:
-    """Escape a value for an MLflow filter string literal."""
-    return s.replace("\\", "\\\\").replace("'", "\\'")
-
-
-def _search_all(client, exp_id: str, filter_string: str, progress: bool = False,
-                what: str = "runs") -> list:
-    """All active runs matching `filter_string`, page by page (1,000 per page, MLflow's cap for
-    search_runs over REST is 50,000 but big pages cost memory on the server)."""
-    out, token = [], None
-    while True:
-        page = client.search_runs([exp_id], filter_string=filter_string, max_results=1000,
-                                  page_token=token)
-        out.extend(page)
-        if progress:
-            print(f"\rloading {what}: {len(out)}", end="", file=sys.stderr, flush=True)
-        token = page.token
-        if not token:
-            break
-    if progress:
-        print(file=sys.stderr)
-    return out
-
-
 def _status_of(run) -> str:
     tag = run.data.tags.get(TAG_STATUS)
     if tag:
         return tag
-    return {"FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted",
-            "RUNNING": "running", "SCHEDULED": "running"}.get(run.info.status, "failed")
+    return {"FINISHED": FINISHED, "FAILED": FAILED, "KILLED": INTERRUPTED,
+            "RUNNING": RUNNING, "SCHEDULED": RUNNING}.get(run.info.status, FAILED)
 
 
 def _trials_table(runs: list, sweep: str) -> tuple[pd.DataFrame, list[str], list[str]]:

@@ -46,6 +46,7 @@ import pandas as pd
 
 from analysis.stats import (FAIL, INCONCLUSIVE, PASS, Interval, check_bound, finite, holm,
                             noninferiority, t_interval, trend)
+from capsmodels.contract import CANDIDATE, CONTROL, FINISHED, NUM_CLASSES, REFERENCE, RUNNING, STATUSES
 
 SEED_PARAM = "train.seed"
 NON_CONFIG_PARAMS = {SEED_PARAM, "train.device", "train.threads", "train.progress", "data.root",
@@ -64,12 +65,9 @@ RANGES = {"test_acc": (0.0, 1.0), "starved_worst": (0.0, 1.0), "dead_worst": (0.
           "frozen_worst": (0.0, 1.0), "tree_score": (0.0, 1.0), "tree_score_null": (0.0, 1.0),
           "routing_dynamics": (0.0, math.inf), "routing_dynamics_null": (0.0, math.inf)}
 FIGURES = PROBES + tuple(NULLS.values())
-NUM_CLASSES = {"mnist": 10, "mnist5k": 10, "fashion_mnist": 10, "digits": 10, "cifar10": 10,
-               "svhn": 10, "smallnorb": 5}
-# Statuses the runner writes besides "finished": diverged, failed, running, stopped (ended early by the
-# ASHA scheduler), interrupted (the sweep's driver stopped); "incomplete" is set by analysis.load for
-# finished runs without the probes. All but "finished" and "running" fail the seeds check.
-STATUS_ORDER = ("finished", "diverged", "failed", "stopped", "interrupted", "running", "incomplete")
+# Every status (capsmodels/contract.py), in the order the report lists them. All but finished and
+# running fail the seeds check.
+STATUS_ORDER = STATUSES
 TINY = float(np.finfo(float).tiny)   # an exact 0 on a log10 axis: log10(2.2e-308) = -307.7
 _LAYER = re.compile(r"^(?P<name>[a-z_]+)/l(?P<l>\d+)$")
 
@@ -236,8 +234,8 @@ def num_classes_of(trials: pd.DataFrame, th: Thresholds) -> tuple[int, str]:
 def role_of(arch: str, depth: Optional[int]) -> str:
     """reference (depth 0), candidate (CapsNet, depth >= 1 or unknown) or control (any other arch)."""
     if depth == 0:
-        return "reference"
-    return "candidate" if arch == "capsnet" else "control"
+        return REFERENCE
+    return CANDIDATE if arch == "capsnet" else CONTROL
 
 
 def annotate(data) -> tuple[pd.DataFrame, dict, list[str]]:
@@ -259,7 +257,7 @@ def annotate(data) -> tuple[pd.DataFrame, dict, list[str]]:
 
 def reference_pool(trials: pd.DataFrame) -> pd.DataFrame:
     """Finished depth-0 trials (any arch): where references are drawn from."""
-    return trials[(trials["status"] == "finished") & (trials["depth"] == 0)]
+    return trials[(trials["status"] == FINISHED) & (trials["depth"] == 0)]
 
 
 def find_reference(first: pd.Series, pool: pd.DataFrame, match_cols: list[str], source: str) -> dict:
@@ -302,11 +300,11 @@ def _check(name: str, outcome: str, text: str, **detail) -> dict:
 
 
 def _seeds_check(statuses: pd.Series) -> dict:
-    bad = statuses[statuses != "finished"]
+    bad = statuses[statuses != FINISHED]
     if bad.empty:
         return _check("seeds", PASS, f"all {len(statuses)} seed(s) finished")
     counts = ", ".join(f"{n} {s}" for s, n in bad.value_counts().items())
-    if (bad == "running").all():
+    if (bad == RUNNING).all():
         return _check("seeds", INCONCLUSIVE, f"seeds not finished yet: {counts}")
     return _check("seeds", FAIL, f"seeds not finished: {counts}")
 
@@ -396,8 +394,8 @@ def decide(checks: list[dict]) -> str:
     return FAIL if FAIL in outcomes else PASS if outcomes == {PASS} else INCONCLUSIVE
 
 
-VERDICT_WORDS = {"candidate": {PASS: "escaped", FAIL: "not escaped", INCONCLUSIVE: "undecided"},
-                 "control": {PASS: "passes", FAIL: "fails", INCONCLUSIVE: "undecided"}}
+VERDICT_WORDS = {CANDIDATE: {PASS: "escaped", FAIL: "not escaped", INCONCLUSIVE: "undecided"},
+                 CONTROL: {PASS: "passes", FAIL: "fails", INCONCLUSIVE: "undecided"}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,7 +432,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
     configs = []
     for cid in sorted(set(trials["config_id"])):
         g = trials[trials["config_id"] == cid]
-        fin = g[g["status"] == "finished"]
+        fin = g[g["status"] == FINISHED]
         first = g.iloc[0]
         arch, depth, role = first["arch"], first["depth"], first["role"]
         depth = None if depth is None or depth != depth else int(depth)
@@ -442,7 +440,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         entry = {"id": cid, "label": labels[cid], "role": role, "arch": arch, "depth": depth,
                  "trial_role": sorted({str(v) for v in g["trial.role"].dropna()}) if "trial.role" in g else [],
                  "params": {c: _plain(first.get(c)) for c in swept}}
-        if role == "reference":
+        if role == REFERENCE:
             entry.update(verdict=f"reference (depth-0 {arch})", outcome=None, escaped=False, checks=[],
                          reasons=[], reference=None)
         else:
@@ -450,7 +448,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
             checks = config_checks(fin, g["status"], ref, th, chance_floor)
             outcome = decide(checks)
             entry.update(verdict=VERDICT_WORDS[role][outcome], outcome=outcome,
-                         escaped=role == "candidate" and outcome == PASS, checks=checks,
+                         escaped=role == CANDIDATE and outcome == PASS, checks=checks,
                          reasons=[c["text"] for c in checks if c["outcome"] != PASS],
                          reference={k: v for k, v in ref.items() if k != "trials"})
         entry.update({
@@ -461,8 +459,8 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         })
         configs.append(entry)
 
-    cands = [c for c in configs if c["role"] == "candidate"]
-    controls = [c for c in configs if c["role"] == "control"]
+    cands = [c for c in configs if c["role"] == CANDIDATE]
+    controls = [c for c in configs if c["role"] == CONTROL]
     escapes = [{"id": c["id"], "label": c["label"]} for c in cands if c["escaped"]]
     undecided = [c["id"] for c in cands if c["outcome"] == INCONCLUSIVE]
     escaped = "yes" if escapes else ("undecided" if undecided or not cands else "no")
@@ -480,7 +478,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
     failed = [{"run_id": r["run_id"], "trial_id": _plain(r["trial_id"]), "seed": _plain(r["seed"]),
                "status": r["status"], "error": r.get("error") or "", "config_id": r["config_id"],
                "label": labels[r["config_id"]]}
-              for _, r in trials[trials["status"] != "finished"].iterrows()]
+              for _, r in trials[trials["status"] != FINISHED].iterrows()]
     capsnet_cfgs = [c for c in configs if c["arch"] == "capsnet" and c["n_seeds"]]
     trend_rows = compute_trends(capsnet_cfgs, swept)
     status_counts = trials["status"].value_counts()

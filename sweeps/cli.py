@@ -131,11 +131,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _uri_flag(uri: str) -> str:
-    return "" if uri == "sqlite:///mlflow.db" else f" --tracking-uri {shlex.quote(uri)}"
+    from capsmodels.contract import DEFAULT_TRACKING_URI
+    return "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(uri)}"
 
 
 def _ui_command(uri: str) -> str:
-    if uri == "sqlite:///mlflow.db":
+    from capsmodels.contract import DEFAULT_TRACKING_URI
+    if uri == DEFAULT_TRACKING_URI:
         return "capsweep ui   (or: mlflow ui, in this folder)"
     return f"capsweep ui --tracking-uri {shlex.quote(uri)}"
 
@@ -197,6 +199,7 @@ def cmd_report(argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     import os
+    from capsmodels.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV
     p = argparse.ArgumentParser(prog="capsweep", description="CapsNet sweeps with Ray Tune, Optuna and MLflow")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     u = sub.add_parser("ui", help="open the MLflow UI on the sweep store (127.0.0.1)")
-    u.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    u.add_argument("--tracking-uri", default=os.environ.get(TRACKING_URI_ENV, DEFAULT_TRACKING_URI))
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)

@@ -29,9 +29,8 @@ import math
 from typing import Iterable, Union
 
 from capsmodels import config as runcfg
-from sweeps.spec import ROLE_KEY, SEED_KEY, SpecError, SweepSpec, trial_config
-
-CANDIDATE, REFERENCE, CONTROL = "candidate", "reference", "control"
+from capsmodels.contract import CANDIDATE, CONTROL, REFERENCE, ROLE_KEY
+from sweeps.spec import SEED_KEY, SpecError, SweepSpec, trial_config
 UNMATCHED = ("model.depth", "model.arch", "model.num_caps", "model.caps_dim")
 MAX_LEVEL_COMBOS = 8
 MAX_CONTROL_DEPTHS = 12

@@ -23,11 +23,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from capsmodels import config as runcfg  # noqa: E402
 from capsmodels import data as datamod  # noqa: E402
+from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,  # noqa: E402
+                                 TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
 from sweeps import extras, search, tracking  # noqa: E402
-from sweeps.spec import (ROLE_KEY, SEED_KEY, SpecError, SweepSpec, objectives, probe_values,  # noqa: E402
+from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values,  # noqa: E402
                          storage_dir, to_yaml, total_trials, trial_config, trial_counts)
 
-INJECT_ENV = ("CAPSWEEP_INJECT_FAILURE",)
+INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
 STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
 
 
@@ -176,11 +178,10 @@ def acquire_lock(storage: Path, name: str) -> FileLock:
 
 
 def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> str:
-    tags = {tracking.ROLE: "parent", tracking.SWEEP: spec.name, tracking.STATUS: "running",
-            "mlflow.runName": spec.name}
+    tags = {TAG_ROLE: RUN_PARENT, TAG_SWEEP: spec.name, TAG_STATUS: RUNNING, TAG_RUN_NAME: spec.name}
     commit = tracking.git_commit()
     if commit:
-        tags[tracking.COMMIT] = commit
+        tags[TAG_COMMIT] = commit
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     rid = run.info.run_id
     metrics, modes = objectives(spec)
@@ -241,7 +242,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
             # if this code or the overrides would plan another, e.g. a sweep from before references)
             expected = int(parent.data.params.get("sweep.trials") or expected)
             client.update_run(parent_id, status="RUNNING")
-            client.set_tag(parent_id, tracking.STATUS, "running")
+            client.set_tag(parent_id, TAG_STATUS, RUNNING)
         init_ray(address, num_cpus)
         return _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose, expected)
     finally:
@@ -282,7 +283,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
     except KeyboardInterrupt:
         interrupted = True
     statuses = dict(logger.statuses)
-    done = all(s in tracking.FINAL for s in statuses.values())
+    done = all(s in FINAL for s in statuses.values())
     if len(statuses) < expected or not done:
         interrupted = True
     if interrupted:

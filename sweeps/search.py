@@ -24,7 +24,8 @@ from ray.tune.search import BasicVariantGenerator, Repeater, Searcher
 
 from capsmodels import config as runcfg
 from sweeps import extras
-from sweeps.spec import KEEP_BASE, ROLE_KEY, SEED_KEY, SweepSpec, objectives
+from capsmodels.contract import ROLE_KEY
+from sweeps.spec import KEEP_BASE, SEED_KEY, SweepSpec, objectives
 
 log = logging.getLogger("capsweep.search")
 

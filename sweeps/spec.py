@@ -29,6 +29,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capsmodels import config as runcfg
+from capsmodels.contract import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, LAYER_METRICS, ROLE_KEY,
+                                 SCALAR_METRICS, TRACKING_URI_ENV)
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "int", "logint")
 ALGORITHMS = ("grid", "random", "optuna")
@@ -38,17 +40,11 @@ MODES = ("min", "max")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CONFIG_DIR = Path(__file__).parent / "configs"
 SEED_KEY = "train.seed"        # set from `seeds`, never searched over
-ROLE_KEY = "trial.role"        # candidate | reference | control (sweeps/extras.py); not a run-config key
 KEEP_BASE = "__base__"         # a param value meaning "leave this key to the base config"
 RUN_SECTIONS = ("model", "data", "train")
-
-# Metrics every trial reports, and per-layer ones (l = 0 .. depth+1), as docs/PROBES.md defines them.
-# `sweeps` checks the spec's metric against these so a typo fails before a single trial runs.
-SCALAR_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-                  "grad_ratio", "dead_frac_max", "starved_frac_max", "frozen_frac_max",
-                  "images_per_s", "peak_mem_mb", "time_s")
-LAYER_METRICS = ("grad_norm", "grad_rms", "act_grad", "starved_frac", "act_mean", "dead_frac", "frozen_frac",
-                 "tree_score", "tree_score_null", "routing_dynamics", "routing_dynamics_null", "squash_gain")
+# The spec's metric is checked against the metrics every trial reports (SCALAR_METRICS) and the
+# per-layer ones (LAYER_METRICS, l = 0 .. depth+1), capsmodels/contract.py, so a typo fails before a
+# single trial runs. ROLE_KEY (trial.role) is a param of every trial, not a run-config key.
 
 
 class SpecError(ValueError):
@@ -77,8 +73,8 @@ class ResourcesSpec:
 
 @dataclass
 class MlflowSpec:
-    tracking_uri: str = "sqlite:///mlflow.db"   # MLflow's own default store, in the working folder
-    experiment: str = "capsweep"
+    tracking_uri: str = DEFAULT_TRACKING_URI    # MLflow's own default store, in the working folder
+    experiment: str = DEFAULT_EXPERIMENT
 
 
 @dataclass
@@ -134,7 +130,7 @@ def load_spec(spec: str, overrides: Optional[list[str]] = None) -> SweepSpec:
     except Exception as e:
         _fail(f"override: {_one_line(e)}; write overrides as key=value")
     merged = OmegaConf.merge(file_cfg, cli_cfg)
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    env_uri = os.environ.get(TRACKING_URI_ENV)
     if env_uri and OmegaConf.select(merged, "mlflow.tracking_uri") is None:
         # a spec that names no store follows MLflow's own convention: $MLFLOW_TRACKING_URI first
         merged = OmegaConf.merge(merged, {"mlflow": {"tracking_uri": env_uri}})

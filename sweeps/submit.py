@@ -22,6 +22,7 @@ from typing import Optional
 
 import yaml
 
+from capsmodels.contract import GIT_COMMIT_ENV, TAG_SWEEP
 from sweeps.spec import SweepSpec, resolve_spec_path
 
 NODE_GROUP_LABEL = "ray.io/node-group"   # Ray labels a node with the launcher's node type (RAY_NODE_TYPE_NAME)
@@ -125,7 +126,7 @@ def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
     env = {}
     commit = git_commit()
     if commit:
-        env["CAPSWEEP_GIT_COMMIT"] = commit      # the shipped folder has no .git
+        env[GIT_COMMIT_ENV] = commit      # the shipped folder has no .git
     for item in extra_env or []:
         k, sep, v = item.partition("=")
         if not sep or not k:
@@ -159,7 +160,7 @@ def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
             extra = _concurrency_override(spec, address, wd)
             entrypoint += "".join(" " + shlex.quote(a) for a in extra)
         return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
-                                 metadata={"capsweep.sweep": spec.name})
+                                 metadata={TAG_SWEEP: spec.name})
     except SubmitError:
         raise
     except Exception as e:  # noqa: BLE001 - connection errors of several libraries

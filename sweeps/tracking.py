@@ -32,14 +32,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from analysis.mlflowio import mlflow_http_env, search_all
+from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, GIT_COMMIT_ENV, INTERRUPTED, RUN_PARENT, RUN_TRIAL, TAG_COMMIT as COMMIT,
+                                 TAG_ERROR as ERROR, TAG_PARENT as PARENT_TAG, TAG_RETRIES,
+                                 RUNNING, STOPPED, TAG_ROLE as ROLE, TAG_RUN_NAME, TAG_SEED as SEED, TAG_STATUS as STATUS,
+                                 TAG_SWEEP as SWEEP, TAG_TRIAL as TRIAL_ID)
+
 log = logging.getLogger("capsweep.tracking")
 
-ROLE, SWEEP, TRIAL_ID, SEED, STATUS, ERROR, COMMIT = (
-    "capsweep.role", "capsweep.sweep", "capsweep.trial_id", "capsweep.seed", "capsweep.status",
-    "capsweep.error", "capsweep.git_commit")
-PARENT_TAG = "mlflow.parentRunId"
 PENDING_FILE = "mlflow_pending.jsonl"
-FINAL = ("finished", "diverged", "failed", "stopped")     # a trial's last capsweep.status
 MAX_BATCH = 900          # MLflow's log_batch takes at most 1000 metrics per call
 
 
@@ -49,8 +50,8 @@ class TrackingUnavailable(RuntimeError):
 
 def git_commit() -> Optional[str]:
     """The project's git commit, when it runs from a checkout (tag `capsweep.git_commit`)."""
-    if os.environ.get("CAPSWEEP_GIT_COMMIT"):
-        return os.environ["CAPSWEEP_GIT_COMMIT"]      # set by `capsweep submit` for cluster jobs
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]      # set by `capsweep submit` for cluster jobs
     here = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
@@ -73,21 +74,13 @@ def _transient(e: BaseException) -> bool:
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, before any training, when the tracking store cannot be used."""
-    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        with mlflow_http_env(max_retries=0, timeout_s=timeout_s, override=True):
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
         raise TrackingUnavailable(
             f"mlflow.tracking_uri: cannot reach {tracking_uri} ({' '.join(str(e).split())[:160]}); "
             "start the tracking server or fix the URI") from None
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
@@ -101,20 +94,13 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 
 def find_parent(client: MlflowClient, experiment_id: str, sweep: str):
     runs = client.search_runs([experiment_id],
-                              f"tags.`{ROLE}` = 'parent' and tags.`{SWEEP}` = '{sweep}'",
+                              f"tags.`{ROLE}` = '{RUN_PARENT}' and tags.`{SWEEP}` = '{sweep}'",
                               max_results=10)
     return runs[0] if runs else None
 
 
 def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
-    out, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
-                                  max_results=1000, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
+    return search_all(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_id}'")
 
 
 def _numeric_metrics(result: dict) -> dict[str, float]:
@@ -262,9 +248,9 @@ class MlflowSweepLogger(Callback):
             _, trial_id, run_name, params, seed, yaml_text = rec
             if trial_id in self.run_ids:
                 return
-            tags = {PARENT_TAG: self.parent_id, ROLE: "trial", SWEEP: self.sweep,
-                    TRIAL_ID: trial_id, SEED: str(seed), STATUS: "running",
-                    "mlflow.runName": run_name}
+            tags = {PARENT_TAG: self.parent_id, ROLE: RUN_TRIAL, SWEEP: self.sweep,
+                    TRIAL_ID: trial_id, SEED: str(seed), STATUS: RUNNING,
+                    TAG_RUN_NAME: run_name}
             if self.commit:
                 tags[COMMIT] = self.commit
             # idempotent: a retry after a half-delivered start finds the run it created
@@ -287,11 +273,11 @@ class MlflowSweepLogger(Callback):
             _, trial_id = rec
             rid = self.run_ids[trial_id]
             self.client.update_run(rid, status="RUNNING")
-            self.client.set_tag(rid, STATUS, "running")
+            self.client.set_tag(rid, STATUS, RUNNING)
         elif kind == "interrupt":
             _, trial_id = rec
             rid = self.run_ids[trial_id]
-            self.client.set_tag(rid, STATUS, "interrupted")
+            self.client.set_tag(rid, STATUS, INTERRUPTED)
             self.client.set_terminated(rid, "KILLED")
         elif kind == "metrics":
             _, trial_id, step, metrics, ts = rec
@@ -311,16 +297,16 @@ class MlflowSweepLogger(Callback):
             self.client.log_batch(rid, tags=tags)
             if error:
                 self.client.log_text(rid, error, "error.txt")
-            self.client.set_terminated(rid, "FAILED" if status == "failed" else "FINISHED")
+            self.client.set_terminated(rid, "FAILED" if status == FAILED else "FINISHED")
         elif kind == "parent_interrupt":
-            self.client.set_tag(self.parent_id, STATUS, "interrupted")
+            self.client.set_tag(self.parent_id, STATUS, INTERRUPTED)
             self.client.set_terminated(self.parent_id, "KILLED")
         elif kind == "parent_end":
             _, summary, status = rec
             self.client.log_batch(self.parent_id, metrics=[
                 Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()])
             self.client.set_tag(self.parent_id, STATUS, status)
-            self.client.set_terminated(self.parent_id, "FINISHED" if status == "finished" else "KILLED")
+            self.client.set_terminated(self.parent_id, "FINISHED" if status == FINISHED else "KILLED")
         else:
             raise ValueError(f"unknown record {kind}")
 
@@ -335,10 +321,10 @@ class MlflowSweepLogger(Callback):
             # the latest `epoch` value is the one at the largest step, and value == step
             epoch = run.data.metrics.get("epoch")
             self.last_step[tid] = int(epoch) if epoch is not None else -1
-            self.statuses[tid] = run.data.tags.get(STATUS, "running")
+            self.statuses[tid] = run.data.tags.get(STATUS, RUNNING)
             if run.info.status != "RUNNING" and self.statuses[tid] in FINAL:
                 self.ended.add(tid)
-            self.retries[tid] = int(run.data.tags.get("capsweep.retries", "0"))
+            self.retries[tid] = int(run.data.tags.get(TAG_RETRIES, "0"))
 
     def backfill(self, trial_id: str, trial_dir: Optional[Path]) -> None:
         """Deliver epochs that Ray recorded in result.json but MLflow never received (driver crash)."""
@@ -372,11 +358,11 @@ class MlflowSweepLogger(Callback):
         if not self._has_run(tid):
             params, seed = self.trial_params(trial.config)
             self._put("start", tid, f"{self.sweep}-{tid}", params, seed, self.trial_yaml(trial.config))
-        elif self.statuses.get(tid) == "interrupted":
+        elif self.statuses.get(tid) == INTERRUPTED:
             self._put("reopen", tid)
-        self.statuses.setdefault(tid, "running")
-        if self.statuses[tid] == "interrupted":
-            self.statuses[tid] = "running"
+        self.statuses.setdefault(tid, RUNNING)
+        if self.statuses[tid] == INTERRUPTED:
+            self.statuses[tid] = RUNNING
         self.backfill(tid, _trial_dir(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
@@ -386,15 +372,15 @@ class MlflowSweepLogger(Callback):
             return
         self._put("metrics", trial.trial_id, int(result["epoch"]), _numeric_metrics(result),
                   int(time.time() * 1000))
-        if result.get("status") == "diverged":
-            self.statuses[trial.trial_id] = "diverged"
+        if result.get("status") == DIVERGED:
+            self.statuses[trial.trial_id] = DIVERGED
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         """A trial raised and Tune will retry it (FailureConfig.max_failures): same run, count it."""
         tid = trial.trial_id
         self.retries[tid] = self.retries.get(tid, 0) + 1
         if self._has_run(tid):
-            self._put("tag", tid, "capsweep.retries", str(self.retries[tid]))
+            self._put("tag", tid, TAG_RETRIES, str(self.retries[tid]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._finish(trial, None)
@@ -412,16 +398,16 @@ class MlflowSweepLogger(Callback):
         if tid not in self.run_ids:
             self._ensure_run(trial)
         last = trial.last_result or {}
-        if self.interrupted and not error and last.get("status") not in ("finished", "diverged"):
+        if self.interrupted and not error and last.get("status") not in ENDED:
             return          # Ctrl-C: the trial continues on --resume (close() marks it interrupted)
         if error:
-            status = "failed"
-        elif last.get("status") == "diverged" or self.statuses.get(tid) == "diverged":
-            status = "diverged"
-        elif last.get("status") == "finished":
-            status = "finished"
+            status = FAILED
+        elif last.get("status") == DIVERGED or self.statuses.get(tid) == DIVERGED:
+            status = DIVERGED
+        elif last.get("status") == FINISHED:
+            status = FINISHED
         else:
-            status = "stopped"    # ended early by the scheduler (ASHA)
+            status = STOPPED    # ended early by the scheduler (ASHA)
         self.statuses[tid] = status
         self.ended.add(tid)
         self._put("end", tid, status, error)
@@ -444,15 +430,15 @@ class MlflowSweepLogger(Callback):
             interrupted = True
         for trial in trials:
             tid = trial.trial_id
-            if tid in self.run_ids and self.statuses.get(tid) in (None, "running"):
+            if tid in self.run_ids and self.statuses.get(tid) in (None, RUNNING):
                 if trial.status == "TERMINATED":
                     self._finish(trial, None)
                 elif trial.status == "ERROR":
                     self._finish(trial, _error_text(trial))
         if interrupted:
             for tid, status in list(self.statuses.items()):
-                if status == "running" and self._has_run(tid):
-                    self.statuses[tid] = "interrupted"
+                if status == RUNNING and self._has_run(tid):
+                    self.statuses[tid] = INTERRUPTED
                     self._put("interrupt", tid)
             if not self.parent_closed:
                 self._put("parent_interrupt")
@@ -463,7 +449,7 @@ class MlflowSweepLogger(Callback):
                   for s in FINAL}
         summary = {f"trials_{k}": v for k, v in counts.items()}
         summary["trials_total"] = len(self.run_ids) + sum(1 for r in self.queue if r[0] == "start")
-        self._put("parent_end", summary, "finished")
+        self._put("parent_end", summary, FINISHED)
         self.parent_closed = True
         self._drain()
 

@@ -29,7 +29,7 @@ from capsmodels import config as runcfg
 from capsmodels.train import fit
 from sweeps.spec import trial_config
 
-FAIL_ENV = "CAPSWEEP_INJECT_FAILURE"   # tests: "key=value" makes matching trials raise
+from capsmodels.contract import INJECT_FAILURE_ENV as FAIL_ENV  # tests: "key=value" makes matching trials raise
 ENDED = ("finished", "diverged")       # a state whose epoch ended the run: nothing left to train
 
 

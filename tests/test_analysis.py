@@ -643,3 +643,58 @@ def test_bad_arguments_are_one_line_and_exit_2(args, words, capsys):
     err = capsys.readouterr().err
     (line,) = err.strip().splitlines()
     assert line.startswith("capsweep report: error: ") and words in line, err
+
+
+# ---- the contract shared with sweeps (capsmodels/contract.py) ------------------------------------
+def test_contract_and_analysis_import_neither_ray_mlflow_nor_torch():
+    """A laptop analyses a cluster's sweep without the training stack: checked in a fresh interpreter."""
+    import subprocess
+    import sys
+    code = ("import sys, capsmodels.contract, analysis, analysis.load, analysis.verdict, analysis.report, "
+            "analysis.cli, analysis.mlflowio\n"
+            "print(sorted(m for m in ('ray', 'mlflow', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_catalogued_dataset_has_its_class_count_in_the_verdict():
+    import pandas as pd
+    from capsmodels.catalogue import CLASSES
+    from analysis.verdict import num_classes_of
+    for name, labels in CLASSES.items():
+        trials = pd.DataFrame({"data.name": [name, name]})
+        n, why = num_classes_of(trials, Thresholds())
+        assert n == len(labels) and name in why, (name, n, why)
+    assert num_classes_of(pd.DataFrame({"data.name": ["sign"]}), Thresholds())[0] == 2
+
+
+def test_mlflow_http_env_is_scoped_and_the_users_setting_wins(monkeypatch):
+    from analysis.mlflowio import mlflow_http_env
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
+    with mlflow_http_env(max_retries=2, timeout_s=30):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"          # the user's, kept
+        with mlflow_http_env(max_retries=0, timeout_s=5, override=True):
+            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+            assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
+
+
+def test_search_all_reads_every_page(tmp_path):
+    from analysis import mlflowio
+    client = MlflowClient(f"sqlite:///{tmp_path / 'pages.db'}")
+    exp = client.create_experiment("pages")
+    for i in range(8):           # 4 of sweep p, 4 of q
+        client.create_run(exp, tags={"capsweep.sweep": "p" if i % 2 else "q"})
+    old = mlflowio.PAGE
+    mlflowio.PAGE = 2            # 4 runs of sweep p over pages of 2: three search calls, the last empty
+    try:
+        runs = mlflowio.search_all(client, exp, "tags.`capsweep.sweep` = 'p'")
+    finally:
+        mlflowio.PAGE = old
+    assert len(runs) == 4 and len({r.info.run_id for r in runs}) == 4

@@ -1,0 +1,62 @@
+"""The names `sweeps` writes and `analysis` reads: the one home of each shared fact.
+
+Why one module: the sweep runner writes MLflow runs that the analysis reads back, possibly on another
+machine and with another version of the code; a tag, status or metric name spelt in two places drifts
+(the analysis once lacked a dataset the data module had). Standard library only, so importing it (and
+so importing `analysis`) never pulls in torch, ray or mlflow; `tests/test_analysis.py` checks that in a
+fresh interpreter. Metric definitions: docs/PROBES.md.
+"""
+from __future__ import annotations
+
+from capsmodels.catalogue import DATASETS, NUM_CLASSES
+
+__all__ = ["DATASETS", "NUM_CLASSES"]     # re-exported: the class counts live in capsmodels.catalogue
+
+# ---- MLflow tags -------------------------------------------------------------------------------------
+TAG_ROLE = "capsweep.role"            # RUN_PARENT or RUN_TRIAL
+TAG_SWEEP = "capsweep.sweep"          # the sweep's name: keeps several sweeps of one experiment apart
+TAG_TRIAL = "capsweep.trial_id"       # Ray Tune's trial id: finds a trial's run again after a retry
+TAG_SEED = "capsweep.seed"
+TAG_STATUS = "capsweep.status"        # one of STATUSES
+TAG_ERROR = "capsweep.error"
+TAG_COMMIT = "capsweep.git_commit"
+TAG_RETRIES = "capsweep.retries"
+TAG_PARENT = "mlflow.parentRunId"     # MLflow's own nesting tag
+TAG_RUN_NAME = "mlflow.runName"
+RUN_PARENT, RUN_TRIAL = "parent", "trial"     # values of TAG_ROLE
+
+# ---- trial statuses (TAG_STATUS; also a trial's reported `status` metric value) ----------------------
+FINISHED, DIVERGED, FAILED, STOPPED = "finished", "diverged", "failed", "stopped"
+INTERRUPTED, RUNNING, INCOMPLETE = "interrupted", "running", "incomplete"
+ENDED = (FINISHED, DIVERGED)                  # the epoch that ended the training: nothing left to run
+FINAL = (FINISHED, DIVERGED, FAILED, STOPPED)  # a trial's last status (STOPPED: ended early by ASHA)
+# every status, in the order reports list them; INCOMPLETE is set by analysis.load for finished runs
+# without the probes, INTERRUPTED when the sweep's driver stopped
+STATUSES = (FINISHED, DIVERGED, FAILED, STOPPED, INTERRUPTED, RUNNING, INCOMPLETE)
+
+# ---- trial roles (the sweep param ROLE_KEY; docs/PROBES.md, "Trial roles") ---------------------------
+ROLE_KEY = "trial.role"               # a param of every trial, not a run-config key
+CANDIDATE, REFERENCE, CONTROL = "candidate", "reference", "control"
+ROLES = (CANDIDATE, REFERENCE, CONTROL)
+
+# ---- the environment and the store -------------------------------------------------------------------
+INJECT_FAILURE_ENV = "CAPSWEEP_INJECT_FAILURE"   # tests: "key=value" makes matching trials raise
+GIT_COMMIT_ENV = "CAPSWEEP_GIT_COMMIT"           # set by `capsweep submit`: a shipped folder has no .git
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"         # MLflow's own convention, read when a spec names no store
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"     # MLflow's own default store, in the working folder
+DEFAULT_EXPERIMENT = "capsweep"
+
+# ---- metrics every trial reports (docs/PROBES.md) -----------------------------------------------------
+SCALAR_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
+                  "grad_ratio", "dead_frac_max", "starved_frac_max", "frozen_frac_max",
+                  "images_per_s", "peak_mem_mb", "time_s")
+# per capsule layer l = 0 .. depth+1, logged as `<name>/l<l>` (layer_metric)
+LAYER_METRICS = ("grad_norm", "grad_rms", "act_grad", "starved_frac", "act_mean", "dead_frac", "frozen_frac",
+                 "tree_score", "tree_score_null", "routing_dynamics", "routing_dynamics_null", "squash_gain")
+EPOCH_METRIC = "epoch"                # step = epoch; the value equals the step
+GRAD_PROBES = ("grad_norm", "act_grad")   # a capsweep trial logs one of these per layer
+
+
+def layer_metric(name: str, layer: int | str) -> str:
+    """The logged name of a per-layer metric: `act_grad/l3` (layer may be '' for a prefix)."""
+    return f"{name}/l{layer}"
