@@ -24,7 +24,8 @@ from capsmodels import config as cfgmod
 from capsmodels import data as datamod
 from capsmodels import init, losses, networks, probes
 
-Report = Callable[..., Any]
+Report = Callable[[dict], Any]          # report(metrics) once per epoch
+Checkpoint = Callable[[dict], Any]      # checkpoint(state) once per epoch, before the report
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,14 +93,15 @@ def fixed_batch(ds: torch.utils.data.TensorDataset, n: int, seed: int) -> tuple[
 
 def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         data: Optional[datamod.RawData] = None, state: Optional[dict] = None,
-        with_state: bool = False,
+        checkpoint: Optional[Checkpoint] = None,
         prepared: Optional[tuple[datamod.Splits, torch.nn.Module, torch.device]] = None) -> dict:
     """Train one configuration; call `report(metrics)` once per epoch; return the last metrics.
 
     config: a RunConfig or a nested dict (validated here). data: the raw dataset when the caller has
     it already (a sweep shares one copy per node through Ray's object store). state: a checkpoint
-    from an earlier report to continue from. with_state: call `report(metrics, state=...)` with a
-    checkpoint dict (model, optimiser, scheduler, generator, epoch) so a caller can persist it.
+    from an earlier `checkpoint` to continue from. checkpoint: called after each epoch, BEFORE that
+    epoch's `report`, with a snapshot dict (model, optimizer, scheduler, generator, epoch, metrics), so
+    a caller can persist it first (a crash between the two repeats the report, never loses the state).
     prepared: what `prepare(config, data)` returned, when the caller ran it already to check its input.
 
     A non-finite loss ends the run with `status: diverged` in the last report instead of raising.
@@ -136,8 +138,7 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
     if state is not None and start_epoch >= t.epochs and state.get("metrics"):
         # resumed from the final checkpoint (the caller lost the last report): say it again
         metrics = dict(state["metrics"])
-        if report is not None:
-            report(metrics, state=state) if with_state else report(metrics)
+        _end_epoch(report, checkpoint, metrics, lambda: state)
         return metrics
 
     for epoch in range(start_epoch, t.epochs):
@@ -193,14 +194,19 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         metrics["peak_mem_mb"] = peak_memory_mb(device)
         metrics["time_s"] = train_time
         metrics["status"] = "diverged" if diverged else ("finished" if epoch == t.epochs - 1 else "running")
-        if report is not None:
-            if with_state:
-                report(metrics, state=_state(model, opt, sched, gen, epoch, metrics))
-            else:
-                report(metrics)
+        _end_epoch(report, checkpoint, metrics, lambda: _state(model, opt, sched, gen, epoch, metrics))
         if diverged:
             break
     return metrics
+
+
+def _end_epoch(report: Optional[Report], checkpoint: Optional[Checkpoint], metrics: dict,
+               snapshot: Callable[[], dict]) -> None:
+    """The checkpoint first (the snapshot is only taken when someone keeps it), then the report."""
+    if checkpoint is not None:
+        checkpoint(snapshot())
+    if report is not None:
+        report(metrics)
 
 
 def _state(model, opt, sched, gen, epoch: int, metrics: dict) -> dict:

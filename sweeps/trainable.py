@@ -52,12 +52,9 @@ def run_trial(config: dict[str, Any], base: dict, raws: Optional[dict] = None, c
         if state["metrics"].get("status") in ENDED:
             return
 
-    def report(metrics: dict, state: dict) -> None:
-        if path is not None:
-            save_state(path, state)      # first the state: a crash before the report repeats it above
-        tune.report(metrics)
-
-    fit(cfg, report, data=raw, state=state, with_state=True)
+    # fit checkpoints each epoch before reporting it: a crash before the report repeats it above
+    fit(cfg, tune.report, data=raw, state=state,
+        checkpoint=(lambda s: save_state(path, s)) if path is not None else None)
 
 
 def load_state(path: Optional[Path]) -> Optional[dict]:

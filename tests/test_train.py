@@ -30,14 +30,16 @@ def stable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in VOLATILE}
 
 
-def collect(config, **kw):
-    reports = []
-    fit(config, lambda m, **k: reports.append((stable(m), k.get("state"))), data=RAW, **kw)
-    return reports
+def collect(config, state=None, checkpoints=False):
+    """[(stable metrics, the state checkpointed with them or None)] per epoch."""
+    reports, states = [], []
+    fit(config, lambda m: reports.append(stable(m)), data=RAW, state=state,
+        checkpoint=states.append if checkpoints else None)
+    return list(zip(reports, states if checkpoints else [None] * len(reports)))
 
 
 def test_report_once_per_epoch_with_every_probe():
-    reports = collect(cfg(), with_state=True)
+    reports = collect(cfg(), checkpoints=True)
     assert [m["epoch"] for m, _ in reports] == [0, 1]
     assert [m["status"] for m, _ in reports] == ["running", "finished"]
     last = reports[-1][0]
@@ -51,6 +53,15 @@ def test_report_once_per_epoch_with_every_probe():
     assert last["grad_ratio"] == pytest.approx(last["act_grad/l1"] / last["act_grad/l2"])
     assert last["starved_frac_max"] == last["starved_frac/l1"]            # the one hidden layer
     assert all(math.isfinite(v) for v in last.values() if isinstance(v, float))
+
+
+def test_each_epoch_is_checkpointed_before_it_is_reported():
+    events = []
+    c = cfg()
+    c["train"]["max_steps_per_epoch"] = 2
+    fit(c, lambda m: events.append(("report", m["epoch"])), data=RAW,
+        checkpoint=lambda s: events.append(("checkpoint", s["epoch"])))
+    assert events == [("checkpoint", 0), ("report", 0), ("checkpoint", 1), ("report", 1)]
 
 
 def test_uniform_routing_reports_no_routing_probes_and_init_data_trains():
@@ -71,15 +82,15 @@ def test_seeded_runs_repeat_exactly_on_cpu():
 
 
 def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run():
-    full = collect(cfg(), with_state=True)
+    full = collect(cfg(), checkpoints=True)
     state0 = full[0][1]
-    resumed = collect(cfg(), with_state=True, state=state0)
+    resumed = collect(cfg(), checkpoints=True, state=state0)
     assert [m for m, _ in resumed] == [full[1][0]]
 
 
 def test_resume_after_the_last_epoch_reports_the_final_metrics_again():
-    full = collect(cfg(), with_state=True)
-    again = collect(cfg(), with_state=True, state=full[-1][1])
+    full = collect(cfg(), checkpoints=True)
+    again = collect(cfg(), checkpoints=True, state=full[-1][1])
     assert [m["epoch"] for m, _ in again] == [1] and again[0][0]["status"] == "finished"
 
 
