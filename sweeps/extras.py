@@ -30,7 +30,7 @@ from typing import Iterable, Union
 
 from capsmodels import config as runcfg
 from capsmodels.contract import CANDIDATE, CONTROL, REFERENCE, ROLE_KEY
-from sweeps.spec import SEED_KEY, SpecError, SweepSpec, trial_config
+from sweeps.spec import SEED_KEY, SpecError, SweepSpec, resolve_trial
 UNMATCHED = ("model.depth", "model.arch", "model.num_caps", "model.caps_dim")
 MAX_LEVEL_COMBOS = 8
 MAX_CONTROL_DEPTHS = 12
@@ -51,7 +51,7 @@ def depths(spec: SweepSpec) -> Union[range, list]:
     """Every depth a candidate can take (a range for int kinds: never listed before it is checked)."""
     kind, values = _entry(spec, "model.depth")
     if kind is None:
-        return [runcfg.from_dict(spec.base).model.depth]
+        return [resolve_trial(spec.base, {}).model.depth]
     if kind in ("grid", "choice"):
         return sorted({int(v) for v in values})
     return range(int(values[0]), int(values[1]) + 1)
@@ -59,7 +59,7 @@ def depths(spec: SweepSpec) -> Union[range, list]:
 
 def _archs(spec: SweepSpec) -> list:
     kind, values = _entry(spec, "model.arch")
-    return list(values) if kind else [runcfg.from_dict(spec.base).model.arch]
+    return list(values) if kind else [resolve_trial(spec.base, {}).model.arch]
 
 
 def reference_points(spec: SweepSpec) -> list[dict]:
@@ -110,7 +110,7 @@ def complete(spec: SweepSpec, point: dict, keys: Iterable[str]) -> dict:
     missing = [k for k in keys if k not in point]
     if not missing:
         return dict(point)
-    resolved = runcfg.flatten(runcfg.to_dict(runcfg.from_dict(trial_config(spec.base, point))))
+    resolved = runcfg.flatten(runcfg.to_dict(resolve_trial(spec.base, point)))
     return {**point, **{k: resolved[k] for k in missing}}
 
 
@@ -125,7 +125,7 @@ def check(spec: SweepSpec) -> None:
                                 ("controls", CONTROL, control_points(spec))):
         for p in points:
             try:
-                runcfg.from_dict(trial_config(spec.base, p))
+                resolve_trial(spec.base, p)
             except runcfg.ConfigError as e:
                 where = ", ".join(f"{k}={v}" for k, v in p.items())
                 raise SpecError(f"{field}: the added {kind} trial ({where}) is invalid: {e}; "

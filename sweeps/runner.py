@@ -27,7 +27,7 @@ from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT
                                  TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
 from sweeps import extras, search, tracking  # noqa: E402
 from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values,  # noqa: E402
-                         storage_dir, to_yaml, total_trials, trial_config, trial_counts)
+                         resolve_trial, storage_dir, to_yaml, total_trials, trial_counts)
 
 INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
 STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
@@ -52,7 +52,7 @@ class SweepResult:
 
 def load_datasets(spec: SweepSpec) -> dict:
     """Load every dataset a trial can ask for once in the driver; Ray's object store shares them."""
-    data = runcfg.from_dict(spec.base).data
+    data = resolve_trial(spec.base, {}).data
     names = [data.name]
     entry = spec.space.get("data.name")
     if entry:
@@ -76,7 +76,7 @@ def check_shapes(spec: SweepSpec, raws: dict) -> None:
     combos = itertools.islice(itertools.product(*options), 5000)
     added = extras.reference_points(spec) + extras.control_points(spec)
     for params in itertools.chain((dict(zip(keys, c)) for c in combos), added):
-        cfg = runcfg.from_dict(trial_config(spec.base, params))
+        cfg = resolve_trial(spec.base, params)
         try:
             networks.check_fits(cfg, raws[cfg.data.name].in_shape)
         except runcfg.ConfigError as e:
@@ -92,7 +92,7 @@ class _TrialParams:
 
     def resolved(self, config: dict) -> dict:
         """The trial's full nested run config: base <- sampled params <- schema defaults."""
-        return runcfg.to_dict(runcfg.from_dict(trial_config(self.base, config)))
+        return runcfg.to_dict(resolve_trial(self.base, config))
 
     def params(self, config: dict) -> tuple[dict, int]:
         """Flattened params (MLflow), with `trial.role`, and seed of one trial."""

@@ -22,10 +22,9 @@ from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, Repeater, Searcher
 
-from capsmodels import config as runcfg
 from sweeps import extras
 from capsmodels.contract import ROLE_KEY
-from sweeps.spec import KEEP_BASE, SEED_KEY, SweepSpec, objectives
+from sweeps.spec import KEEP_BASE, SEED_KEY, SweepSpec, objectives, resolve_trial
 
 log = logging.getLogger("capsweep.search")
 
@@ -223,7 +222,7 @@ def build(spec: SweepSpec) -> tuple[dict, Any, Any, int]:
     metrics, modes = objectives(spec)
     scheduler = None
     if spec.scheduler.name == "asha":
-        epochs = runcfg.from_dict(spec.base).train.epochs      # presets and defaults included
+        epochs = resolve_trial(spec.base, {}).train.epochs      # presets and defaults included
         scheduler = CandidateASHA(metric=metrics[0], mode=modes[0], time_attr="training_iteration",
                                   max_t=epochs, grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor)

@@ -301,7 +301,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
 
 def _validate_base(base: dict) -> runcfg.RunConfig:
     try:
-        return runcfg.from_dict(base)
+        return resolve_trial(base, {})
     except runcfg.ConfigError as e:
         _fail(f"base.{e}")
 
@@ -336,14 +336,22 @@ def _validate_space(spec: SweepSpec, base: runcfg.RunConfig) -> None:
                 _fail(f"{where}.{kind}: int ranges need whole bounds, got [{lo}, {hi}]")
         for v in probe_values(kind, values):
             try:
-                runcfg.from_dict(trial_config(spec.base, {key: v}))
+                resolve_trial(spec.base, {key: v})
             except runcfg.ConfigError as e:
                 _fail(f"{where}: value {v!r} gives an invalid trial: {e}")
 
 
+def resolve_trial(base: dict, params: dict) -> runcfg.RunConfig:
+    """One trial's typed run config: the sweep's raw `base` <- its sampled dotted params <- presets
+    and schema defaults. The one way a trial config is built, so every reader (validation, the checks
+    before Ray, ASHA's max_t, the logger, the trial itself) sees the same defaults. Raises ConfigError."""
+    return runcfg.from_dict(trial_config(base, params))
+
+
 def trial_config(base: dict, params: dict) -> dict:
-    """The resolved nested run config of one trial: base <- sampled dotted params. Params outside
-    the run config (`trial.role`, Tune's `__trial_index__`) and KEEP_BASE values are left out."""
+    """The raw nested run config of one trial: base <- sampled dotted params, before presets and
+    defaults (resolve_trial). Params outside the run config (`trial.role`, Tune's
+    `__trial_index__`) and KEEP_BASE values are left out."""
     import copy
     out = copy.deepcopy(base)
     for key, value in params.items():

@@ -27,7 +27,7 @@ from ray import tune
 
 from capsmodels import config as runcfg
 from capsmodels.train import fit
-from sweeps.spec import trial_config
+from sweeps.spec import resolve_trial
 
 from capsmodels.contract import INJECT_FAILURE_ENV as FAIL_ENV  # tests: "key=value" makes matching trials raise
 ENDED = ("finished", "diverged")       # a state whose epoch ended the run: nothing left to train
@@ -38,7 +38,7 @@ def run_trial(config: dict[str, Any], base: dict, raws: Optional[dict] = None, c
     """Tune trainable. config: the sampled dotted params (plus `train.seed`); raws: the datasets the
     driver loaded, by name (a dataset missing there is read from disk by `fit`); state_dir: where this
     sweep's trials keep their per-epoch state (None: nowhere, a retry starts from scratch)."""
-    cfg = runcfg.from_dict(trial_config(base, config))
+    cfg = resolve_trial(base, config)
     raw = (raws or {}).get(cfg.data.name)
     cfg.train.progress = False
     if cfg.train.threads == 0:

@@ -8,7 +8,7 @@ from ray import tune
 
 from capsmodels import config as runcfg
 from sweeps import extras, search
-from sweeps.spec import KEEP_BASE, describe_trials, from_config, total_trials, trial_config
+from sweeps.spec import KEEP_BASE, describe_trials, from_config, resolve_trial, total_trials
 
 BASE = {"model": {"preset": "tiny"}, "data": {"name": "digits"}, "train": {"epochs": 1}}
 
@@ -69,7 +69,7 @@ def test_grid_without_depth_zero_gets_matched_references_and_controls_per_seed()
     assert len(trials) == total_trials(spec) == 26
     assert describe_trials(spec) == "26 trials (16 candidates, 4 references, 6 controls)"
     for t in trials:                                   # every trial resolves to a valid run config
-        cfg = runcfg.from_dict(trial_config(BASE, t.config))
+        cfg = resolve_trial(BASE, t.config)
         assert cfg.model.arch == {"control": "cnn"}.get(t.config["trial.role"], "capsnet")
 
 
@@ -240,3 +240,13 @@ def test_optuna_gets_the_extra_trials_first_never_sees_them_and_resumes_without_
     (t,) = completed(fresh)
     assert t.value == pytest.approx(0.3)        # only the candidates' seed mean reached Optuna
 
+
+
+def test_resolve_trial_is_base_then_params_then_presets_and_defaults():
+    """The one way a trial's config is built (sweeps/spec.py): bookkeeping params and KEEP_BASE are
+    not run-config keys; what neither base nor params set comes from the preset or the schema."""
+    cfg = resolve_trial({"model": {"preset": "tiny"}, "train": {"lr": 0.5}},
+                        {"model.depth": 2, "trial.role": "control", "train.lr": KEEP_BASE, "__trial_index__": 1})
+    assert cfg.model.depth == 2 and cfg.train.lr == 0.5
+    assert cfg.train.epochs == runcfg.TrainConfig().epochs and cfg.data.name == runcfg.DataConfig().name
+    assert cfg.model.num_caps == runcfg.from_dict({"model": {"preset": "tiny"}}).model.num_caps
