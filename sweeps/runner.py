@@ -22,10 +22,11 @@ from mlflow.entities import Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from capsmodels import config as runcfg  # noqa: E402
-from capsmodels import data as datamod  # noqa: E402
+from capsmodels import datasets as datamod  # noqa: E402
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,  # noqa: E402
                                  TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
 from sweeps import extras, search, tracking  # noqa: E402
+from sweeps.provenance import git_commit  # noqa: E402
 from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values,  # noqa: E402
                          resolve_trial, storage_dir, to_yaml, total_trials, trial_counts)
 
@@ -179,7 +180,7 @@ def acquire_lock(storage: Path, name: str) -> FileLock:
 
 def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> str:
     tags = {TAG_ROLE: RUN_PARENT, TAG_SWEEP: spec.name, TAG_STATUS: RUNNING, TAG_RUN_NAME: spec.name}
-    commit = tracking.git_commit()
+    commit = git_commit()
     if commit:
         tags[TAG_COMMIT] = commit
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)

@@ -120,7 +120,7 @@ def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
            working_dir: Optional[str] = None, extra_env: Optional[list[str]] = None,
            resume: bool = False) -> str:
     from ray.job_submission import JobSubmissionClient
-    from sweeps.tracking import git_commit
+    from sweeps.provenance import git_commit
     check_cluster_ready(spec)
     path = resolve_spec_path(spec_arg)
     env = {}

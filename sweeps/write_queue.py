@@ -1,0 +1,204 @@
+"""A retrying, spooling queue of tracking writes: typed records delivered in order, at least once.
+
+Why a queue: the tracking server may be away for minutes in a long sweep (a restart, a network cut),
+and the sweep must neither stall nor lose a write. Each write is a record; `flush` delivers from the
+front and, on a transient error, keeps the record and backs off exponentially (1 s .. 60 s) without
+blocking. If the outage lasts past `max_outage_s` or the queue grows past `max_pending`, the records
+are spooled to a JSON-lines file and `TrackingUnavailable` stops the sweep; the next driver replays
+the file (`--resume`). The queue knows nothing of Ray Tune; what a record does is the `apply`
+callable's business (sweeps/run_writer.py writes it to MLflow, idempotently, so at-least-once
+delivery gives exactly-once runs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server could not be reached (at start), or stayed away too long (mid-sweep)."""
+
+
+# ---- records: one per kind of write, fields in the order older spool files list them --------------
+@dataclass
+class Start:
+    """Create (or find again) the trial's run, with its params and resolved config."""
+    trial_id: str
+    run_name: str
+    params: dict
+    seed: int
+    yaml_text: str
+
+
+@dataclass
+class Tag:
+    trial_id: str
+    key: str
+    value: str
+
+
+@dataclass
+class Reopen:
+    """A trial interrupted by an earlier driver runs again."""
+    trial_id: str
+
+
+@dataclass
+class Interrupt:
+    trial_id: str
+
+
+@dataclass
+class Metrics:
+    """One epoch (step) of a trial; `ts` in ms since the epoch."""
+    trial_id: str
+    step: int
+    metrics: dict
+    ts: int
+
+
+@dataclass
+class End:
+    trial_id: str
+    status: str
+    error: Optional[str]
+
+
+@dataclass
+class ParentInterrupt:
+    pass
+
+
+@dataclass
+class ParentEnd:
+    summary: dict
+    status: str
+
+
+Record = Union[Start, Tag, Reopen, Interrupt, Metrics, End, ParentInterrupt, ParentEnd]
+# spool names: those an earlier version wrote as the first item of a positional list
+KINDS: dict[str, type] = {"start": Start, "tag": Tag, "reopen": Reopen, "interrupt": Interrupt,
+                          "metrics": Metrics, "end": End, "parent_interrupt": ParentInterrupt,
+                          "parent_end": ParentEnd}
+_KIND_OF = {cls: kind for kind, cls in KINDS.items()}
+
+
+def to_json(rec: Record) -> str:
+    return json.dumps({"kind": _KIND_OF[type(rec)], **dataclasses.asdict(rec)})
+
+
+def from_json(line: str) -> Record:
+    """A spooled record; also reads the positional lists (`["start", trial_id, ...]`) of older drivers."""
+    data = json.loads(line)
+    if isinstance(data, list):
+        return KINDS[data[0]](*data[1:])
+    return KINDS[data.pop("kind")](**data)
+
+
+class WriteQueue:
+    """Records delivered in order through `apply`; `transient(e)` says which errors to wait out."""
+
+    def __init__(self, apply: Callable[[Record], None], transient: Callable[[BaseException], bool],
+                 spool_path: Path, where: str, max_outage_s: float = 900.0, max_pending: int = 200_000,
+                 on_reject: Optional[Callable[[Record, BaseException], None]] = None):
+        self.apply = apply
+        self.transient = transient
+        self.spool_path = Path(spool_path)
+        self.where = where                  # named in the messages: "MLflow at <uri>"
+        self.max_outage_s = max_outage_s
+        self.max_pending = max_pending
+        self.on_reject = on_reject
+        self.records: deque = deque()
+        self.outage_since: Optional[float] = None
+        self.next_try = 0.0
+        self.backoff = 1.0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def put(self, rec: Record) -> None:
+        self.records.append(rec)
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver queued records in order; on a transient error keep them and back off. True when empty."""
+        now = time.monotonic()
+        if not force and self.outage_since is not None and now < self.next_try:
+            self._check_bounds(now)
+            return False
+        while self.records:
+            try:
+                self.apply(self.records[0])
+            except Exception as e:  # noqa: BLE001
+                if not self.transient(e):
+                    if self.on_reject:
+                        self.on_reject(self.records[0], e)
+                    raise
+                if self.outage_since is None:
+                    self.outage_since = now
+                    print(f"capsweep: {self.where} is unreachable; buffering {len(self.records)} writes "
+                          "and retrying", flush=True)
+                self.next_try = now + self.backoff
+                self.backoff = min(self.backoff * 2, 60.0)
+                self._check_bounds(now)
+                return False
+            self.records.popleft()
+        if self.outage_since is not None:
+            print(f"capsweep: {self.where} is back; buffered writes delivered", flush=True)
+        self.outage_since, self.backoff = None, 1.0
+        return True
+
+    def _check_bounds(self, now: float) -> None:
+        if self.outage_since is None:
+            return
+        if now - self.outage_since > self.max_outage_s or len(self.records) > self.max_pending:
+            n = len(self.records)          # counted before the spool empties the queue
+            path = self.spool()
+            raise TrackingUnavailable(
+                f"{self.where} unreachable for {now - self.outage_since:.0f}s; "
+                f"{n} pending writes saved to {path}; run again with --resume once it is back")
+
+    def spool(self) -> Path:
+        """Append every queued record to the spool file and empty the queue."""
+        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool_path, "a") as f:
+            for rec in self.records:
+                f.write(to_json(rec) + "\n")
+        self.records.clear()
+        return self.spool_path
+
+    def replay_spool(self) -> int:
+        """Queue what an earlier driver spooled (and deliver it if the store is there). Returns how many."""
+        if not self.spool_path.exists():
+            return 0
+        records = [from_json(line) for line in self.spool_path.read_text().splitlines() if line.strip()]
+        self.records.extend(records)
+        self.spool_path.unlink()
+        self.flush()
+        return len(records)
+
+    def drain(self) -> None:
+        """Block until every record is delivered; spool them and raise after `max_outage_s`."""
+        deadline = time.monotonic() + self.max_outage_s
+        while self.records:
+            if self.flush(force=True):
+                break
+            if time.monotonic() > deadline:
+                path = self.spool()
+                raise TrackingUnavailable(
+                    f"{self.where} unreachable; pending writes saved to {path}; "
+                    "run again with --resume once it is back")
+            time.sleep(min(self.backoff, max(0.0, deadline - time.monotonic())))
+
+
+def queued(queue: Any, kind: type, trial_id: Optional[str] = None) -> int:
+    """How many records of `kind` (for `trial_id`, when given) wait in the queue."""
+    return sum(1 for r in queue if isinstance(r, kind) and (trial_id is None or r.trial_id == trial_id))

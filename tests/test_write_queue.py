@@ -1,0 +1,82 @@
+"""The tracking write queue (sweeps/write_queue.py) on its own: order, retries, spool, replay.
+
+A store that is "away" is a list that raises ConnectionError while a flag is set: the queue's
+contract is only that `apply` raises a transient error, so no MLflow server is needed. No sleeps:
+`flush(force=True)` skips the backoff wait.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sweeps.write_queue import (End, Metrics, ParentEnd, Start, Tag, TrackingUnavailable, WriteQueue,
+                                from_json, queued, to_json)
+
+
+class Store:
+    def __init__(self):
+        self.away = False
+        self.got: list = []
+
+    def apply(self, rec) -> None:
+        if self.away:
+            raise ConnectionError("server away")
+        self.got.append(rec)
+
+
+def transient(e: BaseException) -> bool:
+    return isinstance(e, ConnectionError)
+
+
+RECORDS = [Start("t1", "s-t1", {"model.depth": 2}, 0, "model: {}\n"), Metrics("t1", 0, {"val_acc": 0.5}, 1000),
+           Tag("t1", "capsweep.retries", "1"), End("t1", "finished", None), ParentEnd({"trials_total": 1}, "finished")]
+
+
+def test_records_round_trip_through_json_and_old_positional_spools_are_read():
+    for rec in RECORDS:
+        assert from_json(to_json(rec)) == rec
+    old = json.dumps(["metrics", "t1", 3, {"val_acc": 0.25}, 123])      # a driver before typed records
+    assert from_json(old) == Metrics("t1", 3, {"val_acc": 0.25}, 123)
+    assert from_json(json.dumps(["parent_interrupt"])).__class__.__name__ == "ParentInterrupt"
+
+
+def test_outage_keeps_order_and_delivers_everything_once_when_back(tmp_path):
+    store = Store()
+    q = WriteQueue(store.apply, transient, tmp_path / "pending.jsonl", "store")
+    q.put(RECORDS[0])
+    store.away = True
+    for rec in RECORDS[1:]:
+        q.put(rec)
+    assert store.got == RECORDS[:1] and len(q) == 4 and q.outage_since is not None
+    assert queued(q, Start) == 0 and queued(q, Metrics, "t1") == 1 and queued(q, End, "t2") == 0
+    assert not q.flush(force=True) and q.backoff == 4.0     # 1 s, doubled at each failed try
+    store.away = False
+    assert q.flush(force=True) and store.got == RECORDS and len(q) == 0
+    assert q.outage_since is None and q.backoff == 1.0
+
+
+def test_a_long_outage_spools_and_a_new_queue_replays_it(tmp_path):
+    store = Store()
+    store.away = True
+    q = WriteQueue(store.apply, transient, tmp_path / "pending.jsonl", "store", max_pending=3)
+    with pytest.raises(TrackingUnavailable, match="4 pending writes saved to .*pending.jsonl"):
+        for rec in RECORDS:
+            q.put(rec)
+    assert len(q) == 0 and len((tmp_path / "pending.jsonl").read_text().splitlines()) == 4
+    store.away = False
+    again = WriteQueue(store.apply, transient, tmp_path / "pending.jsonl", "store")
+    assert again.replay_spool() == 4 and store.got == RECORDS[:4]
+    assert not (tmp_path / "pending.jsonl").exists()
+
+
+def test_a_rejected_write_is_raised_not_retried(tmp_path):
+    seen = []
+
+    def refuse(rec):
+        raise ValueError("bad request")
+
+    q = WriteQueue(refuse, transient, tmp_path / "p.jsonl", "store", on_reject=lambda r, e: seen.append(r))
+    with pytest.raises(ValueError):
+        q.put(RECORDS[0])
+    assert seen == [RECORDS[0]] and q.outage_since is None
