@@ -1,9 +1,9 @@
-"""Checksum-verified downloads and safe archive extraction for `capsmodels.data`.
+"""Checksum-verified downloads and safe archive extraction for `capsmodels.store`.
 
 A download streams into a temporary file in the destination folder, hashes it on the way, and is
 renamed into place only when the checksum matches, so a half-written or tampered file never sits
 under the real name (two Ray workers downloading the same file at once just both rename a good
-copy). Failures raise `FetchError` with a short reason; `capsmodels.data` words the user message.
+copy). Failures raise `FetchError` with a short reason; `capsmodels.store` words the user message.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Readers for the official on-disk formats of the datasets in `capsmodels.data`.
+"""Readers for the official on-disk formats of the datasets in `capsmodels.datasets`.
 
 Each reader takes a path, checks the file's structure (magic numbers, declared dimensions against
 the bytes present, required keys) and returns numpy arrays. Anything wrong with a file raises
-`FormatError(path, reason)`; `capsmodels.data` turns that into a one-line `DataError` naming the
+`FormatError(path, reason)`; `capsmodels.datasets` turns that into a one-line `DataError` naming the
 dataset. Readers never trust a header blindly: a truncated download must fail here, not as a
 reshape error three calls later.
 """

@@ -21,8 +21,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from capsmodels import config as cfgmod
-from capsmodels import data as datamod
 from capsmodels import init, losses, networks, probes
+from capsmodels.augment import shift_augment
+from capsmodels.datasets import RawData, load_raw
+from capsmodels.splits import Splits, make_splits
 
 Report = Callable[[dict], Any]          # report(metrics) once per epoch
 Checkpoint = Callable[[dict], Any]      # checkpoint(state) once per epoch, before the report
@@ -64,13 +66,13 @@ def evaluate(model: torch.nn.Module, ds: torch.utils.data.TensorDataset, device:
     return total_loss / n, correct / n
 
 
-def prepare(cfg: cfgmod.RunConfig, data: Optional[datamod.RawData] = None
-            ) -> tuple[datamod.Splits, torch.nn.Module, torch.device]:
+def prepare(cfg: cfgmod.RunConfig, data: Optional[RawData] = None
+            ) -> tuple[Splits, torch.nn.Module, torch.device]:
     """Everything that can fail on bad input, before any training: data, shape check, model."""
     device = resolve_device(cfg.train.device)
-    raw = data if data is not None else datamod.load_raw(
+    raw = data if data is not None else load_raw(
         cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.sign_samples)
-    splits = datamod.make_splits(raw, cfg.data, cfg.train.seed)
+    splits = make_splits(raw, cfg.data, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = networks.build(cfg, splits.in_shape, splits.num_classes).to(device)
     if cfg.model.init == "data" and cfg.model.arch == "capsnet":     # the CNN keeps its own init
@@ -92,9 +94,9 @@ def fixed_batch(ds: torch.utils.data.TensorDataset, n: int, seed: int) -> tuple[
 
 
 def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
-        data: Optional[datamod.RawData] = None, state: Optional[dict] = None,
+        data: Optional[RawData] = None, state: Optional[dict] = None,
         checkpoint: Optional[Checkpoint] = None,
-        prepared: Optional[tuple[datamod.Splits, torch.nn.Module, torch.device]] = None) -> dict:
+        prepared: Optional[tuple[Splits, torch.nn.Module, torch.device]] = None) -> dict:
     """Train one configuration; call `report(metrics)` once per epoch; return the last metrics.
 
     config: a RunConfig or a nested dict (validated here). data: the raw dataset when the caller has
@@ -155,7 +157,7 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
             idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
             x, y = x_train[idx], y_train[idx]
             if cfg.data.augment:
-                x = datamod.shift_augment(x, 2, generator=gen)
+                x = shift_augment(x, 2, generator=gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x, y)
             loss, _ = losses.total_loss(out, x, y, recon_w)

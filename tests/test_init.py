@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from capsmodels import config as runcfg
-from capsmodels import data, networks, train
+from capsmodels import networks, train
+from capsmodels.datasets import load_raw
+from capsmodels.splits import make_splits
 from capsmodels.init import IMAGES, data_init, fit_scale
 
-DIGITS = data.load_raw("digits")
+DIGITS = load_raw("digits")
 
 
 def splits(name="digits", raw=DIGITS):
-    return data.make_splits(raw, runcfg.from_dict({"data": {"name": name}}).data, 0)
+    return make_splits(raw, runcfg.from_dict({"data": {"name": name}}).data, 0)
 
 
 SPLITS = splits()
@@ -64,7 +66,7 @@ def test_em_layers_start_at_the_target_on_the_fitted_images(kind):
 
 def test_other_targets_and_28x28_inputs():
     torch.set_num_threads(1)
-    fm = splits("fashion_mnist", data.load_raw("fashion_mnist"))
+    fm = splits("fashion_mnist", load_raw("fashion_mnist"))
     x_fit, _ = train.fixed_batch(fm.train, IMAGES, 0)
     x_out, _ = train.fixed_batch(fm.val, 256, 0)
     for target in (0.5, 2.0):
@@ -139,7 +141,7 @@ def test_prepare_applies_it_deterministically_and_the_cnn_keeps_its_init():
 
 
 def test_fixed_batch_is_a_seeded_sample_not_a_prefix():
-    raw = data.load_raw("mnist5k")
+    raw = load_raw("mnist5k")
     sp = splits("mnist5k", raw)
     assert sp.val.tensors[1][:64].unique().numel() <= 2                  # the raw file is sorted by class
     x, y = train.fixed_batch(sp.val, 64, 0)

@@ -9,7 +9,7 @@ import torch
 
 from capsmodels import config as runcfg
 from capsmodels import losses, networks, probes
-from capsmodels.data import load_raw
+from capsmodels.datasets import load_raw
 from capsmodels.train import fit
 
 VOLATILE = ("images_per_s", "peak_mem_mb", "time_s")
