@@ -11,24 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")        # the classic progress table, our columns
-# The MLflow client's own retries block for minutes inside one call; the logger buffers and retries
-# itself without stalling Tune's event loop, so each call fails fast.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+from filelock import FileLock, Timeout
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
 
-from filelock import FileLock, Timeout  # noqa: E402
-from mlflow.entities import Param  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from capsmodels import config as runcfg  # noqa: E402
-from capsmodels import datasets as datamod  # noqa: E402
-from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,  # noqa: E402
+from analysis.mlflowio import mlflow_http_env, scoped_environ
+from capsmodels import config as runcfg
+from capsmodels import datasets as datamod
+from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
                                  TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
-from sweeps import extras, search, tracking  # noqa: E402
-from sweeps.provenance import git_commit  # noqa: E402
-from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values,  # noqa: E402
+from sweeps import extras, search, tracking
+from sweeps.provenance import git_commit
+from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values,
                          resolve_trial, storage_dir, to_yaml, total_trials, trial_counts)
+from sweeps.trainable import run_trial
 
 INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
 STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
@@ -225,7 +221,18 @@ def _reporter(spec: SweepSpec):
 
 def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = None,
               num_cpus: Optional[int] = None, verbose: int = 1) -> SweepResult:
-    """The whole sweep. Raises SpecError/SweepRefused/DataError/TrackingUnavailable before Ray starts."""
+    """The whole sweep. Raises SpecError/SweepRefused/DataError/TrackingUnavailable before Ray starts.
+
+    The environment is set for the sweep only, and the user's settings win: Tune's classic progress
+    table (our columns), and MLflow calls that fail fast (1 retry, 20 s) instead of blocking Tune's
+    event loop for minutes inside one call, since the logger buffers and retries itself."""
+    with scoped_environ({"RAY_AIR_NEW_OUTPUT": "0"}, override=False), \
+            mlflow_http_env(max_retries=1, timeout_s=20, override=False):
+        return _run_sweep(spec, resume, address, num_cpus, verbose)
+
+
+def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: Optional[int],
+               verbose: int) -> SweepResult:
     client, experiment_id, parent, exp_dir = preflight(spec, resume)
     storage = exp_dir.parent
     raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
@@ -255,7 +262,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
     import ray
     from ray import tune
     trainable = tune.with_resources(
-        tune.with_parameters(capsnet_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu,
+        tune.with_parameters(run_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu,
                              state_dir=str(exp_dir / STATE_DIR)),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     tp = _TrialParams(spec.base)
@@ -293,8 +300,3 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
     return SweepResult(spec.name, spec.mlflow.experiment, experiment_id, parent_id, spec.mlflow.tracking_uri,
                        storage, len(statuses), statuses, interrupted)
 
-
-def capsnet_trial(config: dict, base: dict, raws: dict, cpus: float, state_dir: Optional[str] = None) -> None:
-    """Module-level (picklable) entry; imports torch and ray.tune only inside the trial."""
-    from sweeps.trainable import run_trial
-    run_trial(config, base, raws, cpus, state_dir)

@@ -250,3 +250,18 @@ def test_resolve_trial_is_base_then_params_then_presets_and_defaults():
     assert cfg.model.depth == 2 and cfg.train.lr == 0.5
     assert cfg.train.epochs == runcfg.TrainConfig().epochs and cfg.data.name == runcfg.DataConfig().name
     assert cfg.model.num_caps == runcfg.from_dict({"model": {"preset": "tiny"}}).model.num_caps
+
+
+def test_importing_the_runner_leaves_the_environment_alone():
+    """sweeps/runner.py sets Tune's and MLflow's variables around a sweep (run_sweep), not at import."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import os; before = dict(os.environ); import sweeps.runner\n"
+            "print(sorted(k for k in set(before) | set(os.environ) if os.environ.get(k) != before.get(k)"
+            " and k.startswith(('MLFLOW_', 'RAY_AIR'))))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_HTTP", "RAY_AIR"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
