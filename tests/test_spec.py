@@ -69,18 +69,59 @@ def test_good_spec_counts_trials(workdir, capsys):
 
 
 BOOL = "expected true or false"
+DEPTH = "model.depth: {grid: [0, 1]}"
 
 
-@pytest.mark.parametrize("text, must_contain", [
-    (GOOD + "references: 2\n", ["references: 2", BOOL]),
-    (GOOD + "references: maybe\n", ["references", BOOL]),
-    (GOOD + "controls: [true]\n", ["controls", BOOL]),
-    (GOOD + "controls: 1.0\n", ["controls", BOOL]),
-    (GOOD.replace("model.depth: {grid: [0, 1]}", "model.depth: {int: [0, 20]}") + "search: {algorithm: random}\n",
+def _with(old: str, new: str, extra: str = "") -> str:
+    return GOOD.replace(old, new) + extra
+
+
+# One spec mistake per row: (id, spec text, CLI overrides, what the one-line error must name).
+BAD_SPECS = [
+    ("references-int", GOOD + "references: 2\n", [], ["references: 2", BOOL]),
+    ("references-word", GOOD + "references: maybe\n", [], ["references", BOOL]),
+    ("controls-list", GOOD + "controls: [true]\n", [], ["controls", BOOL]),
+    ("controls-float", GOOD + "controls: 1.0\n", [], ["controls", BOOL]),
+    ("controls-too-many-depths", _with(DEPTH, "model.depth: {int: [0, 20]}", "search: {algorithm: random}\n"), [],
      ["controls: model.depth takes 21 values", "controls: false"]),
-])
-def test_references_and_controls_take_a_bool_and_few_depths(workdir, capsys, text, must_contain):
-    assert_one_line_error(workdir, capsys, text, must_contain=must_contain)
+    ("unknown-top-level-key", GOOD + "num_sample: 3\n", [], ["num_sample", "unknown"]),
+    ("unknown-run-config-key", _with("epochs: 1", "epoch: 1"), [], ["train.epoch", "unknown key"]),
+    ("wrong-type", GOOD + "num_samples: many\n", [], ["num_samples"]),
+    ("wrong-type-in-base", _with("epochs: 1", "epochs: two"), [], ["train.epochs", "integer"]),
+    ("out-of-range-in-space", _with("grid: [0, 1]", "grid: [0, -1]"), [], ["space.model.depth", "-1"]),
+    ("iterations-below-one", GOOD, ["base.model.iterations=0"], ["model.iterations"]),
+    ("empty-space-list", _with("grid: [0, 1]", "grid: []"), [], ["space.model.depth", "non-empty"]),
+    ("impossible-range", _with(DEPTH, "train.lr: {loguniform: [0.1, 0.01]}", "search: {algorithm: random}\n"), [],
+     ["train.lr", "empty range"]),
+    ("unknown-space-key", _with("model.depth", "model.depht"), [], ["space.model.depht", "unknown key"]),
+    ("unknown-space-kind", _with("grid: [0, 1]", "range: [0, 1]"), [], ["range", "grid"]),
+    ("range-with-grid-search", _with(DEPTH, "train.lr: {uniform: [0.001, 0.01]}"), [],
+     ["space.train.lr", "random or optuna"]),
+    ("metric-not-reported", _with("metric: val_acc", "metric: val_accuracy"), [],
+     ["metric", "val_accuracy", "not reported"]),
+    # depth is at most 1 -> capsule layers l0..l2; l3 is never reported
+    ("layer-metric-beyond-depth", _with("metric: val_acc", "metric: grad_norm/l3"), [], ["grad_norm/l3"]),
+    ("bad-mode", _with("mode: max", "mode: maximise"), [], ["mode"]),
+    ("several-objectives-need-optuna",
+     _with("metric: val_acc", "metric: [val_acc, grad_ratio]").replace("mode: max", "mode: [max, max]"), [],
+     ["optuna"]),
+    ("unknown-routing", GOOD, ["base.model.routing=magic"], ["model.routing", "dynamic"]),
+    ("unknown-dataset", _with("name: digits", "name: imagenet"), [], ["data.name", "imagenet"]),
+    ("bad-seeds", _with("seeds: [0, 1]", "seeds: []"), [], ["seeds"]),
+    ("name-escapes-storage", _with("name: t", "name: ../../etc"), [], ["name"]),
+    ("fractional-gpu-above-one", GOOD + "resources: {gpu: 1.5}\n", [], ["resources.gpu"]),
+    ("override-not-key-value", GOOD, ["oops"], ["key=value"]),
+    ("not-yaml", "name: [unclosed\n", [], ["YAML"]),
+    # digits are 8x8: a 9x9 primary kernel leaves no position; caught before Ray, naming the field
+    ("network-does-not-fit-input", _with(DEPTH, "model.primary_kernel: {grid: [3, 9]}"), [],
+     ["model.", "digits", "primary_kernel=9"]),
+]
+
+
+@pytest.mark.parametrize("text, overrides, must_contain", [row[1:] for row in BAD_SPECS],
+                         ids=[row[0] for row in BAD_SPECS])
+def test_bad_spec_is_one_line_and_exit_2(workdir, capsys, text, overrides, must_contain):
+    assert_one_line_error(workdir, capsys, text, overrides=overrides, must_contain=must_contain)
 
 
 def test_shipped_specs_all_validate(capsys):
@@ -89,113 +130,9 @@ def test_shipped_specs_all_validate(capsys):
     assert cli.main(["validate", *names]) == 0
 
 
-def test_unknown_top_level_key(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD + "num_sample: 3\n", must_contain=["num_sample", "unknown"])
-
-
-def test_unknown_run_config_key(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("epochs: 1", "epoch: 1"),
-                          must_contain=["train.epoch", "unknown key"])
-
-
-def test_wrong_type(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD + "num_samples: many\n", must_contain=["num_samples"])
-
-
-def test_wrong_type_in_base(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("epochs: 1", "epochs: two"),
-                          must_contain=["train.epochs", "integer"])
-
-
-def test_out_of_range_value_in_space(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("grid: [0, 1]", "grid: [0, -1]"),
-                          must_contain=["space.model.depth", "-1"])
-
-
-def test_iterations_below_one(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD, overrides=["base.model.iterations=0"],
-                          must_contain=["model.iterations"])
-
-
-def test_empty_space_list(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("grid: [0, 1]", "grid: []"),
-                          must_contain=["space.model.depth", "non-empty"])
-
-
-def test_impossible_range(workdir, capsys):
-    text = GOOD.replace("model.depth: {grid: [0, 1]}", "train.lr: {loguniform: [0.1, 0.01]}") \
-        + "search: {algorithm: random}\n"
-    assert_one_line_error(workdir, capsys, text, must_contain=["train.lr", "empty range"])
-
-
-def test_unknown_space_key(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("model.depth", "model.depht"),
-                          must_contain=["space.model.depht", "unknown key"])
-
-
-def test_unknown_space_kind(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("grid: [0, 1]", "range: [0, 1]"),
-                          must_contain=["range", "grid"])
-
-
-def test_range_with_grid_search(workdir, capsys):
-    text = GOOD.replace("model.depth: {grid: [0, 1]}", "train.lr: {uniform: [0.001, 0.01]}")
-    assert_one_line_error(workdir, capsys, text, must_contain=["space.train.lr", "random or optuna"])
-
-
-def test_metric_not_reported(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("metric: val_acc", "metric: val_accuracy"),
-                          must_contain=["metric", "val_accuracy", "not reported"])
-
-
-def test_layer_metric_beyond_depth(workdir, capsys):
-    # depth is at most 1 -> capsule layers l0..l2; l3 is never reported
-    assert_one_line_error(workdir, capsys, GOOD.replace("metric: val_acc", "metric: grad_norm/l3"),
-                          must_contain=["grad_norm/l3"])
-
-
-def test_bad_mode(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("mode: max", "mode: maximise"), must_contain=["mode"])
-
-
-def test_several_objectives_need_optuna(workdir, capsys):
-    text = GOOD.replace("metric: val_acc", "metric: [val_acc, grad_ratio]").replace("mode: max", "mode: [max, max]")
-    assert_one_line_error(workdir, capsys, text, must_contain=["optuna"])
-
-
-def test_unknown_routing(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD, overrides=["base.model.routing=magic"],
-                          must_contain=["model.routing", "dynamic"])
-
-
-def test_unknown_dataset(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("name: digits", "name: imagenet"),
-                          must_contain=["data.name", "imagenet"])
-
-
-def test_bad_seeds(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("seeds: [0, 1]", "seeds: []"), must_contain=["seeds"])
-
-
-def test_name_cannot_escape_storage(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD.replace("name: t", "name: ../../etc"), must_contain=["name"])
-
-
-def test_fractional_gpu_above_one(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD + "resources: {gpu: 1.5}\n", must_contain=["resources.gpu"])
-
-
-def test_override_not_key_value(workdir, capsys):
-    assert_one_line_error(workdir, capsys, GOOD, overrides=["oops"], must_contain=["key=value"])
-
-
 def test_missing_spec_file(workdir, capsys):
     code, err = run_cli(["run", "no_such_spec"], capsys)
     assert code == 2 and "no_such_spec" in err and len(err.splitlines()) == 1
-
-
-def test_yaml_that_is_not_yaml(workdir, capsys):
-    assert_one_line_error(workdir, capsys, "name: [unclosed\n", must_contain=["YAML"])
 
 
 def test_unsafe_yaml_tags_are_refused(workdir, capsys):
@@ -218,9 +155,3 @@ def test_train_command_bad_values(workdir, capsys):
 def test_train_kernel_does_not_fit_input(workdir, capsys):
     code, err = run_cli(["train", "model.preset=tiny", "data.name=digits", "model.conv_kernel=9"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "model." in err, err
-
-
-def test_sweep_whose_network_does_not_fit_the_input(workdir, capsys):
-    # digits are 8x8: a 9x9 primary kernel leaves no position; caught before Ray, naming the field
-    text = GOOD.replace("model.depth: {grid: [0, 1]}", "model.primary_kernel: {grid: [3, 9]}")
-    assert_one_line_error(workdir, capsys, text, must_contain=["model.", "digits", "primary_kernel=9"])
