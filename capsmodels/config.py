@@ -1,9 +1,9 @@
 """Typed configuration of one training run: model, data and training sections.
 
 The same schema is used by `capsweep train CONFIG.yaml` and as the base of every sweep trial, so a
-trial's resolved config can be replayed with `capsweep train` unchanged. Plain dataclasses (no
-OmegaConf here: `capsmodels` stays free of the sweep stack); `sweeps` wraps them in OmegaConf
-structured configs for merging and type checking.
+trial's resolved config can be replayed with `capsweep train` unchanged. Plain dataclasses (OmegaConf
+is imported only inside `load`, which reads a YAML file and dotted overrides: `capsmodels` stays free
+of the sweep stack at import).
 
 Presets (timm style) are partial dicts applied on top of the dataclass defaults and below the
 user's file, so `model.preset: sabour` gives Sabour's network and any key in the file still wins.
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from capsmodels.catalogue import DATASETS  # noqa: F401 - re-exported: the allowed data.name values
 from capsmodels.presets import PRESETS
@@ -177,6 +179,33 @@ def _merge(base: dict, over: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def load(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The RunConfig of a YAML file (or none: the defaults) with dotted `key=value` overrides on top,
+    as `capsweep train CONFIG.yaml model.depth=2` reads it: defaults <- preset <- file <- overrides.
+
+    The file and the override values are read by OmegaConf, as the sweep specs are (YAML values,
+    `${...}` interpolation, safe loading: a python tag is an error, never executed); imported here
+    only, so importing this module stays free of it. Every problem is a one-line ConfigError.
+    """
+    from omegaconf import OmegaConf
+    raw: Any = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: {path} is not a file")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(p), resolve=True) or {}
+        except Exception as e:  # noqa: BLE001 - YAML errors of every kind
+            raise ConfigError(f"config {p}: cannot be read as YAML: {' '.join(str(e).split())[:200]}")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {p}: must be a mapping with model/data/train sections")
+    try:
+        cli = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))) if overrides else {}
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"override: {' '.join(str(e).split())[:200]}; write key=value")
+    return from_dict(_merge(raw, cli))
 
 
 def from_dict(raw: dict) -> RunConfig:

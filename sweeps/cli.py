@@ -31,29 +31,12 @@ def _input_errors():
 
 # ---- train --------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
     from capsmodels import config as runcfg
     if args.config and "=" in args.config and not Path(args.config).is_file():
         args.overrides = [args.config, *args.overrides]     # `capsweep train key=value ...`
         args.config = None
     try:
-        raw = {}
-        if args.config:
-            p = Path(args.config)
-            if not p.is_file():
-                raise runcfg.ConfigError(f"config: {args.config} is not a file")
-            try:
-                raw = OmegaConf.to_container(OmegaConf.load(p), resolve=True) or {}
-            except Exception as e:  # noqa: BLE001 - YAML errors of every kind
-                raise runcfg.ConfigError(f"config {p}: cannot be read as YAML: {' '.join(str(e).split())[:200]}")
-            if not isinstance(raw, dict):
-                raise runcfg.ConfigError(f"config {p}: must be a mapping with model/data/train sections")
-        try:
-            cli = OmegaConf.to_container(OmegaConf.from_dotlist(args.overrides)) if args.overrides else {}
-        except Exception as e:  # noqa: BLE001
-            raise runcfg.ConfigError(f"override: {' '.join(str(e).split())[:200]}; write key=value")
-        from capsmodels.config import _merge
-        cfg = runcfg.from_dict(_merge(raw, cli))
+        cfg = runcfg.load(args.config, args.overrides)
         cfg.train.progress = not args.quiet
         from capsmodels import train
         splits, model, device = train.prepare(cfg)       # data and shape errors before training

@@ -242,3 +242,34 @@ def test_config_import_stays_below_the_models():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "False ('dynamic', 'em', 'uniform')"
+
+
+def test_config_load_layers_defaults_preset_file_and_overrides(tmp_path):
+    from capsmodels.config import load
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: sabour\n  depth: 1\n  num_caps: ${model.depth}\n"
+                    "train:\n  epochs: 5\n")
+    cfg = load(path, ["model.depth=2", "model.conv_channels=[32, 64]", "data.name=digits"])
+    assert (cfg.model.depth, cfg.model.conv_channels, cfg.train.epochs) == (2, [32, 64], 5)
+    assert cfg.model.primary_channels == PRESETS["sabour"]["primary_channels"] == 32   # the preset
+    assert cfg.model.num_caps == 1                  # interpolated in the file, before the overrides
+    assert cfg.data.name == "digits" and cfg.train.lr == RunConfig().train.lr       # a default
+    assert load(None, ["model.preset=tiny"]).model == model_cfg("tiny")
+    assert load() == from_dict({})
+
+
+@pytest.mark.parametrize("text, overrides, needle", [
+    (None, [], "is not a file"),
+    ("model: [unclosed\n", [], "cannot be read as YAML"),
+    ("- a list\n", [], "must be a mapping"),
+    ("model: {}\n", ["model.depth=[1"], "override:"),
+    ("model: {}\n", ["model.depth=-1"], "model.depth: -1 is not allowed"),
+])
+def test_config_load_errors_are_one_line(tmp_path, text, overrides, needle):
+    from capsmodels.config import load
+    path = tmp_path / "run.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(path, overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
