@@ -11,8 +11,8 @@ and imports count on both sides as a user would see them:
 
 1. loop: the N configs one after another with `capsmodels.train.fit` (dataset loaded once);
 2. sweep c: the same N trials as a real `capsweep run` (the CLI's own `main`, in its own process) with
-   max_concurrent=c, resources.cpu=1, references and controls off (the same N trials), a local Ray with num_cpus=c, and a fresh sqlite MLflow store and Ray
-   storage folder in the work folder;
+   max_concurrent=c, resources.cpu=1, references and controls off (the same N trials, nothing added),
+   a local Ray with num_cpus=c, and a fresh sqlite MLflow store and Ray storage folder in the work folder;
 3. loop x c (each c > 1): the loop on a pool of c plain processes, the speed-up the machine allows at all;
 4. --reuse-actors: sweep 1 again with `reuse_actors: true` in its spec (one warm worker runs trial
    after trial);
@@ -23,10 +23,10 @@ trials/hour and the speed-up of c concurrent trials over one. Below it each swee
 apart: outside Tuner.fit by wrapping the runner's own functions (spec, checks, data, MLflow setup, Ray
 start, Tune set-up, Ray shutdown) and timing the interpreter's exit; inside Tuner.fit from each trial's
 MLflow run, read through MlflowClient (opened when Tune starts the trial, closed when it completes;
-the per-epoch `time_s` history), and Ray's result.json (time inside the trainable). The summary turns that into per-trial overhead (trial span + gap to the next,
-less the loop's fit) and a fixed cost per sweep, which is what extrapolates to other N and S.
-A trial's per-epoch state save (the state dict `fit` hands over, `sweeps.trainable.save_state`) is
-also timed alone.
+the per-epoch `time_s` history), and Ray's result.json (time inside the trainable). The summary turns
+that into per-trial overhead (trial span + gap to the next, less the loop's fit) and a fixed cost per
+sweep, which is what extrapolates to other N and S. A trial's per-epoch state save (the state `fit`
+hands its `checkpoint` callback, written by `sweeps.trainable.save_state`) is also timed alone.
 
 CPU time is reported beside wall time because on a shared machine wall time partly measures the other
 tenants: loops are exact (RUSAGE_CHILDREN), sweeps are sampled from /proc over the whole process tree

@@ -8,6 +8,7 @@ entry script register `exit_marks_last` before any of them.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -85,8 +86,8 @@ PHASES = (("sweeps.spec", "load_spec", "spec"), ("sweeps.runner", "preflight", "
 
 
 def _record_kind(rec: Any) -> str:
-    """A logger write's kind: the first item of a positional record, else the record's type name."""
-    return str(rec[0]) if isinstance(rec, (list, tuple)) else type(rec).__name__
+    """A logger write's kind, from its record's type: ParentEnd -> parent_end."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(rec).__name__).lower()
 
 
 class PhaseTimer:
@@ -103,13 +104,13 @@ class PhaseTimer:
 
     def wrap(self, module: str, dotted: str, phase: Callable[..., str] | str) -> None:
         import importlib
-        owner: Any = importlib.import_module(module)
         *path, attr = dotted.split(".")
         try:
+            owner: Any = importlib.import_module(module)
             for part in path:
                 owner = getattr(owner, part)
             orig = getattr(owner, attr)
-        except AttributeError:
+        except (ImportError, AttributeError):
             self.untimed.append(f"{module}.{dotted}")
             return
         key_of = phase if callable(phase) else (lambda *a, **k: phase)

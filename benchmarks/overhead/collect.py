@@ -1,17 +1,17 @@
 """Per-trial figures after a sweep child has exited: each source for what only it records.
 
 Ray's result.json: the time inside the trainable per epoch (`time_this_iter_s`, `time_total_s`) and
-the worker's pid; the MLflow logger drops Tune's own timers. MLflow, through its client: when the
-driver opened and closed each trial's run (its start and end time) and the training-loop time the
-trial reported per epoch (the `time_s` metric history), joined to Ray's trials by trial id.
+the worker's pid; the MLflow logger drops Tune's own timers. MLflow, through its client (`search_runs`
+page by page, `get_metric_history`): when the driver opened and closed each trial's run (its start and
+end time) and the training-loop time the trial reported per epoch (the `time_s` history), joined to
+Ray's trials by trial id.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-ROLE_TAG, TRIAL_TAG = "capsweep.role", "capsweep.trial_id"   # as the sweep's logger writes them
-MAX_TRIALS = 1000          # one page of search_runs holds every trial of a benchmark sweep
+from capsmodels.contract import RUN_TRIAL, TAG_ROLE, TAG_TRIAL
 
 
 def ray_trials(storage: Path) -> dict[str, dict]:
@@ -30,18 +30,19 @@ def ray_trials(storage: Path) -> dict[str, dict]:
 def mlflow_trials(tracking_uri: str, experiment: str) -> list[dict]:
     """Each trial run, by start time: trial id, start and end (epoch seconds), `time_s` per epoch."""
     from mlflow.tracking import MlflowClient
+
+    from analysis.mlflowio import search_all
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'",
-                              max_results=MAX_TRIALS, order_by=["attributes.start_time ASC"])
+    runs = search_all(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = '{RUN_TRIAL}'")
     out = []
-    for run in runs:
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         if not (run.info.start_time and run.info.end_time):
             continue
         history = sorted(client.get_metric_history(run.info.run_id, "time_s"), key=lambda m: m.step)
-        out.append({"trial": run.data.tags.get(TRIAL_TAG), "start": run.info.start_time / 1000,
+        out.append({"trial": run.data.tags.get(TAG_TRIAL), "start": run.info.start_time / 1000,
                     "end": run.info.end_time / 1000, "time_s": [m.value for m in history]})
     return out
 

@@ -1,9 +1,9 @@
 """What one epoch's state save costs in a trial, measured outside Tune through the public path.
 
-The state is the one `fit` hands to its caller after an epoch (model, Adam moments, scheduler, RNG,
-metrics), captured from a one-epoch `fit` of the trial's own config cut to a few steps (the size of
-the state does not depend on how much data the epoch saw), and written by the trainable's own
-`sweeps.trainable.save_state`, as a trial does after every epoch.
+The state is the one `fit` hands to its `checkpoint` callback after an epoch (model, Adam moments,
+scheduler, RNG, metrics), captured from a one-epoch `fit` of the trial's own config cut to a few steps
+(the size of the state does not depend on how much data the epoch saw), and written by the trainable's
+own `sweeps.trainable.save_state`, as a trial does after every epoch.
 """
 from __future__ import annotations
 
