@@ -20,13 +20,13 @@ from tests.sweep_helpers import (background_sweep, capsweep_cmd, children, env_f
 
 
 # (trial.role, model.arch, model.depth) of the finished sweep's trials, each once per seed
-ROLES = [("candidate", "capsnet", "1"), ("control", "cnn", "1"), ("reference", "capsnet", "0")]
+ROLES = [("candidate", "capsnet", "1"), ("control", "cnn", "0"), ("control", "cnn", "1"), ("reference", "capsnet", "0")]
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
-    """One real sweep (depth 1 x 2 seeds x 2 epochs, + a depth-0 reference and a depth-1 cnn control
-    per seed), run as a user runs it, reused by the checks."""
+    """One real sweep (depth 1 x 2 seeds x 2 epochs, + a depth-0 reference and cnn controls at depth 0
+    (their own reference) and 1 per seed), run as a user runs it, reused by the checks."""
     work = tmp_path_factory.mktemp("sweep")
     spec = write_spec(work / "tiny.yaml", "tiny", "model.depth: {grid: [1]}", extras=True)
     proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "2"), work, env_for_subprocess())
@@ -38,15 +38,15 @@ def finished_sweep(tmp_path_factory):
 def test_sweep_logs_one_child_run_per_trial(finished_sweep):
     work, client, proc = finished_sweep
     assert "capsweep report --experiment capsweep --sweep tiny" in proc.stdout
-    assert "6 trials (2 candidates, 2 references, 2 controls)" in proc.stdout
+    assert "8 trials (2 candidates, 2 references, 4 controls)" in proc.stdout
     (parent,) = parents(client)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["capsweep.sweep"] == "tiny"
-    assert parent.data.metrics["trials_finished"] == 6
+    assert parent.data.metrics["trials_finished"] == 8
     assert (parent.data.params["sweep.candidates"], parent.data.params["sweep.references"],
-            parent.data.params["sweep.controls"]) == ("2", "2", "2")
+            parent.data.params["sweep.controls"]) == ("2", "2", "4")
     kids = children(client)
-    assert len(kids) == 6
+    assert len(kids) == 8
     combos = sorted((r.data.params["trial.role"], r.data.params["model.arch"], r.data.params["model.depth"],
                      r.data.params["train.seed"]) for r in kids)
     assert combos == [(*role, seed) for role in ROLES for seed in ("0", "1")]
@@ -112,7 +112,7 @@ def test_same_name_is_refused(finished_sweep):
     proc = run(capsweep_cmd("run", str(work / "tiny.yaml")), work, env_for_subprocess(), timeout=120)
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and "--resume" in proc.stderr
-    assert len(children(client)) == 6 and len(parents(client)) == 1
+    assert len(children(client)) == 8 and len(parents(client)) == 1
 
 
 def test_driver_killed_then_resumed(tmp_path):
@@ -138,9 +138,9 @@ def test_driver_killed_then_resumed(tmp_path):
     proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "1", "--resume"), tmp_path, env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = children(client, sweep="res")
-    assert len(after) == 3
-    assert len({r.data.tags["capsweep.trial_id"] for r in after}) == 3
-    assert sorted(r.data.params["trial.role"] for r in after) == ["candidate", "control", "reference"]
+    assert len(after) == 4
+    assert len({r.data.tags["capsweep.trial_id"] for r in after}) == 4
+    assert sorted(r.data.params["trial.role"] for r in after) == ["candidate", "control", "control", "reference"]
     (parent_after,) = parents(client)
     assert parent_after.info.run_id == parent_before.info.run_id
     assert parent_after.info.status == "FINISHED"
