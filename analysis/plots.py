@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from analysis.stats import t_interval
 from analysis.verdict import factor_kind, short_names
+from capsmodels.contract import CANDIDATE
 
 DPI = 100
 MAX_PANELS = 24
@@ -267,7 +268,7 @@ def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, ou
     if escaped:
         chosen, which = escaped[:6], "escaping configurations"
     else:
-        pool = [c for c in verdict["configurations"] if c["role"] == "candidate"] or verdict["configurations"]
+        pool = [c for c in verdict["configurations"] if c["role"] == CANDIDATE] or verdict["configurations"]
         pool = [c for c in pool if c["figures"]["test_acc"]["mean"] is not None]
         chosen = sorted(pool, key=lambda c: -c["figures"]["test_acc"]["mean"])[:3]
         which = "most accurate candidates (none escaped)"

@@ -18,6 +18,7 @@ from typing import Optional
 
 from analysis import plots
 from analysis.verdict import annotate, verdict_json
+from capsmodels.contract import CANDIDATE, CONTROL, REFERENCE
 
 # (figure key, column title, check whose outcome colours the cell, null figure)
 COLUMNS = [
@@ -44,7 +45,7 @@ THRESHOLD_TEXT = [
     ("chance_accuracy_floor", "so test accuracy shown at least"),
     ("dead_tau", "a capsule is dead when its largest activation is below tau ="),
 ]
-_ROLE_ORDER = {"candidate": 0, "control": 1, "reference": 2}
+_ROLE_ORDER = {CANDIDATE: 0, CONTROL: 1, REFERENCE: 2}
 _VERDICT_ORDER = {"escaped": 0, "passes": 0, "undecided": 1, "not escaped": 2, "fails": 2}
 _OUTCOME_CLASS = {"pass": "ok", "fail": "bad", "inconclusive": "unk"}
 _ANSWER_CLASS = {"yes": "yes", "no": "no", "undecided": "und"}
@@ -201,7 +202,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
     for cfg in _sorted_configs(verdict):
         total = sum(cfg["statuses"].values())
         vcls = _OUTCOME_CLASS.get(cfg["outcome"], "")
-        role = "" if cfg["role"] == "candidate" else f"{cfg['role']}: " if cfg["role"] == "control" else ""
+        role = f"{cfg['role']}: " if cfg["role"] == CONTROL else ""
         cells = []
         for key, _, check, null in COLUMNS:
             chk = _check_of(cfg, check)
@@ -210,7 +211,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
             cells.append(f"<td class='{cls}'><span class='m'>{_t(value)}</span>"
                          + (f"<br><span class='ci'>{_t(ci).replace(', ', ',<wbr> ')}</span>" if ci else "")
                          + (f"<br><span class='ci'>{_t(null_text)}</span>" if null_text else "") + "</td>")
-        row_cls = "reference" if cfg["role"] == "reference" else "main"
+        row_cls = "reference" if cfg["role"] == REFERENCE else "main"
         parts.append(f"<tr class='{row_cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td>"
                      f"<td class='v {vcls}'>{_t(role + cfg['verdict'])}</td>"
                      f"<td class='num'>{cfg['n_seeds']}/{total}</td>{''.join(cells)}</tr>")
@@ -335,7 +336,7 @@ def render_markdown(verdict: dict, figures: list[dict]) -> str:
             "|" + "---|" * (4 + len(COLUMNS))]
     for cfg in _sorted_configs(verdict):
         v = f"**{cfg['verdict']}**" if cfg["escaped"] else cfg["verdict"]
-        if cfg["role"] == "control":
+        if cfg["role"] == CONTROL:
             v = f"control: {v}"
         out.append(f"| {cfg['id']} | {_md(cfg['label'])} | {v} | {cfg['n_seeds']}/{sum(cfg['statuses'].values())} | "
                    + " | ".join(_md(_md_cell(*_cell(cfg, key, null))) for key, _, _, null in COLUMNS) + " |")
