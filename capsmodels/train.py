@@ -23,6 +23,7 @@ import torch
 from capsmodels import config as cfgmod
 from capsmodels import init, losses, networks, probes
 from capsmodels.augment import shift_augment
+from capsmodels.contract import DIVERGED, FINISHED, RUNNING
 from capsmodels.datasets import RawData, load_raw
 from capsmodels.splits import Splits, make_splits
 
@@ -195,7 +196,7 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         metrics["images_per_s"] = seen / train_time if train_time > 0 else 0.0
         metrics["peak_mem_mb"] = peak_memory_mb(device)
         metrics["time_s"] = train_time
-        metrics["status"] = "diverged" if diverged else ("finished" if epoch == t.epochs - 1 else "running")
+        metrics["status"] = DIVERGED if diverged else (FINISHED if epoch == t.epochs - 1 else RUNNING)
         _end_epoch(report, checkpoint, metrics, lambda: _state(model, opt, sched, gen, epoch, metrics))
         if diverged:
             break

@@ -25,12 +25,11 @@ from typing import Any, Optional
 import torch
 from ray import tune
 
-from capsmodels import config as runcfg
 from capsmodels.train import fit
 from sweeps.spec import resolve_trial
 
+from capsmodels.contract import ENDED  # a state whose epoch ended the run: nothing left to train
 from capsmodels.contract import INJECT_FAILURE_ENV as FAIL_ENV  # tests: "key=value" makes matching trials raise
-ENDED = ("finished", "diverged")       # a state whose epoch ended the run: nothing left to train
 
 
 def run_trial(config: dict[str, Any], base: dict, raws: Optional[dict] = None, cpus: float = 1.0,
