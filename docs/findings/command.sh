@@ -1,1 +1,6 @@
-PYTHONPATH=/tmp/findings/code /work/main/.venv/bin/python -m sweeps.cli run depth name=depth-cpu base.model.preset=tiny base.data.train_size=10000 base.data.val_size=1000 base.data.test_size=2000 base.train.epochs=5 base.train.batch_size=64 'space.model.depth={grid: [0,1,2,3,4]}' 'space.model.iterations={grid: [1,3]}' 'space.model.init={grid: [std,fan]}' 'seeds=[0,1,2]' resources.cpu=1 resources.gpu=0 --num-cpus 2
+# The findings runs of docs/FINDINGS.md, from the repository root (2 CPU cores; about 1.5 hours together
+# on an otherwise idle machine). The specs are in this folder; the sweeps add their own cnn controls.
+capsweep run docs/findings/findings-depth.yaml --num-cpus 2
+capsweep run docs/findings/findings-bias.yaml --num-cpus 2
+capsweep report --experiment capsweep --sweep findings-depth --out docs/findings/depth
+capsweep report --experiment capsweep --sweep findings-bias --reference findings-depth --out docs/findings/bias
