@@ -68,6 +68,11 @@ class ModelConfig:
     decoder: bool = True              # masked reconstruction decoder 512-1024-pixels
     recon_weight: float = 0.0005
     cnn_width: int = 0                # cnn baseline: hidden width of its dense layer (0 = matched size)
+    residual: bool = False            # skip connections between hidden capsule layers (Gugglberger et al.
+                                      # 2021): layer l's pose + layer l-residual_dist's routed pose
+    residual_dist: int = 2            # distance of a skip (their code's default skip_dist = 2)
+    pose_norm: bool = False           # LayerNorm (no gain/offset) of each capsule's pose before it is passed
+                                      # on to the next capsule layer (primaries and hidden layers)
 
 
 @dataclass
@@ -145,6 +150,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not math.isfinite(m.bias_init):
         raise ConfigError(f"model.bias_init: {m.bias_init!r} is not allowed; must be a finite number")
     _at_least("model.recon_weight", m.recon_weight, 0.0)
+    _at_least("model.residual_dist", m.residual_dist, 1)
+    if m.pose_norm and m.arch == "capsnet" and min(m.primary_dim, m.caps_dim) < 2:
+        raise ConfigError(f"model.pose_norm: true is not allowed with primary_dim {m.primary_dim} and caps_dim "
+                          f"{m.caps_dim}; a pose of 1 entry normalises to 0: use dims >= 2")
     if not (0 < d.train_size <= 1.0 or (d.train_size > 1 and float(d.train_size).is_integer())):
         raise ConfigError(f"data.train_size: {d.train_size!r} is not allowed; "
                           "use a fraction in (0, 1] or a whole count > 1")

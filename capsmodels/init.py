@@ -99,7 +99,9 @@ def data_init(model: torch.nn.Module, x: torch.Tensor, target: float = 1.0, chun
 
     Order: the primary conv (weight and bias together: s is linear in them, so one step is exact),
     then every CapsuleLayer W in turn, its input fixed by the layers below (already set). EM layers
-    have no squash: their "||s||" is the output pose length ||mu_j (+ bias)||. The bias (bias_init)
+    have no squash: their "||s||" is the output pose length ||mu_j (+ bias)|| (self-routing: ||v_j||;
+    attention: the pre-LayerNorm ||s_j||). Each layer's input is what `CapsNet.pass_on` hands it
+    (residual skips and pose_norm included), as in the forward. The bias (bias_init)
     is left as it is. x: (N, C, H, W) on the model's device, run `chunk` images at a time (memory as
     a training batch of that size, without gradients). Returns the mean ||s|| per layer l = 0..L at
     the end, on x.
@@ -117,13 +119,14 @@ def data_init(model: torch.nn.Module, x: torch.Tensor, target: float = 1.0, chun
     _fit(0, [primary.conv.weight, primary.conv.bias], lambda: _mean([s for _, s in primaries()]), target)
     outs = primaries()
     measured = [_mean([s for _, s in outs])]
-    u = torch.cat([o[0] for o in outs])                                # (N, I, d)
-    a = safe_norm(u)                                                    # as CapsNet.forward hands EM
+    routed = [torch.cat([o[0] for o in outs])]                         # (N, I, d) per layer, as forward
+    u, a = model.pass_on(0, routed), safe_norm(routed[0])               # residual / pose_norm as forward
     for l, layer in enumerate(model.caps, start=1):
         def run(layer=layer, u=u, a=a):
             return [layer(u[p], a[p]) for p in parts]
         _fit(l, [layer.W], lambda run=run: _mean([o.s_norm for o in run()]), target)
         outs = run()
         measured.append(_mean([o.s_norm for o in outs]))
-        u, a = torch.cat([o.pose for o in outs]), torch.cat([o.act for o in outs])
+        routed.append(torch.cat([o.pose for o in outs]))
+        u, a = model.pass_on(l, routed), torch.cat([o.act for o in outs])
     return measured

@@ -75,7 +75,8 @@ class CapsuleLayer(nn.Module):
     N(0, (init_scale * fan_std)^2) (see `fan_std`); "data" draws like "std" and is then rescaled on a
     training batch by `capsmodels.init.data_init`. bias (J, d_out) is added to s before the squash
     (Peer et al. 2019); for EM it is added to the output pose. `routing` names a family of
-    `capsmodels.registry`, which may add its own parameters (EM: beta_u, beta_a (J,)).
+    `capsmodels.registry`, which may add its own parameters (EM: beta_u, beta_a (J,); attention:
+    ln_weight, ln_bias (d_out,); self: w_route (I, J, d_out), b_route (I, J); efficient: priors (I, J)).
 
     bias_init: the bias starts at this constant (default 0.1), as in Peer et al.'s code
     (github.com/peerdavid/gamma-capsule-network, capsule/gamma_capsule_layer.py:
@@ -98,7 +99,9 @@ class CapsuleLayer(nn.Module):
         std = init_scale * fan_std(n_in, n_out, d_out, squash_kind) if init == "fan" else init_std
         self.W = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * std)
         self.bias = nn.Parameter(torch.full((n_out, d_out), float(bias_init))) if bias else None
-        for name, param in (family.params(n_out, d_out) if family.params else {}).items():
+        own = dict(family.params(n_out, d_out) if family.params else {})
+        own.update(family.child_params(n_in, n_out, d_out) if family.child_params else {})
+        for name, param in own.items():
             self.register_parameter(name, param)            # the family's own (EM: beta_u, beta_a)
 
     @property
@@ -113,9 +116,11 @@ class CapsuleLayer(nn.Module):
     @property
     def routes(self) -> bool:
         """Whether the couplings can depend on the input: not for a non-adaptive family (uniform) or
-        with 1 iteration (then c = 1/J, or EM's uniform first assignment). The routing probes are n/a
+        an iterative one with 1 iteration (then c = 1/J, or EM's uniform first assignment); a
+        one-pass family (self, efficient) routes at any `iterations`. The routing probes are n/a
         otherwise."""
-        return self.family.adaptive and self.iterations > 1
+        family = self.family
+        return family.adaptive and (self.iterations > 1 or not family.iterative)
 
     def predict(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, I, d_in) -> u_hat (B, I, J, d_out), laid out (B, J, I, d_out) in memory for routing.

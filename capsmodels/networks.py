@@ -2,6 +2,8 @@
 
 CapsNet: stem conv(s) (ReLU) -> PrimaryCaps -> `depth` hidden CapsuleLayers (num_caps x caps_dim)
 -> class capsules (num_classes x out_dim) -> optional masked decoder 512-1024-C*H*W (sigmoid).
+Remedies (`CapsNet.pass_on`): `model.residual` adds skips between hidden layers, `model.pose_norm`
+layer-normalises every pose handed to a next capsule layer.
 Every forward returns a `NetOutput` whose `layers` carry what the probes need (activations, couplings,
 squash gains) as graph-attached tensors; capsule layer l = 0 is the primaries, depth+1 the classes.
 """
@@ -112,6 +114,8 @@ class CapsNet(nn.Module):
                          init=cfg.init, init_std=cfg.init_std, init_scale=cfg.init_scale,
                          bias_init=cfg.bias_init)
             for (n_in, d_in), (n_out, d_out) in zip(sizes[:-1], sizes[1:]))
+        self.depth, self.pose_norm = cfg.depth, cfg.pose_norm
+        self.residual_dist = cfg.residual_dist if cfg.residual else 0
         self.decoder = None
         if cfg.decoder:
             h1, h2 = DECODER_HIDDEN
@@ -122,17 +126,42 @@ class CapsNet(nn.Module):
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> NetOutput:
         u, s_norm = self.primary(self.stem(x))                  # (B, N0, d0), (B, N0)
         a = safe_norm(u)
+        routed = [u]                                            # each layer's own output pose
+        u = self.pass_on(0, routed)
         layers = [LayerTrace(a, None, squash_gain(s_norm), u, s_norm)]
-        for layer in self.caps:
-            out = layer(u, a)                                   # EM uses a; the others ignore it
-            u, a = out.pose, out.act
-            layers.append(LayerTrace(out.act, out.coupling, out.gain, out.pose, out.s_norm, layer.routes))
+        for l, layer in enumerate(self.caps, start=1):
+            out = layer(u, a)                                   # EM and self use a; the others ignore it
+            routed.append(out.pose)
+            u, a = self.pass_on(l, routed), out.act
+            layers.append(LayerTrace(out.act, out.coupling, out.gain, u, out.s_norm, layer.routes))
         recon = None
         if self.decoder is not None:                            # mask all but the true (else best) class
             idx = y if y is not None else a.detach().argmax(1)
             mask = F.one_hot(idx, self.num_classes).to(u.dtype)  # (B, K)
             recon = self.decoder((u * mask.unsqueeze(-1)).flatten(1))
         return NetOutput(scores=a, recon=recon, layers=layers)
+
+    def pass_on(self, l: int, routed: list) -> torch.Tensor:
+        """The pose (B, n_l, d_l) capsule layer l hands to layer l+1, given routed[k] (B, n_k, d_k) the
+        output poses of layers k = 0..l (l0: the squashed primaries).
+
+        residual (Gugglberger, Peer, Rodriguez-Sanchez 2021; github.com/moejoe95/res-capsnet,
+        capsule/capsule_network.py): a hidden layer l whose layer l - residual_dist is hidden too (the
+        same shape) adds that layer's own output pose, before its skip (their `capsule_outputs`), with
+        no squash after the sum (theirs is commented out). pose_norm: then LayerNorm over each capsule's
+        d_l entries, no gain or offset. The class layer (l = depth + 1) is never changed: its poses'
+        lengths are the scores. Activations are not changed either (a_j stays the layer's own).
+        Without remedies this returns routed[l] itself.
+        """
+        pose = routed[l]
+        if l > self.depth:
+            return pose
+        dist = self.residual_dist
+        if dist and l - dist >= 1:
+            pose = pose + routed[l - dist]
+        if self.pose_norm:
+            pose = F.layer_norm(pose, pose.shape[-1:])
+        return pose
 
     def layer_weights(self) -> list:
         """W_l per capsule layer: l = 0 the PrimaryCaps conv weight, l >= 1 the transformations W."""

@@ -24,7 +24,7 @@ none of them changes when a family is added:
 Import order (why this module is dependency-free): `capsmodels.config` is the bottom of the chain
 config <- functional <- routing <- layers <- networks and must not import torch, yet its validation
 needs the family names. So the registry lives here, standard library only; the built-in families
-(`capsmodels.routing.dynamic`, `.em`, `.uniform`) register themselves when the package
+(`capsmodels.routing.dynamic`, `.em`, `.uniform`, `.attention`, `.selfrouting`, `.efficient`) register themselves when the package
 `capsmodels.routing` is imported (by `capsmodels.layers` at import time), and every lookup here imports
 that package first (`_builtins`), so asking for the names from the config alone also finds them. The
 import happens on the first lookup, not when config is imported: `import capsmodels.config` stays free
@@ -65,6 +65,12 @@ class RoutingFamily:
               whose family is not adaptive, or that routes with 1 iteration (docs/PROBES.md).
     params:   (n_out, d_out) -> {name: nn.Parameter} extra learned parameters the layer registers
               under these names, in this order (EM's beta_u, beta_a); None: none.
+    child_params: (n_in, n_out, d_out) -> {name: nn.Parameter}, the same for parameters that have
+              one entry per child (self-routing's routing weights, Efficient-CapsNet's priors).
+    iterative: whether the couplings come from routing iterations that start uniform, so that 1
+              iteration means c = 1/J (dynamic, attention, EM). False for a family that computes
+              input-dependent couplings in one pass (self, efficient): its routing probes apply at
+              any `iterations`, which it ignores.
     shortcut: (u (B, I, d_in), layer, opts) -> Routed computed without materialising u_hat, used by
               the layer's forward when given (uniform: one matmul); `route` stays the definition (and
               what the routing null re-routes), and the tests check the two agree.
@@ -76,20 +82,24 @@ class RoutingFamily:
     params: Optional[Callable[[int, int], dict]] = None
     shortcut: Optional[Callable[[Any, Any, RouteOptions], Routed]] = None
     doc: str = ""
+    child_params: Optional[Callable[[int, int, int], dict]] = None
+    iterative: bool = True
 
 
 _FAMILIES: dict[str, RoutingFamily] = {}
 
 
 def register_routing(name: str, *, adaptive: bool = True, params: Optional[Callable] = None,
-                     shortcut: Optional[Callable] = None, doc: str = "") -> Callable[[RouteFn], RouteFn]:
+                     shortcut: Optional[Callable] = None, doc: str = "",
+                     child_params: Optional[Callable] = None,
+                     iterative: bool = True) -> Callable[[RouteFn], RouteFn]:
     """Decorator: register `route` under `name`. Registering a name twice is an error (two modules
     claiming one name would make a config mean whichever was imported last)."""
     def deco(route: RouteFn) -> RouteFn:
         if name in _FAMILIES and _FAMILIES[name].route is not route:
             raise ValueError(f"routing family {name!r} is already registered "
                              f"(by {_FAMILIES[name].route.__module__})")
-        _FAMILIES[name] = RoutingFamily(name, route, adaptive, params, shortcut, doc)
+        _FAMILIES[name] = RoutingFamily(name, route, adaptive, params, shortcut, doc, child_params, iterative)
         return route
     return deco
 
@@ -100,7 +110,7 @@ def unregister_routing(name: str) -> None:
 
 
 def _builtins() -> None:
-    importlib.import_module("capsmodels.routing")    # registers dynamic, em, uniform (once)
+    importlib.import_module("capsmodels.routing")    # registers the built-in families (once)
 
 
 def routing_names() -> tuple[str, ...]:
