@@ -1,0 +1,370 @@
+"""Read sweeps back from an MLflow store: `capsweep ls`, `status`, `export`, `compare`, and the best
+configuration(s) the runner logs on a sweep's parent run at its end.
+
+Everything here reads what the runner wrote (tags and params of capsmodels/contract.py; the parent's
+`sweep.*` params, sweeps/runner.py `create_parent`; `report/verdict.json` after `capsweep report`),
+so it works the same on a local SQLite store and on a cluster's MLflow server while a submitted
+sweep runs. No Ray, no torch: these commands answer in seconds.
+
+A configuration is a candidate trial's values of the sweep's space keys (`sweep.space`); its score
+for objective m is the mean over its seeds of each trial's last logged m, the number Optuna was told
+(sweeps/search.py, SeedRepeater). Several objectives: the Pareto set of those means.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+from capsmodels.contract import (CANDIDATE, FAILED, FINISHED, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUN_TRIAL,
+                                 RUNNING, STATUSES, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
+                                 TAG_TRIAL)
+
+BEST_FILE = "best.json"
+BEST_TAG = "capsweep.best"          # capsweep.best.<space key> = value (single objective only)
+VERDICT_PATH = "report/verdict.json"
+STATES = ("running", FINISHED, FAILED, INTERRUPTED)
+KEY_PROBES = ("test_acc", "grad_ratio", "act_grad_min", "starved_worst", "dead_worst")
+
+
+class InspectError(ValueError):
+    """Bad input (no store, no such sweep or experiment): one line naming it; exit 2."""
+
+
+@dataclass
+class Sweep:
+    name: str
+    experiment: str
+    experiment_id: str
+    parent: Any                                         # the MLflow parent run
+    trials: list = field(default_factory=list)          # rows of trial_rows()
+
+    @property
+    def params(self) -> dict:
+        return self.parent.data.params
+
+    @property
+    def space(self) -> list[str]:
+        return [k for k in self.params.get("sweep.space", "").split(",") if k]
+
+    @property
+    def objectives(self) -> tuple[list[str], list[str]]:
+        metrics = [m for m in self.params.get("sweep.metric", "").split(",") if m]
+        modes = [m for m in self.params.get("sweep.mode", "").split(",") if m]
+        return metrics, modes
+
+    @property
+    def expected(self) -> Optional[int]:
+        v = self.params.get("sweep.trials")
+        return int(v) if v and v.isdigit() else None
+
+
+# ---- store access ---------------------------------------------------------------------------------
+def open_client(uri: str):
+    """An MlflowClient on an existing store (created/migrated under its lock, sweeps/store_init.py);
+    a SQLite file that does not exist is bad input, not a new empty store."""
+    from sweeps.store_init import StoreInitError, init_store
+    try:
+        if not init_store(uri, create=False):
+            raise InspectError(f"--tracking-uri: no MLflow store at {uri} (run a sweep first, or pass --tracking-uri)")
+    except StoreInitError as e:
+        raise InspectError(str(e)) from None
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(uri)
+
+
+def _experiments(client, experiment: Optional[str]) -> list:
+    if experiment is None:
+        return client.search_experiments()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments())
+        raise InspectError(f"--experiment: {experiment!r} not found; experiments there: {', '.join(names) or '(none)'}")
+    return [exp]
+
+
+def sweeps(client, experiment: Optional[str] = None) -> list[Sweep]:
+    """Every sweep (parent run) of the experiment (None: of every experiment), oldest first."""
+    from analysis.mlflowio import search_all
+    out = []
+    for exp in _experiments(client, experiment):
+        for run in search_all(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = '{RUN_PARENT}'"):
+            name = run.data.tags.get(TAG_SWEEP) or run.info.run_name
+            out.append(Sweep(name, exp.name, exp.experiment_id, run))
+    return sorted(out, key=lambda s: s.parent.info.start_time or 0)
+
+
+def find_sweep(client, name: str, experiment: str) -> Sweep:
+    found = [s for s in sweeps(client, experiment) if s.name == name]
+    if not found:
+        names = sorted({s.name for s in sweeps(client, experiment)})
+        raise InspectError(f"sweep: {name!r} not found in experiment {experiment!r}; sweeps there: "
+                           f"{', '.join(names) or '(none)'}")
+    sweep = found[-1]              # the most recent parent of that name, as `capsweep report` does
+    sweep.trials = trial_rows(client, sweep)
+    return sweep
+
+
+def trial_rows(client, sweep: Sweep) -> list[dict]:
+    """One dict per trial run: run_id, trial_id, status, role, seed, params (every logged param,
+    the flattened trial config) and metrics (each metric's last logged value)."""
+    from analysis.mlflowio import search_all
+    runs = search_all(client, sweep.experiment_id,
+                      f"tags.`{TAG_PARENT}` = '{sweep.parent.info.run_id}' and tags.`{TAG_ROLE}` = '{RUN_TRIAL}'")
+    rows = []
+    for r in runs:
+        tags = r.data.tags
+        rows.append({"run_id": r.info.run_id, "trial_id": tags.get(TAG_TRIAL, ""),
+                     "status": tags.get(TAG_STATUS, RUNNING), "role": r.data.params.get(ROLE_KEY, CANDIDATE),
+                     "seed": tags.get(TAG_SEED, ""), "params": dict(r.data.params),
+                     "metrics": dict(r.data.metrics)})
+    return sorted(rows, key=lambda row: row["trial_id"])
+
+
+def state(sweep: Sweep) -> str:
+    """running / finished / failed / interrupted. A driver killed without warning leaves its sweep
+    `running` until `--resume` ends it: the store cannot tell the two apart."""
+    tag = sweep.parent.data.tags.get(TAG_STATUS, RUNNING)
+    if sweep.parent.info.status == "FAILED":
+        return FAILED
+    return tag if tag in STATES else RUNNING
+
+
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    counts = {s: 0 for s in STATUSES}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def logged_verdict(client, sweep: Sweep) -> Optional[dict]:
+    """The verdict.json `capsweep report` logged on the parent run, or None."""
+    try:
+        names = [a.path for a in client.list_artifacts(sweep.parent.info.run_id, "report")]
+    except Exception:  # noqa: BLE001 - an artifact store that is not reachable: no verdict to show
+        return None
+    if VERDICT_PATH not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(sweep.parent.info.run_id, VERDICT_PATH, tmp)
+        return json.loads(Path(path).read_text())
+
+
+# ---- best configurations --------------------------------------------------------------------------
+def pareto_mask(values: list[list[float]], modes: list[str]) -> list[bool]:
+    """True for the rows no other row dominates (at least as good in every objective, better in one).
+    values: (n, k) with NaN allowed (a NaN row is never on the front)."""
+    import numpy as np
+    v = np.asarray(values, dtype=float).reshape(len(values), len(modes))
+    v = v * np.array([1.0 if m == "max" else -1.0 for m in modes])      # all maximised
+    ok = ~np.isnan(v).any(axis=1)
+    # dominated[i, j]: row j dominates row i, all pairs at once: (n, n, k) comparisons
+    ge = (v[None, :, :] >= v[:, None, :]).all(axis=2)
+    gt = (v[None, :, :] > v[:, None, :]).any(axis=2)
+    dominated = (ge & gt & ok[None, :]).any(axis=1)
+    return list(ok & ~dominated)
+
+
+def configurations(rows: list[dict], keys: list[str], metrics: list[str]) -> list[dict]:
+    """Candidate configurations with their seed means over finished trials:
+    [{params: {key: value}, seeds: [...], values: {metric: mean}, run_ids: [...]}]."""
+    groups: dict[tuple, dict] = {}
+    for row in rows:
+        if row["role"] != CANDIDATE or row["status"] != FINISHED:
+            continue
+        params = {k: row["params"].get(k) for k in keys}
+        g = groups.setdefault(tuple(params.items()), {"params": params, "seeds": [], "run_ids": [],
+                                                      "scores": {m: [] for m in metrics}})
+        g["seeds"].append(row["seed"])
+        g["run_ids"].append(row["run_id"])
+        for m in metrics:
+            x = row["metrics"].get(m)
+            if x is not None and math.isfinite(x):
+                g["scores"][m].append(float(x))
+    out = []
+    for g in groups.values():
+        values = {m: (sum(s) / len(s) if s else math.nan) for m, s in g.pop("scores").items()}
+        out.append({**g, "values": values})
+    return out
+
+
+def best_configurations(rows: list[dict], keys: list[str], metrics: list[str], modes: list[str]) -> list[dict]:
+    """One objective: the configuration with the best seed mean (ties: the first). Several: the
+    Pareto set of the seed means, sorted by the first objective."""
+    configs = [c for c in configurations(rows, keys, metrics) if all(math.isfinite(c["values"][m]) for m in metrics)]
+    if not configs:
+        return []
+    if len(metrics) == 1:
+        sign = 1.0 if modes[0] == "max" else -1.0
+        return [max(configs, key=lambda c: sign * c["values"][metrics[0]])]
+    keep = pareto_mask([[c["values"][m] for m in metrics] for c in configs], modes)
+    front = [c for c, k in zip(configs, keep) if k]
+    return sorted(front, key=lambda c: c["values"][metrics[0]], reverse=modes[0] == "max")
+
+
+def log_best(client, parent_id: str, keys: list[str], metrics: list[str], modes: list[str]) -> list[dict]:
+    """Compute the best configuration(s) of a finished sweep and log them on its parent run:
+    `best.json` ({objectives, modes, best: [...]}), metrics `best.<metric>` and, for one objective,
+    tags `capsweep.best.<key>` (tags: a resumed sweep may log them again)."""
+    import time
+    from mlflow.entities import Metric, RunTag
+    parent = client.get_run(parent_id)
+    sweep = Sweep(parent.data.tags.get(TAG_SWEEP, ""), "", parent.info.experiment_id, parent)
+    sweep.trials = trial_rows(client, sweep)
+    best = best_configurations(sweep.trials, keys, metrics, modes)
+    doc = {"objectives": metrics, "modes": modes, "kind": "best" if len(metrics) == 1 else "pareto",
+           "best": best}
+    client.log_text(parent_id, json.dumps(doc, indent=2, default=str), BEST_FILE)
+    now = int(time.time() * 1000)
+    if best:
+        tags = [RunTag(f"{BEST_TAG}.{k}", str(v)) for k, v in best[0]["params"].items()] if len(best) == 1 else []
+        tags.append(RunTag(f"{BEST_TAG}.count", str(len(best))))
+        ms = [Metric(f"best.{m}", best[0]["values"][m], now, 0) for m in metrics] if len(best) == 1 else []
+        client.log_batch(parent_id, metrics=ms, tags=tags)
+    return best
+
+
+# ---- the commands' bodies -------------------------------------------------------------------------
+def ls_lines(client, experiment: Optional[str]) -> list[str]:
+    found = sweeps(client, experiment)
+    if not found:
+        return ["no sweeps in this store"]
+    lines = [f"{'sweep':20s} {'experiment':14s} {'state':12s} {'trials':>9s}  {'by status':40s} verdict"]
+    for s in found:
+        rows = trial_rows(client, s)
+        counts = status_counts(rows)
+        total = f"{len(rows)}/{s.expected}" if s.expected else str(len(rows))
+        by = ", ".join(f"{n} {k}" for k, n in counts.items()) or "-"
+        v = logged_verdict(client, s)
+        verdict = f"escaped: {v['escaped']} ({v['instrument']})" if v else "-"
+        lines.append(f"{s.name:20s} {s.experiment:14s} {state(s):12s} {total:>9s}  {by:40s} {verdict}")
+    return lines
+
+
+def best_so_far(sweep: Sweep) -> Optional[tuple[str, float, dict]]:
+    """(metric, value, row) of the best single trial so far on the first objective, candidates of
+    any status (a running trial counts with its last epoch)."""
+    metrics, modes = sweep.objectives
+    if not metrics:
+        return None
+    m, sign = metrics[0], (1.0 if (modes or ["max"])[0] == "max" else -1.0)
+    scored = [(r["metrics"][m], r) for r in sweep.trials
+              if r["role"] == CANDIDATE and math.isfinite(r["metrics"].get(m, math.nan))]
+    if not scored:
+        return None
+    value, row = max(scored, key=lambda t: sign * t[0])
+    return m, value, row
+
+
+def status_lines(sweep: Sweep) -> list[str]:
+    counts = status_counts(sweep.trials)
+    ended = sum(n for k, n in counts.items() if k not in (RUNNING, INTERRUPTED))
+    total = sweep.expected or len(sweep.trials)
+    lines = [f"sweep {sweep.name!r} (experiment {sweep.experiment!r}): {state(sweep)}, {ended}/{total} trials ended",
+             "  trials: " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "none started yet")
+             + (f", {total - len(sweep.trials)} not started" if total > len(sweep.trials) else "")]
+    best = best_so_far(sweep)
+    if best:
+        m, value, row = best
+        where = ", ".join(f"{k}={row['params'].get(k)}" for k in sweep.space)
+        lines.append(f"  best so far: {m}={value:.4g} (trial {row['trial_id']}, {row['status']}, seed {row['seed']}"
+                     + (f"; {where}" if where else "") + ")")
+    return lines
+
+
+def export_rows(sweep: Sweep) -> tuple[list[str], list[list]]:
+    """The trial table: identity columns, every param, every metric's final value."""
+    params = sorted({k for r in sweep.trials for k in r["params"]} - {ROLE_KEY})
+    metrics = sorted({k for r in sweep.trials for k in r["metrics"]})
+    header = ["trial_id", "run_id", "status", "role", "seed", *params, *metrics]
+    body = [[r["trial_id"], r["run_id"], r["status"], r["role"], r["seed"],
+             *(r["params"].get(k, "") for k in params), *(r["metrics"].get(k, "") for k in metrics)]
+            for r in sweep.trials]
+    return header, body
+
+
+def write_csv(header: list[str], body: list[list], out: TextIO) -> None:
+    w = csv.writer(out)
+    w.writerow(header)
+    w.writerows(body)
+
+
+def verdict_of(client, sweep: Sweep, uri: str) -> tuple[dict, str]:
+    """(verdict, where from): the logged verdict.json, else computed now by the analysis package
+    with its default thresholds (nothing is written)."""
+    v = logged_verdict(client, sweep)
+    if v is not None:
+        return v, "logged report"
+    from analysis.errors import AnalysisError
+    from analysis.load import load_sweep
+    from analysis.verdict import Thresholds, annotate, compute_verdict
+    try:
+        data = load_sweep(sweep.experiment, uri, sweep.name, progress=False)
+    except AnalysisError as e:
+        raise InspectError(f"sweep {sweep.name!r}: {e}") from None
+    return compute_verdict(data, Thresholds(), annotate(data), None), "computed now (default thresholds)"
+
+
+def key_probes(verdict: dict) -> dict[int, dict]:
+    """Per depth, the candidate configuration with the best mean test accuracy and its key probes
+    (seed means as the verdict reports them)."""
+    out: dict[int, dict] = {}
+    for c in verdict.get("configurations", []):
+        if c.get("role") != CANDIDATE:
+            continue
+        fig = c.get("figures", {})
+        acc = (fig.get("test_acc") or {}).get("mean")
+        d = int(c.get("depth", -1))
+        if acc is None or (d in out and out[d]["test_acc"] >= acc):
+            continue
+        out[d] = {"label": c.get("label", ""), "escaped": c.get("escaped"),
+                  **{p: (fig.get(p) or {}).get("mean") for p in KEY_PROBES}}
+    return out
+
+
+def compare_lines(a: tuple[Sweep, dict, str], b: tuple[Sweep, dict, str]) -> list[str]:
+    (sa, va, fa), (sb, vb, fb) = a, b
+
+    def cell(x) -> str:
+        if x is None:
+            return "n/a"
+        return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    rows = [("verdict from", fa, fb), ("escaped", va["escaped"], vb["escaped"]),
+            ("instrument", va["instrument"], vb["instrument"])]
+    for k in ("trials", "finished", "failed", "diverged", "configurations", "candidates", "controls"):
+        rows.append((k, va["counts"].get(k), vb["counts"].get(k)))
+    rows.append(("escaping configurations", len(va.get("escapes", [])), len(vb.get("escapes", []))))
+    pa, pb = key_probes(va), key_probes(vb)
+    for d in sorted(set(pa) | set(pb)):
+        for p in ("test_acc", "grad_ratio", "act_grad_min", "starved_worst", "dead_worst"):
+            rows.append((f"depth {d} best {p}", pa.get(d, {}).get(p), pb.get(d, {}).get(p)))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}s}  {sa.name + ' (' + sa.experiment + ')':28s}  {sb.name + ' (' + sb.experiment + ')'}"]
+    lines += [f"{name:{width}s}  {cell(x):28s}  {cell(y)}" for name, x, y in rows]
+    return lines
+
+
+def csv_text(sweep: Sweep) -> str:
+    buf = io.StringIO()
+    write_csv(*export_rows(sweep), buf)
+    return buf.getvalue()
+
+
+def write_export(sweep: Sweep, path: Optional[str]) -> str:
+    """Write the trial table to `path` ('-' or None: stdout). Returns where it went."""
+    text = csv_text(sweep)
+    if path in (None, "-"):
+        sys.stdout.write(text)
+        return "stdout"
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise InspectError(f"--csv: cannot write {path}: {e.strerror or e}") from None
+    return path

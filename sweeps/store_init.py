@@ -1,0 +1,102 @@
+"""Create and migrate a local SQLite MLflow store once, under one file lock, before anything uses it.
+
+Why: MLflow creates a fresh SQLite store in whichever process opens it first (tables, then alembic's
+migrations, then the default experiment). Two processes doing that at once (`capsweep run` and
+`mlflow ui` started together in a new folder) break each other: SQLAlchemy's
+`CircularDependencyError('status_details', 'workspace')`, alembic's "Online migration expected to
+match one row ... 0 found", "table ... already exists", a duplicate default experiment. So:
+- every capsweep command (`run`, `ui`, `report`, `ls`, `status`, `export`, `compare`) opens the store
+  through `init_store` first, holding `<db>.lock` (a filelock beside the file): capsweep processes
+  never create or migrate it at the same time;
+- a process that does not take the lock (a plain `mlflow ui`) can still be creating it: then the
+  failed open is retried after a wait (bounded), since the other process finishes the schema and
+  our re-open finds it complete.
+Any failure left is one line (`StoreInitError`), never a traceback.
+
+Imports: the standard library and filelock only at module level (analysis imports this module and
+must not pull in torch or ray); mlflow inside the functions.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+LOCK_SUFFIX = ".lock"           # <db>.lock beside the store
+ATTEMPTS = 10                   # opens tried while another process creates the schema
+WAIT_S = 0.5                    # first wait between them; grows linearly (0.5, 1.0, 1.5 ... s)
+LOCK_TIMEOUT_S = 300.0          # another capsweep process migrating a large store can take a while
+
+
+class StoreInitError(RuntimeError):
+    """The store could not be created or migrated. The message is one line naming the URI."""
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a `sqlite:///PATH` URI (relative to the working folder), else None (servers,
+    databases and in-memory stores migrate themselves)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = uri[len("sqlite:///"):].split("?", 1)[0]
+    if raw in ("", ":memory:"):
+        return None
+    return Path(raw).expanduser().resolve()
+
+
+def lock_path(db: Path) -> Path:
+    return db.with_name(db.name + LOCK_SUFFIX)
+
+
+def init_store(uri: str, create: bool = True, attempts: int = ATTEMPTS, wait_s: float = WAIT_S,
+               lock_timeout_s: float = LOCK_TIMEOUT_S) -> bool:
+    """Make the SQLite store at `uri` exist at MLflow's current schema. Returns True when there is a
+    store to use (always for non-SQLite URIs; False when `create` is False and the file is absent,
+    e.g. a report on a store that does not exist must not create it). Raises StoreInitError."""
+    from filelock import FileLock, Timeout
+    db = sqlite_path(uri)
+    if db is None:
+        return True
+    if not create and not db.exists():
+        return False
+    if not db.parent.is_dir():
+        raise StoreInitError(f"tracking URI {uri}: folder {db.parent} does not exist")
+    lock = FileLock(str(lock_path(db)), timeout=lock_timeout_s)
+    try:
+        with lock:
+            _open_with_retries(uri, attempts, wait_s)
+    except Timeout:
+        raise StoreInitError(f"tracking URI {uri}: another process holds {lock.lock_file} for more than "
+                             f"{lock_timeout_s:.0f} s") from None
+    except OSError as e:
+        raise StoreInitError(f"tracking URI {uri}: cannot lock or open {db}: {_one_line(e)}") from None
+    return True
+
+
+def _open_with_retries(uri: str, attempts: int, wait_s: float) -> None:
+    last: Optional[BaseException] = None
+    for attempt in range(max(1, attempts)):
+        try:
+            _open(uri)
+            return
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy, alembic and MlflowException all mean "not yet"
+            last = e
+            if attempt + 1 < attempts:
+                time.sleep(wait_s * (attempt + 1))
+    raise StoreInitError(f"tracking URI {uri}: cannot create or migrate the store after {attempts} tries "
+                         f"({type(last).__name__}: {_one_line(last)})")
+
+
+def _open(uri: str) -> None:
+    """Open the store as MLflow does (creating tables, migrating, adding the default experiment) and
+    read from it. MLflow caches one store object per URI in the process, and only after a successful
+    construction, so a failed open here is really re-done on the next try."""
+    import logging
+    for name in ("alembic", "mlflow.store.db.utils"):    # migration INFO lines are not the user's business
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from mlflow.tracking import MlflowClient
+    MlflowClient(uri).search_experiments(max_results=1)
+
+
+def _one_line(e: Optional[BaseException], limit: int = 240) -> str:
+    msg = " ".join(str(e).split())
+    return msg[:limit] + ("..." if len(msg) > limit else "")
