@@ -7,7 +7,8 @@ split for a run is `capsmodels.splits`.
 
 `IN_SHAPES` is the (C, H, W) a network sees after decoding (`RawData.in_shape`): smallNORB's 96x96
 stereo pairs become 2 x 32 x 32 (3x3 area mean, one channel per camera), the `sign` task fills a
-1 x SIGN_SIZE x SIGN_SIZE image.
+1 x SIGN_SIZE x SIGN_SIZE image; `parts` is generated in code (capsmodels.parts: ten wholes of three
+parts each, 28x28, with its true part -> whole labels per pixel).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "svhn": _DIGITS,
     "smallnorb": ("animal", "human", "airplane", "truck", "car"),
     "sign": ("negative", "positive"),
+    # generated wholes made of shared parts, with a known parse tree (capsmodels.parts)
+    "parts": tuple(f"whole{i}" for i in range(10)),
 }
 
 DATASETS: tuple[str, ...] = tuple(CLASSES)
@@ -35,5 +38,5 @@ NUM_CLASSES: dict[str, int] = {name: len(labels) for name, labels in CLASSES.ite
 IN_SHAPES: dict[str, tuple[int, int, int]] = {
     "fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "mnist5k": (1, 28, 28), "digits": (1, 8, 8),
     "cifar10": (3, 32, 32), "svhn": (3, 32, 32), "smallnorb": (2, 32, 32),
-    "sign": (1, SIGN_SIZE, SIGN_SIZE),
+    "sign": (1, SIGN_SIZE, SIGN_SIZE), "parts": (1, 28, 28),
 }

@@ -20,10 +20,11 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from capsmodels import store
+from capsmodels import parts, store
 from capsmodels.catalogue import CLASSES, DATASETS, SIGN_SIZE
 from capsmodels.config import DataConfig
 from capsmodels.formats import (NORB_INT, NORB_UBYTE, FormatError, read_cifar_batch, read_csv_gz,
@@ -49,6 +50,8 @@ class RawData:
     y_test: np.ndarray
     num_classes: int
     classes: list
+    roles_train: Optional[np.ndarray] = None   # `parts` only: int8 (N, H, W) role per pixel, -1 background
+    roles_test: Optional[np.ndarray] = None    # (capsmodels.parts: the true parse tree of each image)
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -166,15 +169,20 @@ _FILE_LOADERS = {"mnist": _idx, "fashion_mnist": _idx, "cifar10": _cifar, "svhn"
 
 def load_raw(name: str, root: str | None = None, download: bool = True, sign_samples: int = 4000,
              seed: int = 0) -> RawData:
-    """The official train/test split of dataset `name` (see `DATASETS`); `seed` only affects `sign`."""
+    """The official train/test split of dataset `name` (see `DATASETS`); `seed` only affects the
+    generated `sign` and `parts` (whose split sizes are fixed: capsmodels.parts; `data.train_size`
+    draws from it as from any dataset)."""
     if name not in DATASETS:
         raise DataError(f"data.name: {name!r} is not a dataset; choose one of {', '.join(DATASETS)}")
+    roles_train = roles_test = None
     try:
         if name == "sign":
             if sign_samples < 4:
                 raise fail(name, f"data.sign_samples: {sign_samples} is too small; need >= 4 "
                                  "(the test split has sign_samples // 4 samples)")
             arrays = _sign(sign_samples, seed)
+        elif name == "parts":
+            *arrays, roles_train, roles_test = parts.load(seed)
         elif name in ("mnist5k", "digits"):
             path, cols = _bundled(name)
             arrays = store.cached(name, [path], None, lambda: _from_table(name, path, cols))
@@ -190,7 +198,7 @@ def load_raw(name: str, root: str | None = None, download: bool = True, sign_sam
         if y.size and (y.min() < 0 or y.max() >= k):
             raise fail(name, f"{which} labels outside 0..{k - 1} (found {y.min()}..{y.max()})")
     return RawData(name, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), k,
-                   list(CLASSES[name]))
+                   list(CLASSES[name]), roles_train, roles_test)
 
 
 def load(cfg: DataConfig, seed: int) -> Splits:

@@ -12,7 +12,8 @@ Three kinds of probe:
   forward + backward of the training loss w.r.t. each layer's output poses: act_grad/l{l},
   starved_frac/l{l}, starved_frac_max, grad_ratio;
 - activation and routing statistics of the same forward (`trace_probes`), routing ones against a
-  null that re-routes predictions shuffled across inputs (`routing_null`).
+  null that re-routes predictions shuffled across inputs (`routing_null`), and on the `parts` dataset
+  the routing against the true parse tree (`tree_recovery`).
 `evaluation_probes` runs the last two on a float64 copy of the model in eval mode with the RNG forked,
 so training is bit-for-bit the same with or without them, and no probe underflows to 0.
 """
@@ -21,9 +22,10 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 STARVED_REL = 1e-3        # starved: per-capsule act_grad < STARVED_REL x the class layer's median
 FROZEN_REL = 0.01         # frozen: std_x a_j(x) <= FROZEN_REL x mean_x a_j(x)
@@ -92,6 +94,75 @@ def routing_null(layer: torch.nn.Module, u: torch.Tensor, a_in: torch.Tensor,
     return layer.route(permute_children(layer.predict(u), idx), a_null).coupling, a_null
 
 
+class Truth(NamedTuple):
+    """The true parse tree of the inputs of D (capsmodels.parts; docs/PROBES.md, "tree_recovery")."""
+    role: torch.Tensor         # (B, I0) long: the part role under primary capsule i of input x, -1 none
+    whole: torch.Tensor        # (B,) long: the whole (class) of input x
+    part_type: torch.Tensor    # (K, R) long: the part type of role r of whole w
+
+
+def _grouped_pair_sums(c: torch.Tensor, V: torch.Tensor, gid: torch.Tensor, E: torch.Tensor
+                       ) -> torch.Tensor:
+    """Sums over cross-input pairs ((x, i), (x', i')), x != x', whose items fall in the same group:
+    (sum w w', sum w w' c_i(x).c_i'(x'), sum w w' E_ii') as a (3,) tensor.
+
+    c (B, I, J) couplings; V (B, I, R) item weights split by role (V[x, i, r] = a_i(x) when i shows
+    role r in x, else 0); gid (B, R) the group of role r of input x; E (I, I) the null agreement.
+    All-image sums minus the same-image terms, grouped by role: nothing of size B^2 I^2.
+    """
+    H = int(gid.max()) + 1
+    O = F.one_hot(gid, H).to(c.dtype)                                  # (B, R, H)
+    A = V.sum(1)                                                       # (B, R) weight per role
+    S = torch.einsum("bir,bij->brj", V, c)                             # (B, R, J)
+    same = (gid.unsqueeze(2) == gid.unsqueeze(1)).to(c.dtype)          # (B, R, R) same group in x
+    weight = (torch.einsum("brh,br->h", O, A) ** 2).sum() - torch.einsum("brs,br,bs->", same, A, A)
+    agree = (torch.einsum("brh,brj->hj", O, S) ** 2).sum() - torch.einsum("brs,brj,bsj->", same, S, S)
+    T = torch.einsum("brh,bir->hi", O, V)                              # (H, I)
+    Q = torch.einsum("bir,ik,bks->brs", V, E, V)                       # (B, R, R)
+    null = torch.einsum("hi,ik,hk->", T, E, T) - (same * Q).sum()
+    return torch.stack([weight, agree, null])
+
+
+def tree_recovery(c: torch.Tensor, a: torch.Tensor, truth: Truth) -> Optional[float]:
+    """How much more the routing of D agrees with the true parse tree than input-independent routing
+    does: 1 = a parse tree built from the truth, 0 = uniform couplings, couplings taken from other
+    inputs, or any routing that is the same for every input. Definition: docs/PROBES.md.
+
+    c (B, I, J) the couplings from the primaries (l1's, or the product of the couplings up to layer
+    l), a (B, I) the primaries' activations (weights), truth the roles under the primaries.
+    Over pairs of items (x, i), (x', i') of different inputs, both on a part, weighted a_i(x) a_i'(x'):
+      s = sum_j c_ij(x) c_i'j(x')  (the chance both children pick the same parent),
+      e = mean over inputs z != z' of sum_j c_ij(z) c_i'j(z')  (its value if couplings ignored the input),
+      M = same whole and same role (must share a parent), N = different wholes and different part types
+      (must not), D = mean_M s - mean_N s, D0 = the same of e,  score = (D - D0) / (1 - D0).
+    None (n/a) when there are no M or no N pairs, or D0 >= 1.
+    """
+    c = c.detach().double()
+    B, I, J = c.shape
+    if B < 2:
+        return None
+    role, whole, ptype = truth.role.to(c.device), truth.whole.to(c.device), truth.part_type.to(c.device)
+    K, R = ptype.shape
+    P = int(ptype.max()) + 1
+    V = F.one_hot(role.clamp_min(0), R).to(c.dtype) * (a.detach().to(c.dtype) * (role >= 0)).unsqueeze(-1)
+    C = c.sum(0)                                                        # (I, J)
+    E = (C @ C.T - torch.einsum("zij,zkj->ik", c, c)) / (B * (B - 1))  # (I, I)
+    r = torch.arange(R, device=c.device)
+    w = whole.view(B, 1).expand(B, R)
+    k = ptype[whole]                                                    # (B, R)
+    sums = {name: _grouped_pair_sums(c, V, gid, E) for name, gid in (
+        ("must", w * R + r), ("all", torch.zeros_like(w)), ("whole", w), ("type", k), ("both", w * P + k))}
+    must = sums["must"]
+    cannot = sums["all"] - sums["whole"] - sums["type"] + sums["both"]  # different whole and type
+    if not (must[0] > 0 and cannot[0] > 1e-12 * sums["all"][0]):
+        return None
+    d_obs = must[1] / must[0] - cannot[1] / cannot[0]
+    d_null = must[2] / must[0] - cannot[2] / cannot[0]
+    if not d_null < 1 - 1e-12:
+        return None
+    return float((d_obs - d_null) / (1 - d_null))
+
+
 def activation_stats(act: torch.Tensor, tau: float) -> tuple[float, float, float]:
     """(act_mean, dead_frac, frozen_frac) of one layer. act: (B, n) activations a_j(x).
 
@@ -111,11 +182,14 @@ def _hidden_max(out: dict, name: str, n_layers: int) -> None:
     out[f"{name}_max"] = max(hidden) if hidden else 0.0
 
 
-def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None) -> dict[str, float]:
+def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None,
+                 truth: Optional[Truth] = None) -> dict[str, float]:
     """Activation and routing probes of one forward pass.
 
     layers: LayerTrace per layer (act, coupling, gain, routes; see capsmodels.networks).
     nulls: {l: (c_null, a_null)} for the layers whose routing null was computed (`routing_null`).
+    truth: the parse tree of the inputs (`parts` only): tree_recovery/l{l} on the couplings from the
+    primaries to layer l (the product c^(1) ... c^(l)), wherever tree_score/l{l} is reported.
     Routing probes of layer l are n/a (absent) where routing cannot act: `routes` false (uniform
     routing, 1 iteration), or a dead child or parent layer (dead_frac == 1).
     """
@@ -125,7 +199,11 @@ def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None) -> 
         out[f"act_mean/l{l}"], out[f"dead_frac/l{l}"], out[f"frozen_frac/l{l}"] = activation_stats(act, tau)
         if tr.gain is not None:
             out[f"squash_gain/l{l}"] = float(tr.gain.detach().mean())
+    path = None                                  # (B, I0, J_l): primaries -> layer l, c^(1) ... c^(l)
     for l, tr in enumerate(layers):
+        if l > 0 and tr.coupling is not None and truth is not None:
+            c_l = tr.coupling.detach()
+            path = c_l if path is None else torch.bmm(path, c_l.to(path.dtype))
         if l == 0 or tr.coupling is None or not tr.routes:
             continue
         if out[f"dead_frac/l{l - 1}"] == 1.0 or out[f"dead_frac/l{l}"] == 1.0:
@@ -135,6 +213,10 @@ def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None) -> 
         if score is None:
             continue
         out[f"tree_score/l{l}"] = score
+        if truth is not None:
+            recovered = tree_recovery(path, layers[0].act, truth)
+            if recovered is not None:
+                out[f"tree_recovery/l{l}"] = recovered
         out[f"routing_dynamics/l{l}"] = routing_dynamics(c)
         if nulls and l in nulls:
             c_null, a_null = nulls[l]
@@ -211,13 +293,14 @@ class GradTracker:
 # ----------------------------------------------------------------------------------------------------
 
 def evaluation_probes(model: torch.nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, tau: float,
-                      recon_weight: float = 0.0) -> dict[str, float]:
+                      recon_weight: float = 0.0, truth: Optional[Truth] = None) -> dict[str, float]:
     """All probes of the fixed evaluation batch D = (x_eval, y_eval), leaving training untouched.
 
     Runs on a float64 copy of the model in eval mode, under fork_rng: the model's parameters, .grad,
     mode and the RNG streams are as before. One forward (labels mask the decoder as in training), one
     backward of the per-example training loss (margin + recon_weight x reconstruction, summed over D)
-    w.r.t. every layer's output pose, and the routing nulls.
+    w.r.t. every layer's output pose, and the routing nulls. truth: D's parse tree (`parts`), for
+    tree_recovery.
     """
     from capsmodels import losses                   # local: losses is light, but keep probes leaf-like
     devices = [x_eval.device] if x_eval.device.type == "cuda" else []
@@ -236,7 +319,7 @@ def evaluation_probes(model: torch.nn.Module, x_eval: torch.Tensor, y_eval: torc
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(poses, grads)]
         with torch.no_grad():
             nulls = _routing_nulls(probe, out.layers)
-        result = trace_probes(out.layers, tau, nulls)
+        result = trace_probes(out.layers, tau, nulls, truth)
         result.update(gradient_probes(grads))
     return result
 

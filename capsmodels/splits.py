@@ -8,7 +8,7 @@ within one image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ class Splits:
     num_classes: int
     in_shape: tuple            # (C, H, W)
     name: str
+    roles: Optional[dict] = None   # `parts` only: {"train"|"val"|"test": int8 (N, H, W) role maps},
+                                   # aligned with the split's images (capsmodels.parts)
 
 
 def quota(counts: np.ndarray, n: int) -> np.ndarray:
@@ -114,7 +116,12 @@ def make_splits(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
     train = TensorDataset(_images(raw.x_train[train_idx]), torch.from_numpy(y[train_idx]))
     val = TensorDataset(_images(raw.x_train[val_idx]), torch.from_numpy(y[val_idx]))
     test = TensorDataset(_images(raw.x_test[test_idx]), torch.from_numpy(raw.y_test[test_idx].copy()))
-    return Splits(train, val, test, k, tuple(train.tensors[0].shape[1:]), name)
+    roles = None
+    if raw.roles_train is not None:
+        roles = {"train": torch.from_numpy(raw.roles_train[train_idx]),
+                 "val": torch.from_numpy(raw.roles_train[val_idx]),
+                 "test": torch.from_numpy(raw.roles_test[test_idx])}
+    return Splits(train, val, test, k, tuple(train.tensors[0].shape[1:]), name, roles)
 
 
 def _images(x: np.ndarray) -> torch.Tensor:

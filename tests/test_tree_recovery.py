@@ -1,0 +1,167 @@
+"""tree_recovery (docs/PROBES.md): its scale pinned on the `parts` truth (an oracle built from the truth
+scores 1, uniform and input-shuffled couplings about 0), against a slow loop written from the definition
+on tiny inputs, and its n/a rules inside trace_probes."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capsmodels import parts, probes
+from capsmodels.networks import LayerTrace
+
+PART_TYPE = torch.from_numpy(parts.part_type_table())
+
+
+def parts_truth(B=256, seed=3, field=6, stride=4, channels=8):
+    """The truth of B generated images under the tiny preset's primaries (6x6 fields, stride 4, 8 channels)."""
+    _, y, roles = parts.generate(B, seed)
+    role = parts.capsule_roles(torch.from_numpy(roles), field, stride, channels)
+    return probes.Truth(role, torch.from_numpy(y), PART_TYPE)
+
+
+def oracles(truth: probes.Truth, J: int = 10):
+    """Two parse trees built from the truth: every primary to its whole's parent (a class layer), and
+    every primary to its part type's parent (a hidden layer of part capsules)."""
+    B, I = truth.role.shape
+    whole = F.one_hot(truth.whole, J).double().unsqueeze(1).expand(B, I, J)
+    k = truth.part_type[truth.whole].gather(1, truth.role.clamp_min(0))          # (B, I)
+    return whole, F.one_hot(k, J).double()
+
+
+def activations(truth, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(truth.role.shape, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return parts_truth()
+
+
+def test_oracles_score_one_uniform_zero(truth):
+    a = activations(truth)
+    B, I = truth.role.shape
+    for c in oracles(truth):
+        assert probes.tree_recovery(c, a, truth) == pytest.approx(1.0, abs=0.05)
+    uniform = torch.full((B, I, 10), 0.1, dtype=torch.float64)
+    assert probes.tree_recovery(uniform, a, truth) == pytest.approx(0.0, abs=0.05)
+
+
+def test_input_shuffled_and_static_couplings_score_about_zero(truth):
+    """Couplings of another input (the oracle's, permuted across D), or the same for every input (a static
+    routing, which is what a 'no parse tree' network does), know nothing of this input's parts."""
+    a = activations(truth)
+    B, I = truth.role.shape
+    scores = []
+    for c, seed in itertools.product(oracles(truth), range(3)):
+        perm = torch.randperm(B, generator=torch.Generator().manual_seed(seed))
+        scores.append(probes.tree_recovery(c[perm], a, truth))
+    print("shuffled oracles:", [f"{s:.4f}" for s in scores])
+    assert all(abs(s) < 0.05 for s in scores), scores
+    g = torch.Generator().manual_seed(1)
+    static = torch.softmax(3 * torch.randn(1, I, 10, generator=g, dtype=torch.float64), -1).expand(B, I, 10)
+    assert probes.tree_recovery(static, a, truth) == pytest.approx(0.0, abs=1e-9)
+    # a half-and-half mixture of the oracle and input-independent noise lands in between
+    noise = torch.softmax(3 * torch.randn(B, I, 10, generator=g, dtype=torch.float64), -1)
+    mid = probes.tree_recovery(0.5 * oracles(truth)[0] + 0.5 * noise, a, truth)
+    print(f"half oracle: {mid:.3f}")
+    assert 0.1 < mid < 0.9
+
+
+def slow_tree_recovery(c, a, truth):
+    """The definition of docs/PROBES.md written out as loops over every pair of items."""
+    B, I, J = c.shape
+    c, a = c.tolist(), a.tolist()
+    role, whole, ptype = truth.role.tolist(), truth.whole.tolist(), truth.part_type.tolist()
+
+    def dot(p, q):
+        return sum(p[j] * q[j] for j in range(J))
+
+    def null(i, k):
+        vals = [dot(c[z][i], c[zz][k]) for z in range(B) for zz in range(B) if z != zz]
+        return sum(vals) / len(vals)
+
+    acc = {"M": [0.0, 0.0, 0.0], "N": [0.0, 0.0, 0.0]}       # weight, weighted s, weighted e
+    for x, xx in itertools.product(range(B), repeat=2):
+        if x == xx:
+            continue
+        for i, k in itertools.product(range(I), repeat=2):
+            r, rr = role[x][i], role[xx][k]
+            if r < 0 or rr < 0:
+                continue
+            w, ww = whole[x], whole[xx]
+            if w == ww and r == rr:
+                kind = "M"
+            elif w != ww and ptype[w][r] != ptype[ww][rr]:
+                kind = "N"
+            else:
+                continue
+            weight = a[x][i] * a[xx][k]
+            acc[kind][0] += weight
+            acc[kind][1] += weight * dot(c[x][i], c[xx][k])
+            acc[kind][2] += weight * null(i, k)
+    d = acc["M"][1] / acc["M"][0] - acc["N"][1] / acc["N"][0]
+    d0 = acc["M"][2] / acc["M"][0] - acc["N"][2] / acc["N"][0]
+    return (d - d0) / (1 - d0)
+
+
+def test_matches_a_slow_loop_reference_on_tiny_inputs():
+    # 5 inputs of 3 wholes, 4 primaries, 3 parents; the part types of a made-up hierarchy share types
+    g = torch.Generator().manual_seed(5)
+    ptype = torch.tensor([[0, 1], [1, 2], [0, 2]])
+    whole = torch.tensor([0, 1, 2, 0, 1])
+    role = torch.tensor([[0, 1, -1, 1], [1, 1, 0, -1], [0, -1, 1, 1], [-1, 0, 0, 1], [1, 0, -1, 0]])
+    truth = probes.Truth(role, whole, ptype)
+    c = torch.softmax(2 * torch.randn(5, 4, 3, generator=g, dtype=torch.float64), -1)
+    a = torch.rand(5, 4, generator=g, dtype=torch.float64)
+    fast, slow = probes.tree_recovery(c, a, truth), slow_tree_recovery(c, a, truth)
+    print(f"fast {fast:.12f} slow {slow:.12f}")
+    assert fast == pytest.approx(slow, abs=1e-12)
+    assert abs(fast) > 1e-3                              # not a degenerate case that any formula passes
+    # and a tree built from the truth: every item to parent = its whole
+    oracle = F.one_hot(whole, 3).double().unsqueeze(1).expand(5, 4, 3)
+    assert probes.tree_recovery(oracle, a, truth) == pytest.approx(slow_tree_recovery(oracle, a, truth))
+
+
+def test_na_without_pairs_to_compare():
+    # one whole only: no pairs of different wholes; a single input: no pairs at all
+    truth = probes.Truth(torch.tensor([[0, 1], [1, 0]]), torch.tensor([0, 0]), torch.tensor([[0, 1]]))
+    c = torch.full((2, 2, 2), 0.5, dtype=torch.float64)
+    assert probes.tree_recovery(c, torch.ones(2, 2, dtype=torch.float64), truth) is None
+    one = probes.Truth(torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([[0, 1]]))
+    assert probes.tree_recovery(c[:1], torch.ones(1, 2, dtype=torch.float64), one) is None
+
+
+def test_capsule_roles_take_the_part_covering_most_of_the_field():
+    roles = torch.full((1, 8, 8), -1, dtype=torch.int8)
+    roles[0, 0:3, 0:4] = 0          # 12 pixels of role 0 in the top-left 4x4 field
+    roles[0, 3, 0:4] = 1            # 4 of role 1
+    roles[0, 5:8, 5:8] = 2          # bottom-right field: role 2 only
+    out = parts.capsule_roles(roles, 4, 4, channels=2)
+    # fields (y, x) in row order: TL -> 0, TR -> none, BL -> none, BR -> 2; repeated per channel
+    assert out.tolist() == [[0, -1, -1, 2, 0, -1, -1, 2]]
+
+
+def trace(act, coupling=None, routes=True):
+    return LayerTrace(act, coupling, None, routes=routes)
+
+
+def test_trace_probes_report_tree_recovery_where_tree_score_is(truth):
+    """l1 on the primaries' couplings, l2 on the product of l1's and l2's; absent without a truth, where
+    routing cannot act, and for a dead layer (the n/a rules of tree_score)."""
+    a = activations(truth)
+    B, I = truth.role.shape
+    c1, _ = oracles(truth, J=10)                         # l1: every primary to its whole's parent
+    c2 = torch.eye(10, dtype=torch.float64).expand(B, 10, 10)    # l2 passes parent j to class j
+    act1, act2 = torch.rand(B, 10, dtype=torch.float64), torch.rand(B, 10, dtype=torch.float64)
+    layers = [trace(a), trace(act1, c1), trace(act2, c2)]
+    out = probes.trace_probes(layers, 0.01, truth=truth)
+    assert out["tree_recovery/l1"] == pytest.approx(1.0)
+    assert out["tree_recovery/l2"] == pytest.approx(1.0)      # the composed path is still the oracle
+    assert not any(k.startswith("tree_recovery") for k in probes.trace_probes(layers, 0.01))
+    frozen = [trace(a), trace(act1, c1, routes=False), trace(act2, c2, routes=False)]
+    assert not any(k.startswith("tree_recovery") for k in probes.trace_probes(frozen, 0.01, truth=truth))
+    dead = [trace(a), trace(torch.zeros(B, 10, dtype=torch.float64), c1), trace(act2, c2)]
+    out = probes.trace_probes(dead, 0.01, truth=truth)
+    assert "tree_recovery/l1" not in out and "tree_recovery/l2" not in out
