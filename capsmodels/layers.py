@@ -43,8 +43,9 @@ class CapsOut(NamedTuple):
     pose: torch.Tensor                 # (B, J, d_out): v (dynamic/uniform) or mu (+ bias) (EM)
     act: torch.Tensor                  # (B, J): ||v_j|| or the EM activation
     coupling: torch.Tensor             # (B, I, J): final couplings / EM assignments
-    gain: Optional[torch.Tensor]       # (B, J): ||s|| / (1 + ||s||^2), None for EM
-    s_norm: torch.Tensor               # (B, J): pre-squash length ||s_j|| (EM: ||pose_j||)
+    gain: Optional[torch.Tensor]       # (B, J): ||s|| / (1 + ||s||^2), None for EM, self, attention
+    s_norm: torch.Tensor               # (B, J): pre-squash length ||s_j|| (EM, self: ||pose_j||;
+                                       # attention: the pre-LayerNorm ||s_j||)
 
 
 def fan_std(n_in: int, n_out: int, d_out: int, squash_kind: str = "sabour") -> float:
@@ -140,7 +141,8 @@ class CapsuleLayer(nn.Module):
         Separate from `forward` so the routing null (capsmodels.probes.routing_null) re-routes
         predictions shuffled across inputs with exactly the layer's own routing.
         """
-        return _caps_out(self.family.route(u_hat, a_in, self, self.options))
+        family = self.family
+        return _caps_out(family.route(u_hat, a_in, self, self.options), family.squashes)
 
     def forward(self, u: torch.Tensor, a_in: Optional[torch.Tensor] = None) -> CapsOut:
         """u (B, I, d_in) input poses; a_in (B, I) input activations (EM only; default ||u||)."""
@@ -150,10 +152,11 @@ class CapsuleLayer(nn.Module):
         return self.route(self.predict(u), safe_norm(u) if a_in is None else a_in)
 
 
-def _caps_out(r: Routed) -> CapsOut:
+def _caps_out(r: Routed, squashes: bool = True) -> CapsOut:
     """A family's result with the lengths the probes read: ||s|| and the squash gain, or for a family
-    without a squash (s None: EM) ||pose|| and no gain."""
+    without a squash (s None: EM, self) ||pose|| and no gain; a family whose s is not squashed
+    (attention: LayerNorm) gives ||s|| and no gain."""
     if r.s is None:
         return CapsOut(r.pose, r.act, r.coupling, None, safe_norm(r.pose))
     s_norm = safe_norm(r.s)
-    return CapsOut(r.pose, r.act, r.coupling, squash_gain(s_norm), s_norm)
+    return CapsOut(r.pose, r.act, r.coupling, squash_gain(s_norm) if squashes else None, s_norm)

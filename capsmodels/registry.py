@@ -67,6 +67,9 @@ class RoutingFamily:
               under these names, in this order (EM's beta_u, beta_a); None: none.
     child_params: (n_in, n_out, d_out) -> {name: nn.Parameter}, the same for parameters that have
               one entry per child (self-routing's routing weights, Efficient-CapsNet's priors).
+    squashes: whether `Routed.s` is really squashed into the pose (its length then gives the probes'
+              `squash_gain`); False for a family that returns s only as its pre-normalisation length
+              (attention: the pose is LayerNorm(s)), so `init: data` can still fit ||s||, with no gain.
     iterative: whether the couplings come from routing iterations that start uniform, so that 1
               iteration means c = 1/J (dynamic, attention, EM). False for a family that computes
               input-dependent couplings in one pass (self, efficient): its routing probes apply at
@@ -84,6 +87,7 @@ class RoutingFamily:
     doc: str = ""
     child_params: Optional[Callable[[int, int, int], dict]] = None
     iterative: bool = True
+    squashes: bool = True
 
 
 _FAMILIES: dict[str, RoutingFamily] = {}
@@ -92,14 +96,15 @@ _FAMILIES: dict[str, RoutingFamily] = {}
 def register_routing(name: str, *, adaptive: bool = True, params: Optional[Callable] = None,
                      shortcut: Optional[Callable] = None, doc: str = "",
                      child_params: Optional[Callable] = None,
-                     iterative: bool = True) -> Callable[[RouteFn], RouteFn]:
+                     iterative: bool = True, squashes: bool = True) -> Callable[[RouteFn], RouteFn]:
     """Decorator: register `route` under `name`. Registering a name twice is an error (two modules
     claiming one name would make a config mean whichever was imported last)."""
     def deco(route: RouteFn) -> RouteFn:
         if name in _FAMILIES and _FAMILIES[name].route is not route:
             raise ValueError(f"routing family {name!r} is already registered "
                              f"(by {_FAMILIES[name].route.__module__})")
-        _FAMILIES[name] = RoutingFamily(name, route, adaptive, params, shortcut, doc, child_params, iterative)
+        _FAMILIES[name] = RoutingFamily(name, route, adaptive, params, shortcut, doc, child_params,
+                                        iterative, squashes)
         return route
     return deco
 

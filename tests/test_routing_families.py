@@ -11,7 +11,7 @@ from capsmodels import probes
 from capsmodels.config import ConfigError, from_dict
 from capsmodels.layers import CapsuleLayer
 from capsmodels.registry import get_routing, routing_names
-from capsmodels.routing import attention_routing, efficient_routing, self_routing
+from capsmodels.routing import attention_activation, attention_routing, efficient_routing, self_routing
 
 NEW = ("attention", "self", "efficient")
 
@@ -112,6 +112,20 @@ def test_attention_hand_worked_second_pass():
     c00 = 1 / (1 + math.exp(-4 * k / math.sqrt(2)))
     np.testing.assert_allclose(c[0].numpy(), [[c00, 1 - c00], [0.5, 0.5]], atol=1e-12)
     np.testing.assert_allclose(s[0, 0].numpy(), [4 * c00 + 1, 1.0], atol=1e-12)
+
+
+def test_attention_activation_reads_the_pose():
+    """a_j = sigmoid(<w_a, v_j> + b_a): v = (1, -1), w_a = (2, 1), b_a = 0.5 -> sigmoid(1.5); and the
+    layer's act is that of its own pose, so the loss reaches the class layer's pose."""
+    v = torch.tensor([[[1.0, -1.0]]], dtype=torch.float64)
+    a = attention_activation(v, torch.tensor([2.0, 1.0], dtype=torch.float64),
+                             torch.tensor([0.5], dtype=torch.float64))
+    np.testing.assert_allclose(a.numpy(), [[1 / (1 + math.exp(-1.5))]])
+    layer = CapsuleLayer(5, 3, 4, 3, routing="attention").double()
+    out = layer(torch.randn(2, 5, 3, dtype=torch.float64))
+    torch.testing.assert_close(out.act, attention_activation(out.pose, layer.act_weight, layer.act_bias))
+    g, = torch.autograd.grad(out.act.sum(), out.pose)
+    assert g.abs().min() > 0
 
 
 def test_self_routing_hand_worked():
@@ -275,7 +289,7 @@ def test_layer_couplings_sum_to_one_and_shapes(routing):
     torch.testing.assert_close(out.coupling.sum(2), torch.ones(6, 7))
     assert ((out.act >= 0) & (out.act <= 1)).all()
     assert out.coupling.std(0).mean() > 1e-3                     # couplings depend on the input
-    assert (out.gain is None) == (routing == "self")
+    assert (out.gain is None) == (routing in ("self", "attention"))     # no squash in either
 
 
 @pytest.mark.parametrize("routing,iterations,routes", [
@@ -287,7 +301,7 @@ def test_routes_flag(routing, iterations, routes):
 
 def test_family_parameters_are_registered():
     names = lambda r: sorted(n for n, _ in CapsuleLayer(7, 3, 5, 4, routing=r).named_parameters())
-    assert names("attention") == ["W", "ln_bias", "ln_weight"]
+    assert names("attention") == ["W", "act_bias", "act_weight", "ln_bias", "ln_weight"]
     assert names("self") == ["W", "b_route", "w_route"]
     assert names("efficient") == ["W", "priors"]
     layer = CapsuleLayer(7, 3, 5, 4, routing="self")

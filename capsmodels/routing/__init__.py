@@ -17,10 +17,10 @@ from __future__ import annotations
 from capsmodels.routing.dynamic import dynamic_routing, dynamic_routing_full, dynamic_routing_reference
 from capsmodels.routing.em import em_lambda_schedule, em_routing
 from capsmodels.routing.uniform import uniform_routing, uniform_routing_full
-from capsmodels.routing.attention import attention_routing
+from capsmodels.routing.attention import attention_activation, attention_routing
 from capsmodels.routing.selfrouting import self_routing
 from capsmodels.routing.efficient import efficient_routing
 
 __all__ = ["dynamic_routing", "dynamic_routing_full", "dynamic_routing_reference", "em_lambda_schedule",
-           "em_routing", "uniform_routing", "uniform_routing_full", "attention_routing", "self_routing",
-           "efficient_routing"]
+           "em_routing", "uniform_routing", "uniform_routing_full", "attention_activation", "attention_routing",
+           "self_routing", "efficient_routing"]

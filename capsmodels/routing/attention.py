@@ -9,11 +9,13 @@ src/layers.py `CapsuleFC.forward`, and src/capsule_model.py's sequential routing
                spreads its vote over the parents that agree with it), v_j = LayerNorm(sum_i c_ij u_hat_ij)
 LayerNorm over the D pose entries of each parent, with a learned gain and offset (D,) shared by the
 layer's parents (their `nn.LayerNorm(out_d_capsules)`); the authors' dropout and matrix poses are left
-out. Their network has no activation: a linear head reads the last poses. The margin loss and the
-probes need one in [0, 1], so here a_j = squash_length(||s_j||) with s_j = sum_i c_ij u_hat_ij (+ bias)
-the pose BEFORE the LayerNorm (whose output has length ~sqrt(D) whatever the input), squashed by
-`model.squash`; s is returned as the squash input, so `squash_gain` reads ||s_j|| (docs/PROBES.md,
-"Routing families and remedies").
+out. Their network has no activation: a linear head shared by the class capsules (their `final_fc`,
+nn.Linear(D, 1)) reads the last poses. The margin loss and the probes need one in [0, 1] that the loss
+reads THROUGH the pose (else the class poses get no gradient and `grad_ratio` has no denominator), so
+here every layer has that head with a logistic: a_j = sigmoid(<w_a, v_j> + b_a), w_a (D,) drawn as
+nn.Linear's default U(-1/sqrt(D), 1/sqrt(D)), b_a 0. No squash: the family returns s (the pre-norm
+pose, whose length `init: data` fits) but the layer reports no `squash_gain` (registry `squashes`
+False); docs/PROBES.md, "Routing families and remedies".
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from capsmodels.functional import safe_norm, squash
 from capsmodels.registry import RouteOptions, Routed, register_routing
 
 LN_EPS = 1e-5        # nn.LayerNorm's default, as the authors' code
@@ -53,14 +54,23 @@ def attention_routing(u_hat: torch.Tensor, iterations: int, ln_weight: Optional[
 
 
 def _attention_params(n_out: int, d_out: int) -> dict:
-    """The LayerNorm's gain and offset (D,), shared over the layer's parents (nn.LayerNorm's init)."""
-    return {"ln_weight": nn.Parameter(torch.ones(d_out)), "ln_bias": nn.Parameter(torch.zeros(d_out))}
+    """The LayerNorm's gain and offset (D,) (nn.LayerNorm's init) and the activation head w_a (D,),
+    b_a (1,) (nn.Linear(D, 1)'s init), shared over the layer's parents as the authors' are."""
+    bound = 1.0 / math.sqrt(d_out)
+    return {"ln_weight": nn.Parameter(torch.ones(d_out)), "ln_bias": nn.Parameter(torch.zeros(d_out)),
+            "act_weight": nn.Parameter(torch.empty(d_out).uniform_(-bound, bound)),
+            "act_bias": nn.Parameter(torch.zeros(1))}
 
 
-@register_routing("attention", params=_attention_params,
+def attention_activation(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """v (B, J, D) -> a (B, J) = sigmoid(<w_a, v_j> + b_a): the authors' linear head, made a probability."""
+    return torch.sigmoid(v @ weight + bias)
+
+
+@register_routing("attention", params=_attention_params, squashes=False,
                   doc="inverted dot-product attention routing with LayerNorm (Tsai et al. 2020)")
 def route_attention(u_hat: torch.Tensor, a_in: torch.Tensor, layer, opts: RouteOptions) -> Routed:
-    """The registry's signature; child activations are not used (the paper's routing has none)."""
+    """The registry's signature; child activations and the squash are not used (the paper has none)."""
     v, c, s = attention_routing(u_hat, opts.iterations, layer.ln_weight, layer.ln_bias, layer.bias,
                                 opts.detach_inner)
-    return Routed(v, safe_norm(squash(s, kind=opts.squash)), c, s)
+    return Routed(v, attention_activation(v, layer.act_weight, layer.act_bias), c, s)
