@@ -25,6 +25,7 @@ SQUASHES = ("sabour", "exp", "tanh")
 INITS = ("std", "fan", "data")
 ARCHS = ("capsnet", "cnn")
 DEVICES = ("auto", "cpu", "cuda")
+TEST_TRANSFORMS = ("none", "affine")   # data.test_transform (capsmodels.transforms.TRANSFORMS)
 
 
 def __getattr__(name: str):
@@ -85,6 +86,13 @@ class DataConfig:
     augment: bool = False             # Sabour's random shift by up to 2 pixels
     download: bool = True             # fetch official files (checksum-verified) when missing
     sign_samples: int = 4000          # size of the synthetic `sign` task
+    test_transform: str = "none"      # none | affine: test_acc_transformed on warped test images
+                                      # (capsmodels.transforms; docs/PROBES.md), ranges below
+    affine_rotation: float = 20.0     # degrees, U(-r, r) per test image
+    affine_shear: float = 0.1         # x' = x + shear * y, U(-s, s)
+    affine_scale_min: float = 0.8     # isotropic scale, U(min, max)
+    affine_scale_max: float = 1.2
+    affine_translate: float = 3.0     # pixels per axis, U(-t, t)
 
 
 @dataclass
@@ -164,6 +172,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                                         (d.test_size > 1 and float(d.test_size).is_integer())):
         raise ConfigError(f"data.test_size: {d.test_size!r} is not allowed; "
                           "use null, a fraction in (0, 1] or a whole count > 1")
+    _choice("data.test_transform", d.test_transform, TEST_TRANSFORMS)
+    for name in ("affine_rotation", "affine_shear", "affine_translate"):
+        _at_least(f"data.{name}", getattr(d, name), 0.0)
+    if not 0 < d.affine_scale_min <= d.affine_scale_max:
+        raise ConfigError(f"data.affine_scale_min/affine_scale_max: {d.affine_scale_min!r}/"
+                          f"{d.affine_scale_max!r} is not allowed; need 0 < min <= max")
     _at_least("train.epochs", t.epochs, 1)
     _at_least("train.batch_size", t.batch_size, 1)
     if not t.lr > 0:
