@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
+import re
+import shlex
+import sys
+from dataclasses import asdict
 from typing import Optional
 
-from analysis import plots
-from analysis.verdict import annotate, verdict_json
-from capsmodels.contract import CANDIDATE, CONTROL, REFERENCE
+import numpy as np
+import pandas as pd
+
+from analysis import interactive, plots, search_views
+from analysis.stats import t_interval
+from analysis.verdict import Thresholds, annotate, short_names, verdict_json
+from capsmodels.contract import CANDIDATE, CONTROL, FINISHED, REFERENCE, ROLE_KEY, TAG_COMMIT
 
 # (figure key, column title, check whose outcome colours the cell, null figure)
 COLUMNS = [
@@ -70,7 +79,9 @@ details summary{cursor:pointer;color:#345} ul.checks{margin:.2em 0 .2em 1.2em;pa
 .note{background:#fff7da;border-left:4px solid #e0b400;padding:.4em .8em;margin:.3em 0}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.85em;color:#555} .sig{font-weight:700} .muted{color:#777}
-.small{font-size:.85em}
+.small{font-size:.85em} .runs{display:block;font-size:.85em;color:#555;margin-top:.2em;overflow-wrap:anywhere}
+tr.refruns td{border-top:none;font-size:.95em} table.repro th{width:16em} table.repro code{white-space:pre-wrap;
+overflow-wrap:anywhere} .nav a{color:#345}
 """
 
 
@@ -139,11 +150,17 @@ def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] =
     os.makedirs(out_dir, exist_ok=True)
     trials, _, swept = annotated or annotate(data)
     figures = plots.make_plots(trials, data.histories, verdict, out_dir, swept)
+    parent = parent_run_record(data)
+    views = {"extra": extra_figures(trials, verdict["thresholds"]["alpha"]),
+             "explore": explore_html(trials, swept, {c["id"]: c["label"] for c in verdict["configurations"]}),
+             "search": search_view(data, trials, swept, {c["id"]: c["label"] for c in verdict["configurations"]},
+                                   parent),
+             "repro": reproducibility(data, verdict, parent, out_dir)}
     paths = {"verdict": os.path.join(out_dir, "verdict.json"),
              "markdown": os.path.join(out_dir, "report.md"),
              "html": os.path.join(out_dir, "report.html")}
-    texts = {"verdict": verdict_json(verdict), "markdown": render_markdown(verdict, figures),
-             "html": render_html(data, verdict, figures, out_dir)}   # all rendered before any is written
+    texts = {"verdict": verdict_json(verdict), "markdown": render_markdown(verdict, figures, views),
+             "html": render_html(data, verdict, figures, out_dir, views)}   # all rendered before any is written
     for key, text in texts.items():
         with open(paths[key], "w") as f:
             f.write(text)
@@ -165,14 +182,300 @@ def log_report(data, out_dir: str, client=None) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Probe columns that only some sweeps log
+
+# (key, column title, the column it sits after, per-trial metric: a name, or a per-layer pattern averaged
+# over routed layers l >= 1 as tree_score is); a column appears when some trial logs its metric
+EXTRA_COLUMNS = [
+    ("test_acc_transformed", "test acc (transformed)", "test_acc", "test_acc_transformed"),
+    ("tree_recovery", "tree recovery", "tree_score", re.compile(r"^tree_recovery/l(\d+)$")),
+]
+
+
+def _trial_values(trials: pd.DataFrame, metric) -> Optional[pd.Series]:
+    """One value per trial of a plain or per-layer metric (mean over l >= 1); None when nobody logs it."""
+    if isinstance(metric, str):
+        return trials[metric].astype(float) if metric in trials and trials[metric].notna().any() else None
+    cols = [c for c in trials.columns if (m := metric.match(str(c))) and int(m.group(1)) >= 1]
+    if not cols or not trials[cols].notna().any().any():
+        return None
+    return trials[cols].astype(float).mean(axis=1, skipna=True)
+
+
+def extra_figures(trials: pd.DataFrame, alpha: float) -> dict[str, dict[str, dict]]:
+    """{config_id: {key: {mean, lo, hi}}} for the EXTRA_COLUMNS some trial logs: mean over a
+    configuration's finished seeds with the two-sided (1 - 2 alpha) t interval, clipped to [0, 1]."""
+    fin = trials[trials["status"] == FINISHED]
+    out: dict[str, dict[str, dict]] = {cid: {} for cid in trials["config_id"].unique()}
+    for key, _, _, metric in EXTRA_COLUMNS:
+        vals = _trial_values(fin, metric)
+        if vals is None:
+            continue
+        for cid, v in vals.groupby(fin["config_id"]):
+            iv = t_interval([x for x in v.tolist() if math.isfinite(x)], alpha)
+            clip = (lambda x: None if x is None or x != x else min(1.0, max(0.0, x)))
+            out[cid][key] = {"mean": None if iv.mean != iv.mean else iv.mean, "lo": clip(iv.lo), "hi": clip(iv.hi)}
+        for cid in out:
+            out[cid].setdefault(key, {"mean": None, "lo": None, "hi": None})
+    return out
+
+
+def columns_for(extra: dict[str, dict[str, dict]]) -> list[tuple]:
+    """COLUMNS with each logged EXTRA_COLUMNS entry inserted after the column it extends."""
+    present = {k for figs in extra.values() for k in figs}
+    cols = list(COLUMNS)
+    for key, title, after, _ in EXTRA_COLUMNS:
+        if key in present:
+            at = next(i for i, c in enumerate(cols) if c[0] == after) + 1
+            cols.insert(at, (key, title, None, None))
+    return cols
+
+
+def _with_extra(cfg: dict, extra: dict[str, dict[str, dict]]) -> dict:
+    return {**cfg, "figures": {**cfg["figures"], **extra.get(cfg["id"], {})}} if extra.get(cfg["id"]) else cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Links to MLflow and reproducibility
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> Optional[str]:
+    """The MLflow UI page of a run when the store is a tracking server (http/https), else None."""
+    if not re.match(r"^https?://", tracking_uri or ""):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def parent_run_record(data) -> dict:
+    """The sweep's parent run as {'tags': ..., 'params': ...} ({} without a parent or when the store does
+    not answer: the report is still written, without what only the parent records)."""
+    if not data.parent_run_id:
+        return {}
+    try:
+        from mlflow import MlflowClient
+        run = MlflowClient(tracking_uri=data.tracking_uri).get_run(data.parent_run_id)
+        return {"tags": dict(run.data.tags), "params": dict(run.data.params)}
+    except Exception:   # noqa: BLE001 - a store that went away between loading and reporting
+        return {}
+
+
+REPORT_PACKAGES = ("capsweep", "torch", "ray", "mlflow", "optuna", "numpy", "pandas", "scipy")
+
+
+def package_versions(names=REPORT_PACKAGES) -> dict[str, str]:
+    """Installed versions from package metadata (nothing is imported: analysis never imports torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def report_command(verdict: dict, out_dir: str) -> str:
+    """A `capsweep report` command that rebuilds this report: the sweep, its store, the reference and
+    every threshold that differs from the default."""
+    argv = ["capsweep", "report", "--experiment", verdict["experiment"], "--tracking-uri", verdict["tracking_uri"],
+            "--sweep", verdict["sweep"]]
+    src = verdict.get("reference_source") or ""
+    if src.startswith("sweep "):
+        argv += ["--reference", src[len("sweep "):]]
+    th, default = verdict["thresholds"], asdict(Thresholds())
+    for key in ("alpha", "acc_margin", "grad_margin", "grad_ratio_min", "starved_frac_max", "dead_frac_max",
+                "frozen_frac_max", "chance_margin"):
+        if th.get(key) != default[key]:
+            argv += [f"--{key.replace('_', '-')}", f"{th[key]:g}"]
+    if th.get("num_classes_source") == "given":
+        argv += ["--num-classes", str(th["num_classes"])]
+    return shlex.join(argv + ["--out", out_dir])
+
+
+def _invocation() -> Optional[str]:
+    """The command line of this process when it is `capsweep report` or `python -m analysis`."""
+    prog, args = os.path.basename(sys.argv[0] or ""), sys.argv[1:]
+    if prog == "capsweep" and args[:1] == ["report"]:
+        return shlex.join(["capsweep", *args])
+    if sys.argv[0].endswith(os.path.join("analysis", "__main__.py")):
+        return shlex.join(["python", "-m", "analysis", *args])
+    return None
+
+
+def reproducibility(data, verdict: dict, parent: dict, out_dir: str) -> list[tuple[str, str]]:
+    """(what, value) lines of the reproducibility block: the code (git commits of the parent and of the
+    trials), the versions the sweep recorded (any parent tag/param naming a version), the versions of
+    this report's environment, the sweep's settings and spec, and the commands."""
+    tags, params = parent.get("tags", {}), parent.get("params", {})
+    commits = data.trials["git_commit"].replace("", np.nan).dropna().value_counts() if "git_commit" in data.trials \
+        else pd.Series(dtype=int)
+    lines = [("sweep git commit", tags.get(TAG_COMMIT) or tags.get("mlflow.source.git.commit") or
+              "not recorded on the parent run"),
+             ("trials' git commit(s)", ", ".join(f"{c} ({n} trial(s))" for c, n in commits.items()) or "not recorded")]
+    recorded = {k: v for k, v in {**params, **tags}.items() if "version" in k.lower()}
+    lines.append(("versions recorded by the sweep", ", ".join(f"{k}={v}" for k, v in sorted(recorded.items()))
+                  or "none recorded on the parent run"))
+    lines.append(("versions that wrote this report", ", ".join(f"{k} {v}" for k, v in package_versions().items())))
+    settings = {k: v for k, v in params.items() if k.startswith("sweep.")}
+    if settings:
+        lines.append(("sweep settings (parent run params)", ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))))
+    for key in ("capsweep.command", "mlflow.source.name"):
+        if tags.get(key):
+            lines.append((f"sweep command ({key})", tags[key]))
+    if data.parent_run_id:
+        lines.append(("sweep spec", f"spec.yaml on parent run {data.parent_run_id}; replay: MLFLOW_TRACKING_URI="
+                      f"{shlex.quote(data.tracking_uri)} mlflow artifacts download -r {data.parent_run_id} "
+                      "-a spec.yaml -d . && capsweep run spec.yaml"))
+    lines.append(("report command", report_command(verdict, out_dir)))
+    invoked = _invocation()
+    if invoked:
+        lines.append(("invoked as", invoked))
+    return lines
+
+
+def _runs_of(data, run_ids: list[str]) -> list[tuple[str, str, str]]:
+    """(run id, seed, status) of each run, in the verdict's order."""
+    t = data.trials.set_index("run_id")
+    return [(r, str(t.at[r, "seed"]) if r in t.index else "?", str(t.at[r, "status"]) if r in t.index else "?")
+            for r in run_ids]
+
+
+def _runs_html(data, run_ids: list[str]) -> str:
+    """The configuration's MLflow runs: links into the UI of a tracking server, else the run ids."""
+    items = []
+    for rid, seed, status in _runs_of(data, run_ids):
+        url = run_url(data.tracking_uri, data.experiment_id, rid)
+        what = f"seed {seed}" + ("" if status == FINISHED else f" ({status})")
+        items.append(f"<a href='{html.escape(url)}'>{_t(what)}</a>" if url
+                     else f"{_t(what)}: <code>{_t(rid)}</code>")
+    return "<span class='runs'>MLflow runs: " + ", ".join(items) + "</span>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interactive views
+
+# (column of the annotated trials, axis label, higher is better) of the verdict's key probes
+KEY_PROBES = [("starved_worst", "starved_frac_max (worst hidden)", False), ("grad_ratio", "log10 grad_ratio", True),
+              ("test_acc", "test_acc", True)]
+PC_PROBES = [("test_acc", "test_acc"), ("grad_ratio", "log10 grad_ratio"), ("act_grad_min", "log10 min act_grad"),
+             ("starved_worst", "starved (worst)"), ("dead_worst", "dead (worst)"), ("frozen_worst", "frozen (worst)")]
+
+
+def explore_html(trials: pd.DataFrame, swept: list[str], labels: dict) -> str:
+    """Parallel coordinates of the finished trials: one axis per swept param, then the key probes."""
+    fin = trials[trials["status"] == FINISHED].reset_index(drop=True)
+    if fin.empty:
+        return "<p>No finished trial to draw.</p>"
+    names = short_names(swept)
+    probes = [(c, l) for c, l in PC_PROBES if c in fin and fin[c].notna().any()]
+    dims = [(c, names[c]) for c in swept] + probes
+    tips = [f"{r['config_id']} {labels.get(r['config_id'], '')} seed {r['seed']} ({r['role']}); "
+            + ", ".join(f"{l} {_n(r[c])}" for c, l in probes if r[c] == r[c]) + f"; run {r['run_id']}"
+            for _, r in fin.iterrows()]
+    return interactive.parallel_coordinates(
+        fin, dims, KEY_PROBES, tips, "pc-trials", "Parallel coordinates of the finished trials",
+        f"One line per finished trial ({len(fin)}), through its swept params and its last-epoch probes "
+        "(log10 axes as the verdict tests them). Colour: the chosen key probe, red = bad, blue = good, grey = "
+        "not logged; n/a under an axis: not logged or not set.")
+
+
+def search_view(data, trials: pd.DataFrame, swept: list[str], labels: dict, parent: dict) -> dict:
+    """The Optuna views: {'skipped': why} or {'objectives', 'table' (one row per candidate configuration,
+    seed means of the objectives, 'pareto'), 'importances' {metric: {param: share}}, 'params'}."""
+    params = parent.get("params", {})
+    if params.get("sweep.search") != "optuna":
+        return {"skipped": f"search is {params.get('sweep.search') or 'not recorded'}, not optuna"}
+    objectives = search_views.objectives_of(params)
+    if not objectives:
+        return {"skipped": "the parent run records no sweep.metric / sweep.mode"}
+    raw = data.trials.set_index("run_id")
+    cand = trials[(trials["status"] == FINISHED) & ((trials[ROLE_KEY] == CANDIDATE) if ROLE_KEY in trials
+                                                    else (trials["role"] == CANDIDATE))]
+    metrics = [m for m, _ in objectives]
+    missing = [m for m in metrics if m not in raw]
+    if missing:
+        return {"skipped": f"no trial logs the objective(s) {', '.join(missing)}"}
+    rows = cand[["config_id", *swept]].copy()
+    for m in metrics:
+        rows[m] = pd.to_numeric(raw.loc[cand["run_id"], m], errors="coerce").to_numpy(dtype=float)
+    table = search_views.config_means(rows, "config_id", swept, metrics)
+    if table.empty:
+        return {"skipped": "no finished candidate trial"}
+    table["pareto"] = search_views.pareto_front(table, objectives).to_numpy()
+    table["label"] = table["config_id"].map(labels)
+    varying = [p for p in swept if table[p].astype(str).nunique() > 1]
+    imps = {m: search_views.param_importances(table, varying, m, mode) for m, mode in objectives}
+    return {"objectives": objectives, "table": table, "importances": imps, "params": varying}
+
+
+def _objective_text(row: pd.Series, objectives) -> str:
+    return ", ".join(f"{m} {_n(row[m])}" for m, _ in objectives)
+
+
+def search_html(view: dict) -> str:
+    if "skipped" in view:
+        return f"<p class='muted'>Not drawn: {_t(view['skipped'])}.</p>"
+    t, obj = view["table"], view["objectives"]
+    parts = []
+    if len(obj) >= 2:
+        tips = [f"{r['config_id']} {r['label']}: {_objective_text(r, obj)} ({int(r['n'])} seed(s))"
+                + ("; on the Pareto front" if r["pareto"] else "") for _, r in t.iterrows()]
+        parts.append(interactive.scatter_panels(
+            t, obj, t["pareto"].tolist(), t["config_id"].tolist(), tips, "Pareto front of the candidate configurations",
+            f"One point per candidate configuration (mean over its finished seeds, as Optuna saw it), each pair of the "
+            f"{len(obj)} objectives; dark: on the Pareto front of all {len(obj)} together ({int(t['pareto'].sum())} "
+            f"of {len(t)}), grey: dominated. Hover a point to find it in the other panels."))
+    front = t[t["pareto"]].sort_values(obj[0][0], ascending=obj[0][1] == "min")
+    parts.append("<table><tr><th>id</th><th>configuration</th><th>seeds</th>"
+                 + "".join(f"<th>{_t(m)} ({mode})</th>" for m, mode in obj) + "</tr>")
+    parts += [f"<tr><td>{_t(r['config_id'])}</td><td>{_t(r['label'])}</td><td class='num'>{int(r['n'])}</td>"
+              + "".join(f"<td class='num'>{_n(r[m])}</td>" for m, _ in obj) + "</tr>" for _, r in front.iterrows()]
+    parts.append("</table>")
+    bars = [interactive.bar_chart(imp, f"importance for {m} ({mode})")
+            for (m, mode) in obj if (imp := view["importances"].get(m))]
+    if bars:
+        parts.append(f"<div class='charts'>{''.join(bars)}</div><p class='small'>Parameter importances: "
+                     "Optuna's fANOVA evaluator (seed 0) on a study rebuilt from the candidate configurations' seed "
+                     "means, one per objective; shares of the objective's variance, summing to 1.</p>")
+    else:
+        parts.append("<p class='muted'>Parameter importances not computed: fewer than 3 configurations or no "
+                     "varying param.</p>")
+    return "\n".join(parts)
+
+
+def search_markdown(view: dict) -> list[str]:
+    if "skipped" in view:
+        return [f"Not drawn: {view['skipped']}."]
+    t, obj = view["table"], view["objectives"]
+    front = t[t["pareto"]].sort_values(obj[0][0], ascending=obj[0][1] == "min")
+    out = [f"Pareto front: {len(front)} of {len(t)} candidate configurations (seed means).", "",
+           "| id | configuration | seeds | " + " | ".join(f"{m} ({mode})" for m, mode in obj) + " |",
+           "|" + "---|" * (3 + len(obj))]
+    out += [f"| {r['config_id']} | {_md(r['label'])} | {int(r['n'])} | " + " | ".join(_n(r[m]) for m, _ in obj) + " |"
+            for _, r in front.iterrows()]
+    for m, mode in obj:
+        imp = view["importances"].get(m)
+        if imp:
+            out += ["", f"Importance for {m} ({mode}), fANOVA: " + ", ".join(f"{p} {v:.2f}" for p, v in imp.items())]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # HTML
 
-def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
+NAV = [("configurations", "Configurations"), ("explore", "Explore the trials"), ("search", "Hyperparameter search"),
+       ("figures", "Figures"), ("trends", "Trends"), ("reproducibility", "Reproducibility")]
+
+
+def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: Optional[dict] = None) -> str:
+    """views: write_report's extra columns, interactive views and reproducibility lines (None: without them)."""
+    views = views or {}
+    extra = views.get("extra", {})
+    columns = columns_for(extra)
     c = verdict["counts"]
     answer, instrument = _headline(verdict)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>capsweep report: {_t(verdict['sweep'])}</title>", f"<style>{CSS}</style></head><body>",
+        f"<title>capsweep report: {_t(verdict['sweep'])}</title>", f"<style>{CSS}{interactive.CSS}</style></head><body>",
         f'<div class="answer {_ANSWER_CLASS[verdict["escaped"]]}">{_t(answer)}</div>',
         f'<div class="instrument {_INSTRUMENT_CLASS.get(verdict["instrument"], "und")}">{_t(instrument)}. '
         f'<span style="font-weight:400">{_t(verdict["instrument_text"])}.</span></div>',
@@ -184,27 +487,34 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
         f"{c['trials']} trials: {_t(_status_text(c))}; {c['configurations']} configurations, "
         f"{c['candidates']} candidate(s), {c['controls']} control(s). Read in {data.load_seconds:.1f} s "
         f"(histories: {_t(data.history_method)}).</p>",
+        "<p class='nav small'>" + " &middot; ".join(f"<a href='#{a}'>{t}</a>" for a, t in NAV) + "</p>",
     ]
     parts += [f'<div class="note">{_t(n)}</div>' for n in verdict["notes"]]
 
     level = f"{100 * (1 - 2 * verdict['thresholds']['alpha']):g}%"
-    parts.append("<h2>Configurations</h2>")
+    parts.append("<h2 id='configurations'>Configurations</h2>")
     parts.append(f"<p class='small'>Each cell: mean over the configuration's finished seeds [two-sided {level} "
                  "t interval, each end the one-sided bound the verdict uses]; grad ratio and min act_grad: "
                  "geometric mean (their checks work on log10). &Delta; acc: candidate &minus; matched depth-0 "
                  "reference with its Welch bounds. Colour: the check on that column passes (green), fails (red) "
                  "or is undecided (yellow). Tree score and routing dynamics: with the same statistic on the null "
                  "(votes permuted across inputs) below. n/a: the probe is not logged (never counted as evidence). "
-                 "Under each row: the checks that did not pass; unfold for every check.</p>")
-    ncols = 4 + len(COLUMNS)
+                 "Under each row: the checks that did not pass; unfold for every check; then the configuration's "
+                 "MLflow runs.</p>")
+    if run_url(data.tracking_uri, data.experiment_id, "x") is None:
+        parts.append(f"<p class='small'>Runs are listed by id: open the store with <code>capsweep ui --tracking-uri "
+                     f"{_t(shlex.quote(data.tracking_uri))}</code>; a run's page is <code>#/experiments/"
+                     f"{_t(data.experiment_id)}/runs/&lt;run id&gt;</code> under the UI's address.</p>")
+    ncols = 4 + len(columns)
     parts.append("<table><tr><th>id</th><th>configuration</th><th>verdict</th><th>seeds</th>"
-                 + "".join(f"<th>{title}</th>" for _, title, _, _ in COLUMNS) + "</tr>")
+                 + "".join(f"<th>{title}</th>" for _, title, _, _ in columns) + "</tr>")
     for cfg in _sorted_configs(verdict):
+        cfg = _with_extra(cfg, extra)
         total = sum(cfg["statuses"].values())
         vcls = _OUTCOME_CLASS.get(cfg["outcome"], "")
         role = f"{cfg['role']}: " if cfg["role"] == CONTROL else ""
         cells = []
-        for key, _, check, null in COLUMNS:
+        for key, _, check, null in columns:
             chk = _check_of(cfg, check)
             cls = f"num {_OUTCOME_CLASS[chk['outcome']]}" if chk else "num"
             value, ci, null_text = _cell(cfg, key, null)
@@ -215,6 +525,9 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
         parts.append(f"<tr class='{row_cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td>"
                      f"<td class='v {vcls}'>{_t(role + cfg['verdict'])}</td>"
                      f"<td class='num'>{cfg['n_seeds']}/{total}</td>{''.join(cells)}</tr>")
+        runs = _runs_html(data, cfg.get("run_ids", []))
+        if not cfg["checks"]:
+            parts.append(f"<tr class='refruns'><td></td><td colspan='{ncols - 1}'>{runs}</td></tr>")
         if cfg["checks"]:
             why = _why(cfg)
             shown = "".join(f"<li>{_t(ch['text'])}</li>" for ch in cfg["checks"] if ch["outcome"] != "pass")
@@ -225,7 +538,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
             head = f"<b>{_t(why)}</b><ul class='checks'>{shown}</ul>" if shown else ""
             summary = f"{'' if shown else '<b>every check passes</b>; '}all checks ({_t(ref_text)})"
             parts.append(f"<tr class='why'><td></td><td colspan='{ncols - 1}'>{head}<details><summary>{summary}"
-                         f"</summary><ul class='checks'>{every}</ul></details></td></tr>")
+                         f"</summary><ul class='checks'>{every}</ul></details>{runs}</td></tr>")
     parts.append("</table>")
 
     parts.append("<h2>Thresholds and rules</h2><table><tr><th>parameter</th><th>meaning</th><th>value</th></tr>")
@@ -248,7 +561,11 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
     else:
         parts.append("<p>None: every trial finished.</p>")
 
-    parts.append("<h2>Figures</h2>")
+    parts.append("<h2 id='explore'>Explore the trials</h2>")
+    parts.append(views.get("explore", "<p class='muted'>Not drawn.</p>"))
+    parts.append("<h2 id='search'>Hyperparameter search</h2>")
+    parts.append(search_html(views.get("search", {"skipped": "not computed"})))
+    parts.append("<h2 id='figures'>Figures</h2>")
     for fig in figures:
         if "file" in fig:
             with open(os.path.join(out_dir, fig["file"]), "rb") as f:
@@ -260,9 +577,12 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str) -> str:
         parts.append("<p>Not drawn:</p><ul>" + "".join(
             f"<li>{_t(f['title'])}: {_t(f['skipped'])}</li>" for f in skipped) + "</ul>")
 
-    parts.append("<h2>Trends</h2>")
+    parts.append("<h2 id='trends'>Trends</h2>")
     parts.append(_trends_html(verdict["trends"], verdict["thresholds"]["alpha"]))
-    parts.append("</body></html>")
+    parts.append("<h2 id='reproducibility'>Reproducibility</h2><table class='repro'>")
+    parts += [f"<tr><th>{_t(k)}</th><td><code>{_t(v)}</code></td></tr>" for k, v in views.get("repro", [])]
+    parts.append("</table>")
+    parts.append(f"<script>{interactive.SCRIPT}</script></body></html>")
     return "\n".join(parts) + "\n"
 
 
@@ -316,7 +636,10 @@ def _md_cell(value: str, ci: str, null_text: str) -> str:
     return " ".join(p for p in (value, ci, f"({null_text})" if null_text else "") if p)
 
 
-def render_markdown(verdict: dict, figures: list[dict]) -> str:
+def render_markdown(verdict: dict, figures: list[dict], views: Optional[dict] = None) -> str:
+    views = views or {}
+    extra = views.get("extra", {})
+    columns = columns_for(extra)
     c = verdict["counts"]
     answer, instrument = _headline(verdict)
     level = f"{100 * (1 - 2 * verdict['thresholds']['alpha']):g}%"
@@ -327,19 +650,20 @@ def render_markdown(verdict: dict, figures: list[dict]) -> str:
            f"{verdict['reference_source']}. {c['trials']} trials: {_status_text(c)}; {c['configurations']} "
            f"configurations, {c['candidates']} candidate(s), {c['controls']} control(s).", ""]
     out += [f"> {n}" for n in verdict["notes"]] + ([""] if verdict["notes"] else [])
-    titles = [html.unescape(t) for _, t, _, _ in COLUMNS]
+    titles = [html.unescape(t) for _, t, _, _ in columns]
     out += ["## Configurations", "",
             f"Mean over finished seeds [two-sided {level} t interval]; grad ratio and min act_grad: geometric "
             "means; delta acc: candidate - reference with its Welch bounds; tree score and routing dyn.: with their "
             "null (votes permuted across inputs). Checks that did not pass: below the table. n/a: not logged.", "",
             "| id | configuration | verdict | seeds | " + " | ".join(titles) + " |",
-            "|" + "---|" * (4 + len(COLUMNS))]
+            "|" + "---|" * (4 + len(columns))]
     for cfg in _sorted_configs(verdict):
+        cfg = _with_extra(cfg, extra)
         v = f"**{cfg['verdict']}**" if cfg["escaped"] else cfg["verdict"]
         if cfg["role"] == CONTROL:
             v = f"control: {v}"
         out.append(f"| {cfg['id']} | {_md(cfg['label'])} | {v} | {cfg['n_seeds']}/{sum(cfg['statuses'].values())} | "
-                   + " | ".join(_md(_md_cell(*_cell(cfg, key, null))) for key, _, _, null in COLUMNS) + " |")
+                   + " | ".join(_md(_md_cell(*_cell(cfg, key, null))) for key, _, _, null in columns) + " |")
     out += ["", "### Why (checks that did not pass)", ""]
     for cfg in _sorted_configs(verdict):
         bad = [ch for ch in cfg["checks"] if ch["outcome"] != "pass"]
@@ -373,6 +697,8 @@ def render_markdown(verdict: dict, figures: list[dict]) -> str:
                 f"{_n(t['p_holm'])} | {t['n']} | {t['levels']} | {_md(t['note'])} |" for t in verdict["trends"]]
     else:
         out.append("No factor varied across CapsNet configurations.")
+    out += ["", "## Hyperparameter search", ""] + search_markdown(views.get("search", {"skipped": "not computed"}))
+    out += ["", "## Reproducibility", ""] + [f"- {k}: `{_md(v)}`" for k, v in views.get("repro", [])]
     return "\n".join(out) + "\n"
 
 
