@@ -3,26 +3,115 @@
 Each write is idempotent, so the queue's at-least-once delivery gives exactly-once runs: a `Start`
 finds the run a half-delivered earlier try created (by parent and trial id) and logs params only
 once (MLflow refuses to change a param: "Changing param values is not allowed"); a `Metrics` record
-for a step the run already has is skipped. Knows nothing of Ray Tune.
+for a step the run already has is skipped; a `Lineage` record logs only the params and datasets the
+run lacks; a `Model` record finds the model an earlier try logged (sweeps/models.py). Knows nothing
+of Ray Tune.
+
+Params that only say "not set" (None) are not logged, nor `train.device` at the start: the trial logs
+the device it used (`Lineage`), where the config may say `auto`.
 """
 from __future__ import annotations
 
 import json
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from capsmodels.contract import (EPOCH_METRIC, FAILED, FINISHED, INTERRUPTED, RUN_TRIAL, RUNNING,
+from capsmodels.contract import (EPOCH_METRIC, FAILED, ROLE_KEY, FINISHED, INTERRUPTED, RUN_TRIAL, RUNNING,
                                  TAG_COMMIT, TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_RUN_NAME, TAG_SEED,
                                  TAG_STATUS, TAG_SWEEP, TAG_TRIAL)
-from sweeps.write_queue import (End, Interrupt, Metrics, ParentEnd, ParentInterrupt, Record, Reopen,
-                                Start, Tag)
+from sweeps import models
+from sweeps.provenance import DATA_CONTEXT, SPLIT_ROWS, standard_tags
+from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentEnd, ParentInterrupt, ParentTags,
+                                Record, Reopen, Start, Tag)
 
 MAX_BATCH = 900          # MLflow's log_batch takes at most 1000 metrics per call
+DEVICE_PARAM = "train.device"
+# MLflow 3's experiment type: its UI opens an experiment of this kind on its runs, not on the GenAI
+# traces overview (the values of the UI's ExperimentKind; `genai_development` is the other one)
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def mark_experiment(client: MlflowClient, experiment_id: str) -> None:
+    """Mark the experiment as model training, unless someone chose its kind already."""
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created (and marked as model training, run_writer.mark_experiment) if new."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = client.create_experiment(name)
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp_id)
+    mark_experiment(client, exp_id)
+    return exp_id
+
+
+# run names: the axes of the paper first (depth, iterations, routing), then the other swept keys
+NAME_ABBREV = {"model.depth": "d", "model.iterations": "it", "train.seed": "s", "model.caps_dim": "cd",
+               "model.num_caps": "nc", "data.train_size": "n", "train.lr": "lr"}
+NAME_FIXED = ("model.arch", "model.depth", "model.iterations", "model.routing", "train.seed", ROLE_KEY)
+
+
+def _name_part(key: str, value: Any) -> str:
+    abbr = NAME_ABBREV.get(key) or key.rsplit(".", 1)[-1].replace("_", "")
+    if isinstance(value, bool):
+        return abbr if value else f"no{abbr}"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{abbr}{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return abbr + "x".join(map(str, value))
+    return f"{abbr}{value}"
+
+
+def run_name(params: dict, swept: Iterable[str]) -> str:
+    """`d3-it3-dynamic-s0`: depth, routing iterations and algorithm (a cnn: `cnn-d3`), the other swept
+    keys (strings as they are, numbers after a short key, booleans as the key or `no`+key), the seed."""
+    cnn = params.get("model.arch") == "cnn"
+    parts = ["cnn"] if cnn else []
+    parts.append(_name_part("model.depth", params.get("model.depth")))
+    if not cnn:
+        parts += [_name_part("model.iterations", params.get("model.iterations")), str(params.get("model.routing"))]
+    parts += [_name_part(k, params.get(k)) for k in swept if k not in NAME_FIXED]
+    parts.append(_name_part("train.seed", params.get("train.seed")))
+    return "-".join(parts)
+
+
+def numeric_metrics(result: dict) -> dict[str, float]:
+    """The numbers of a Tune result (or a fit report) that are metrics: Tune's bookkeeping left out."""
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if k in ("epoch", "training_iteration") or k.startswith(("time_", "timestamp")) and k != "time_s":
+            continue
+        if k in ("pid", "done", "iterations_since_restore", "timesteps_total", "episodes_total"):
+            continue
+        out[k] = float(v)    # NaN is data (0/0 grad_ratio of a network with no gradient at all)
+    return out
+
+
+def run_params(params: dict) -> list[Param]:
+    """MLflow params of a flat dict: None ("not set") left out."""
+    return [Param(k, param_str(v)) for k, v in params.items() if v is not None]
+
+
+def log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
+    """Each split (sweeps/provenance.py, dataset_inputs) as one of the run's dataset inputs."""
+    client.log_inputs(run_id, datasets=[DatasetInput(
+        Dataset(d["name"], d["digest"], "capsweep", json.dumps({"dataset": d["name"], "split": d["context"]}),
+                profile=json.dumps({"num_rows": d["rows"]})),
+        tags=[InputTag(DATA_CONTEXT, d["context"]), InputTag(SPLIT_ROWS, str(d["rows"]))]) for d in datasets])
 
 
 def transient(e: BaseException) -> bool:
@@ -45,8 +134,9 @@ class RunWriter:
     """The MLflow side of one sweep: `run_ids` and `last_step` (per trial id) are what it has written."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, sweep: str,
-                 commit: Optional[str]):
+                 commit: Optional[str], tracking_uri: str = ""):
         self.client = client
+        self.tracking_uri = tracking_uri      # mlflow.pytorch.log_model writes through the fluent API
         self.experiment_id = experiment_id
         self.parent_id = parent_id
         self.sweep = sweep
@@ -55,7 +145,8 @@ class RunWriter:
         self.last_step: dict[str, int] = {}
         self._apply = {Start: self._start, Tag: self._tag, Reopen: self._reopen, Interrupt: self._interrupt,
                        Metrics: self._metrics, End: self._end, ParentInterrupt: self._parent_interrupt,
-                       ParentEnd: self._parent_end}
+                       ParentEnd: self._parent_end, Lineage: self._lineage, Model: self._model,
+                       ParentTags: self._parent_tags}
 
     def apply(self, rec: Record) -> None:
         self._apply[type(rec)](rec)
@@ -67,6 +158,7 @@ class RunWriter:
                 TAG_TRIAL: r.trial_id, TAG_SEED: str(r.seed), TAG_STATUS: RUNNING, TAG_RUN_NAME: r.run_name}
         if self.commit:
             tags[TAG_COMMIT] = self.commit
+        tags.update(standard_tags(self.commit))
         # idempotent: a retry after a half-delivered start finds the run it created
         found = self.client.search_runs(
             [self.experiment_id],
@@ -76,7 +168,7 @@ class RunWriter:
                                                             run_name=r.run_name)
         rid = run.info.run_id
         if not run.data.params:
-            self.client.log_batch(rid, params=[Param(k, param_str(v)) for k, v in r.params.items()])
+            self.client.log_batch(rid, params=run_params({k: v for k, v in r.params.items() if k != DEVICE_PARAM}))
         self.client.log_text(rid, r.yaml_text, "config.yaml")
         self.run_ids[r.trial_id] = rid
         self.last_step.setdefault(r.trial_id, -1)
@@ -102,6 +194,27 @@ class RunWriter:
         for i in range(0, len(items), MAX_BATCH):
             self.client.log_batch(self.run_ids[r.trial_id], metrics=items[i:i + MAX_BATCH])
         self.last_step[r.trial_id] = r.step
+
+    def _lineage(self, r: Lineage) -> None:
+        run = self.client.get_run(self.run_ids[r.trial_id])
+        new = {k: v for k, v in r.params.items() if k not in run.data.params}
+        if new or r.tags:
+            self.client.log_batch(run.info.run_id, params=run_params(new),
+                                  tags=[RunTag(k, v) for k, v in r.tags.items()])
+        if r.datasets and not run.inputs.dataset_inputs:
+            log_datasets(self.client, run.info.run_id, r.datasets)
+
+    def _model(self, r: Model) -> None:
+        rid = self.run_ids[r.trial_id]
+        if r.log:
+            models.log_trial_model(self.client, self.tracking_uri, self.experiment_id, rid, r.model_dir,
+                                   r.state_path, {TAG_SWEEP: self.sweep, TAG_TRIAL: r.trial_id})
+        if not r.keep:
+            models.cleanup(r.model_dir, r.state_path)
+
+    def _parent_tags(self, r: ParentTags) -> None:
+        self.client.log_batch(self.parent_id, tags=[RunTag(k, v) for k, v in r.tags.items()])
+        mark_experiment(self.client, self.experiment_id)
 
     def _end(self, r: End) -> None:
         rid = self.run_ids[r.trial_id]

@@ -15,8 +15,15 @@ in a run are skipped. If the server stays away past `max_outage_s`, the queue is
 After a driver crash, epochs Tune recorded in its own result.json files but MLflow never got are
 backfilled on resume.
 
+Each trial's run is named after its params (`d3-it3-dynamic-s0`: depth, routing iterations and
+algorithm, the other swept keys, the seed; `cnn-d1-s0` for a control), unique within the sweep. At a
+trial's first result the logger reads what the trial wrote at its start (sweeps/models.py: the device
+it used, its datasets) and logs it; when the trial ends, its final model (sweeps/models.py), before
+the run is closed, and its state file is deleted unless `keep_state`.
+
 This module is the Tune side only: the queue (retries, spool) is sweeps/write_queue.py, the MLflow
-writes of each typed record sweeps/run_writer.py, the git commit sweeps/provenance.py.
+writes of each typed record sweeps/run_writer.py, the git commit and the standard tags
+sweeps/provenance.py, the model files sweeps/models.py.
 """
 from __future__ import annotations
 
@@ -32,11 +39,14 @@ from ray.tune import Callback
 
 from analysis.mlflowio import mlflow_http_env, search_all
 from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, RUN_PARENT, RUNNING,
-                                 STOPPED, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_STATUS, TAG_SWEEP, TAG_TRIAL)
-from sweeps.provenance import git_commit
-from sweeps.run_writer import RunWriter, transient
-from sweeps.write_queue import (End, Interrupt, Metrics, ParentEnd, ParentInterrupt, Record, Reopen, Start,
-                                Tag, TrackingUnavailable, WriteQueue, queued)
+                                 STOPPED, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
+                                 TAG_TRIAL)
+from sweeps import models, storage
+from sweeps.provenance import git_commit, standard_tags
+from sweeps.run_writer import (DEVICE_PARAM, RunWriter, get_or_create_experiment, numeric_metrics, run_name,
+                               transient)
+from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentEnd, ParentInterrupt, ParentTags,
+                                Record, Reopen, Start, Tag, TrackingUnavailable, WriteQueue, queued)
 
 log = logging.getLogger("capsweep.tracking")
 
@@ -56,15 +66,6 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
             "start the tracking server or fix the URI") from None
 
 
-def get_or_create_experiment(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        return client.create_experiment(name)
-    if exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    return exp.experiment_id
-
-
 def find_parent(client: MlflowClient, experiment_id: str, sweep: str):
     runs = client.search_runs([experiment_id],
                               f"tags.`{TAG_ROLE}` = '{RUN_PARENT}' and tags.`{TAG_SWEEP}` = '{sweep}'",
@@ -76,32 +77,25 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list
     return search_all(client, experiment_id, f"tags.`{TAG_PARENT}` = '{parent_id}'")
 
 
-def _numeric_metrics(result: dict) -> dict[str, float]:
-    out = {}
-    for k, v in result.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if k in ("epoch", "training_iteration") or k.startswith(("time_", "timestamp")) and k != "time_s":
-            continue
-        if k in ("pid", "done", "iterations_since_restore", "timesteps_total", "episodes_total"):
-            continue
-        out[k] = float(v)    # NaN is data (0/0 grad_ratio of a network with no gradient at all)
-    return out
-
-
 class MlflowSweepLogger(Callback):
     """Ray Tune callback that mirrors a sweep into MLflow (see the module docstring)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
                  experiment_dir: Path, trial_params: Any, trial_yaml: Any,
-                 max_outage_s: float = 900.0, max_pending: int = 200_000, expected_trials: int = 0):
+                 max_outage_s: float = 900.0, max_pending: int = 200_000, expected_trials: int = 0,
+                 storage_root: Optional[str] = None, keep_state: bool = False):
         # Tune pickles its callbacks into the experiment state (tuner.pkl); only these arguments
         # travel, and a restored logger re-reads its state from MLflow itself (__setstate__).
         self._args = dict(tracking_uri=tracking_uri, experiment_id=experiment_id,
                           parent_run_id=parent_run_id, sweep=sweep, experiment_dir=str(experiment_dir),
                           trial_params=trial_params, trial_yaml=trial_yaml,
                           max_outage_s=max_outage_s, max_pending=max_pending,
-                          expected_trials=expected_trials)
+                          expected_trials=expected_trials, storage_root=storage_root, keep_state=keep_state)
+        # the trials' files (sweeps/models.py): <storage_root>/trial_state, trial_models; a URI or a folder
+        self.state_dir = storage.join(storage_root or str(experiment_dir), models.STATE_DIR)
+        self.keep_state = keep_state
+        self.names: set[str] = set()         # run names taken in this sweep
+        self.lineage: set[str] = set()       # trials whose start (device, datasets) is logged
         self.expected_trials = expected_trials
         self.parent_closed = False
         self.interrupted = False
@@ -113,7 +107,8 @@ class MlflowSweepLogger(Callback):
         self.trial_params = trial_params      # config dict -> (flat params dict, seed)
         self.trial_yaml = trial_yaml          # config dict -> resolved trial config YAML text
         self.client = MlflowClient(tracking_uri)
-        self.writer = RunWriter(self.client, experiment_id, parent_run_id, sweep, git_commit())
+        self.commit = git_commit()
+        self.writer = RunWriter(self.client, experiment_id, parent_run_id, sweep, self.commit, tracking_uri)
         self.queue = WriteQueue(self._apply, transient, self.experiment_dir / PENDING_FILE,
                                 f"MLflow at {tracking_uri}", max_outage_s, max_pending, on_reject=_log_rejected)
         self.run_ids = self.writer.run_ids          # trial id -> run id
@@ -132,6 +127,7 @@ class MlflowSweepLogger(Callback):
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         """Experiment start (also after --resume): deliver writes an earlier driver spooled."""
         self._watch_sigint()
+        self._put(ParentTags(standard_tags(self.commit)))
         n = self.queue.replay_spool()
         if n:
             print(f"capsweep: delivered {n} MLflow writes saved by an earlier run", flush=True)
@@ -167,6 +163,9 @@ class MlflowSweepLogger(Callback):
             if not tid:
                 continue
             self.run_ids[tid] = run.info.run_id
+            self.names.add(run.data.tags.get(TAG_RUN_NAME, ""))
+            if DEVICE_PARAM in run.data.params:
+                self.lineage.add(tid)
             # the latest `epoch` value is the one at the largest step, and value == step
             epoch = run.data.metrics.get("epoch")
             self.last_step[tid] = int(epoch) if epoch is not None else -1
@@ -188,7 +187,7 @@ class MlflowSweepLogger(Callback):
             except json.JSONDecodeError:
                 continue     # a line cut by the crash
             if "epoch" in result:
-                self._put(Metrics(trial_id, int(result["epoch"]), _numeric_metrics(result),
+                self._put(Metrics(trial_id, int(result["epoch"]), numeric_metrics(result),
                                   int(result.get("timestamp", time.time()) * 1000)))
 
     # ---- Tune callback hooks --------------------------------------------------------------------
@@ -206,7 +205,13 @@ class MlflowSweepLogger(Callback):
         tid = trial.trial_id
         if not self._has_run(tid):
             params, seed = self.trial_params(trial.config)
-            self._put(Start(tid, f"{self.sweep}-{tid}", params, seed, self.trial_yaml(trial.config)))
+            name = base = run_name(params, trial.config)
+            n = 1
+            while name in self.names:
+                n += 1
+                name = f"{base}-{n}"
+            self.names.add(name)
+            self._put(Start(tid, name, params, seed, self.trial_yaml(trial.config)))
         elif self.statuses.get(tid) == INTERRUPTED:
             self._put(Reopen(tid))
         self.statuses.setdefault(tid, RUNNING)
@@ -219,10 +224,25 @@ class MlflowSweepLogger(Callback):
             self._ensure_run(trial)
         if "epoch" not in result:
             return
-        self._put(Metrics(trial.trial_id, int(result["epoch"]), _numeric_metrics(result),
+        self._log_lineage(trial.trial_id)
+        self._put(Metrics(trial.trial_id, int(result["epoch"]), numeric_metrics(result),
                           int(time.time() * 1000)))
         if result.get("status") == DIVERGED:
             self.statuses[trial.trial_id] = DIVERGED
+
+    def _paths(self, tid: str) -> tuple[str, str]:
+        return models.trial_paths(self.state_dir, tid)
+
+    def _log_lineage(self, tid: str) -> None:
+        """Once per trial: what it wrote at its start (device used, datasets), when it is there."""
+        if tid in self.lineage:
+            return
+        info = models.read_json(self._paths(tid)[1], models.INFO_FILE)
+        if info is None:
+            return
+        self.lineage.add(tid)
+        self._put(Lineage(tid, {DEVICE_PARAM: info["device"]}, {models.TAG_DEVICE_NAME: info["device_name"]},
+                          info.get("datasets", [])))
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         """A trial raised and Tune will retry it (FailureConfig.max_failures): same run, count it."""
@@ -259,6 +279,9 @@ class MlflowSweepLogger(Callback):
             status = STOPPED    # ended early by the scheduler (ASHA)
         self.statuses[tid] = status
         self.ended.add(tid)
+        self._log_lineage(tid)
+        state_path, model_dir = self._paths(tid)
+        self._put(Model(tid, model_dir, state_path, self.keep_state, log=status != FAILED))
         self._put(End(tid, status, error))
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:

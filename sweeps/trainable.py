@@ -11,6 +11,11 @@ starts the trial afresh, finds that file, says its last epoch again (it may not 
 before a crash; MLflow keeps one copy of each epoch) and continues with the next epoch, repeating
 exactly what it would have done.
 
+The trial also leaves its model's files (sweeps/models.py): at its start the resolved config and
+`trial.json` (the device it used, the datasets' digests and sizes), at its end the final weights; the
+driver logs them to MLflow (one writer) and then deletes the weights and the state file. Each epoch's
+report carries the trial's own system figures (`system/...`, sweeps/sysmetrics.py).
+
 Why not Tune's own checkpoints: Tune deletes the previous checkpoint (`num_to_keep`) before its next
 experiment snapshot is written, so a driver killed in between leaves a snapshot that points at a
 deleted checkpoint, and the resumed trial fails with "Could not recover from checkpoint as it does not
@@ -23,9 +28,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 from ray import tune
 
-from capsmodels.train import fit
+from capsmodels import config as runcfg
+from capsmodels.train import fit, prepare
+from sweeps import models, storage
+from sweeps.provenance import dataset_inputs
+from sweeps.sysmetrics import SystemSampler, describe_device
 from sweeps.spec import resolve_trial
 
 from capsmodels.contract import ENDED  # a state whose epoch ended the run: nothing left to train
@@ -38,36 +48,62 @@ def run_trial(config: dict[str, Any], base: dict, raws: Optional[dict] = None, c
     driver loaded, by name (a dataset missing there is read from disk by `fit`); state_dir: where this
     sweep's trials keep their per-epoch state (None: nowhere, a retry starts from scratch)."""
     cfg = resolve_trial(base, config)
+    config_yaml = yaml.safe_dump(runcfg.to_dict(cfg), sort_keys=False)     # as resolved, for the model
     raw = (raws or {}).get(cfg.data.name)
     cfg.train.progress = False
     if cfg.train.threads == 0:
         cfg.train.threads = max(1, int(cpus))
     _maybe_inject_failure(config)
 
-    path = Path(state_dir) / f"{tune.get_context().get_trial_id()}.pt" if state_dir else None
+    tid = tune.get_context().get_trial_id()
+    path, model_dir = models.trial_paths(state_dir, tid) if state_dir else (None, None)
     state = load_state(path)
     if state is not None and state.get("metrics"):
         tune.report(state["metrics"])
         if state["metrics"].get("status") in ENDED:
             return
+    elif model_dir is not None:
+        final = models.read_json(model_dir, models.FINAL_FILE)
+        if final is not None:
+            # ended, its model logged and its state deleted, then restored by a driver that crashed
+            # before Tune saved the trial as done: say the end again, train nothing
+            tune.report(final)
+            return
+
+    torch.set_num_threads(cfg.train.threads)      # as fit would, before prepare's `init: data` runs
+    splits, model, device = prepared = prepare(cfg, raw)
+    if model_dir is not None:
+        models.write_start(model_dir, config_yaml, trial_info(cfg, splits, device))
+    sampler = SystemSampler(device)
+
+    def report(metrics: dict) -> None:
+        tune.report({**metrics, **sampler.sample()})
 
     # fit checkpoints each epoch before reporting it: a crash before the report repeats it above
-    fit(cfg, tune.report, data=raw, state=state,
-        checkpoint=(lambda s: save_state(path, s)) if path is not None else None)
+    final = fit(cfg, report, state=state, prepared=prepared,
+                checkpoint=(lambda s: save_state(path, s)) if path is not None else None)
+    if model_dir is not None:
+        models.write_final(model_dir, model, final)
 
 
-def load_state(path: Optional[Path]) -> Optional[dict]:
-    if path is None or not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+def trial_info(cfg, splits, device: torch.device) -> dict:
+    """What only the trial knows, for the driver to log (sweeps/models.py, trial.json): the device
+    actually used (not `auto`) and its name, the network's input shape and classes, the datasets."""
+    used, name = describe_device(device)
+    data = {"train": splits.train.tensors, "val": splits.val.tensors, "test": splits.test.tensors}
+    return {"device": used, "device_name": name, "in_shape": list(splits.in_shape),
+            "num_classes": int(splits.num_classes), "datasets": dataset_inputs(cfg.data.name, data)}
 
 
-def save_state(path: Path, state: dict) -> None:
-    """Write to a temporary file beside it, then rename: the file is always a whole epoch's state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def load_state(path: Optional[str | Path]) -> Optional[dict]:
+    """A local path or a storage URI (sweeps/storage.py); None when there is no state yet."""
+    return None if path is None else storage.load_torch(str(path))
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """The file is always a whole epoch's state: locally a temporary file beside it renamed over it,
+    on an object store one PUT (sweeps/storage.py, write_bytes)."""
+    storage.save_torch(str(path), state)
 
 
 def _maybe_inject_failure(config: dict) -> None:

@@ -70,6 +70,33 @@ class End:
 
 
 @dataclass
+class Lineage:
+    """What the trial found at its start (its trial.json, sweeps/models.py): params and tags it alone
+    knows (the device used, its name) and its datasets (sweeps/provenance.py, dataset_inputs)."""
+    trial_id: str
+    params: dict
+    tags: dict
+    datasets: list
+
+
+@dataclass
+class Model:
+    """The trial ended: log its final model from its files on the storage (once), then delete the
+    weights and the per-epoch state unless `keep`. `log` False (a failed trial): only the deletion."""
+    trial_id: str
+    model_dir: str
+    state_path: str
+    keep: bool
+    log: bool = True
+
+
+@dataclass
+class ParentTags:
+    """MLflow's standard tags on the parent run; the experiment marked as model training."""
+    tags: dict
+
+
+@dataclass
 class ParentInterrupt:
     pass
 
@@ -80,11 +107,11 @@ class ParentEnd:
     status: str
 
 
-Record = Union[Start, Tag, Reopen, Interrupt, Metrics, End, ParentInterrupt, ParentEnd]
+Record = Union[Start, Tag, Reopen, Interrupt, Metrics, Lineage, Model, End, ParentTags, ParentInterrupt, ParentEnd]
 # spool names: those an earlier version wrote as the first item of a positional list
 KINDS: dict[str, type] = {"start": Start, "tag": Tag, "reopen": Reopen, "interrupt": Interrupt,
                           "metrics": Metrics, "end": End, "parent_interrupt": ParentInterrupt,
-                          "parent_end": ParentEnd}
+                          "parent_end": ParentEnd, "lineage": Lineage, "model": Model, "parent_tags": ParentTags}
 _KIND_OF = {cls: kind for kind, cls in KINDS.items()}
 
 

@@ -1,0 +1,285 @@
+"""Trained models: the files a trial leaves, how the driver logs them as MLflow models, how they load.
+
+Where they live. A trial writes, on the sweep's storage (sweeps/storage.py: a folder every node sees,
+or an object store):
+
+  <storage>/<name>/trial_models/<trial id>/config.yaml   the resolved trial config   (trial start)
+                                          /trial.json    device used, its name, input shape, classes,
+                                                         the datasets' lineage        (trial start)
+                                          /model.pt      the final weights            (training ended)
+                                          /final.json    the final metrics            (training ended)
+  <storage>/<name>/trial_state/<trial id>.pt             the per-epoch state (sweeps/trainable.py)
+
+and when the trial ends the sweep driver (the one MLflow writer: a `Model` record of
+sweeps/write_queue.py) logs the weights as the child run's MLflow model, then deletes model.pt and the
+state file (kept with `capsweep run --keep-state`). A trial stopped early by ASHA never reaches the
+end of its training; its model is the last epoch's state. config.yaml, trial.json and final.json
+stay (a few KB): final.json tells a trial that Tune restores after a driver crash that it is done.
+
+The MLflow model (MLflow 3 "logged model", `models:/<model id>`, listed on the run's Models tab):
+`mlflow.pytorch` with pickle serialization, because `capsweep eval` needs the network's own methods
+(the probes' layer access), which a `torch.export` graph (the pt2 format) does not keep. It serves
+`ScoresNet`: images float32 (N, C, H, W) in [0, 1] -> class scores (N, K); the signature says so.
+The resolved config is inside it (`extra_files/config.yaml`) and its flattened keys are the logged
+model's params. Loading it needs this project installed (the pickle names capsmodels' classes).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from sweeps import storage
+
+MODELS_DIR = "trial_models"
+STATE_DIR = "trial_state"         # as sweeps/runner.py names it
+MODEL_NAME = "model"
+CONFIG_FILE, INFO_FILE, WEIGHTS_FILE, FINAL_FILE = "config.yaml", "trial.json", "model.pt", "final.json"
+TAG_MODEL_ID = "capsweep.model_id"   # on the run: the logged model's id (`capsweep eval RUN_ID` finds it)
+TAG_DEVICE_NAME = "capsweep.device_name"   # on the run: the hardware it trained on (the GPU's name)
+
+
+class ModelNotFound(LookupError):
+    """No run or logged model answers to what `capsweep eval` was given. One line."""
+
+
+class ScoresNet(torch.nn.Module):
+    """What the MLflow model serves: x (N, C, H, W) -> the network's class scores (N, K). `net` is
+    the capsmodels network itself (for the probes)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).scores
+
+
+# ---- the trial's side -----------------------------------------------------------------------------
+def trial_paths(state_dir: str, trial_id: str) -> tuple[str, str]:
+    """(state file, model folder) of a trial, from the sweep's trial_state folder."""
+    root = state_dir.rstrip("/").rsplit("/", 1)[0] if storage.is_uri(state_dir) else os.path.dirname(state_dir)
+    return storage.join(state_dir, f"{trial_id}.pt"), storage.join(root, MODELS_DIR, trial_id)
+
+
+def write_start(model_dir: str, config_yaml: str, info: dict) -> None:
+    storage.write_bytes(storage.join(model_dir, CONFIG_FILE), config_yaml.encode())
+    storage.write_bytes(storage.join(model_dir, INFO_FILE), json.dumps(info).encode())
+
+
+def write_final(model_dir: str, net: torch.nn.Module, metrics: dict) -> None:
+    """The weights first, then final.json: final.json means "the model file is whole"."""
+    storage.save_torch(storage.join(model_dir, WEIGHTS_FILE),
+                       {k: v.detach().cpu() for k, v in net.state_dict().items()})
+    storage.write_bytes(storage.join(model_dir, FINAL_FILE), json.dumps(metrics).encode())
+
+
+def read_json(model_dir: str, name: str) -> Optional[dict]:
+    data = storage.read_bytes(storage.join(model_dir, name))
+    return json.loads(data) if data else None
+
+
+# ---- the driver's side ----------------------------------------------------------------------------
+def build_net(config: dict, in_shape, num_classes: int, weights: dict) -> torch.nn.Module:
+    from capsmodels import config as runcfg
+    from capsmodels import networks
+    net = networks.build(runcfg.from_dict(config), tuple(in_shape), int(num_classes))
+    net.load_state_dict(weights)
+    return net.eval()
+
+
+def log_trial_model(client, tracking_uri: str, experiment_id: str, run_id: str, model_dir: str,
+                    state_path: str, tags: dict) -> Optional[str]:
+    """Log the trial's final model to its run, once; returns the model id (None: nothing to log, the
+    trial never got to train). The weights: model.pt, else the last epoch's state."""
+    done = logged_model(client, experiment_id, run_id)
+    if done is not None:
+        return done
+    text = storage.read_bytes(storage.join(model_dir, CONFIG_FILE))
+    info = read_json(model_dir, INFO_FILE)
+    weights = storage.load_torch(storage.join(model_dir, WEIGHTS_FILE))
+    if weights is None:
+        state = storage.load_torch(state_path)
+        weights = state["model"] if state else None
+    if text is None or info is None or weights is None:
+        return None
+    import yaml
+    config = yaml.safe_load(text)
+    net = build_net(config, info["in_shape"], info["num_classes"], weights)
+    return log_model(client, tracking_uri, experiment_id, run_id, net, config, info["in_shape"], tags)
+
+
+def cleanup(model_dir: str, state_path: str) -> None:
+    """After the model is in MLflow: the weights and the per-epoch state go (the small files stay)."""
+    storage.remove(storage.join(model_dir, WEIGHTS_FILE))
+    storage.remove(state_path)
+
+
+def logged_model(client, experiment_id: str, run_id: str) -> Optional[str]:
+    """The id of the run's READY logged model; a half-logged one (a crash mid-upload) is deleted, so
+    that the retry leaves exactly one."""
+    ready = None
+    for m in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+        if str(m.status) == "READY" and ready is None:
+            ready = m.model_id
+        elif str(m.status) != "READY":
+            client.delete_logged_model(m.model_id)
+    return ready
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """mlflow.pytorch.log_model writes through the fluent API's tracking URI: point it at `uri` for
+    the call (the driver is one process and its one writer); quieten the pickle warning and the
+    artifact progress bars (one per model in the sweep's output)."""
+    import mlflow
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BAR
+    before, bar = mlflow.get_tracking_uri(), os.environ.get(BAR.name)
+    os.environ[BAR.name] = "false"
+    quiet = logging.getLogger("mlflow.pytorch")
+    level = quiet.level
+    mlflow.set_tracking_uri(uri)
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        quiet.setLevel(level)
+        if bar is None:
+            os.environ.pop(BAR.name, None)
+        else:
+            os.environ[BAR.name] = bar
+
+
+def log_model(client, tracking_uri: str, experiment_id: str, run_id: str, net: torch.nn.Module,
+              config: dict, in_shape, tags: dict) -> str:
+    """`net` (on the CPU) as the run's MLflow model, with its signature and config; returns its id."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.pytorch
+    import numpy as np
+    import yaml
+    from mlflow.models import infer_signature
+
+    from capsmodels import config as runcfg
+    served = ScoresNet(net.cpu().eval())
+    x = np.zeros((1, *[int(v) for v in in_shape]), dtype=np.float32)
+    with torch.no_grad():
+        signature = infer_signature(x, served(torch.from_numpy(x)).numpy())
+    params = {k: str(v) for k, v in runcfg.flatten(config).items() if v is not None}
+    model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                       params=params, tags=tags)
+    with tempfile.TemporaryDirectory() as tmp, _fluent_uri(tracking_uri):
+        path = Path(tmp, CONFIG_FILE)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        mlflow.pytorch.log_model(served, name=MODEL_NAME, run_id=run_id, model_id=model.model_id,
+                                 signature=signature, extra_files=[str(path)], serialization_format="pickle",
+                                 pip_requirements=[f"torch>={torch.__version__.split('+')[0]}"])
+    client.set_tag(run_id, TAG_MODEL_ID, model.model_id)
+    return model.model_id
+
+
+# ---- one run outside a sweep (capsweep train --save, capsweep eval --log) ----------------------------
+RUN_TRAIN = "train"                  # capsweep.role of a `capsweep train --save` run
+
+
+def open_store(uri: str, create: bool = False):
+    """An MlflowClient on `uri`, the SQLite store created/migrated under its lock (sweeps/store_init.py)
+    when `create`; None when it is a SQLite file that does not exist and `create` is False."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.store_init import init_store
+    return MlflowClient(uri) if init_store(uri, create=create) else None
+
+
+def log_run(client, experiment_id: str, name: str, params: dict, history: list[dict], tags: dict,
+            datasets: Optional[list] = None) -> str:
+    """A run with the standard tags, `params` (None left out), each metrics dict of `history` at its
+    `epoch` as the step, and the datasets; left open (the caller adds the model and ends it)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from sweeps.provenance import git_commit, standard_tags
+    from sweeps.run_writer import MAX_BATCH, log_datasets, numeric_metrics, run_params
+    commit = git_commit()
+    run = client.create_run(experiment_id, run_name=name, tags={**standard_tags(commit), **tags})
+    rid = run.info.run_id
+    client.log_batch(rid, params=run_params(params))
+    ts = int(time.time() * 1000)
+    items = [Metric(k, v, ts, int(m.get("epoch", 0))) for m in history for k, v in numeric_metrics(m).items()]
+    items += [Metric("epoch", float(m["epoch"]), ts, int(m["epoch"])) for m in history if "epoch" in m]
+    for i in range(0, len(items), MAX_BATCH):
+        client.log_batch(rid, metrics=items[i:i + MAX_BATCH])
+    if datasets:
+        log_datasets(client, rid, datasets)
+    return rid
+
+
+def save_train(tracking_uri: str, experiment: str, cfg, history: list[dict], net: torch.nn.Module,
+               splits, device: torch.device) -> tuple[str, str]:
+    """`capsweep train --save`: one MLflow run (params, per-epoch metrics, datasets, the device used)
+    with the trained model, as a sweep's trial gets. Returns (run id, model id)."""
+    from capsmodels import config as runcfg
+    from capsmodels.contract import TAG_COMMIT, TAG_ROLE, TAG_STATUS
+    from sweeps.provenance import dataset_inputs, git_commit
+    from sweeps.run_writer import DEVICE_PARAM, get_or_create_experiment, run_name
+    from sweeps.sysmetrics import describe_device
+    client = open_store(tracking_uri, create=True)
+    experiment_id = get_or_create_experiment(client, experiment)
+    config = runcfg.to_dict(cfg)
+    params = runcfg.flatten(config)
+    params[DEVICE_PARAM], device_name = describe_device(device)
+    tags = {TAG_ROLE: RUN_TRAIN, TAG_STATUS: str(history[-1].get("status", "")), TAG_DEVICE_NAME: device_name}
+    if git_commit():
+        tags[TAG_COMMIT] = git_commit()
+    data = {"train": splits.train.tensors, "val": splits.val.tensors, "test": splits.test.tensors}
+    run_id = log_run(client, experiment_id, f"train-{run_name(params, ())}", params, history, tags,
+                     dataset_inputs(cfg.data.name, data))
+    model_id = log_model(client, tracking_uri, experiment_id, run_id, net, config, splits.in_shape, {})
+    client.set_terminated(run_id, "FINISHED")
+    return run_id, model_id
+
+
+# ---- loading (capsweep eval) ----------------------------------------------------------------------
+def resolve(client, ref: str) -> tuple[str, Optional[str]]:
+    """(model URI, source run id) of a run id, `runs:/<id>`, `models:/<model id>` or a registered
+    `models:/<name>/<version>`. Raises ModelNotFound in one line."""
+    from mlflow.exceptions import MlflowException
+    if ref.startswith("models:/"):
+        rest = ref[len("models:/"):]
+        if "/" in rest:                            # a registered model version: MLflow resolves it
+            return ref, None
+        try:
+            return ref, client.get_logged_model(rest).source_run_id
+        except MlflowException:
+            raise ModelNotFound(f"model: no logged model {rest!r} in this store") from None
+    run_id = ref[len("runs:/"):].split("/")[0] if ref.startswith("runs:/") else ref
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ModelNotFound(f"run: no run {run_id!r} in this store; give a run id or models:/<model id>") from None
+    model_id = run.data.tags.get(TAG_MODEL_ID) or logged_model(client, run.info.experiment_id, run_id)
+    if not model_id:
+        raise ModelNotFound(f"run: run {run_id!r} has no logged model (a trial that never trained, or a "
+                            "sweep from before models were logged)")
+    return f"models:/{model_id}", run_id
+
+
+def load(tracking_uri: str, model_uri: str) -> tuple[ScoresNet, dict]:
+    """(the served module, with `.net` the network; its resolved config) of a logged model."""
+    from pathlib import Path
+
+    import mlflow.artifacts
+    import mlflow.pytorch
+    import yaml
+    with _fluent_uri(tracking_uri):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
+        served = mlflow.pytorch.load_model(local, map_location="cpu", weights_only=False)
+    config = yaml.safe_load(Path(local, "extra_files", CONFIG_FILE).read_text())
+    return served, config
