@@ -5,8 +5,10 @@
                     [--starved-frac-max X] [--dead-frac-max X] [--frozen-frac-max X]
                     [--chance-margin X] [--num-classes N] [--no-log-artifacts]
 
-Also `python -m analysis ...`. Exit codes: 0 report written, 1 bad input (one line on stderr: missing
-store, experiment or sweep, no finished trial, runs without the probes), 2 bad arguments (one line).
+Also `python -m analysis ...`. Exit codes, as every capsweep subcommand: 0 report written; 2 bad input
+or bad arguments (one line on stderr: missing store, experiment or sweep, no finished trial, runs
+without the probes, a flag out of range); 1 a failure while running (the store fails mid-read, the
+report cannot be written or logged).
 The rules the flags set: docs/PROBES.md, "The verdict".
 """
 from __future__ import annotations
@@ -132,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _run(args)
     except AnalysisError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -142,6 +144,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: error: {type(e).__name__}: {one_line(e)} (set CAPSWEEP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _init_store(tracking_uri: Optional[str]) -> None:
+    """Migrate an existing SQLite store under its lock before reading it (sweeps/store_init.py:
+    stdlib and filelock only); a missing one is left to load_sweep's one-line refusal."""
+    from analysis.load import resolve_tracking_uri
+    from sweeps.store_init import StoreInitError, init_store
+    try:
+        init_store(resolve_tracking_uri(tracking_uri), create=False)
+    except StoreInitError as e:
+        raise AnalysisError(str(e)) from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -155,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     for flag, why in IGNORED.items():
         if getattr(args, flag.lstrip("-")) is not None:
             print(f"{PROG}: note: {flag} is ignored: {why}", file=sys.stderr)
+    _init_store(args.tracking_uri)
     data = load_sweep(args.experiment, args.tracking_uri, args.sweep)
     reference = None
     if args.reference:
@@ -169,7 +183,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         paths = write_report(data, verdict, out, annotated)
     except OSError as e:
-        raise AnalysisError(f"cannot write the report to {out}: {e.strerror or e}") from None
+        print(f"{PROG}: error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"escaped: {verdict['escaped']} -- {verdict['answer']}")
     print(f"instrument: {verdict['instrument']} -- {verdict['instrument_text']}")
     print(f"report: {paths['html']} (also report.md, verdict.json in {out})")

@@ -1,7 +1,8 @@
-"""The `capsweep` command: train, run, submit, validate, ui, report.
+"""The `capsweep` command: train, run, submit, validate, ui, report, ls, status, compare, export.
 
-Exit codes: 0 done; 2 bad input or a refused start (one line on stderr, nothing started);
-1 a sweep or report that failed while running; 130 interrupted (resume with --resume).
+Exit codes (every subcommand): 0 done; 2 bad input or a refused start (one line on stderr naming the
+field, nothing started); 1 a sweep or report that failed while running; 130 interrupted (resume with
+--resume). The bodies of ls/status/compare/export are in sweeps/inspect.py.
 Heavy imports (torch, ray, mlflow) happen inside the subcommands, so `capsweep --help` and the
 validation errors come back at once.
 """
@@ -12,9 +13,17 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`capsweep: error: ...`, exit 2), not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
 
 
 def _err(msg: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -37,6 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.config = None
     try:
         cfg = runcfg.load(args.config, args.overrides)
+        from capsmodels import estimate
+        estimate.check(cfg)      # a network too large for the device: one line before anything is built
         cfg.train.progress = not args.quiet
         from capsmodels import train
         splits, model, device = train.prepare(cfg)       # data and shape errors before training
@@ -48,7 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test), "
           f"{networks.count_parameters(model):,} parameters, device {device}", file=sys.stderr)
 
+    history: list[dict] = []          # every epoch's metrics, for --save
+
     def report(metrics: dict) -> None:
+        history.append(dict(metrics))
         print(_format_epoch(metrics), flush=True)
 
     try:
@@ -56,6 +70,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _err("interrupted", EXIT_INTERRUPTED)
     print(_format_final(final))
+    if args.save:                      # an MLflow run with the model (sweeps/models.py)
+        from sweeps.models import save_train
+        run_id, model_id = save_train(args.tracking_uri, args.experiment, cfg, history, model, splits, device)
+        print(f"saved: MLflow run {run_id} in experiment {args.experiment!r}, model models:/{model_id}; "
+              f"evaluate it with: capsweep eval {run_id}" + _uri_flag(args.tracking_uri))
     return 0 if final.get("status") != "diverged" else EXIT_FAILED
 
 
@@ -84,15 +103,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sweeps.spec import describe_trials, load_spec
     try:
         spec = load_spec(args.spec, args.overrides)
+        refused = _over_budget(spec, args.yes)
+        if refused:
+            return _err(refused)
+        if args.dry_run:
+            return _dry_run(spec)
         print(f"capsweep: sweep {spec.name!r}: {describe_trials(spec)}", flush=True)
         from sweeps import runner, tracking
         result = runner.run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
-                                  verbose=args.verbose)
+                                  verbose=args.verbose, keep_state=args.keep_state)
     except _input_errors() as e:
         return _err(str(e))
     except Exception as e:  # refusals and tracking errors are one line; the rest is a real failure
-        from sweeps import runner, tracking
-        if isinstance(e, (runner.SweepRefused, tracking.TrackingUnavailable)):
+        from sweeps import runner, store_init, tracking
+        if isinstance(e, (runner.SweepRefused, tracking.TrackingUnavailable, store_init.StoreInitError)):
             return _err(str(e))
         raise
     counts = {}
@@ -101,7 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     print(f"\ncapsweep: sweep {result.name!r}: {result.trials} trials ({summary})")
     print(f"  MLflow: experiment {result.experiment!r} at {result.tracking_uri}, parent run {result.parent_run_id}")
-    print(f"  Ray Tune state: {result.storage / result.name}")
+    from sweeps.storage import join
+    print(f"  Ray Tune state: {join(result.storage, result.name)}")
     print(f"  open the MLflow UI:  {_ui_command(result.tracking_uri)}")
     print(f"  write the report:    capsweep report --experiment {shlex.quote(result.experiment)} "
           f"--sweep {shlex.quote(result.name)}" + _uri_flag(result.tracking_uri))
@@ -110,6 +135,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"capsweep: sweep {result.name!r} did not finish; continue it with: "
               + " ".join(map(shlex.quote, again)), file=sys.stderr)
         return EXIT_INTERRUPTED
+    return 0
+
+
+def _dry_run(spec) -> int:
+    """--dry-run: the resolved spec and the trial count; nothing starts, nothing is written."""
+    from sweeps.spec import describe_trials, storage_dir, to_yaml
+    print(to_yaml(spec), end="")
+    print(f"# {describe_trials(spec)}; Ray Tune state in {storage_dir(spec)}; "
+          f"MLflow {spec.mlflow.tracking_uri} experiment {spec.mlflow.experiment!r}")
     return 0
 
 
@@ -126,13 +160,35 @@ def _ui_command(uri: str) -> str:
 
 
 # ---- validate -----------------------------------------------------------------------------------
+def _over_budget(spec, yes: bool) -> Optional[str]:
+    """The one-line refusal of a sweep whose trial count or estimated GPU-hours exceed its budget
+    (sweeps/budget.py) when --yes is not given; with --yes the estimate is printed and it goes on."""
+    from sweeps import budget
+    c = budget.cost(spec)
+    why = budget.confirmation(spec, c)
+    if why and yes:
+        print(f"capsweep: {c.describe()} (over the budget; --yes given)", flush=True)
+        return None
+    return why
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from sweeps.spec import SpecError, describe_trials, load_spec
     code = 0
-    for name in args.specs:
+    # `validate SPEC... key=value...` as `run SPEC key=value...`; --set key=value still works
+    names = [a for a in args.specs if "=" not in a or Path(a).is_file()]
+    args.overrides = [a for a in args.specs if a not in names] + args.overrides
+    if not names:
+        return _err("specs: give at least one spec name or file before the key=value overrides")
+    for name in names:
         try:
             spec = load_spec(name, args.overrides)
             print(f"{name}: ok ({describe_trials(spec)}, search {spec.search.algorithm})")
+            from sweeps import budget
+            c = budget.cost(spec)
+            why = budget.confirmation(spec, c)
+            print(f"  {c.describe()}" + (f"; warning: over the budget, `capsweep run` and `submit` ask for "
+                                         f"--yes ({why.split(': over ')[-1].split(';')[0]})" if why else ""))
         except SpecError as e:
             print(f"capsweep: error: {name}: {e}", file=sys.stderr)
             code = EXIT_BAD_INPUT
@@ -144,6 +200,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from sweeps.spec import load_spec
     try:
         spec = load_spec(args.spec, args.overrides)     # validate here, not on the cluster
+        refused = _over_budget(spec, args.yes)
+        if refused:
+            return _err(refused)
+        if args.yes:     # confirmed here: the job's own `capsweep run` gets bounds that admit it
+            from sweeps import budget
+            args.overrides = [*args.overrides, *budget.admitting(spec)]
+        if args.dry_run:
+            return _dry_run(spec)
     except _input_errors() as e:
         return _err(str(e))
     from sweeps import submit
@@ -162,6 +226,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # ---- ui -----------------------------------------------------------------------------------------
 def cmd_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri
+    from sweeps.store_init import StoreInitError, init_store
+    try:
+        init_store(uri)     # create/migrate the store under its lock before the UI opens it
+    except StoreInitError as e:
+        return _err(str(e))
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
     if args.host not in ("127.0.0.1", "localhost"):
@@ -174,6 +243,81 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+# ---- ls / status / compare / export (sweeps/inspect.py) -------------------------------------------
+def _inspect(body) -> int:
+    """Run an inspect body: InspectError is bad input (exit 2); MLflow errors one line (exit 1)."""
+    import os
+    from sweeps import inspect as si
+    try:
+        return body(si) or 0
+    except si.InspectError as e:
+        return _err(str(e))
+    except Exception as e:  # noqa: BLE001 - a store that fails while reading: one line
+        if os.environ.get("CAPSWEEP_DEBUG"):
+            raise
+        return _err(f"{type(e).__name__}: {' '.join(str(e).split())[:300]} (set CAPSWEEP_DEBUG=1 for the "
+                    "traceback)", EXIT_FAILED)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    def body(si):
+        print("\n".join(si.ls_lines(si.open_client(args.tracking_uri), args.experiment)))
+    return _inspect(body)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def body(si):
+        print("\n".join(si.status_lines(si.find_sweep(si.open_client(args.tracking_uri), args.name,
+                                                        args.experiment))))
+    return _inspect(body)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.a == args.b:
+        return _err(f"compare: {args.a!r} twice; name two different sweeps")
+
+    def body(si):
+        client = si.open_client(args.tracking_uri)
+        both = []
+        for name in (args.a, args.b):
+            sweep = si.find_sweep(client, name, args.experiment)
+            both.append((sweep, *si.verdict_of(client, sweep, args.tracking_uri)))
+        print("\n".join(si.compare_lines(*both)))
+    return _inspect(body)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    def body(si):
+        sweep = si.find_sweep(si.open_client(args.tracking_uri), args.name, args.experiment)
+        where = si.write_export(sweep, args.csv)
+        if where != "stdout":
+            print(f"capsweep: {len(sweep.trials)} trials of sweep {sweep.name!r} written to {where}", file=sys.stderr)
+    return _inspect(body)
+
+
+def _store_flags(p: argparse.ArgumentParser, experiment: Optional[str]) -> None:
+    import os
+    from capsmodels.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV
+    p.add_argument("--tracking-uri", default=os.environ.get(TRACKING_URI_ENV, DEFAULT_TRACKING_URI),
+                   help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
+    p.add_argument("--experiment", default=experiment,
+                   help=f"MLflow experiment (default: {experiment or 'every experiment of the store'})")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("capsweep")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+# ---- eval (sweeps/evaluate.py) ------------------------------------------------------------------
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sweeps.evaluate import cmd_eval
+    return cmd_eval(args)
+
+
 # ---- report -------------------------------------------------------------------------------------
 def cmd_report(argv: list[str]) -> int:
     from analysis.cli import main as report_main
@@ -183,32 +327,45 @@ def cmd_report(argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import os
     from capsmodels.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV
-    p = argparse.ArgumentParser(prog="capsweep", description="CapsNet sweeps with Ray Tune, Optuna and MLflow")
-    sub = p.add_subparsers(dest="command", required=True)
+    from capsmodels.contract import DEFAULT_EXPERIMENT
+    p = _Parser(prog="capsweep", description="CapsNet sweeps with Ray Tune, Optuna and MLflow")
+    p.add_argument("--version", action="version", version=f"capsweep {_version()}",
+                   help="print capsweep's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one configuration with a progress bar")
     t.add_argument("config", nargs="?", help="run config YAML (model/data/train sections)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.depth=2")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--save", action="store_true",
+                   help="log the run (params, metrics, datasets) and the trained model to MLflow")
+    _store_flags(t, DEFAULT_EXPERIMENT)
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("run", help="run a sweep (local Ray, or a cluster with --address)")
     r.add_argument("spec", help="a sweep spec YAML, or a shipped spec name (smoke, depth, routing, ...)")
     r.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. num_samples=4")
     r.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    r.add_argument("--keep-state", action="store_true",
+                   help="keep each trial's per-epoch state and weights files after its model is in MLflow")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2, 3))
+    r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2, 3),
+                   help="Ray Tune's progress output: 0 silent, 1 the trial table (default), 2-3 more")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved spec and the trial count; start nothing")
+    r.add_argument("--yes", action="store_true",
+                   help="start a sweep over budget.max_trials / budget.max_hours (its estimate is printed)")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="validate sweep specs without running them")
-    v.add_argument("specs", nargs="+")
-    v.add_argument("--set", dest="overrides", action="append", default=[], help="key=value override")
+    v.add_argument("specs", nargs="+", metavar="SPEC_OR_OVERRIDE",
+                   help="spec names or files, then key=value overrides applied to each (as `run` takes them)")
+    v.add_argument("--set", dest="overrides", action="append", default=[], help="key=value override (repeatable)")
     v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("submit", help="send a sweep to a running Ray cluster as a Ray job")
-    s.add_argument("spec")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("spec", help="a sweep spec YAML, or a shipped spec name")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
     s.add_argument("--address", default=os.environ.get("RAY_JOB_ADDRESS") or os.environ.get("RAY_ADDRESS")
                    or "http://127.0.0.1:8265", help="Ray dashboard/jobs address (default http://127.0.0.1:8265)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
@@ -216,13 +373,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ship this folder as the job's working dir (default: the capsweep checkout when run from one)")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job (e.g. MLFLOW_TRACKING_URI); repeatable")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved spec and the trial count; submit nothing")
+    s.add_argument("--yes", action="store_true",
+                   help="submit a sweep over budget.max_trials / budget.max_hours (its estimate is printed)")
     s.set_defaults(func=cmd_submit)
 
     u = sub.add_parser("ui", help="open the MLflow UI on the sweep store (127.0.0.1)")
-    u.add_argument("--tracking-uri", default=os.environ.get(TRACKING_URI_ENV, DEFAULT_TRACKING_URI))
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--tracking-uri", default=os.environ.get(TRACKING_URI_ENV, DEFAULT_TRACKING_URI),
+                   help=f"MLflow store to serve (default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     u.set_defaults(func=cmd_ui)
+
+    ls = sub.add_parser("ls", help="the sweeps in a store: state, trial counts by status, verdict if reported")
+    _store_flags(ls, None)
+    ls.set_defaults(func=cmd_ls)
+
+    st = sub.add_parser("status", help="progress of a running or submitted sweep: trials by state, best so far")
+    st.add_argument("name", help="the sweep's name")
+    _store_flags(st, DEFAULT_EXPERIMENT)
+    st.set_defaults(func=cmd_status)
+
+    cp = sub.add_parser("compare", help="two sweeps' verdicts and key probes side by side")
+    cp.add_argument("a", help="first sweep's name")
+    cp.add_argument("b", help="second sweep's name")
+    _store_flags(cp, DEFAULT_EXPERIMENT)
+    cp.set_defaults(func=cmd_compare)
+
+    ex = sub.add_parser("export", help="the trial table of a sweep (params and final metrics) as CSV")
+    ex.add_argument("name", help="the sweep's name")
+    ex.add_argument("--csv", nargs="?", const="-", default="-", metavar="PATH",
+                    help="write CSV to PATH (default, or '-': stdout)")
+    _store_flags(ex, DEFAULT_EXPERIMENT)
+    ex.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="evaluate a logged model (test accuracy and the probes) without training")
+    ev.add_argument("model", metavar="RUN_ID_OR_MODEL_URI", help="a run id, runs:/<run id> or models:/<model id>")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides of its config, e.g. data.test_transform=affine")
+    ev.add_argument("--log", action="store_true", help="log the figures to a new run tagged capsweep.eval_of")
+    _store_flags(ev, DEFAULT_EXPERIMENT)
+    ev.set_defaults(func=_cmd_eval)
 
     sub.add_parser("report", help="analyse a sweep: verdict.json, report.html/.md, plots (see report --help)",
                    add_help=False)
@@ -234,9 +424,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] == "report":
         return cmd_report(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:     # one-line error (2), --help / --version (0)
+        return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
     bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
-    if bad and args.command != "validate":
+    if bad:
         return _err(f"override: {bad[0]!r} is not key=value")
     return args.func(args)
 

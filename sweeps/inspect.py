@@ -151,7 +151,9 @@ def logged_verdict(client, sweep: Sweep) -> Optional[dict]:
         return None
     if VERDICT_PATH not in names:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
+    from analysis.mlflowio import scoped_environ
+    with tempfile.TemporaryDirectory() as tmp, \
+            scoped_environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):   # stderr: our one line
         path = client.download_artifacts(sweep.parent.info.run_id, VERDICT_PATH, tmp)
         return json.loads(Path(path).read_text())
 

@@ -6,6 +6,7 @@ run is created, so a refused sweep leaves nothing behind.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,14 @@ from typing import Any, Optional
 from filelock import FileLock, Timeout
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
+from ray.tune import Callback
 
 from analysis.mlflowio import mlflow_http_env, scoped_environ
 from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
                                  TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
-from sweeps import extras, search, tracking
+from sweeps import extras, search, storage, store_init, tracking
 from sweeps.provenance import git_commit
 from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values,
                          resolve_trial, storage_dir, to_yaml, total_trials, trial_counts)
@@ -28,6 +30,7 @@ from sweeps.trainable import run_trial
 
 INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
 STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
+OPTUNA_JOURNAL = "optuna.journal"    # the Optuna study (search.py), in storage.local_dir(<storage>/<name>)
 
 
 class SweepRefused(RuntimeError):
@@ -41,7 +44,7 @@ class SweepResult:
     experiment_id: str
     parent_run_id: str
     tracking_uri: str
-    storage: Path
+    storage: str                # a local folder or a URI (sweeps/storage.py)
     trials: int
     statuses: dict
     interrupted: bool
@@ -101,12 +104,14 @@ class _TrialParams:
         return yaml.safe_dump(self.resolved(config), sort_keys=False)
 
 
-def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optional[Any], Path]:
-    """Checks that refuse a sweep before anything starts. Returns (client, experiment id, parent, exp dir)."""
-    storage = storage_dir(spec)
-    exp_dir = storage / spec.name
+def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optional[Any], str]:
+    """Checks that refuse a sweep before anything starts. Returns (client, experiment id, parent, exp dir).
+    An existing SQLite store is created/migrated under its lock first (sweeps/store_init.py)."""
+    exp_dir = storage.join(storage_dir(spec), spec.name)
     uri = spec.mlflow.tracking_uri
     sqlite_path = _sqlite_path(uri)
+    if sqlite_path is not None and sqlite_path.exists():
+        _init_store(uri)
     client = MlflowClient(uri) if sqlite_path is None or sqlite_path.exists() else None
     if sqlite_path is None:
         tracking.check_reachable(uri)
@@ -129,47 +134,61 @@ def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optiona
             raise SweepRefused(
                 f"name: a sweep named {spec.name!r} already exists in experiment {spec.mlflow.experiment!r} "
                 f"(parent run {parent.info.run_id}, {state}); use --resume to continue it, or name=<new name>")
-        if exp_dir.exists() and any(exp_dir.iterdir()):
+        if storage.listdir(exp_dir):
             raise SweepRefused(f"storage_path: {exp_dir} already holds a Ray experiment named {spec.name!r}; "
                                "use --resume to continue it, or name=<new name>")
     return client, (exp.experiment_id if exp else ""), parent, exp_dir
 
 
-def _sqlite_path(uri: str) -> Optional[Path]:
-    """The file of a sqlite:/// URI (relative to the working folder), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):]).expanduser().resolve()
+_sqlite_path = store_init.sqlite_path     # the file of a sqlite:/// URI, else None
+
+
+def _init_store(uri: str) -> None:
+    try:
+        store_init.init_store(uri)
+    except store_init.StoreInitError as e:
+        raise SweepRefused(str(e)) from None
 
 
 class _LazyClient:
-    """An MlflowClient created on first use: a refused sweep must not create an empty mlflow.db."""
+    """An MlflowClient created on first use, after the store is created under its lock: a refused
+    sweep must not create an empty mlflow.db."""
 
     def __init__(self, uri: str):
         self._uri, self._client = uri, None
 
     def __getattr__(self, name: str):
         if self._client is None:
+            _init_store(self._uri)
             self._client = MlflowClient(self._uri)
         return getattr(self._client, name)
 
 
-def _can_restore(exp_dir: Path) -> bool:
+def _can_restore(exp_dir: str) -> bool:
     from ray.tune import Tuner
     try:
-        return exp_dir.is_dir() and Tuner.can_restore(str(exp_dir))
-    except Exception:  # noqa: BLE001
+        return Tuner.can_restore(exp_dir)
+    except Exception:  # noqa: BLE001 - a folder that is not an experiment, storage not reachable
         return False
 
 
-def acquire_lock(storage: Path, name: str) -> FileLock:
+def lock_dir(root: str) -> Path:
+    """Where the driver's lock lives: the storage folder itself, or for a URI a local folder named
+    after it (one driver per sweep on this machine; object stores have no locks)."""
+    if storage.scheme(root) in (None, "file"):
+        return storage.local_dir(root)
+    return storage.local_dir(root).parent / ("locks-" + hashlib.sha1(root.encode()).hexdigest()[:12])
+
+
+def acquire_lock(root: str, name: str) -> FileLock:
     """One driver per sweep and storage folder: a second one is refused instead of corrupting state."""
-    storage.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(storage / f".{name}.lock"))
+    where = lock_dir(root)
+    where.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(where / f".{name}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise SweepRefused(f"sweep {name!r}: another driver is running it on {storage} "
+        raise SweepRefused(f"sweep {name!r}: another driver is running it on {root} "
                            f"(lock {lock.lock_file}); wait for it or stop it first") from None
     return lock
 
@@ -220,7 +239,7 @@ def _reporter(spec: SweepSpec):
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = None,
-              num_cpus: Optional[int] = None, verbose: int = 1) -> SweepResult:
+              num_cpus: Optional[int] = None, verbose: int = 1, keep_state: bool = False) -> SweepResult:
     """The whole sweep. Raises SpecError/SweepRefused/DataError/TrackingUnavailable before Ray starts.
 
     The environment is set for the sweep only, and the user's settings win: Tune's classic progress
@@ -228,16 +247,16 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     event loop for minutes inside one call, since the logger buffers and retries itself."""
     with scoped_environ({"RAY_AIR_NEW_OUTPUT": "0"}, override=False), \
             mlflow_http_env(max_retries=1, timeout_s=20, override=False):
-        return _run_sweep(spec, resume, address, num_cpus, verbose)
+        return _run_sweep(spec, resume, address, num_cpus, verbose, keep_state)
 
 
 def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: Optional[int],
-               verbose: int) -> SweepResult:
+               verbose: int, keep_state: bool = False) -> SweepResult:
     client, experiment_id, parent, exp_dir = preflight(spec, resume)
-    storage = exp_dir.parent
+    root = storage_dir(spec)
     raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
     check_shapes(spec, raws)
-    lock = acquire_lock(storage, spec.name)
+    lock = acquire_lock(root, spec.name)
     try:
         if not experiment_id:
             experiment_id = tracking.get_or_create_experiment(client, spec.mlflow.experiment)
@@ -252,36 +271,81 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
             client.update_run(parent_id, status="RUNNING")
             client.set_tag(parent_id, TAG_STATUS, RUNNING)
         init_ray(address, num_cpus)
-        return _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose, expected)
+        return _tune(spec, raws, client, experiment_id, parent_id, root, exp_dir, resume, verbose, expected,
+                     keep_state)
     finally:
         lock.release()
 
 
-def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume, verbose,
-          expected: int) -> SweepResult:
+_BOUND: dict[str, Any] = {}      # sweep name -> the MlflowSweepLogger of this driver
+_USED: set[str] = set()          # sweeps whose BoundLogger reached this driver's logger
+
+
+class BoundLogger(Callback):
+    """The sweep's Tune callback as Tune saves it: only the sweep's name. Each hook goes to the
+    MlflowSweepLogger this driver bound to that name (`bind`).
+
+    Why: `Tuner.restore` (Ray 2.60) takes the callbacks from the run config it saved in `tuner.pkl`
+    and has no public argument to replace them; reaching into `tuner._local_tuner` to swap them is
+    Ray's private API. With this indirection the restored callback is this class again, and it logs
+    through the logger the resuming driver created (and whose statuses it reads after `fit`)."""
+
+    def __init__(self, sweep: str):
+        self.sweep = sweep
+
+    def _target(self):
+        _USED.add(self.sweep)
+        return _BOUND[self.sweep]
+
+
+def _delegate(name: str):
+    def hook(self, *args, **kwargs):
+        return getattr(self._target(), name)(*args, **kwargs)
+    hook.__name__ = hook.__qualname__ = name
+    return hook
+
+
+for _hook in ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore", "on_trial_save",
+              "on_trial_result", "on_trial_complete", "on_trial_recover", "on_trial_error", "on_checkpoint",
+              "on_experiment_end", "get_state", "set_state"):
+    setattr(BoundLogger, _hook, _delegate(_hook))
+
+
+def bind(logger: Any, sweep: str) -> BoundLogger:
+    """Register `logger` as the target of the sweep's callback and return the callback."""
+    _BOUND[sweep] = logger
+    _USED.discard(sweep)
+    return BoundLogger(sweep)
+
+
+def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str, resume, verbose,
+          expected: int, keep_state: bool = False) -> SweepResult:
     import ray
     from ray import tune
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu,
-                             state_dir=str(exp_dir / STATE_DIR)),
+                             state_dir=storage.join(exp_dir, STATE_DIR)),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     tp = _TrialParams(spec.base)
+    local = storage.local_dir(exp_dir)     # the MLflow write spool, Optuna's journal
+    local.mkdir(parents=True, exist_ok=True)
     logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
-                                        exp_dir, tp.params, tp.yaml, expected_trials=expected)
+                                        local, tp.params, tp.yaml, expected_trials=expected,
+                                        storage_root=exp_dir, keep_state=keep_state)
+    callback = bind(logger, spec.name)
     if resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
-        run_config = tuner._local_tuner.get_run_config()   # swap in a logger bound to this driver
-        run_config.callbacks = [logger]
-        run_config.progress_reporter = _reporter(spec)
+        # the saved run config (callbacks: a BoundLogger for this sweep, progress reporter) is reused;
+        # the searcher, its Optuna study included (the journal), comes back from the experiment state
+        tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        param_space, search_alg, scheduler, num_samples = search.build(spec)
+        param_space, search_alg, scheduler, num_samples = search.build(spec, journal=local / OPTUNA_JOURNAL)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                         reuse_actors=spec.reuse_actors),
             run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(storage), callbacks=[logger],
+                name=spec.name, storage_path=root, callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 progress_reporter=_reporter(spec), verbose=verbose),
         )
@@ -290,13 +354,33 @@ def _tune(spec, raws, client, experiment_id, parent_id, storage, exp_dir, resume
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
+    if spec.name not in _USED:
+        # a sweep started before BoundLogger existed restores its own pickled MlflowSweepLogger: that
+        # one wrote to MLflow, so read the trials' statuses back from there
+        logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
+                                            local, tp.params, tp.yaml, expected_trials=expected)
     statuses = dict(logger.statuses)
     done = all(s in FINAL for s in statuses.values())
     if len(statuses) < expected or not done:
         interrupted = True
     if interrupted:
         logger.close([], interrupted=True)
+    else:
+        _log_best(client, parent_id, spec)
     ray.shutdown()
     return SweepResult(spec.name, spec.mlflow.experiment, experiment_id, parent_id, spec.mlflow.tracking_uri,
-                       storage, len(statuses), statuses, interrupted)
+                       root, len(statuses), statuses, interrupted)
 
+
+def _log_best(client, parent_id: str, spec: SweepSpec) -> None:
+    """The best configuration (one objective) or the Pareto set (several) on the parent run:
+    `best.json`, tags `capsweep.best.*` and metrics `best.<metric>` (sweeps/inspect.py)."""
+    from sweeps import inspect as sweep_inspect
+    metrics, modes = objectives(spec)
+    try:
+        best = sweep_inspect.log_best(client, parent_id, list(spec.space), metrics, modes)
+    except Exception as e:  # noqa: BLE001 - the sweep is done; a failed summary must not hide that
+        print(f"capsweep: warning: the best configuration was not logged: {' '.join(str(e).split())[:200]}")
+        return
+    if best:
+        print(f"capsweep: best configuration{'s' if len(best) > 1 else ''} logged to the parent run (best.json)")

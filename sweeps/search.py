@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -216,9 +217,20 @@ def _finite(x: Any) -> bool:
         return False
 
 
-def build(spec: SweepSpec) -> tuple[dict, Any, Any, int]:
+def journal_storage(path: str | Path):
+    """Optuna's JournalStorage on a file (created when absent): the study outlives the driver, so
+    `optuna-dashboard <path>` opens it and `--resume` continues it (Tune restores the searcher, whose
+    study re-reads every trial told so far from this file)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def build(spec: SweepSpec, journal: Optional[str | Path] = None) -> tuple[dict, Any, Any, int]:
     """(param_space, search_alg, scheduler, num_samples) for tune.TuneConfig; the search algorithm
-    carries the concurrency limit (spec.max_concurrent)."""
+    carries the concurrency limit (spec.max_concurrent). journal: the file of the Optuna study
+    (study name = the sweep's name); None keeps the study in memory (tests)."""
     metrics, modes = objectives(spec)
     scheduler = None
     if spec.scheduler.name == "asha":
@@ -244,7 +256,8 @@ def build(spec: SweepSpec) -> tuple[dict, Any, Any, int]:
     multi = len(metrics) > 1
     searcher = OptunaSearch(space=OptunaSpace(spec), metric=metrics if multi else metrics[0],
                             mode=modes if multi else modes[0], sampler=make_sampler(spec),
-                            seed=spec.search.seed)
+                            seed=spec.search.seed, study_name=spec.name,
+                            storage=journal_storage(journal) if journal is not None else None)
     search_alg = ExtrasFirst(SeedRepeater(searcher, spec.seeds), added)
     if spec.max_concurrent:
         from ray.tune.search import ConcurrencyLimiter

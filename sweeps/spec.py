@@ -72,6 +72,17 @@ class ResourcesSpec:
 
 
 @dataclass
+class BudgetSpec:
+    """Bounds checked before Ray starts (sweeps/budget.py). A trial over max_params or max_memory_gb
+    is refused; a sweep over max_trials or max_hours asks for `--yes` in `capsweep run`/`submit`."""
+    max_params: int = 1_000_000_000   # parameters per trial (capsmodels.estimate.MAX_PARAMS)
+    max_memory_gb: float = 0.0        # estimated training memory per trial; 0: the trial's device
+                                      # (resources.gpu x its GPU's memory, else this machine's memory)
+    max_trials: int = 2000            # trials per sweep, references and controls included
+    max_hours: float = 200.0          # estimated GPU-hours (CPU core-hours when resources.gpu is 0)
+
+
+@dataclass
 class MlflowSpec:
     tracking_uri: str = DEFAULT_TRACKING_URI    # MLflow's own default store, in the working folder
     experiment: str = DEFAULT_EXPERIMENT
@@ -91,13 +102,15 @@ class SweepSpec:
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     max_concurrent: int = 0     # 0: as many as resources allow
     max_failures: int = 2       # retries of a trial that raises, before it is marked failed
-    reuse_actors: bool = False  # one warm trial worker serves the next trial: ~5 s less per trial
-                                # (benchmarks/sweep_overhead.py); off by default, since trials then
-                                # share a process (and its GPU memory) one after another
+    reuse_actors: bool = True   # one warm trial worker serves the next trial: 10 s less per trial
+                                # (README, Benchmarks); trials then share a process one after another,
+                                # so sweeps/trainable.py frees its GPU memory at the end of each trial
+                                # (tests/test_warm_workers.py: a reused worker gives the same metrics)
     references: bool = True     # add the depth-0 CapsNet references the space lacks (sweeps/extras.py)
     controls: bool = True       # add model.arch: cnn controls at every depth the sweep takes
     storage_path: str = "ray_results"                # Ray Tune experiment state (resume) lives here
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)   # size bounds (sweeps/budget.py)
 
 
 def _fail(msg: str) -> None:
@@ -259,6 +272,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
         _fail("scheduler: grace_period must be >= 1 and reduction_factor >= 2")
     if not spec.storage_path:
         _fail("storage_path: must not be empty")
+    storage_dir(spec)       # a URI scheme Ray Tune cannot read fails here, before Ray starts
     if not spec.mlflow.experiment.strip():
         _fail("mlflow.experiment: must not be empty")
     if not re.match(r"^(sqlite:///|https?://|file:|postgresql(\+\w+)?://|mysql(\+\w+)?://|databricks)",
@@ -270,6 +284,8 @@ def validate(spec: SweepSpec) -> SweepSpec:
     _validate_space(spec, base)
     from sweeps import extras   # extras builds on this module
     extras.check(spec)
+    from sweeps import budget   # every probe value's network against the bounds
+    budget.check_sizes(spec)
 
     metrics, modes = objectives(spec)
     if isinstance(spec.mode, list) and len(spec.mode) != len(metrics):
@@ -402,12 +418,19 @@ def to_yaml(spec: SweepSpec) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(spec))
 
 
-def storage_dir(spec: SweepSpec, root: Optional[Path] = None) -> Path:
-    """The absolute Ray storage folder. The experiment folder below it is <storage>/<name>; `name`
-    is checked by NAME_RE, so it cannot climb out of the storage folder."""
-    if re.match(r"^[a-z][a-z0-9+.-]*://", spec.storage_path):
-        _fail(f"storage_path: {spec.storage_path!r} is not allowed; use a local or shared-filesystem path "
-              "(cluster.yaml mounts /shared on every node: storage_path=/shared/ray_results)")
+def storage_dir(spec: SweepSpec, root: Optional[Path] = None) -> str:
+    """Where Ray Tune keeps the sweep: an absolute local folder, or a URI as Ray Tune takes it
+    (`s3://`, `gs://`, `file://`, ...: sweeps/storage.py). The experiment folder below it is
+    <storage>/<name>; `name` is checked by NAME_RE, so it cannot climb out of the storage folder."""
+    from sweeps import storage
+    scheme = storage.scheme(spec.storage_path)
+    if scheme is not None:
+        if scheme not in storage.SCHEMES:
+            _fail(f"storage_path: {spec.storage_path!r} is not allowed; use a local path or a URI Ray Tune "
+                  f"reads ({', '.join(s + '://' for s in storage.SCHEMES)})")
+        if not storage.URI_RE.sub("", spec.storage_path).strip("/"):
+            _fail(f"storage_path: {spec.storage_path!r} names no bucket or folder")
+        return spec.storage_path.rstrip("/")
     p = Path(spec.storage_path).expanduser()
     if not p.is_absolute():
         p = (root or Path.cwd()) / p
@@ -415,4 +438,4 @@ def storage_dir(spec: SweepSpec, root: Optional[Path] = None) -> Path:
     exp = (p / spec.name).resolve()
     if p not in exp.parents:
         _fail(f"name: {spec.name!r} would place results outside storage_path {p}")
-    return p
+    return str(p)

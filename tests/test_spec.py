@@ -114,7 +114,7 @@ BAD_SPECS = [
     ("not-yaml", "name: [unclosed\n", [], ["YAML"]),
     # digits are 8x8: a 9x9 primary kernel leaves no position; caught before Ray, naming the field
     ("network-does-not-fit-input", _with(DEPTH, "model.primary_kernel: {grid: [3, 9]}"), [],
-     ["model.", "digits", "primary_kernel=9"]),
+     ["space.model.primary_kernel: value 9", "digits"]),
 ]
 
 
