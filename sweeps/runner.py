@@ -358,7 +358,8 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
         # a sweep started before BoundLogger existed restores its own pickled MlflowSweepLogger: that
         # one wrote to MLflow, so read the trials' statuses back from there
         logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
-                                            local, tp.params, tp.yaml, expected_trials=expected)
+                                            local, tp.params, tp.yaml, expected_trials=expected,
+                                            storage_root=exp_dir, keep_state=keep_state)
     statuses = dict(logger.statuses)
     done = all(s in FINAL for s in statuses.values())
     if len(statuses) < expected or not done:
