@@ -101,25 +101,22 @@ class Truth(NamedTuple):
     part_type: torch.Tensor    # (K, R) long: the part type of role r of whole w
 
 
-def _grouped_pair_sums(c: torch.Tensor, V: torch.Tensor, gid: torch.Tensor, E: torch.Tensor
-                       ) -> torch.Tensor:
+def _grouped_pair_sums(V: torch.Tensor, A: torch.Tensor, S: torch.Tensor, Q: torch.Tensor,
+                       E: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
     """Sums over cross-input pairs ((x, i), (x', i')), x != x', whose items fall in the same group:
     (sum w w', sum w w' c_i(x).c_i'(x'), sum w w' E_ii') as a (3,) tensor.
 
-    c (B, I, J) couplings; V (B, I, R) item weights split by role (V[x, i, r] = a_i(x) when i shows
-    role r in x, else 0); gid (B, R) the group of role r of input x; E (I, I) the null agreement.
-    All-image sums minus the same-image terms, grouped by role: nothing of size B^2 I^2.
+    Items split by role r: V (B, I, R) their weights (V[x, i, r] = a_i(x) when primary i shows role r
+    in x, else 0), A (B, R) = sum_i V, S (B, R, J) = sum_i V c_i(x), Q (B, R, R) = V_r^T E V_s per x;
+    E (I, I) the null agreement; gid (B, R) the group of role r of input x. All-input sums minus the
+    same-input terms: nothing of size B^2 I^2.
     """
-    H = int(gid.max()) + 1
-    O = F.one_hot(gid, H).to(c.dtype)                                  # (B, R, H)
-    A = V.sum(1)                                                       # (B, R) weight per role
-    S = torch.einsum("bir,bij->brj", V, c)                             # (B, R, J)
-    same = (gid.unsqueeze(2) == gid.unsqueeze(1)).to(c.dtype)          # (B, R, R) same group in x
+    O = F.one_hot(gid, int(gid.max()) + 1).to(V.dtype)                 # (B, R, H)
+    same = (gid.unsqueeze(2) == gid.unsqueeze(1)).to(V.dtype)          # (B, R, R) same group in x
     weight = (torch.einsum("brh,br->h", O, A) ** 2).sum() - torch.einsum("brs,br,bs->", same, A, A)
     agree = (torch.einsum("brh,brj->hj", O, S) ** 2).sum() - torch.einsum("brs,brj,bsj->", same, S, S)
     T = torch.einsum("brh,bir->hi", O, V)                              # (H, I)
-    Q = torch.einsum("bir,ik,bks->brs", V, E, V)                       # (B, R, R)
-    null = torch.einsum("hi,ik,hk->", T, E, T) - (same * Q).sum()
+    null = ((T @ E) * T).sum() - (same * Q).sum()
     return torch.stack([weight, agree, null])
 
 
@@ -150,7 +147,9 @@ def tree_recovery(c: torch.Tensor, a: torch.Tensor, truth: Truth) -> Optional[fl
     r = torch.arange(R, device=c.device)
     w = whole.view(B, 1).expand(B, R)
     k = ptype[whole]                                                    # (B, R)
-    sums = {name: _grouped_pair_sums(c, V, gid, E) for name, gid in (
+    VE = torch.einsum("bir,ik->brk", V, E)                             # (B, R, I)
+    parts = (V, V.sum(1), torch.einsum("bir,bij->brj", V, c), torch.einsum("brk,bks->brs", VE, V), E)
+    sums = {name: _grouped_pair_sums(*parts, gid) for name, gid in (
         ("must", w * R + r), ("all", torch.zeros_like(w)), ("whole", w), ("type", k), ("both", w * P + k))}
     must = sums["must"]
     cannot = sums["all"] - sums["whole"] - sums["type"] + sums["both"]  # different whole and type

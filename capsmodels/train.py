@@ -3,7 +3,8 @@
 It knows nothing of Ray or MLflow: a sweep's trainable passes a `report` callable that forwards the
 metrics to Ray Tune, `capsweep train` passes one that prints them. One clear path, nanoGPT style:
 build data -> build model (-> `init: data` scales it on the first training batch) -> for each epoch:
-train steps (grad norms recorded) -> evaluate -> probes on the fixed batch D (docs/PROBES.md) -> report.
+train steps (grad norms recorded) -> evaluate (and on the transformed test split, when
+`data.test_transform` asks) -> probes on the fixed batch D (docs/PROBES.md) -> report.
 
 Determinism: the model is initialised under `torch.manual_seed(seed)`, and every random choice of
 the loop (shuffling, augmentation) draws from one dedicated `torch.Generator` seeded from the same
@@ -21,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from capsmodels import config as cfgmod
-from capsmodels import init, losses, networks, probes
+from capsmodels import init, losses, networks, parts, probes, transforms
 from capsmodels.augment import shift_augment
 from capsmodels.contract import DIVERGED, FINISHED, RUNNING
 from capsmodels.datasets import RawData, load_raw
@@ -89,9 +90,34 @@ def fixed_batch(ds: torch.utils.data.TensorDataset, n: int, seed: int) -> tuple[
     Not the first n: splits keep the raw order, and some raw files are sorted by class (mnist5k's
     first 256 validation images are all 0s and 1s), so a prefix would not be a sample.
     """
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    idx = fixed_index(len(ds), n, seed)
     x, y = ds.tensors
     return x[idx], y[idx]
+
+
+def fixed_index(total: int, n: int, seed: int) -> torch.Tensor:
+    """The indices `fixed_batch` draws: n of range(total), by a generator of their own seeded with `seed`."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def eval_truth(splits: Splits, cfg: cfgmod.RunConfig) -> Optional[probes.Truth]:
+    """The parse tree of the probe batch D (the `parts` dataset only, else None): the role under each
+    primary capsule of D's images (capsmodels.parts.capsule_roles), their wholes and the hierarchy."""
+    if splits.roles is None:
+        return None
+    t = cfg.train
+    idx = fixed_index(len(splits.val), t.eval_batch, t.seed)
+    field, stride = parts.receptive_field(cfg.model)
+    role = parts.capsule_roles(splits.roles["val"][idx], field, stride, cfg.model.primary_channels)
+    return probes.Truth(role, splits.val.tensors[1][idx], torch.from_numpy(parts.part_type_table()))
+
+
+def transformed_test(splits: Splits, cfg: cfgmod.RunConfig) -> Optional[torch.utils.data.TensorDataset]:
+    """The test split under `data.test_transform` (capsmodels.transforms), or None for `none`."""
+    if cfg.data.test_transform == "none":
+        return None
+    x, y = splits.test.tensors
+    return torch.utils.data.TensorDataset(transforms.transform_test(x, cfg.data), y)
 
 
 def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
@@ -131,6 +157,8 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
 
     x_train, y_train = splits.train.tensors
     x_eval, y_eval = (v.to(device) for v in fixed_batch(splits.val, t.eval_batch, t.seed))
+    truth = eval_truth(splits, cfg)
+    test_tf = transformed_test(splits, cfg)
     tracker = probes.GradTracker(model.layer_weights(), t.grad_window)
     n = len(y_train)
     steps = math.ceil(n / t.batch_size)
@@ -190,9 +218,11 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         if not diverged:
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, splits.val, device, recon_w)
             metrics["test_loss"], metrics["test_acc"] = evaluate(model, splits.test, device, recon_w)
+            if test_tf is not None:
+                metrics["test_acc_transformed"] = evaluate(model, test_tf, device, recon_w)[1]
             diverged = not all(math.isfinite(metrics[k]) for k in ("val_loss", "test_loss"))
         if not diverged:
-            metrics.update(probes.evaluation_probes(model, x_eval, y_eval, t.dead_tau, recon_w))
+            metrics.update(probes.evaluation_probes(model, x_eval, y_eval, t.dead_tau, recon_w, truth))
         metrics["images_per_s"] = seen / train_time if train_time > 0 else 0.0
         metrics["peak_mem_mb"] = peak_memory_mb(device)
         metrics["time_s"] = train_time
