@@ -241,7 +241,7 @@ def test_config_import_stays_below_the_models():
             "config.from_dict({'model': {'routing': 'em'}}); print(before, config.ROUTINGS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
-    assert out.strip() == "False ('dynamic', 'em', 'uniform')"
+    assert out.strip() == "False ('dynamic', 'em', 'uniform', 'attention', 'self', 'efficient')"
 
 
 def test_config_load_layers_defaults_preset_file_and_overrides(tmp_path):
