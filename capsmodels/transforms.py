@@ -80,12 +80,14 @@ def affine(x: torch.Tensor, rotation_deg, shear, scale, translate) -> torch.Tens
 
 
 def draw_affine(n: int, cfg, seed: int = TRANSFORM_SEED) -> tuple[np.ndarray, ...]:
-    """Per-image (rotation, shear, scale, translate (n, 2)) drawn from the ranges of DataConfig `cfg`."""
-    rng = np.random.default_rng(seed)
-    rot = rng.uniform(-cfg.affine_rotation, cfg.affine_rotation, n)
-    shear = rng.uniform(-cfg.affine_shear, cfg.affine_shear, n)
-    scale = rng.uniform(cfg.affine_scale_min, cfg.affine_scale_max, n)
-    shift = rng.uniform(-cfg.affine_translate, cfg.affine_translate, (n, 2))
+    """Per-image (rotation, shear, scale, translate (n, 2)) drawn from the ranges of DataConfig `cfg`.
+
+    One row of 5 uniforms per image, so image i's map depends on its index alone (not on n)."""
+    u = np.random.default_rng(seed).random((n, 5))
+    rot = cfg.affine_rotation * (2 * u[:, 0] - 1)
+    shear = cfg.affine_shear * (2 * u[:, 1] - 1)
+    scale = cfg.affine_scale_min + (cfg.affine_scale_max - cfg.affine_scale_min) * u[:, 2]
+    shift = cfg.affine_translate * (2 * u[:, 3:5] - 1)
     return rot, shear, scale, shift
 
 

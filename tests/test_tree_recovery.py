@@ -165,3 +165,18 @@ def test_trace_probes_report_tree_recovery_where_tree_score_is(truth):
     dead = [trace(a), trace(torch.zeros(B, 10, dtype=torch.float64), c1), trace(act2, c2)]
     out = probes.trace_probes(dead, 0.01, truth=truth)
     assert "tree_recovery/l1" not in out and "tree_recovery/l2" not in out
+
+
+def test_fit_on_parts_reports_tree_recovery_where_routing_acts():
+    """The whole path: parts' role maps -> D's truth under the primaries -> tree_recovery/l1 and /l2 of a
+    depth-1 dynamic-routing CapsNet (2 steps); none for uniform routing or another dataset."""
+    from capsmodels.train import fit
+    cfg = {"model": {"preset": "tiny", "depth": 1, "init": "data"},
+           "data": {"name": "parts", "train_size": 200, "val_size": 60, "test_size": 100},
+           "train": {"epochs": 1, "batch_size": 32, "eval_batch": 40, "threads": 1, "seed": 7,
+                     "max_steps_per_epoch": 2}}
+    m = fit(cfg)
+    print({k: round(v, 4) for k, v in m.items() if k.startswith("tree_")})
+    assert -1 <= m["tree_recovery/l1"] <= 1 and -1 <= m["tree_recovery/l2"] <= 1
+    cfg["model"]["routing"] = "uniform"
+    assert not any(k.startswith("tree_recovery") for k in fit(cfg))
