@@ -27,6 +27,8 @@ def saved(tmp_path_factory):
     cfg = work / "run.yaml"
     cfg.write_text(yaml.safe_dump(base))
     uri = f"sqlite:///{work}/mlflow.db"
+    from sweeps.models import open_store
+    open_store(uri, create=True).create_experiment("capsweep", artifact_location=str(work / "artifacts"))
     code = main(["train", str(cfg), "--quiet", "--save", "--tracking-uri", uri])
     assert code == 0
     client = MlflowClient(uri)
