@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from sweeps.write_queue import (End, Metrics, ParentEnd, Start, Tag, TrackingUnavailable, WriteQueue,
-                                from_json, queued, to_json)
+from sweeps.write_queue import (End, Lineage, Metrics, Model, ParentEnd, ParentTags, Start, Tag,
+                                TrackingUnavailable, WriteQueue, from_json, queued, to_json)
 
 
 class Store:
@@ -39,6 +39,17 @@ def test_records_round_trip_through_json_and_old_positional_spools_are_read():
     old = json.dumps(["metrics", "t1", 3, {"val_acc": 0.25}, 123])      # a driver before typed records
     assert from_json(old) == Metrics("t1", 3, {"val_acc": 0.25}, 123)
     assert from_json(json.dumps(["parent_interrupt"])).__class__.__name__ == "ParentInterrupt"
+
+
+def test_model_and_lineage_records_survive_the_spool():
+    """A driver that spools a trial's model and lineage writes: the next one logs them as they were."""
+    recs = [Lineage("t1", {"train.device": "cuda:0"}, {"capsweep.device_name": "NVIDIA H100"},
+                    [{"name": "digits", "context": "test", "digest": "ab12", "rows": 200}]),
+            Model("t1", "/s/m/trial_models/t1", "/s/m/trial_state/t1.pt", keep=False),
+            Model("t2", "s3://b/m/trial_models/t2", "s3://b/m/trial_state/t2.pt", keep=True, log=False),
+            ParentTags({"mlflow.user": "me"})]
+    for rec in recs:
+        assert from_json(to_json(rec)) == rec
 
 
 def test_outage_keeps_order_and_delivers_everything_once_when_back(tmp_path):
