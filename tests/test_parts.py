@@ -2,7 +2,6 @@
 a role map that covers exactly the drawn pixels, split sizes that follow data.train_size, and a task a
 logistic regression learns well above chance."""
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
