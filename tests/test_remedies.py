@@ -101,15 +101,16 @@ def test_residual_lets_gradient_reach_l1_of_a_collapsed_deep_net():
 @pytest.mark.parametrize("routing", FAMILIES)
 @pytest.mark.parametrize("remedy", REMEDIES, ids=["none", "residual", "pose_norm", "both"])
 def test_data_init_hits_the_target_with_every_family_and_remedy(routing, remedy):
-    model = net(3, routing, init="data", **remedy)
-    x = torch.rand(48, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    measured = init.data_init(model, x, target=1.0, chunk=24)
-    assert len(measured) == 5
+    """float32 as in training; depth 2 with skips of distance 1 (l1 -> l2)."""
+    model = net(2, routing, init="data", residual_dist=1, **remedy).float()
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    measured = init.data_init(model, x, target=1.0, chunk=16)
+    assert len(measured) == 4
     assert max(abs(m - 1.0) for m in measured) < 5e-3, measured
     with torch.no_grad():
         out = model(x)                                            # the forward agrees with the fit
     for m, tr in zip(measured, out.layers):
-        assert float(tr.s_norm.mean()) == pytest.approx(m, rel=1e-9)
+        assert float(tr.s_norm.mean()) == pytest.approx(m, rel=1e-4)
 
 
 def test_config_checks():
