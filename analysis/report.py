@@ -79,7 +79,7 @@ details summary{cursor:pointer;color:#345} ul.checks{margin:.2em 0 .2em 1.2em;pa
 .note{background:#fff7da;border-left:4px solid #e0b400;padding:.4em .8em;margin:.3em 0}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.85em;color:#555} .sig{font-weight:700} .muted{color:#777}
-.small{font-size:.85em} .runs{display:block;font-size:.85em;color:#555;margin-top:.2em;overflow-wrap:anywhere}
+td.err{overflow-wrap:anywhere;word-break:break-word;min-width:12em} .small{font-size:.85em} .runs{display:block;font-size:.85em;color:#555;margin-top:.2em;overflow-wrap:anywhere}
 tr.refruns td{border-top:none;font-size:.95em} table.repro th{width:16em} table.repro code{white-space:pre-wrap;
 overflow-wrap:anywhere} .nav a{color:#345}
 """
@@ -556,7 +556,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
         for t in verdict["failed_trials"]:
             parts.append(f"<tr><td>{_t(t['trial_id'])}</td><td><code>{_t(t['run_id'])}</code></td>"
                          f"<td>{_t(t['seed'])}</td><td>{_t(t['status'])}</td>"
-                         f"<td>{t['config_id']}: {_t(t['label'])}</td><td>{_t(t['error'])}</td></tr>")
+                         f"<td>{t['config_id']}: {_t(t['label'])}</td><td class='err'>{_t(t['error'])}</td></tr>")
         parts.append("</table>")
     else:
         parts.append("<p>None: every trial finished.</p>")
