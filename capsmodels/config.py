@@ -71,6 +71,7 @@ class ModelConfig:
     cnn_width: int = 0                # cnn baseline: hidden width of its dense layer (0 = matched size)
     residual: bool = False            # skip connections between hidden capsule layers (Gugglberger et al.
                                       # 2021): layer l's pose + layer l-residual_dist's routed pose
+                                      # (residual and pose_norm: capsnet only; the cnn ignores them)
     residual_dist: int = 2            # distance of a skip (their code's default skip_dist = 2)
     pose_norm: bool = False           # LayerNorm (no gain/offset) of each capsule's pose before it is passed
                                       # on to the next capsule layer (primaries and hidden layers)

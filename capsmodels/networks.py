@@ -30,7 +30,8 @@ class LayerTrace:
     act: torch.Tensor                       # (B, n) a_j(x) = ||v_j|| (EM, self, attention: the family's
                                             # activation, docs/PROBES.md; CNN class: score)
     coupling: Optional[torch.Tensor]        # (B, n_in, n) final couplings; None for l = 0 and the CNN
-    gain: Optional[torch.Tensor]            # (B, n) ||s|| / (1 + ||s||^2); None for EM layers and the CNN
+    gain: Optional[torch.Tensor]            # (B, n) ||s|| / (1 + ||s||^2); None for EM, self and
+                                            # attention layers and the CNN
     pose: Optional[torch.Tensor] = None     # (B, n, d) the pose v_j(x) the layer hands on (after the
                                             # remedies' skip and LayerNorm, CapsNet.pass_on)
     s_norm: Optional[torch.Tensor] = None   # (B, n) pre-squash length ||s_j(x)|| (EM: ||pose||); CNN None
