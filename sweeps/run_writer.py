@@ -31,6 +31,7 @@ from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentE
 
 MAX_BATCH = 900          # MLflow's log_batch takes at most 1000 metrics per call
 DEVICE_PARAM = "train.device"
+TAG_MODEL_ERROR = "capsweep.model_error"     # why a trial's model could not be logged (its files kept)
 # MLflow 3's experiment type: its UI opens an experiment of this kind on its runs, not on the GenAI
 # traces overview (the values of the UI's ExperimentKind; `genai_development` is the other one)
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -207,8 +208,14 @@ class RunWriter:
     def _model(self, r: Model) -> None:
         rid = self.run_ids[r.trial_id]
         if r.log:
-            models.log_trial_model(self.client, self.tracking_uri, self.experiment_id, rid, r.model_dir,
-                                   r.state_path, {TAG_SWEEP: self.sweep, TAG_TRIAL: r.trial_id})
+            try:
+                models.log_trial_model(self.client, self.tracking_uri, self.experiment_id, rid, r.model_dir,
+                                       r.state_path, {TAG_SWEEP: self.sweep, TAG_TRIAL: r.trial_id})
+            except Exception as e:  # noqa: BLE001 - a model that cannot be logged must not stop the sweep
+                if transient(e):
+                    raise           # the queue waits for the store and tries again
+                self.client.set_tag(rid, TAG_MODEL_ERROR, " ".join(str(e).split())[:4900])
+                return              # its files stay: nothing of the trial is lost
         if not r.keep:
             models.cleanup(r.model_dir, r.state_path)
 

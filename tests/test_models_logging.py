@@ -223,3 +223,16 @@ def test_system_sampler_against_procfs_status():
     assert 0.0 <= m["system/cpu_utilization_percentage"] <= 100.0
     assert m["system/process_cpu_utilization_percentage"] >= 0.0
     assert not any(k.startswith("system/gpu_") for k in m)     # on the CPU no GPU figures
+
+
+def test_a_model_that_cannot_be_logged_is_tagged_and_its_files_kept(tmp_path):
+    """A non-transient failure (here weights that do not fit the config) must not stop the sweep."""
+    from sweeps import storage
+    from sweeps.write_queue import Model
+    client, exp, writer, net, state_path, mdir = _writer_with_trial(tmp_path)
+    storage.save_torch(str(mdir / "model.pt"), {"wrong.weight": torch.zeros(1)})
+    writer.apply(Model("t1", str(mdir), state_path, keep=False))
+    rid = writer.run_ids["t1"]
+    assert "wrong.weight" in client.get_run(rid).data.tags["capsweep.model_error"]
+    assert client.search_logged_models([exp], filter_string=f"source_run_id = '{rid}'") == []
+    assert (mdir / "model.pt").exists()
