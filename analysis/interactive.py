@@ -203,6 +203,9 @@ def scatter_panels(table: pd.DataFrame, objectives: Sequence[tuple[str, str]], o
         (cx, mx), (cy, my) = objectives[i], objectives[j]
         sx, sy = scale_of(table[cx]), scale_of(table[cy])
         pw, ph = W - left - right, H - top - bottom
+        pad = 0.05   # points at the ends of a range stay inside the frame
+        sx, sy = (Scale(sc.kind, (lambda v, f=sc.pos: None if f(v) is None else pad + (1 - 2 * pad) * f(v)),
+                        [(pad + (1 - 2 * pad) * p, t) for p, t in sc.ticks]) for sc in (sx, sy))
         body = [f"<svg viewBox='0 0 {W} {H}' role='img' aria-label='{_t(cx)} vs {_t(cy)}'>",
                 f"<line class='ax' x1='{left}' x2='{W - right}' y1='{H - bottom}' y2='{H - bottom}'/>",
                 f"<line class='ax' x1='{left}' x2='{left}' y1='{top}' y2='{H - bottom}'/>"]
