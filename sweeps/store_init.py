@@ -8,9 +8,12 @@ match one row ... 0 found", "table ... already exists", a duplicate default expe
 - every capsweep command (`run`, `ui`, `report`, `ls`, `status`, `export`, `compare`) opens the store
   through `init_store` first, holding `<db>.lock` (a filelock beside the file): capsweep processes
   never create or migrate it at the same time;
-- a process that does not take the lock (a plain `mlflow ui`) can still be creating it: then the
-  failed open is retried after a wait (bounded), since the other process finishes the schema and
-  our re-open finds it complete.
+- a process that does not take the lock (a plain `mlflow ui`) can still be creating it. Then we
+  wait before touching the file: while the file exists without MLflow's full set of tables and its
+  tables or alembic revision keep changing, another process is creating it (MLflow creates the
+  tables only when some are missing, so once they all exist opening writes nothing); if nothing
+  changes for QUIET_S, that process died and we finish the job. A failed open is retried after a
+  wait (bounded), since the other process finishes the schema and our re-open finds it complete.
 Any failure left is one line (`StoreInitError`), never a traceback.
 
 Imports: the standard library and filelock only at module level (analysis imports this module and
@@ -26,6 +29,8 @@ LOCK_SUFFIX = ".lock"           # <db>.lock beside the store
 ATTEMPTS = 10                   # opens tried while another process creates the schema
 WAIT_S = 0.5                    # first wait between them; grows linearly (0.5, 1.0, 1.5 ... s)
 LOCK_TIMEOUT_S = 300.0          # another capsweep process migrating a large store can take a while
+QUIET_S = 10.0                  # an unfinished schema unchanged this long: its creator is gone
+MAX_WAIT_S = 180.0              # at most this long for another process's schema creation
 
 
 class StoreInitError(RuntimeError):
@@ -63,6 +68,7 @@ def init_store(uri: str, create: bool = True, attempts: int = ATTEMPTS, wait_s: 
     lock = FileLock(str(lock_path(db)), timeout=lock_timeout_s)
     try:
         with lock:
+            wait_for_other_creator(db)
             _open_with_retries(uri, attempts, wait_s)
     except Timeout:
         raise StoreInitError(f"tracking URI {uri}: another process holds {lock.lock_file} for more than "
@@ -70,6 +76,50 @@ def init_store(uri: str, create: bool = True, attempts: int = ATTEMPTS, wait_s: 
     except OSError as e:
         raise StoreInitError(f"tracking URI {uri}: cannot lock or open {db}: {_one_line(e)}") from None
     return True
+
+
+def _schema_state(db: Path) -> tuple:
+    """(table names, alembic revision) read with the standard library, read-only; a file another
+    process holds locked reads as a state of its own (so it counts as a change)."""
+    import sqlite3
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+        try:
+            tables = tuple(sorted(r[0] for r in con.execute("select name from sqlite_master where type='table'")))
+            rev = con.execute("select version_num from alembic_version").fetchone() \
+                if "alembic_version" in tables else None
+            return tables, rev[0] if rev else None
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return ("unreadable", str(e), time.monotonic()), None
+
+
+def _expected_tables() -> set[str]:
+    """The tables MLflow's tracking store needs (it creates the schema when one is missing)."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - registers every model's table
+    from mlflow.store.db.base_sql_model import Base
+    return set(Base.metadata.tables)
+
+
+def wait_for_other_creator(db: Path, quiet_s: float = QUIET_S, max_s: float = MAX_WAIT_S) -> float:
+    """Wait while another process is creating the store's schema (see the module docstring).
+    Returns the seconds waited (0 when the store is complete or absent)."""
+    if not db.exists():
+        return 0.0
+    expected = _expected_tables()
+    start = last_change = time.monotonic()
+    last = None
+    while True:
+        state = _schema_state(db)
+        now = time.monotonic()
+        if expected <= set(state[0]):
+            return now - start
+        if state != last:
+            last, last_change = state, now
+        elif now - last_change >= quiet_s or now - start >= max_s:
+            return now - start
+        time.sleep(0.1)
 
 
 def _open_with_retries(uri: str, attempts: int, wait_s: float) -> None:
