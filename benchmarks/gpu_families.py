@@ -16,8 +16,8 @@ Three parts, printed as tables (and written to --json):
    of --preset at --depth on synthetic 28x28 inputs: median images/s over --steps after 3 warm-up
    steps, and the peak allocated memory (CUDA: torch.cuda.max_memory_allocated; CPU: not measured).
 3. warm worker: `capsmodels.train.fit` twice in this one process on the `parts` dataset (generated,
-   no download), as a reused Ray worker would run two trials, with `capsmodels.train.release_memory`
-   between them: the metrics of the second fit against the first (same config and seed), and the
+   no download), as a reused Ray worker would run two trials, with what `sweeps/trainable.py`'s
+   `release_memory` does between them (garbage collection, torch.cuda.empty_cache()): the metrics of the second fit against the first (same config and seed), and the
    allocated/reserved GPU memory before, between and after.
 """
 from __future__ import annotations
@@ -111,10 +111,9 @@ def warm_worker(device: torch.device) -> dict:
     before = mem()
     first = train.fit(from_dict(raw))
     after_first = mem()
-    release = getattr(train, "release_memory", None)
-    if release is not None:
-        release()
-    elif device.type == "cuda":
+    import gc
+    gc.collect()                     # as sweeps/trainable.release_memory (this script runs without ray)
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     between = mem()
     second = train.fit(from_dict(raw))
