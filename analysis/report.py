@@ -6,8 +6,12 @@ under `report/`.
 Order of both documents: the answer, the instrument (controls), the test with its margin and level (the
 first lines); notes; the configurations table (candidates, then controls, then references; each
 candidate's and control's checks under its row, the full list folded in a <details>); the thresholds
-and rules; failed/diverged trials; the figures (and the ones skipped, with why); the trends table
-(raw and Holm-adjusted p); the definitions live in docs/PROBES.md.
+and rules; failed/diverged trials; the interactive views (parallel coordinates of the trials coloured by
+the key probes; for an Optuna sweep its Pareto front and parameter importances: inline SVG, no library,
+analysis/interactive.py and analysis/search_views.py); the figures (and the ones skipped, with why); the
+trends table (raw and Holm-adjusted p); the reproducibility block (commits, versions, the sweep's spec and
+settings, the command that rebuilds the report). Each configuration lists its MLflow runs (links to the
+UI's run pages on a tracking server, else their ids). The definitions live in docs/PROBES.md.
 """
 from __future__ import annotations
 
@@ -368,6 +372,8 @@ def explore_html(trials: pd.DataFrame, swept: list[str], labels: dict) -> str:
     names = short_names(swept)
     probes = [(c, l) for c, l in PC_PROBES if c in fin and fin[c].notna().any()]
     dims = [(c, names[c]) for c in swept] + probes
+    if len(dims) < 2:
+        return "<p>Not drawn: fewer than two axes (no swept param and no probe logged).</p>"
     tips = [f"{r['config_id']} {labels.get(r['config_id'], '')} seed {r['seed']} ({r['role']}); "
             + ", ".join(f"{l} {_n(r[c])}" for c, l in probes if r[c] == r[c]) + f"; run {r['run_id']}"
             for _, r in fin.iterrows()]

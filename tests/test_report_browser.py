@@ -283,3 +283,17 @@ def test_report_fits_1400px_and_every_figure_and_chart_shows(hunt, browser, tmp_
     assert heights["main"] <= 120 and heights["head"] <= 80 and heights["why"] <= 400, heights
     shot = browser_helpers.screenshot(browser, page, tmp_path / "report.png", WIDTH, 2400)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_link_to_the_ui_of_a_tracking_server(hunt):
+    """On an http(s) store each configuration's runs are links to the MLflow UI's run pages."""
+    from dataclasses import replace
+
+    from analysis.report import _runs_html
+    data = replace(hunt["data"], tracking_uri="http://head:5000/")
+    cfg = next(c for c in hunt["verdict"]["configurations"] if len(c["run_ids"]) == 2)
+    got = _runs_html(data, cfg["run_ids"])
+    seeds = data.trials.set_index("run_id").loc[cfg["run_ids"], "seed"].tolist()
+    want = [f"<a href='http://head:5000/#/experiments/{data.experiment_id}/runs/{r}'>seed {s}</a>"
+            for r, s in zip(cfg["run_ids"], seeds)]
+    assert got == "<span class='runs'>MLflow runs: " + ", ".join(want) + "</span>"
