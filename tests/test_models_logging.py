@@ -8,7 +8,6 @@ writer directly here, and on the 8-trial sweep of tests/test_sweep_e2e.py.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import mlflow.pytorch
