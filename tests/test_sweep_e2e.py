@@ -60,6 +60,22 @@ def test_sweep_logs_one_child_run_per_trial(finished_sweep):
         assert r.data.params["model.routing"] == "dynamic"
 
 
+def test_models_logged_and_trial_state_removed(finished_sweep):
+    """Without --keep-state a trial's weights and per-epoch state go once its model is in MLflow."""
+    work, client, _ = finished_sweep
+    kids = children(client)
+    for r in kids:
+        (model,) = client.search_logged_models([r.info.experiment_id],
+                                               filter_string=f"source_run_id = '{r.info.run_id}'")
+        assert r.data.tags["capsweep.model_id"] == model.model_id
+    exp_dir = work / "ray_results" / "tiny"
+    assert not list((exp_dir / "trial_state").glob("*.pt"))
+    assert sorted(p.name for p in (exp_dir / "trial_models").iterdir()) == \
+        sorted(r.data.tags["capsweep.trial_id"] for r in kids)
+    assert not list((exp_dir / "trial_models").glob("*/model.pt"))
+    assert len({r.info.run_name for r in kids}) == 8
+
+
 def test_metric_histories_have_one_point_per_epoch(finished_sweep):
     work, client, _ = finished_sweep
     for r in children(client):
