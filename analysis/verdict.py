@@ -130,26 +130,86 @@ def _worst_hidden(row: pd.Series, name: str, depth: Optional[int]) -> float:
 
 def trial_probes(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per trial: run_id, arch, depth and the probes of the module docstring (grad_ratio and
-    act_grad_min as log10), NaN where the trial does not log what a probe needs."""
-    rows = []
-    for _, r in trials.iterrows():
-        depth = _depth_of(r)
-        a = r.get("model.arch")
-        arch = a if isinstance(a, str) and a else "capsnet"
-        act = _layer_metrics(r, "act_grad")
-        ratio = r.get("grad_ratio", math.nan)
-        row = {"run_id": r["run_id"], "arch": arch, "depth": depth,
-               "test_acc": float(r.get("test_acc", math.nan)),
-               "grad_ratio": _log10(float(ratio)) if act and ratio is not None else math.nan,
-               "act_grad_min": _log10(min(act.values())) if act else math.nan}
+    act_grad_min as log10), NaN where the trial does not log what a probe needs.
+
+    Column-wise over all trials at once (a 10,000-trial sweep has about a million metric cells): the
+    per-layer columns are found once, and each probe is a numpy reduction over them, with the same
+    rules as the one-row helpers above (`_layer_metrics`, `_depth_of`, `_worst_hidden`): a value that
+    is not finite is absent, an absent hidden layer falls back to the logged `name_max`."""
+    n = len(trials)
+    layer_cols: dict[str, list[tuple[int, str]]] = {}
+    for col in trials.columns:                      # frame order, as `_layer_metrics` iterates
+        m = _LAYER.match(str(col))
+        if m:
+            layer_cols.setdefault(m.group("name"), []).append((int(m.group("l")), col))
+
+    def matrix(name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values (n, k) with non-finite -> NaN, layer index of each column (k,))."""
+        cols = layer_cols.get(name, [])
+        if not cols:
+            return np.full((n, 0), np.nan), np.zeros(0, int)
+        vals = np.column_stack([pd.to_numeric(trials[c], errors="coerce").to_numpy(float) for _, c in cols])
+        vals[~np.isfinite(vals)] = np.nan
+        return vals, np.array([l for l, _ in cols])
+
+    def column(name: str) -> np.ndarray:
+        if name not in trials.columns:
+            return np.full(n, np.nan)
+        return pd.to_numeric(trials[name], errors="coerce").to_numpy(dtype=float, copy=True)
+
+    def top_layer(name: str) -> np.ndarray:
+        vals, ls = matrix(name)
+        present = ~np.isnan(vals)
+        return np.where(present.any(1), np.where(present, ls[None, :], -1).max(1, initial=-1), -1)
+
+    depth: list = [None] * n
+    if "model.depth" in trials.columns:
+        for i, v in enumerate(trials["model.depth"].tolist()):
+            if v is not None and v == v and str(v).strip().lstrip("-").isdigit():
+                depth[i] = int(str(v).strip())
+    top = np.where(top_layer("grad_norm") >= 0, top_layer("grad_norm"), top_layer("act_grad"))
+    depth = [d if d is not None else (int(t) - 1 if t >= 0 else None) for d, t in zip(depth, top)]
+    d_arr = np.array([d if d is not None else 0 for d in depth])       # 0: no hidden layer
+
+    arch = ["capsnet"] * n
+    if "model.arch" in trials.columns:
+        arch = [a if isinstance(a, str) and a else "capsnet" for a in trials["model.arch"].tolist()]
+    act, _ = matrix("act_grad")
+    has_act = (~np.isnan(act)).any(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        act_min = np.where(has_act, np.nanmin(np.where(np.isnan(act), np.inf, act), axis=1, initial=np.inf),
+                           np.nan)
+        out = {"run_id": trials["run_id"].tolist(), "arch": arch, "depth": depth,
+               "test_acc": column("test_acc").tolist(),
+               "grad_ratio": np.where(has_act, _log10_array(column("grad_ratio")), np.nan).tolist(),
+               "act_grad_min": _log10_array(act_min).tolist()}
         for probe, metric in (("starved_worst", "starved_frac"), ("dead_worst", "dead_frac"),
                               ("frozen_worst", "frozen_frac")):
-            row[probe] = _worst_hidden(r, metric, depth)
+            vals, ls = matrix(metric)
+            hidden = (ls[None, :] >= 1) & (ls[None, :] <= d_arr[:, None]) & ~np.isnan(vals)
+            worst = np.where(hidden, vals, -np.inf).max(1, initial=-np.inf)
+            fallback = column(f"{metric}_max")
+            fallback[~np.isfinite(fallback)] = np.nan
+            out[probe] = np.where(d_arr == 0, np.nan, np.where(hidden.any(1), worst, fallback)).tolist()
         for stat in ("tree_score", "routing_dynamics"):
             for name in (stat, NULLS[stat]):
-                row[name] = _mean_or_nan([v for l, v in _layer_metrics(r, name).items() if l >= 1])
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["run_id", "arch", "depth", *FIGURES])
+                vals, ls = matrix(name)
+                vals = np.ascontiguousarray(vals[:, ls >= 1])
+                full = ~np.isnan(vals).any(1) & (vals.shape[1] > 0)
+                mean = np.full(n, np.nan)
+                if full.any():              # the same reduction np.mean makes of the row as a list
+                    mean[full] = vals[full].mean(1)
+                for i in np.flatnonzero(~full):
+                    mean[i] = _mean_or_nan([v for v in vals[i] if v == v])
+                out[name] = mean.tolist()
+    return pd.DataFrame(out, columns=["run_id", "arch", "depth", *FIGURES])
+
+
+def _log10_array(v: np.ndarray) -> np.ndarray:
+    """`_log10` elementwise: NaN for NaN or negative values, an exact 0 as the smallest normal float."""
+    v = np.asarray(v, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.isnan(v) | (v < 0), np.nan, np.log10(np.maximum(v, TINY)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,8 +235,8 @@ def assign_configs(trials: pd.DataFrame, param_cols: list[str]) -> tuple[pd.Seri
     id (its swept params, e.g. 'depth=2 iterations=3'), and the swept (varying) config params."""
     cols = config_params(param_cols)
     swept = varying(trials, cols)
-    keys = trials[cols].fillna("").astype(str).apply(tuple, axis=1) if cols else \
-        pd.Series([()] * len(trials), index=trials.index)
+    strings = [trials[c].fillna("").astype(str).tolist() for c in cols]
+    keys = pd.Series(list(zip(*strings)) if cols else [()] * len(trials), index=trials.index, dtype=object)
     names = short_names(swept)
 
     def sort_key(k):
@@ -289,6 +349,48 @@ def find_reference(first: pd.Series, pool: pd.DataFrame, match_cols: list[str], 
            f"matched except {', '.join(unmatched)}" if unmatched else "matched")
     return {"how": how + fallback, "arch": str(sel["arch"].iloc[0]), "source": source,
             "n_trials": int(len(sel)), "run_ids": list(sel["run_id"]), "unmatched": unmatched, "trials": sel}
+
+
+def reference_finder(pool: pd.DataFrame, match_cols: list[str], source: str):
+    """`find_reference` for many configurations of one pool: the pool's match columns are turned into
+    strings once, each narrowing is a numpy mask, and configurations that want the same (arch,
+    values) share one answer. Returns first -> the same dict `find_reference` returns."""
+    arch = pool["arch"].to_numpy(dtype=object)
+    strings = {c: pool[c].fillna("").astype(str).to_numpy(dtype=object) for c in match_cols}
+    cache: dict = {}
+
+    def want(first: pd.Series, c: str) -> str:
+        v = first.get(c)
+        return "" if v is None or v != v else str(v)
+
+    def find(first: pd.Series) -> dict:
+        key = (first["arch"], tuple(want(first, c) for c in match_cols))
+        if key in cache:
+            return cache[key]
+        a, fallback = first["arch"], ""
+        mask = arch == a
+        if not mask.any() and a != "capsnet":
+            mask, fallback = arch == "capsnet", f" (no depth-0 {a}: the depth-0 CapsNet)"
+        if not mask.any():
+            cache[key] = {"how": "none", "arch": a, "source": source, "n_trials": 0, "run_ids": [],
+                          "unmatched": [], "trials": pool[mask]}
+            return cache[key]
+        matched, unmatched = [], []
+        for c, w in zip(match_cols, key[1]):
+            narrowed = mask & (strings[c] == w)
+            if narrowed.any():
+                mask = narrowed
+                matched.append(c)
+            else:
+                unmatched.append(c)
+        how = ("pooled" if unmatched and not matched else
+               f"matched except {', '.join(unmatched)}" if unmatched else "matched")
+        sel = pool[mask]
+        cache[key] = {"how": how + fallback, "arch": str(sel["arch"].iloc[0]), "source": source,
+                      "n_trials": int(len(sel)), "run_ids": list(sel["run_id"]), "unmatched": unmatched,
+                      "trials": sel}
+        return cache[key]
+    return find
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,8 +532,10 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         notes.append(classes_how)
 
     configs = []
-    for cid in sorted(set(trials["config_id"])):
-        g = trials[trials["config_id"] == cid]
+    groups = dict(tuple(trials.groupby("config_id", sort=False)))     # one pass, not a mask per config
+    reference_of = reference_finder(pool, match_cols, source)
+    for cid in sorted(groups):
+        g = groups[cid]
         fin = g[g["status"] == FINISHED]
         first = g.iloc[0]
         arch, depth, role = first["arch"], first["depth"], first["role"]
@@ -444,7 +548,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
             entry.update(verdict=f"reference (depth-0 {arch})", outcome=None, escaped=False, checks=[],
                          reasons=[], reference=None)
         else:
-            ref = find_reference(first, pool, match_cols, source)
+            ref = reference_of(first)
             checks = config_checks(fin, g["status"], ref, th, chance_floor)
             outcome = decide(checks)
             entry.update(verdict=VERDICT_WORDS[role][outcome], outcome=outcome,
