@@ -91,8 +91,8 @@ def _schema_state(db: Path) -> tuple:
             return tables, rev[0] if rev else None
         finally:
             con.close()
-    except sqlite3.Error as e:
-        return ("unreadable", str(e), time.monotonic()), None
+    except sqlite3.Error as e:       # "database is locked" while another process writes it
+        return ("unreadable", str(e)), None
 
 
 def _expected_tables() -> set[str]:
@@ -113,8 +113,8 @@ def wait_for_other_creator(db: Path, quiet_s: float = QUIET_S, max_s: float = MA
     while True:
         state = _schema_state(db)
         now = time.monotonic()
-        if expected <= set(state[0]):
-            return now - start
+        if expected <= set(state[0]) or "not a database" in str(state[0]):
+            return now - start      # complete, or not SQLite at all: opening says so in one line
         if state != last:
             last, last_change = state, now
         elif now - last_change >= quiet_s or now - start >= max_s:
