@@ -117,7 +117,7 @@ def wait_for_other_creator(db: Path, quiet_s: float = QUIET_S, max_s: float = MA
             return now - start      # complete, or not SQLite at all: opening says so in one line
         if state != last:
             last, last_change = state, now
-        elif now - last_change >= quiet_s or now - start >= max_s:
+        if now - last_change >= quiet_s or now - start >= max_s:
             return now - start
         time.sleep(0.1)
 
