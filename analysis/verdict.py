@@ -459,13 +459,14 @@ def _ni_check(name: str, cand: list[float], ref: Optional[dict], margin: float, 
 
 
 def config_checks(fin: pd.DataFrame, statuses: pd.Series, ref: Optional[dict], th: Thresholds,
-                  chance_floor: float) -> list[dict]:
-    """Every check of a candidate or control (module docstring) on its finished seeds `fin`."""
+                  chance_floor: float, intervals: Optional[dict] = None) -> list[dict]:
+    """Every check of a candidate or control (module docstring) on its finished seeds `fin`.
+    intervals: t_interval of each probe of `fin` at th.alpha when the caller has them already."""
     a = th.alpha
     if fin.empty:
         return [_seeds_check(statuses)] + [_check(name, INCONCLUSIVE, f"{name}: no finished seed to test")
                                            for name in CHECK_NAMES[1:]]
-    iv = {p: t_interval(fin[p].tolist(), a) for p in PROBES}
+    iv = intervals if intervals is not None else {p: t_interval(fin[p].tolist(), a) for p in PROBES}
     return [
         _seeds_check(statuses),
         _ni_check("accuracy", fin["test_acc"].tolist(), ref, th.acc_margin, a, "test_acc",
@@ -540,7 +541,8 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         first = g.iloc[0]
         arch, depth, role = first["arch"], first["depth"], first["role"]
         depth = None if depth is None or depth != depth else int(depth)
-        figs = {p: t_interval(fin[p].tolist(), th.alpha) for p in FIGURES}
+        values = fin[list(FIGURES)].to_numpy(dtype=float)            # one frame access, not one per probe
+        figs = {p: t_interval(values[:, k].tolist(), th.alpha) for k, p in enumerate(FIGURES)}
         entry = {"id": cid, "label": labels[cid], "role": role, "arch": arch, "depth": depth,
                  "trial_role": sorted({str(v) for v in g["trial.role"].dropna()}) if "trial.role" in g else [],
                  "params": {c: _plain(first.get(c)) for c in swept}}
@@ -549,7 +551,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
                          reasons=[], reference=None)
         else:
             ref = reference_of(first)
-            checks = config_checks(fin, g["status"], ref, th, chance_floor)
+            checks = config_checks(fin, g["status"], ref, th, chance_floor, figs)
             outcome = decide(checks)
             entry.update(verdict=VERDICT_WORDS[role][outcome], outcome=outcome,
                          escaped=role == CANDIDATE and outcome == PASS, checks=checks,
