@@ -562,7 +562,7 @@ def test_cli_reference_flag(store, tmp_path, capsys):
     assert cli.main(args + ["--reference", "s1"]) == 0
     assert capsys.readouterr().out.startswith("escaped: yes")
     assert json.loads((out / "verdict.json").read_text())["reference_source"] == "sweep s1"
-    assert cli.main(args + ["--reference", "nope"]) == 1
+    assert cli.main(args + ["--reference", "nope"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "sweep 'nope' not found" in line
 
@@ -609,10 +609,10 @@ def test_cli_says_where_the_report_is_when_mlflow_cannot_take_it(store, tmp_path
     (["--experiment", "noprobes"], "probes"),
     (["--experiment", "capsweep", "--sweep", "s9"], "sweep 's9' not found"),
 ])
-def test_bad_input_is_one_line_and_exit_1(store, tmp_path, capsys, args, words):
+def test_bad_input_is_one_line_and_exit_2(store, tmp_path, capsys, args, words):
     code = cli.main(args + ["--tracking-uri", store["uri"], "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and words in lines[0], err
     assert "Traceback" not in err
@@ -622,7 +622,7 @@ def test_missing_sqlite_store_is_not_created(tmp_path, capsys):
     db = tmp_path / "absent.db"
     code = cli.main(["--experiment", "capsweep", "--tracking-uri", f"sqlite:///{db}"])
     err = capsys.readouterr().err
-    assert code == 1 and not db.exists()
+    assert code == 2 and not db.exists()
     assert len(err.strip().splitlines()) == 1 and "does not exist" in err
 
 
