@@ -50,6 +50,12 @@ def check_cluster_ready(spec: SweepSpec) -> None:
         raise SubmitError(f"mlflow.tracking_uri: {uri!r} would be written inside the job's temporary folder "
                           "on the head node; pass mlflow.tracking_uri=http://127.0.0.1:5000 (the head's "
                           "MLflow server) or export MLFLOW_TRACKING_URI")
+    from sweeps import storage
+    if storage.is_uri(spec.storage_path):      # s3://, gs://, ... are shared by every node; file:// must be absolute
+        if storage.scheme(spec.storage_path) != "file" or spec.storage_path.startswith("file:///"):
+            return
+        raise SubmitError(f"storage_path: {spec.storage_path!r} is not an absolute file:// URI; use "
+                          "file:///shared/ray_results or an s3:// / gs:// bucket")
     if not Path(spec.storage_path).expanduser().is_absolute():
         raise SubmitError(f"storage_path: {spec.storage_path!r} is relative to the job's temporary folder; "
                           "trials on other nodes need shared storage: storage_path=/shared/ray_results")

@@ -97,3 +97,20 @@ def test_mlflow_connections_fit_postgres():
     workers = int(argv[argv.index("--workers") + 1])
     pool = int(env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) + int(env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"])
     assert (workers + 1) * 3 * pool == 72 <= pg_max_connections(cfg) - 3
+
+
+@pytest.mark.parametrize("path, ok", [
+    ("/shared/ray_results", True), ("s3://bucket/ray_results", True), ("gs://bucket/ray", True),
+    ("file:///shared/ray_results", True), ("ray_results", False), ("file://ray_results", False),
+])
+def test_submit_takes_the_storage_ray_takes(path, ok):
+    """A cluster sweep's storage must be shared: an absolute path (the NFS mount), a bucket, or an
+    absolute file:// URI; a relative path would land in the job's temporary folder on the head."""
+    from sweeps.submit import SubmitError, check_cluster_ready
+    spec = from_config({"name": "s", "base": {}, "space": {"model.depth": {"grid": [0]}},
+                        "mlflow": {"tracking_uri": "http://127.0.0.1:5000"}, "storage_path": path})
+    if ok:
+        check_cluster_ready(spec)
+    else:
+        with pytest.raises(SubmitError, match="storage_path"):
+            check_cluster_ready(spec)
