@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError, one_line
-from analysis.mlflowio import quote, search_all
+from analysis.mlflowio import search_all, search_tagged, sql_engine, sql_metric_histories
 from capsmodels.contract import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, FAILED, FINISHED, GRAD_PROBES,
                                  INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
@@ -164,8 +164,8 @@ def load_sweep(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: Optional[str]
     if everything is not None:
         runs = [r for r in everything if r.data.tags.get(TAG_SWEEP) == sweep]
     else:
-        runs = search_all(client, exp_id, f"tags.`{TAG_SWEEP}` = '{quote(sweep)}' and {trial_filter}",
-                           progress=show, what=f"trial runs of sweep {sweep}")
+        runs = search_tagged(client, exp_id, {TAG_SWEEP: sweep, TAG_ROLE: RUN_TRIAL},
+                             progress=show, what=f"trial runs of sweep {sweep}")
     if not runs and parent_id is None:
         known = sweeps_of(search_all(client, exp_id, trial_filter))
         raise AnalysisError(f"sweep {sweep!r} not found in experiment {experiment!r}; "
@@ -276,6 +276,12 @@ def fetch_histories(client, run_ids: list[str], keys: list[str],
     records: list[tuple] = []
     method = "per-run get_metric_history"
     fetch: Callable[[list[str], str], list[tuple]]
+    engine = sql_engine(client)
+    if engine is not None and keys:
+        records = sql_metric_histories(engine, run_ids, keys, _SQL_CHUNK)
+        if progress:
+            print(f"loading histories: {len(records)} points", file=sys.stderr, flush=True)
+        return _history_frame(records), "SQL bulk (MLflow's metrics table, read directly)"
     if store is not None and hasattr(store, "get_metric_history_bulk"):
         method, chunk = "SQL bulk (get_metric_history_bulk)", _SQL_CHUNK
 
@@ -303,13 +309,19 @@ def fetch_histories(client, run_ids: list[str], keys: list[str],
                 print(f"\rloading histories: {done}/{n_calls}", end="", file=sys.stderr, flush=True)
     if progress and n_calls:
         print(file=sys.stderr)
+    return _history_frame(records), method
+
+
+def _history_frame(records: list[tuple]) -> pd.DataFrame:
+    """(run_id, key, step, timestamp, value) records as the long history table, a metric logged twice
+    at one step keeping its latest value."""
     df = pd.DataFrame(records, columns=["run_id", "key", "step", "timestamp", "value"])
     df["value"] = pd.to_numeric(df["value"], errors="coerce").astype(float)
     df["step"] = df["step"].astype(int)
     df = (df.sort_values(["run_id", "key", "step", "timestamp"])
             .drop_duplicates(["run_id", "key", "step"], keep="last")
             .drop(columns="timestamp").reset_index(drop=True))
-    return df, method
+    return df
 
 
 def _rest_bulk(store, run_ids: list[str], key: str) -> list[tuple]:

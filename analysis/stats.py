@@ -9,6 +9,7 @@ number can be checked against an independent derivation and every rule's error r
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -29,7 +30,10 @@ def finite(values: Sequence[float]) -> np.ndarray:
     return x[np.isfinite(x)]
 
 
+@functools.lru_cache(maxsize=4096)
 def _t_quantile(level: float, df: float) -> float:
+    """scipy's t quantile, cached by (level, df): a big report asks for the same few (one per seed
+    count and level) tens of thousands of times, and one `t.ppf` call costs ~50 us."""
     from scipy import stats
     return float(stats.t.ppf(level, df))
 
