@@ -14,7 +14,6 @@ Every plot function takes the annotated trial table (analysis.verdict.annotate) 
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
@@ -30,7 +29,8 @@ from analysis.verdict import factor_kind, short_names
 from capsmodels.contract import CANDIDATE
 
 DPI = 100
-MAX_PANELS = 24
+MAX_PANELS = 12         # more panel combinations: the first 12 (by factor level) are drawn, the caption says so
+SEED_POINTS_MAX = 1500  # more finished trials in a figure: configuration means and intervals only, no seed points
 _ACT = re.compile(r"^act_grad/l(\d+)$")
 PROBE_AXES = {  # probe -> (axis label, bounds for clipping, title)
     "test_acc": ("test accuracy (fraction, last epoch)", (0.0, 1.0), "Test accuracy"),
@@ -46,9 +46,12 @@ HIDDEN_ONLY = {"starved_worst", "dead_worst", "frozen_worst"}
 
 
 def _grid(n: int, width: float = 4.3, height: float = 3.3) -> tuple[Figure, list]:
-    """n panels sharing one y axis (so panels compare at a glance), 2 or 3 to a row."""
-    ncols = 2 if n in (2, 4) else min(3, n)
+    """n panels sharing one y axis (so panels compare at a glance), 2 or 3 to a row (4 beyond 6
+    panels, each smaller: the PNG's pixels, and so its drawing and encoding time, stay bounded)."""
+    ncols = 2 if n in (2, 4) else min(3 if n <= 6 else 4, n)
     nrows = math.ceil(n / ncols)
+    if n > 6:
+        width, height = 0.8 * width, 0.8 * height
     fig = Figure(figsize=(width * ncols + 0.4, height * nrows + 0.9), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(nrows, ncols, 1)]
@@ -92,12 +95,12 @@ def _panels(df: pd.DataFrame, panel_factors: list[str]) -> list[tuple[str, dict]
     if not panel_factors:
         return [("", {})]
     names = short_names(panel_factors)
-    keys = df[panel_factors].fillna("").astype(str)
+    rank = {f: {v: i for i, v in enumerate(_levels(df, f))} for f in panel_factors}
+    combos = df[panel_factors].fillna("").astype(str).drop_duplicates().itertuples(index=False, name=None)
     out = []
-    for combo in itertools.product(*(_levels(df, f) for f in panel_factors)):
-        if (keys == pd.Series(combo, index=panel_factors)).all(axis=1).any():
-            out.append((", ".join(f"{names[f]}={v}" for f, v in zip(panel_factors, combo)),
-                        dict(zip(panel_factors, combo))))
+    for combo in sorted(combos, key=lambda c: tuple(rank[f][v] for f, v in zip(panel_factors, c))):
+        out.append((", ".join(f"{names[f]}={v}" for f, v in zip(panel_factors, combo)),
+                    dict(zip(panel_factors, combo))))
     return out
 
 
@@ -128,25 +131,35 @@ def _clip(v: float, bounds) -> float:
 
 
 def _draw_series(ax, g: pd.DataFrame, xs: pd.Series, y: str, color, label: Optional[str], alpha: float,
-                 bounds, offset: float, width: float, ls: str = "-", hollow: bool = False) -> list[int]:
-    """One line: seed points and the mean with its t interval per x value. Returns the seed counts."""
-    pts, counts = [], []
-    for xv in sorted(xs.dropna().unique()):
-        vals = g.loc[xs == xv, y].to_numpy(dtype=float)
-        vals = vals[np.isfinite(vals)]
-        if not len(vals):
-            continue
-        iv = t_interval(vals, alpha)
+                 bounds, offset: float, width: float, ls: str = "-", hollow: bool = False,
+                 seeds: bool = True) -> list[int]:
+    """One line: the mean with its t interval per x value, and (seeds=True) the seed points. Three
+    artists per line whatever the number of trials (one scatter, one vlines, one line), so a figure of
+    thousands of trials draws as fast as one of ten. Returns the seed counts."""
+    vals, xv = g[y].to_numpy(dtype=float), xs.to_numpy(dtype=float)
+    ok = np.isfinite(vals) & np.isfinite(xv)
+    order = np.argsort(xv[ok], kind="stable")                   # by x, trials in table order within x
+    vals, xv = vals[ok][order], xv[ok][order]
+    uniq, starts = np.unique(xv, return_index=True)
+    counts, px, py, bx, blo, bhi, sx = [], [], [], [], [], [], []
+    for x0, v in zip(uniq, np.split(vals, starts[1:])):
+        iv = t_interval(v, alpha)
         counts.append(iv.n)
-        jit = np.linspace(-width, width, len(vals)) if len(vals) > 1 else np.zeros(1)
-        ax.scatter(xv + offset + jit, vals, s=9, color=color, alpha=0.45, linewidths=0, zorder=2)
+        if seeds:
+            sx.append(x0 + offset + (np.linspace(-width, width, len(v)) if len(v) > 1 else np.zeros(1)))
         lo, hi = _clip(iv.lo, bounds), _clip(iv.hi, bounds)
         if iv.n > 1 and math.isfinite(lo) and math.isfinite(hi):
-            ax.vlines(xv + offset, lo, hi, color=color, lw=1.6, zorder=3)
-        pts.append((xv + offset, iv.mean))
-    if pts:
-        px, py = zip(*pts)
-        ax.plot(px, py, ls=ls, marker="o", ms=5, color=color, label=label, zorder=4,
+            bx.append(x0 + offset)
+            blo.append(lo)
+            bhi.append(hi)
+        px.append(x0 + offset)
+        py.append(iv.mean)
+    if sx:
+        ax.scatter(np.concatenate(sx), vals, s=9, color=color, alpha=0.45, linewidths=0, zorder=2)
+    if bx:
+        ax.vlines(bx, blo, bhi, color=color, lw=1.6, zorder=3)
+    if px:
+        ax.plot(px, py, ls=ls, marker="o", ms=5 if len(px) <= 60 else 3, color=color, label=label, zorder=4,
                 mfc="white" if hollow else color)
     return counts
 
@@ -168,8 +181,9 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
         return {"title": title, "skipped": f"n/a: no finished trial logs what {y} needs"}
     hue, panel_factors = layout(df, x, swept, hue)
     panels = _panels(df, panel_factors)
-    if len(panels) > MAX_PANELS:
-        return {"title": title, "skipped": f"{len(panels)} panels (more than {MAX_PANELS}); see the table"}
+    n_panels = len(panels)
+    panels = panels[:MAX_PANELS]
+    seeds = len(df) <= SEED_POINTS_MAX
     fig, axes = _grid(len(panels))
     hue_levels = _levels(df, hue) if hue else [""]
     colors = {h: f"C{i % 10}" for i, h in enumerate(hue_levels)}
@@ -189,19 +203,20 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
             off = (i - (len(hue_levels) - 1) / 2) * dodge
             label = f"{short_names([hue])[hue]}={h}" if hue else None
             counts += _draw_series(ax, g, xs_all.loc[g.index], y, colors[h], label, alpha, bounds, off,
-                                   dodge / 3)
+                                   dodge / 3, seeds=seeds)
             if null:
                 gn = g[g[null].notna()]
                 if not gn.empty:
                     _draw_series(ax, gn, xs_all.loc[gn.index], null, colors[h], None, alpha, bounds, off,
-                                 dodge / 3, ls="--", hollow=True)
+                                 dodge / 3, ls="--", hollow=True, seeds=seeds)
         if threshold:
             ax.axhline(threshold[0], color="grey", ls=":", lw=1)
         ax.set_title(ptitle, fontsize=9)
         ax.set_xlabel(name_x, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         if ticks is not None:
-            ax.set_xticks(positions, ticks)
+            step = max(1, math.ceil(len(ticks) / 30))        # at most 30 labels on a categorical axis
+            ax.set_xticks(positions[::step], ticks[::step])
         elif len(positions) <= 12:
             ax.set_xticks(positions, [f"{v:g}" for v in positions])
         ax.set_xlim(min(positions) - 0.08 * span, max(positions) + 0.08 * span)
@@ -218,13 +233,18 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
     n_range = f"{min(counts)}" if counts and min(counts) == max(counts) else \
         f"{min(counts)}-{max(counts)}" if counts else "0"
     level = f"{100 * (1 - 2 * alpha):g}%"
-    caption = (f"Small points: one per finished seed. Marker and bar: mean over the N seeds of each configuration "
-               f"(N = {n_range} here) with its two-sided {level} t interval (each end a one-sided bound at "
-               f"level {alpha:g}, as in the verdict); one seed: no bar.")
+    caption = ("Small points: one per finished seed. " if seeds else
+               f"Seeds not drawn ({len(df):,} finished trials; drawn up to {SEED_POINTS_MAX:,}). ")
+    caption += (f"Marker and bar: mean over the N seeds of each configuration "
+                f"(N = {n_range} here) with its two-sided {level} t interval (each end a one-sided bound at "
+                f"level {alpha:g}, as in the verdict); one seed: no bar.")
     if hue:
         caption += f" Colour: {hue}."
     if panel_factors:
         caption += f" One panel per combination of {', '.join(panel_factors)}."
+    if n_panels > len(panels):
+        caption += (f" Only the first {len(panels)} of {n_panels:,} panels (in factor-level order) are drawn; "
+                    "every configuration is in the report's tables.")
     if bounds is not None:
         caption += " Bars clipped to the quantity's range (" + (
             "0 to 1" if bounds[1] is not None else "at least 0") + ")."
@@ -247,8 +267,8 @@ def plot_layer_profile(trials: pd.DataFrame, swept: list[str], alpha: float, out
     df = trials[trials["status"] == "finished"]
     if not cols or df[cols].notna().sum().sum() == 0:
         return {"title": title, "skipped": "n/a: no finished trial logs act_grad/l*"}
-    long = df.melt(id_vars=[c for c in df.columns if c not in cols], value_vars=cols, var_name="_layer",
-                   value_name="_act")
+    keep = ["status", *(f for f in swept if f in df and f not in cols)]     # what facet_plot reads
+    long = df[keep + cols].melt(id_vars=keep, value_vars=cols, var_name="_layer", value_name="_act")
     long = long[long["_act"].notna()].copy()
     long["_l"] = pd.to_numeric(long["_layer"].str.extract(r"(\d+)$")[0])
     long["_log_act"] = np.log10(np.maximum(long["_act"].to_numpy(dtype=float), np.finfo(float).tiny))

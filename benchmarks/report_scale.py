@@ -13,7 +13,8 @@ and the rest are copied from it in SQL batches (--api-writes: every trial throug
 1 s per trial on this machine).
 Then `capsweep report` runs on it in a fresh process (the CLI's own `main`, the report's plots and
 files included, not logged back: --no-log-artifacts), timed, with its peak resident memory from
-`getrusage`. --profile prints the 25 most expensive functions of that report (cProfile).
+`getrusage`, the wall time of its steps (read: load_sweep; verdict: annotate + compute_verdict;
+plots: make_plots; files: the rest of write_report) and the load average before and after. --profile prints the 25 most expensive functions of that report (cProfile).
 """
 from __future__ import annotations
 
@@ -171,9 +172,25 @@ def build_store_sql(uri: str, sweep: str, n: int, epochs: int, progress: bool = 
 
 
 REPORT = """
-import cProfile, json, pstats, resource, sys, time, io
+import cProfile, functools, importlib, json, pstats, resource, sys, time, io
 from sweeps import cli
 argv = json.loads(sys.argv[1]); profile = sys.argv[2] == "1"
+phases = {}
+def timed(mod, name, phase):      # wall time of one step of the report, summed over its calls
+    m = importlib.import_module(mod); f = getattr(m, name)
+    @functools.wraps(f)
+    def w(*a, **k):
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - t
+    setattr(m, name, w)
+timed("analysis.load", "load_sweep", "read")
+timed("analysis.verdict", "annotate", "verdict")
+timed("analysis.verdict", "compute_verdict", "verdict")
+timed("analysis.plots", "make_plots", "plots")
+timed("analysis.report", "write_report", "files")
 t0 = time.perf_counter()
 if profile:
     pr = cProfile.Profile(); pr.enable()
@@ -181,7 +198,8 @@ rc = cli.main(argv)
 if profile:
     pr.disable(); s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(25)
     print(s.getvalue(), file=sys.stderr)
-print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0,
+phases["files"] = phases.get("files", 0.0) - phases.get("plots", 0.0)     # write_report less its plots
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "phases": phases,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -189,6 +207,7 @@ print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0,
 def run_report(uri: str, sweep: str, out: Path, profile: bool = False) -> dict:
     argv = ["report", "--experiment", EXPERIMENT, "--tracking-uri", uri, "--sweep", sweep,
             "--out", str(out), "--no-log-artifacts"]
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", REPORT, json.dumps(argv), "1" if profile else "0"],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
@@ -200,8 +219,14 @@ def run_report(uri: str, sweep: str, out: Path, profile: bool = False) -> dict:
         raise SystemExit(f"report failed ({p.returncode}): {p.stderr[-2000:]}")
     got = json.loads(lines[-1])
     got["wall_with_start"] = wall
+    got["load"] = (load_before, os.getloadavg()[0])
     got["escaped"] = next((l for l in p.stdout.splitlines() if l.startswith("escaped:")), "")[:60]
     return got
+
+
+def _phases(r: dict) -> str:
+    p = r.get("phases", {})
+    return " / ".join(f"{p.get(k, 0.0):.0f}" for k in ("read", "verdict", "plots", "files")) + " s"
 
 
 def main(argv=None) -> int:
@@ -229,13 +254,15 @@ def main(argv=None) -> int:
         r = run_report(uri, sweep, work / "reports" / sweep, a.profile)
         rows.append((n, built[sweep], r))
         print(f"{n} trials: report {r['seconds']:.1f} s in-process ({r['wall_with_start']:.1f} s with "
-              f"interpreter start), peak RSS {r['peak_mb']:.0f} MB; {r['escaped']}", flush=True)
+              f"interpreter start; {_phases(r)}), peak RSS {r['peak_mb']:.0f} MB, load average "
+              f"{r['load'][0]:.1f} before / {r['load'][1]:.1f} after; {r['escaped']}", flush=True)
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; stores in {work}; {a.epochs} epochs per trial")
-    print("| trials | store written in | report | with interpreter start | peak memory |")
+    print("| trials | whole report | read / verdict / plots / files | peak RSS | load (1 min) |")
     print("|---|---|---|---|---|")
     for n, b, r in rows:
-        print(f"| {n:,} | {b:.0f} s | {r['seconds']:.1f} s | {r['wall_with_start']:.1f} s | {r['peak_mb']:.0f} MB |")
+        print(f"| {n:,} | {r['wall_with_start']:.0f} s | {_phases(r)} | {r['peak_mb'] / 1024:.2f} GiB | "
+              f"{r['load'][0]:.0f}-{r['load'][1]:.0f} |")
     return 0
 
 
