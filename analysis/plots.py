@@ -50,9 +50,16 @@ def _grid(n: int, width: float = 4.3, height: float = 3.3) -> tuple[Figure, list
     panels, each smaller: the PNG's pixels, and so its drawing and encoding time, stay bounded)."""
     ncols = 2 if n in (2, 4) else min(3 if n <= 6 else 4, n)
     nrows = math.ceil(n / ncols)
-    if n > 6:
+    many = n > 6
+    if many:
         width, height = 0.8 * width, 0.8 * height
-    fig = Figure(figsize=(width * ncols + 0.4, height * nrows + 0.9), dpi=DPI, layout="constrained")
+    w, h = width * ncols + 0.4, height * nrows + 0.9
+    # Beyond 6 panels fixed margins instead of the constrained layout, whose solver draws the whole
+    # figure once more before it is saved (half the figure's cost); outer panels carry the axis labels.
+    fig = Figure(figsize=(w, h), dpi=DPI, layout=None if many else "constrained")
+    if many:
+        fig.subplots_adjust(left=0.75 / w, right=1 - 0.15 / w, bottom=1.05 / h, top=1 - 0.6 / h,
+                            wspace=0.12, hspace=0.45)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(nrows, ncols, 1)]
     axes += [fig.add_subplot(nrows, ncols, i + 1, sharey=axes[0]) for i in range(1, n)]
@@ -212,8 +219,10 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
         if threshold:
             ax.axhline(threshold[0], color="grey", ls=":", lw=1)
         ax.set_title(ptitle, fontsize=9)
-        ax.set_xlabel(name_x, fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
+        if fig.get_layout_engine() is not None or ax.get_subplotspec().is_last_row():
+            ax.set_xlabel(name_x, fontsize=8)
+        if fig.get_layout_engine() is not None or ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(ylabel, fontsize=8)
         if ticks is not None:
             step = max(1, math.ceil(len(ticks) / 30))        # at most 30 labels on a categorical axis
             ax.set_xticks(positions[::step], ticks[::step])
@@ -228,7 +237,8 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
                 handles.append(h)
                 labels.append(l)
     if labels:
-        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=min(6, len(labels)))
+        fig.legend(handles, labels, loc="outside lower center" if fig.get_layout_engine() else "lower center",
+                   fontsize=8, ncols=min(6, len(labels)))
     fig.suptitle(title, fontsize=11)
     n_range = f"{min(counts)}" if counts and min(counts) == max(counts) else \
         f"{min(counts)}-{max(counts)}" if counts else "0"
