@@ -29,6 +29,7 @@ from analysis.verdict import factor_kind, short_names
 from capsmodels.contract import CANDIDATE
 
 DPI = 100
+DPI_MANY = 80           # figures of more than 6 panels: 2/3 of the pixels to draw and encode, text still legible
 MAX_PANELS = 12         # more panel combinations: the first 12 (by factor level) are drawn, the caption says so
 SEED_POINTS_MAX = 1500  # more finished trials in a figure: configuration means and intervals only, no seed points
 _ACT = re.compile(r"^act_grad/l(\d+)$")
@@ -56,7 +57,7 @@ def _grid(n: int, width: float = 4.3, height: float = 3.3) -> tuple[Figure, list
     w, h = width * ncols + 0.4, height * nrows + 0.9
     # Beyond 6 panels fixed margins instead of the constrained layout, whose solver draws the whole
     # figure once more before it is saved (half the figure's cost); outer panels carry the axis labels.
-    fig = Figure(figsize=(w, h), dpi=DPI, layout=None if many else "constrained")
+    fig = Figure(figsize=(w, h), dpi=DPI_MANY if many else DPI, layout=None if many else "constrained")
     if many:
         fig.subplots_adjust(left=0.75 / w, right=1 - 0.15 / w, bottom=1.05 / h, top=1 - 0.6 / h,
                             wspace=0.12, hspace=0.45)
@@ -69,7 +70,7 @@ def _grid(n: int, width: float = 4.3, height: float = 3.3) -> tuple[Figure, list
 
 
 def _save(fig: Figure, out_dir: str, name: str) -> str:
-    fig.savefig(os.path.join(out_dir, name), dpi=DPI)
+    fig.savefig(os.path.join(out_dir, name), dpi=fig.dpi)
     return name
 
 
@@ -180,7 +181,8 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
     ylabel, bounds, base_title = axis or PROBE_AXES[y]
     name_x = _factor_label(x)
     title = title or f"{base_title} against {name_x}"
-    fin = trials[trials["status"] == "finished"]
+    need = list(dict.fromkeys(c for c in ("status", x, y, null, hue, *swept) if c and c in trials))
+    fin = trials.loc[trials["status"] == "finished", need]       # only what is drawn: rows copy cheaply
     df = fin[fin[y].notna()]
     if x not in trials or len(_levels(trials, x)) < 2:
         return {"title": title, "skipped": f"{name_x} did not vary"}
