@@ -236,11 +236,33 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost"):
         print(f"capsweep: warning: the MLflow UI will listen on {args.host}: anyone who can reach it can "
               "read and change runs (see README, 'Security')", file=sys.stderr)
-    print(f"capsweep: MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", file=sys.stderr)
+    address = ui_url(f"http://{args.host}:{args.port}", _experiment_id(uri, args.experiment))
+    print(f"capsweep: MLflow UI on {address} for {uri} (Ctrl-C stops it)", file=sys.stderr)
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 0
+
+
+def ui_url(base: str, experiment_id: Optional[str]) -> str:
+    """The address to open: the sweep experiment's runs. MLflow 3's UI opens an experiment on its GenAI
+    traces overview unless the URL (or the browser's saved toggle) says `workflowType=machine_learning`;
+    the experiment's `mlflow.experimentKind` tag alone does not switch it (seen in headless Chromium
+    with MLflow 3.17; tests/test_ui.py)."""
+    if experiment_id is None:
+        return base
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def _experiment_id(uri: str, name: str) -> Optional[str]:
+    """The id of experiment `name` in the store, or None (no such experiment, or a store that cannot be
+    read now: the UI then opens on its experiment list)."""
+    try:
+        from mlflow import MlflowClient
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+        return exp.experiment_id if exp is not None else None
+    except Exception:  # noqa: BLE001 - the UI still starts; only the printed address is less precise
+        return None
 
 
 # ---- ls / status / compare / export (sweeps/inspect.py) -------------------------------------------
@@ -379,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_submit)
 
     u = sub.add_parser("ui", help="open the MLflow UI on the sweep store (127.0.0.1)")
+    u.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                   help="experiment whose runs the printed address opens (default capsweep)")
     u.add_argument("--tracking-uri", default=os.environ.get(TRACKING_URI_ENV, DEFAULT_TRACKING_URI),
                    help=f"MLflow store to serve (default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

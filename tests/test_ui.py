@@ -50,3 +50,47 @@ def test_ui_binds_loopback_only(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_ui_address_opens_the_runs_not_the_genai_overview(tmp_path):
+    """MLflow 3's UI opens an experiment on its GenAI traces overview; `capsweep ui` prints the address
+    that opens the capsweep experiment's runs. Checked in a real headless Chromium: the page at the
+    printed address lists the sweep's parent run and shows the "Runs" view, not "Traces"."""
+    import re
+
+    import pytest
+    from mlflow import MlflowClient
+
+    from tests.browser_helpers import _run, chromium
+    binary, why = chromium()
+    if binary is None:
+        pytest.skip(why)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("capsweep", tags={"mlflow.experimentKind": "custom_model_development"})
+    client.set_terminated(client.create_run(exp, run_name="my-sweep-parent").info.run_id)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(capsweep_cmd("ui", "--tracking-uri", uri, "--port", str(port)), cwd=tmp_path,
+                            env=env_for_subprocess(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"MLflow UI on (\S+) for", line)
+        assert m, line
+        address = m.group(1)
+        assert address == f"http://127.0.0.1:{port}/#/experiments/{exp}?workflowType=machine_learning"
+
+        def serving():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                return False
+        wait_for(serving, timeout=120, interval=1, what="MLflow UI")
+        dom = _run(binary, ["--window-size=1400,900", "--virtual-time-budget=25000", "--dump-dom", address]).stdout
+        assert "my-sweep-parent" in dom, dom[-3000:]
+        assert "Detect Issues" not in dom          # the GenAI overview's button
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
