@@ -172,6 +172,9 @@ def driver_child(a: argparse.Namespace) -> int:
         time.sleep(1)
     nodes = sum(n["Alive"] for n in ray.nodes())
     ray.shutdown()
+    if nodes < a._nodes:                             # a worker that timed out joining a loaded head
+        print(f"scale: {nodes} of {a._nodes} Ray nodes alive after 180 s; see the node logs", flush=True)
+        return 1
     put_at: dict[int, float] = {}
     lat: list[float] = []
     depth: list[int] = []
