@@ -6,11 +6,12 @@ capsweep.status, capsweep.error, capsweep.git_commit: the names are capsmodels/c
 flattened with dots, per-epoch metrics with step = epoch. Runs of several sweeps in one experiment are
 kept apart by the capsweep.sweep tag.
 
-Final metrics come from `search_runs` (MLflow keeps each metric's latest value on the run, so no history
-call is needed for them). Histories are fetched in bulk, because `MlflowClient.get_metric_history` is one
-round trip per metric per run (thousands for a big sweep):
-  - SQL stores (sqlite, postgres, mysql): `SqlAlchemyStore.get_metric_history_bulk`, one SELECT per
-    metric key for up to 500 runs;
+Final metrics are each metric's latest value on the run (no history call needed). A SQL store
+(sqlite, postgres, mysql) is read straight from MLflow's runs/tags/params/latest_metrics tables
+(analysis.mlflowio.search_tagged: `search_runs` builds an ORM object per value, most of the read at
+10,000 trials); any other store through `search_runs`. Histories are fetched in bulk, because
+`MlflowClient.get_metric_history` is one round trip per metric per run (thousands for a big sweep):
+  - SQL stores: MLflow's `metrics` table, one SELECT for all keys per 500 runs;
   - a tracking server (http/https): the REST endpoint `GET /api/2.0/mlflow/metrics/get-history-bulk-interval`
     (up to 100 runs per request, up to 2,500 points per run: an epoch history is never sampled);
   - anything else (or an old server that lacks the endpoint): per-run `get_metric_history`.
