@@ -139,6 +139,7 @@ def _fluent_uri(uri: str):
     import mlflow
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BAR
     before, bar = mlflow.get_tracking_uri(), os.environ.get(BAR.name)
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")      # set_tracking_uri also writes this variable
     os.environ[BAR.name] = "false"
     quiet = logging.getLogger("mlflow.pytorch")
     level = quiet.level
@@ -148,6 +149,10 @@ def _fluent_uri(uri: str):
         yield
     finally:
         mlflow.set_tracking_uri(before)
+        if env_uri is None:       # leave no MLFLOW_TRACKING_URI behind for later runs and child processes
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
         quiet.setLevel(level)
         if bar is None:
             os.environ.pop(BAR.name, None)

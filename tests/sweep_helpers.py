@@ -72,6 +72,7 @@ def background_sweep(*args: str, cwd: Path, env: dict, capture: bool = False):
 
 def env_for_subprocess(**extra: str) -> dict:
     env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)     # a store only when a test names one (extra=...)
     env.update({"PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "RAY_DEDUP_LOGS": "0",
                 "RAY_USAGE_STATS_ENABLED": "0"})
     env.update(extra)

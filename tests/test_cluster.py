@@ -608,7 +608,9 @@ def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
     job_actors = [a for a in dash.state("actors", detail="true")
                   if _is_trial(a) and a["job_id"] == actor["job_id"]]
     where = {head_id: "head", worker_id: "killed node", replacement_id: "replacement"}
-    assert sorted((where.get(a["node_id"], a["node_id"]), a["state"]) for a in job_actors) == [
-        ("killed node", "DEAD"), ("replacement", "DEAD"), ("replacement", "DEAD")], job_actors
+    # (warm workers, the default reuse_actors: the retry and the other trial may share one actor there)
+    placed = sorted((where.get(a["node_id"], a["node_id"]), a["state"]) for a in job_actors)
+    assert placed in ([("killed node", "DEAD"), ("replacement", "DEAD")],
+                      [("killed node", "DEAD"), ("replacement", "DEAD"), ("replacement", "DEAD")]), job_actors
     print(f"node declared dead {detected_s:.1f} s after the kill; trial {tid}: epochs 0..{k} on the killed node, "
           f"{r0}..{epochs - 1} on the replacement node")

@@ -8,6 +8,7 @@ writer directly here, and on the 8-trial sweep of tests/test_sweep_e2e.py.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import mlflow.pytorch
@@ -37,12 +38,16 @@ def sweep(tmp_path_factory):
 
 def _load(uri: str, model_uri: str):
     """mlflow.pytorch.load_model, as a user calls it, with the fluent tracking URI on the test's store."""
-    before = mlflow.get_tracking_uri()
+    before, env_uri = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         return mlflow.pytorch.load_model(model_uri)
     finally:
-        mlflow.set_tracking_uri(before)
+        mlflow.set_tracking_uri(before)       # which also sets MLFLOW_TRACKING_URI: put it back as it was
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
 
 def _net_from_state(config: dict, weights: dict):
