@@ -31,6 +31,14 @@ def listening_addresses(port: int) -> list[str]:
     return out
 
 
+def serving(port: int) -> bool:
+    """The MLflow UI on `port` answers its health check."""
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def test_ui_binds_loopback_only(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,12 +47,7 @@ def test_ui_binds_loopback_only(tmp_path):
                             cwd=tmp_path, env=env_for_subprocess(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        def serving():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-            except OSError:
-                return False
-        wait_for(serving, timeout=120, interval=1, what="MLflow UI")
+        wait_for(lambda: serving(port), timeout=120, interval=1, what="MLflow UI")
         listeners = listening_addresses(port)
         assert listeners and set(listeners) == {"127.0.0.1"}, listeners
     finally:
@@ -82,12 +85,7 @@ def test_ui_address_opens_the_runs_not_the_genai_overview(tmp_path):
         address = m.group(1)
         assert address == f"http://127.0.0.1:{port}/#/experiments/{exp}?workflowType=machine_learning"
 
-        def serving():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-            except OSError:
-                return False
-        wait_for(serving, timeout=120, interval=1, what="MLflow UI")
+        wait_for(lambda: serving(port), timeout=120, interval=1, what="MLflow UI")
         dom = _run(binary, ["--window-size=1400,900", "--virtual-time-budget=25000", "--dump-dom", address]).stdout
         assert "my-sweep-parent" in dom, dom[-3000:]
         assert "Detect Issues" not in dom          # the GenAI overview's button
