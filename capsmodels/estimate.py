@@ -18,13 +18,15 @@ per example, each stem conv output (x3: the output, its gradient, the convolutio
 workspace), the primary conv output (x3: conv output, its capsule layout, the squashed poses), and
 per capsule layer u_hat (I J D, x3: the saved predictions, their gradient and its copy into the
 GEMM's layout in the backward), the couplings of every routing iteration (I J x iterations) and the
-outputs (J D x 3); dense layers' units (x2). Measured on CPU (tests/test_estimate.py) a training
-step's peak resident memory is 0.9-1.3x this for CapsNets and about 2.3x for the CNN control, whose
-dense layers' backward workspace is not counted. The probe pass (docs/PROBES.md)
-runs a float64 copy of the model (8 bytes per parameter) on `train.eval_batch` examples with the
+outputs (J D x 3); dense layers' units (x2). tests/test_estimate.py counts what a real training step
+keeps (16 bytes per parameter plus every tensor autograd saves for the backward) and finds this
+estimate 0.63-0.85x of it for dynamic, attention, self and efficient routing and the CNN, 1.3-1.75x
+for EM routing; benchmarks/memory_estimate.py prints the CPU resident peak and the CUDA allocator's
+peak beside it (the resident peak depends on the CPU's convolution algorithms).
+
+The probe pass (docs/PROBES.md) runs a float64 copy of the model (8 bytes per parameter) on `train.eval_batch` examples with the
 same activations in float64; the peak is the larger of the two phases. This is an estimate of the
-dominant terms (allocator slack and torch's own workspace are not in it): tests/test_estimate.py
-checks it against a hand computation and against the peak resident memory torch reaches.
+dominant terms (allocator slack and torch's own workspace are not in it).
 
 FLOPs per image, forward: 2 multiply-adds per weight use (convs, u_hat, dense), routing 4 I J D
 per iteration; a training step is taken as 3x forward (forward, backward for inputs and weights).
