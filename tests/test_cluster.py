@@ -500,6 +500,7 @@ def _results(trial_dir: Path) -> list[dict]:
     return out
 
 
+@pytest.mark.slow     # 52 s; the default run sends a sweep across two nodes
 def test_killed_worker_node_trial_retried_elsewhere(two_node_cluster):
     """Fault: a worker node dies mid-trial (SIGKILL of its raylet and everything under it). The trials
     ask for a GPU, which only the worker node offers (as on the cluster, whose head has none), so the

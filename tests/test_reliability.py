@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.sweep_helpers import (background_sweep, capsweep_cmd, children, env_for_subprocess, parents, run,
@@ -98,6 +99,7 @@ def test_unreachable_tracking_server_refuses_before_training(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.slow     # 86 s; the default run kills and restarts the PostgreSQL-backed server mid-sweep (test_cluster_postgres)
 def test_tracking_server_restarts_mid_sweep_nothing_lost(tmp_path):
     port = free_port()
     db, art = tmp_path / "srv.db", tmp_path / "artifacts"

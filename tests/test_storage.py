@@ -57,6 +57,7 @@ def test_spec_takes_what_ray_takes_and_names_the_field_otherwise():
         assert str(e.value).startswith("storage_path: ") and words in str(e.value)
 
 
+@pytest.mark.slow     # 55 s; the default run resumes an Optuna study (test_optuna_persist) and round-trips files through a file URI
 def test_optuna_sweep_on_a_file_uri_interrupted_and_resumed(tmp_path):
     """A real sweep whose storage_path is a file:// URI: Ctrl-C mid-trial, then --resume. Every trial
     ends once with all its epochs; the trial states went through the URI; the Optuna study in the

@@ -102,7 +102,7 @@ def _rounds(tmp_path: Path, n: int, use_init: bool) -> list:
     return out
 
 
-ROUNDS = int(os.environ.get("CAPSWEEP_RACE_ROUNDS", "4"))        # the slow tests: 15
+ROUNDS = int(os.environ.get("CAPSWEEP_RACE_ROUNDS", "2"))        # the slow tests: 15
 
 
 def test_init_store_beside_a_starting_mlflow_server_never_fails(tmp_path):

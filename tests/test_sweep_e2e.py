@@ -169,6 +169,7 @@ def test_driver_killed_then_resumed(tmp_path):
             assert r.info.end_time == finished_before[tid]
 
 
+@pytest.mark.slow     # 58 s; the default run SIGKILLs a driver and resumes it
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     """Ctrl-C (SIGINT) mid-trial: exit 130, no run left RUNNING, the interrupted trial continues on --resume."""
     spec = write_spec(tmp_path / "cc.yaml", "cc", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=8)
