@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -401,12 +402,12 @@ def _check(name: str, outcome: str, text: str, **detail) -> dict:
             **{k: _plain(v) if not isinstance(v, dict) else v for k, v in detail.items()}}
 
 
-def _seeds_check(statuses: pd.Series) -> dict:
-    bad = statuses[statuses != FINISHED]
-    if bad.empty:
+def _seeds_check(statuses: list[str]) -> dict:
+    bad = [s for s in statuses if s != FINISHED]
+    if not bad:
         return _check("seeds", PASS, f"all {len(statuses)} seed(s) finished")
-    counts = ", ".join(f"{n} {s}" for s, n in bad.value_counts().items())
-    if (bad == RUNNING).all():
+    counts = ", ".join(f"{n} {s}" for s, n in Counter(bad).most_common())
+    if all(s == RUNNING for s in bad):
         return _check("seeds", INCONCLUSIVE, f"seeds not finished yet: {counts}")
     return _check("seeds", FAIL, f"seeds not finished: {counts}")
 
@@ -458,20 +459,21 @@ def _ni_check(name: str, cand: list[float], ref: Optional[dict], margin: float, 
     return _check(name, r.outcome, text, test=d)
 
 
-def config_checks(fin: pd.DataFrame, statuses: pd.Series, ref: Optional[dict], th: Thresholds,
+def config_checks(fin: dict[str, list[float]], statuses: list[str], ref: Optional[dict], th: Thresholds,
                   chance_floor: float, intervals: Optional[dict] = None) -> list[dict]:
-    """Every check of a candidate or control (module docstring) on its finished seeds `fin`.
+    """Every check of a candidate or control (module docstring) on its finished seeds: `fin` maps each
+    probe (PROBES) to its values over them, `statuses` is every seed's status.
     intervals: t_interval of each probe of `fin` at th.alpha when the caller has them already."""
     a = th.alpha
-    if fin.empty:
+    if not fin["test_acc"]:
         return [_seeds_check(statuses)] + [_check(name, INCONCLUSIVE, f"{name}: no finished seed to test")
                                            for name in CHECK_NAMES[1:]]
-    iv = intervals if intervals is not None else {p: t_interval(fin[p].tolist(), a) for p in PROBES}
+    iv = intervals if intervals is not None else {p: t_interval(fin[p], a) for p in PROBES}
     return [
         _seeds_check(statuses),
-        _ni_check("accuracy", fin["test_acc"].tolist(), ref, th.acc_margin, a, "test_acc",
+        _ni_check("accuracy", fin["test_acc"], ref, th.acc_margin, a, "test_acc",
                   "accuracy vs depth-0 reference", "", "no test_acc"),
-        _ni_check("gradient floor", fin["act_grad_min"].tolist(), ref, th.grad_margin, a, "act_grad_min",
+        _ni_check("gradient floor", fin["act_grad_min"], ref, th.grad_margin, a, "act_grad_min",
                   "gradient floor (log10 min act_grad) vs depth-0 reference", " decades",
                   "act_grad/l* not logged"),
         _bound_check("grad_ratio", iv["grad_ratio"], math.log10(th.grad_ratio_min) if th.grad_ratio_min > 0
@@ -533,35 +535,48 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         notes.append(classes_how)
 
     configs = []
-    groups = dict(tuple(trials.groupby("config_id", sort=False)))     # one pass, not a mask per config
+    # The loop below reads a narrow copy: slicing the wide trial table (hundreds of param and metric
+    # columns) per configuration cost a minute at 10,000 trials (benchmarks/report_scale.py).
+    narrow = trials[_narrow_columns(trials, swept, match_cols)]
+    pool = pool[_narrow_columns(pool, [], match_cols)]
+    cols = {c: narrow[c].tolist() for c in narrow.columns if c not in FIGURES}    # python values, once
+    figures = narrow[list(FIGURES)].to_numpy(dtype=float)                           # (trials, probes)
+    finished = np.array([s == FINISHED for s in cols["status"]], dtype=bool)
+    codes, uniques = pd.factorize(narrow["config_id"], sort=False)
+    order = np.argsort(codes, kind="stable")                # each config's rows, in the table's order
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    rows_of = {uniques[k]: order[bounds[k]:bounds[k + 1]] for k in range(len(uniques))}
     reference_of = reference_finder(pool, match_cols, source)
-    for cid in sorted(groups):
-        g = groups[cid]
-        fin = g[g["status"] == FINISHED]
-        first = g.iloc[0]
+    for cid in sorted(rows_of):
+        rows = rows_of[cid]
+        fin_rows = rows[finished[rows]]
+        first = {c: v[rows[0]] for c, v in cols.items()}
         arch, depth, role = first["arch"], first["depth"], first["role"]
         depth = None if depth is None or depth != depth else int(depth)
-        values = fin[list(FIGURES)].to_numpy(dtype=float)            # one frame access, not one per probe
+        values = figures[fin_rows]
         figs = {p: t_interval(values[:, k].tolist(), th.alpha) for k, p in enumerate(FIGURES)}
+        statuses = [cols["status"][i] for i in rows]
         entry = {"id": cid, "label": labels[cid], "role": role, "arch": arch, "depth": depth,
-                 "trial_role": sorted({str(v) for v in g["trial.role"].dropna()}) if "trial.role" in g else [],
+                 "trial_role": sorted({str(v) for i in rows if (v := cols["trial.role"][i]) is not None
+                                       and v == v}) if "trial.role" in cols else [],
                  "params": {c: _plain(first.get(c)) for c in swept}}
         if role == REFERENCE:
             entry.update(verdict=f"reference (depth-0 {arch})", outcome=None, escaped=False, checks=[],
                          reasons=[], reference=None)
         else:
             ref = reference_of(first)
-            checks = config_checks(fin, g["status"], ref, th, chance_floor, figs)
+            fin = {p: values[:, k].tolist() for k, p in enumerate(FIGURES)}
+            checks = config_checks(fin, statuses, ref, th, chance_floor, figs)
             outcome = decide(checks)
             entry.update(verdict=VERDICT_WORDS[role][outcome], outcome=outcome,
                          escaped=role == CANDIDATE and outcome == PASS, checks=checks,
                          reasons=[c["text"] for c in checks if c["outcome"] != PASS],
                          reference={k: v for k, v in ref.items() if k != "trials"})
         entry.update({
-            "n_seeds": int(len(fin)), "seeds": [_plain(s) for s in fin["seed"]],
-            "statuses": {str(k): int(v) for k, v in g["status"].value_counts().items()},
+            "n_seeds": int(len(fin_rows)), "seeds": [_plain(cols["seed"][i]) for i in fin_rows],
+            "statuses": {str(k): int(v) for k, v in Counter(statuses).most_common()},
             "figures": {p: _figure_dict(p, figs[p]) for p in FIGURES},
-            "run_ids": list(g["run_id"]),
+            "run_ids": [cols["run_id"][i] for i in rows],
         })
         configs.append(entry)
 
@@ -584,7 +599,9 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
     failed = [{"run_id": r["run_id"], "trial_id": _plain(r["trial_id"]), "seed": _plain(r["seed"]),
                "status": r["status"], "error": r.get("error") or "", "config_id": r["config_id"],
                "label": labels[r["config_id"]]}
-              for _, r in trials[trials["status"] != FINISHED].iterrows()]
+              for r in trials.loc[trials["status"] != FINISHED,
+                                  [c for c in ("run_id", "trial_id", "seed", "status", "error", "config_id")
+                                   if c in trials.columns]].to_dict("records")]
     capsnet_cfgs = [c for c in configs if c["arch"] == "capsnet" and c["n_seeds"]]
     trend_rows = compute_trends(capsnet_cfgs, swept)
     status_counts = trials["status"].value_counts()
@@ -613,6 +630,13 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         "trends": [t.as_dict() for t in trend_rows],
         "notes": notes,
     }
+
+
+def _narrow_columns(trials: pd.DataFrame, swept: list[str], match_cols: list[str]) -> list[str]:
+    """The columns the per-configuration verdict reads, in the table's order."""
+    want = ({"config_id", "status", "arch", "depth", "role", "seed", "run_id", "trial.role"}
+            | set(FIGURES) | set(swept) | set(match_cols))
+    return [c for c in trials.columns if c in want]
 
 
 def _figure_dict(probe: str, iv: Interval) -> dict:
