@@ -154,17 +154,19 @@ def parallel_coordinates(df: pd.DataFrame, dims: Sequence[tuple[str, str]],
         out.append(f"<div class='chart-ctl'>colour: <select>{opts}</select> &nbsp;<span class='muted'>drag on an "
                    "axis to keep a range, click it to clear; hover a line for its trial</span></div>")
     out.append(f"<svg viewBox='0 0 {W} {H}' role='img' aria-label='{_t(title)}'>")
+    # every row's height on every axis, one column at a time (no per-row frame access)
+    ys = [[f"{y_of(sc.pos(v)):.1f}" for v in df[c].tolist()] for (c, _), sc in zip(dims, scales)]
     for i, ((col, label), sc, x) in enumerate(zip(dims, scales, xs)):
         out.append(f"<line class='ax' x1='{x:.1f}' x2='{x:.1f}' y1='{top}' y2='{H - bottom}'/>")
         out.append(f"<text x='{x:.1f}' y='{14 if i % 2 == 0 else 30}' text-anchor='middle' font-weight='600'>"
                    f"{_t(label)}<title>{_t(col)}</title></text>")
         for p, text in sc.ticks:
             out.append(f"<text x='{x + 4:.1f}' y='{y_of(p) + 4:.1f}'>{_t(text)}</text>")
-        if df[col].isna().any() or any(sc.pos(v) is None for v in df[col]):
+        if f"{y_of(None):.1f}" in ys[i]:
             out.append(f"<text x='{x + 4:.1f}' y='{y_of(None) + 4:.1f}' fill='#888'>n/a</text>")
+    xs_text = [f"{x:.1f}" for x in xs]
     for r in range(len(df)):
-        row = df.iloc[r]
-        pts = " ".join(f"{x:.1f},{y_of(sc.pos(row[c])):.1f}" for (c, _), sc, x in zip(dims, scales, xs))
+        pts = " ".join(f"{x},{col[r]}" for x, col in zip(xs_text, ys))
         data_c = "|".join(cs[0][r] for cs in colours) or "#446"
         out.append(f"<polyline class='pl' points='{pts}' stroke='{data_c.split('|')[0]}' data-c='{data_c}'>"
                    f"<title>{_t(tips[r])}</title></polyline>")

@@ -68,6 +68,7 @@ class SweepData:
     sweeps_in_experiment: list[str] = field(default_factory=list)
     history_method: str = ""
     load_seconds: float = 0.0
+    parent_record: dict = field(default_factory=dict)   # the parent run's {'tags', 'params'} as read
 
     def history(self, key: str) -> pd.DataFrame:
         """Wide per-epoch table of one metric: index step (epoch), one column per run id."""
@@ -203,7 +204,9 @@ def load_sweep(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: Optional[str]
                      parent_run_id=parent_id, trials=trials, histories=histories,
                      param_cols=param_cols, metric_cols=metric_cols, notes=notes,
                      sweeps_in_experiment=sweeps_of(everything or []), history_method=method,
-                     load_seconds=time.perf_counter() - t0)
+                     load_seconds=time.perf_counter() - t0,
+                     parent_record={"tags": dict(sweep_parents[-1].data.tags),
+                                    "params": dict(sweep_parents[-1].data.params)} if sweep_parents else {})
 
 
 def _status_of(run) -> str:

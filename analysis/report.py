@@ -254,6 +254,8 @@ def parent_run_record(data) -> dict:
     not answer: the report is still written, without what only the parent records)."""
     if not data.parent_run_id:
         return {}
+    if getattr(data, "parent_record", None):       # read with the sweep (analysis.load): no second client
+        return data.parent_record
     try:
         from mlflow import MlflowClient
         run = MlflowClient(tracking_uri=data.tracking_uri).get_run(data.parent_run_id)
@@ -336,17 +338,18 @@ def reproducibility(data, verdict: dict, parent: dict, out_dir: str) -> list[tup
     return lines
 
 
-def _runs_of(data, run_ids: list[str]) -> list[tuple[str, str, str]]:
-    """(run id, seed, status) of each run, in the verdict's order."""
-    t = data.trials.set_index("run_id")
-    return [(r, str(t.at[r, "seed"]) if r in t.index else "?", str(t.at[r, "status"]) if r in t.index else "?")
-            for r in run_ids]
+def run_lookup(trials: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """run id -> (seed, status), built once for every configuration's run list."""
+    return {r: (str(s), str(st)) for r, s, st in zip(trials["run_id"], trials["seed"], trials["status"])}
 
 
-def _runs_html(data, run_ids: list[str]) -> str:
-    """The configuration's MLflow runs: links into the UI of a tracking server, else the run ids."""
+def _runs_html(data, run_ids: list[str], lookup: Optional[dict[str, tuple[str, str]]] = None) -> str:
+    """The configuration's MLflow runs: links into the UI of a tracking server, else the run ids.
+    lookup: `run_lookup(data.trials)` when the caller lists many configurations."""
+    lookup = lookup if lookup is not None else run_lookup(data.trials)
     items = []
-    for rid, seed, status in _runs_of(data, run_ids):
+    for rid in run_ids:
+        seed, status = lookup.get(rid, ("?", "?"))
         url = run_url(data.tracking_uri, data.experiment_id, rid)
         what = f"seed {seed}" + ("" if status == FINISHED else f" ({status})")
         items.append(f"<a href='{html.escape(url)}'>{_t(what)}</a>" if url
@@ -374,9 +377,10 @@ def explore_html(trials: pd.DataFrame, swept: list[str], labels: dict) -> str:
     dims = [(c, names[c]) for c in swept] + probes
     if len(dims) < 2:
         return "<p>Not drawn: fewer than two axes (no swept param and no probe logged).</p>"
+    rows = fin[["config_id", "seed", "role", "run_id"] + [c for c, _ in probes]].to_dict("records")
     tips = [f"{r['config_id']} {labels.get(r['config_id'], '')} seed {r['seed']} ({r['role']}); "
             + ", ".join(f"{l} {_n(r[c])}" for c, l in probes if r[c] == r[c]) + f"; run {r['run_id']}"
-            for _, r in fin.iterrows()]
+            for r in rows]
     return interactive.parallel_coordinates(
         fin, dims, KEY_PROBES, tips, "pc-trials", "Parallel coordinates of the finished trials",
         f"One line per finished trial ({len(fin)}), through its swept params and its last-epoch probes "
@@ -514,6 +518,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
     ncols = 4 + len(columns)
     parts.append("<table><tr><th>id</th><th>configuration</th><th>verdict</th><th>seeds</th>"
                  + "".join(f"<th>{title}</th>" for _, title, _, _ in columns) + "</tr>")
+    lookup = run_lookup(data.trials)
     for cfg in _sorted_configs(verdict):
         cfg = _with_extra(cfg, extra)
         total = sum(cfg["statuses"].values())
@@ -531,7 +536,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
         parts.append(f"<tr class='{row_cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td>"
                      f"<td class='v {vcls}'>{_t(role + cfg['verdict'])}</td>"
                      f"<td class='num'>{cfg['n_seeds']}/{total}</td>{''.join(cells)}</tr>")
-        runs = _runs_html(data, cfg.get("run_ids", []))
+        runs = _runs_html(data, cfg.get("run_ids", []), lookup)
         if not cfg["checks"]:
             parts.append(f"<tr class='refruns'><td></td><td colspan='{ncols - 1}'>{runs}</td></tr>")
         if cfg["checks"]:
