@@ -15,8 +15,10 @@ Every plot function takes the annotated trial table (analysis.verdict.annotate) 
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import os
 import re
+import sys
 from typing import Optional
 
 import numpy as np
@@ -334,9 +336,34 @@ def _factor_label(col: str) -> str:
             "model.num_caps": "capsules per hidden layer", "_l": "capsule layer l"}.get(col, col)
 
 
+def plot_workers() -> int:
+    """Processes that draw the figures: CAPSWEEP_PLOT_WORKERS, else the usable cores (at most 8); 1
+    where processes cannot be forked safely (drawing is matplotlib's CPU time, about 1-3 s a figure,
+    whatever the number of trials: at 10,000 trials it was half of the report)."""
+    if "fork" not in mp.get_all_start_methods() or sys.platform != "linux" or "ray" in sys.modules:
+        return 1         # Ray's gRPC threads do not survive a fork: a report drawn inside a driver
+    env = os.environ.get("CAPSWEEP_PLOT_WORKERS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+_JOBS: list = []     # the figure jobs of the make_plots call in progress, inherited by forked workers
+
+
+def _run_job(i: int) -> dict:
+    title, job = _JOBS[i]
+    try:
+        return job()
+    except Exception as e:  # noqa: BLE001 - one odd figure must not cost the whole report
+        return {"title": title, "skipped": f"could not be drawn ({type(e).__name__}: {e})"}
+
+
 def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str,
-               swept: list[str]) -> list[dict]:
-    """All report figures into out_dir; one dict per figure (written or skipped with its reason)."""
+               swept: list[str], workers: Optional[int] = None) -> list[dict]:
+    """All report figures into out_dir; one dict per figure (written or skipped with its reason), in
+    a fixed order. workers: processes drawing them (None: `plot_workers()`); each figure is drawn
+    and written whole by one process, so the files are the same for any number."""
     os.makedirs(out_dir, exist_ok=True)
     th = verdict["thresholds"]
     alpha = th["alpha"]
@@ -364,10 +391,13 @@ def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out
                 trials, f, "test_acc", swept, alpha, f"test_acc_vs_{f.split('.')[-1]}.png", out_dir,
                 thresholds["test_acc"])))
     jobs.append(("Training curves", lambda: plot_curves(trials, histories, verdict, out_dir)))
-    out = []
-    for title, job in jobs:
-        try:
-            out.append(job())
-        except Exception as e:  # noqa: BLE001 - one odd figure must not cost the whole report
-            out.append({"title": title, "skipped": f"could not be drawn ({type(e).__name__}: {e})"})
-    return out
+    global _JOBS
+    _JOBS = jobs
+    try:
+        n = min(len(jobs), plot_workers() if workers is None else workers)
+        if n <= 1:
+            return [_run_job(i) for i in range(len(jobs))]
+        with mp.get_context("fork").Pool(n) as pool:      # forked: the jobs' data is not pickled
+            return pool.map(_run_job, range(len(jobs)), chunksize=1)
+    finally:
+        _JOBS = []

@@ -491,6 +491,26 @@ def test_html_report_is_self_contained(s1, tmp_path):
     assert open(paths["verdict"]).readline().startswith('{"escaped": "yes", ')
 
 
+def test_figures_drawn_by_forked_workers_equal_those_drawn_in_one_process(s1, tmp_path):
+    """make_plots draws each figure whole in one of `workers` forked processes: the figure records,
+    their order and every PNG byte are those of the one-process run; a figure that cannot be drawn
+    is still one 'skipped' record in its place."""
+    from analysis import plots
+    from analysis.verdict import annotate
+    data, v = s1
+    trials, _, swept = annotate(data)
+    swept = swept + ["no.such_param"]          # one figure per swept factor: this one cannot be drawn
+    runs = {}
+    for n in (1, 3):
+        out = tmp_path / f"w{n}"
+        figs = plots.make_plots(trials, data.histories, v, str(out), swept, workers=n)
+        runs[n] = (figs, {f: (out / f).read_bytes() for f in sorted(os.listdir(out))})
+    assert runs[1] == runs[3]
+    figs, files = runs[1]
+    assert any("skipped" in f and "no.such_param" in f["title"] for f in figs)
+    assert len(files) == sum("file" in f for f in figs) >= 4
+
+
 def _visible_text(html_text: str) -> list[str]:
     """The report's text in reading order, one entry per text node (no style block)."""
     class Text(HTMLParser):
