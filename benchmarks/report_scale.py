@@ -200,7 +200,9 @@ if profile:
     print(s.getvalue(), file=sys.stderr)
 phases["files"] = phases.get("files", 0.0) - phases.get("plots", 0.0)     # write_report less its plots
 print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "phases": phases,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "plot_worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "plot_workers": importlib.import_module("analysis.plots").plot_workers()}))
 """
 
 
@@ -254,14 +256,16 @@ def main(argv=None) -> int:
         r = run_report(uri, sweep, work / "reports" / sweep, a.profile)
         rows.append((n, built[sweep], r))
         print(f"{n} trials: report {r['seconds']:.1f} s in-process ({r['wall_with_start']:.1f} s with "
-              f"interpreter start; {_phases(r)}), peak RSS {r['peak_mb']:.0f} MB, load average "
+              f"interpreter start; {_phases(r)}), peak RSS {r['peak_mb']:.0f} MB (+ {r['plot_workers']} "
+              f"plot worker(s), largest {r['plot_worker_peak_mb']:.0f} MB), load average "
               f"{r['load'][0]:.1f} before / {r['load'][1]:.1f} after; {r['escaped']}", flush=True)
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; stores in {work}; {a.epochs} epochs per trial")
-    print("| trials | whole report | read / verdict / plots / files | peak RSS | load (1 min) |")
+    print("| trials | whole report | read / verdict / plots / files | peak RSS (plot workers) | load (1 min) |")
     print("|---|---|---|---|---|")
     for n, b, r in rows:
-        print(f"| {n:,} | {r['wall_with_start']:.0f} s | {_phases(r)} | {r['peak_mb'] / 1024:.2f} GiB | "
+        print(f"| {n:,} | {r['wall_with_start']:.0f} s | {_phases(r)} | {r['peak_mb'] / 1024:.2f} GiB ("
+              f"{r['plot_workers']} x at most {r['plot_worker_peak_mb'] / 1024:.2f}) | "
               f"{r['load'][0]:.0f}-{r['load'][1]:.0f} |")
     return 0
 
