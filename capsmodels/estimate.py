@@ -13,25 +13,27 @@ Parameters (exact; tests/test_estimate.py compares with `count_parameters` of th
   `networks.matched_cnn_width`) + head.
 
 Memory of one training step (float32, 4 bytes): parameters, their gradients and Adam's two moments
-(16 bytes per parameter), plus the activations autograd keeps for a batch of `train.batch_size`:
-per example, each stem conv output (x3: the output, its gradient, the convolution's backward
-workspace), the primary conv output (x3: conv output, its capsule layout, the squashed poses), and
-per capsule layer u_hat (I J D, x3: the saved predictions, their gradient and its copy into the
-GEMM's layout in the backward), the couplings of every routing iteration (I J x iterations), for EM
-routing 2.5 u_hat per iteration after the first, and the outputs (J D x 3); dense layers' units
-(x2). tests/test_estimate.py counts what a real training step keeps (16 bytes per parameter plus every tensor autograd saves for the backward) and finds this
-estimate 0.63-0.85x of it for dynamic, attention, self and efficient routing and the CNN, and for EM
-routing, whose M-step keeps about 2.5 more u_hat-sized tensors per iteration after the first (a term
-of its own below), 0.9-1.0x. benchmarks/memory_estimate.py prints the CPU resident peak and the CUDA
-allocator's peak beside it (the resident peak depends on the CPU's convolution algorithms). On an
-H100 (benchmarks/results/memory_estimate_cuda_b{64,256}.json, measured before the EM term) the CUDA
-peak of a training step was 0.8-1.5x the estimate at batch 256 (EM: 2.5x; 1.27x against the estimate
-with the EM term, 1.36x at batch 64) and up to 3.6x for the small CNN at batch 64, where cuDNN's fixed workspace of about
-100 MB dominates: `budget.max_memory_gb` should keep that much headroom.
+(16 bytes per parameter), plus the activations autograd keeps for a batch of `train.batch_size`: per
+example, each stem conv output (x3: the output, its gradient, the convolution's backward workspace),
+the primary conv output (x3: conv output, its capsule layout, the squashed poses), and per capsule
+layer u_hat (I J D, x3: the saved predictions, their gradient and its copy into the GEMM's layout in
+the backward), the couplings of every routing iteration (I J x iterations), for EM routing 2.5 u_hat
+per iteration after the first, and the outputs (J D x 3); dense layers' units (x2).
+tests/test_estimate.py counts what a real training step keeps (16 bytes per parameter plus every
+tensor autograd saves for the backward) and finds this estimate 0.63-0.85x of it for dynamic,
+attention, self and efficient routing and the CNN, and for EM routing, whose M-step keeps about 2.5
+more u_hat-sized tensors per iteration after the first (a term of its own below), 0.9-1.0x.
+benchmarks/memory_estimate.py prints the CPU resident peak and the CUDA allocator's peak beside it
+(the resident peak depends on the CPU's convolution algorithms). On an H100
+(benchmarks/results/memory_estimate_cuda_b{64,256}.json, measured before the EM term) the CUDA peak
+of a training step was 0.8-1.5x the estimate at batch 256 (EM: 2.5x; 1.27x against the estimate with
+the EM term, 1.36x at batch 64) and up to 3.6x for the small CNN at batch 64, where cuDNN's fixed
+workspace of about 100 MB dominates: `budget.max_memory_gb` should keep that much headroom.
 
 The probe pass (docs/PROBES.md) runs a float64 copy of the model (8 bytes per parameter) on
-`train.eval_batch` examples with the same activations in float64; the peak is the larger of the two phases. This is an estimate of the
-dominant terms (allocator slack and torch's own workspace are not in it).
+`train.eval_batch` examples with the same activations in float64; the peak is the larger of the two
+phases. This is an estimate of the dominant terms (allocator slack and torch's own workspace are not
+in it).
 
 FLOPs per image, forward: 2 multiply-adds per weight use (convs, u_hat, dense), routing 4 I J D
 per iteration; a training step is taken as 3x forward (forward, backward for inputs and weights).
