@@ -102,9 +102,10 @@ def _rounds(tmp_path: Path, n: int, use_init: bool) -> list:
     return out
 
 
-ROUNDS = int(os.environ.get("CAPSWEEP_RACE_ROUNDS", "2"))        # the slow tests: 15
+ROUNDS = int(os.environ.get("CAPSWEEP_RACE_ROUNDS", "2"))        # the many-rounds tests: 15
 
 
+@pytest.mark.slow     # 31 s; the default run starts a real sweep beside a real `capsweep ui` (below)
 def test_init_store_beside_a_starting_mlflow_server_never_fails(tmp_path):
     results = _rounds(tmp_path, ROUNDS, use_init=True)
     assert sum(r[0] for r in results) == ROUNDS, [r[2] for r in results if not r[0]]
