@@ -557,8 +557,8 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         figs = {p: t_interval(values[:, k].tolist(), th.alpha) for k, p in enumerate(FIGURES)}
         statuses = [cols["status"][i] for i in rows]
         entry = {"id": cid, "label": labels[cid], "role": role, "arch": arch, "depth": depth,
-                 "trial_role": sorted({str(v) for i in rows if (v := cols["trial.role"][i]) is not None
-                                       and v == v}) if "trial.role" in cols else [],
+                 "trial_role": sorted({str(v) for i in rows if pd.notna(v := cols["trial.role"][i])})
+                 if "trial.role" in cols else [],
                  "params": {c: _plain(first.get(c)) for c in swept}}
         if role == REFERENCE:
             entry.update(verdict=f"reference (depth-0 {arch})", outcome=None, escaped=False, checks=[],

@@ -135,3 +135,38 @@ def test_history_summaries_equal_the_per_run_loop(data):
     for hist in (data.histories, h):
         pd.testing.assert_frame_equal(_add_history_summaries(base, hist), old_history_summaries(base, hist),
                                       check_exact=True)
+
+
+def test_verdict_per_configuration_fields_equal_a_groupby(data):
+    """compute_verdict's per-configuration loop (row positions over a narrow copy) against a plain
+    pandas groupby of the annotated table, with planted failed/running seeds and a `trial.role`
+    missing (pd.NA in an arrow string column) on some trials."""
+    from dataclasses import replace
+
+    from analysis.stats import t_interval
+    from capsmodels.contract import FINISHED
+    t = data.trials.copy()
+    t["trial.role"] = t["trial.role"].astype("string[pyarrow]")
+    t.loc[t.index[:4], "trial.role"] = pd.NA
+    t.loc[t.index[4:7], "status"] = "failed"
+    t.loc[t.index[7], "status"] = "running"
+    d = replace(data, trials=t)
+    v = V.compute_verdict(d)
+    by_id = {c["id"]: c for c in v["configurations"]}
+    trials, _, _ = V.annotate(d)
+    alpha = v["thresholds"]["alpha"]
+    assert len(by_id) == trials["config_id"].nunique() == 80
+    for cid, g in trials.groupby("config_id"):
+        c, fin = by_id[cid], g[g["status"] == FINISHED]
+        assert c["run_ids"] == list(g["run_id"])
+        assert (c["n_seeds"], c["seeds"]) == (len(fin), [V._plain(s) for s in fin["seed"]])
+        assert c["statuses"] == {str(k): int(n) for k, n in g["status"].value_counts().items()}
+        assert c["trial_role"] == sorted({str(r) for r in g["trial.role"].dropna()})
+        for p in V.FIGURES:
+            assert c["figures"][p] == V._figure_dict(p, t_interval(fin[p].tolist(), alpha)), (cid, p)
+        if c["role"] != "reference":
+            seeds = next(ch for ch in c["checks"] if ch["name"] == "seeds")
+            bad = set(g["status"]) - {FINISHED}
+            assert seeds["outcome"] == ("pass" if not bad else "inconclusive" if bad == {"running"} else "fail")
+    assert any(c["trial_role"] == [] for c in by_id.values())
+    assert sum(c["n_seeds"] for c in by_id.values()) == len(trials) - 4
