@@ -155,14 +155,15 @@ def parallel_coordinates(df: pd.DataFrame, dims: Sequence[tuple[str, str]],
                    "axis to keep a range, click it to clear; hover a line for its trial</span></div>")
     out.append(f"<svg viewBox='0 0 {W} {H}' role='img' aria-label='{_t(title)}'>")
     # every row's height on every axis, one column at a time (no per-row frame access)
-    ys = [[f"{y_of(sc.pos(v)):.1f}" for v in df[c].tolist()] for (c, _), sc in zip(dims, scales)]
+    positions = [[sc.pos(v) for v in df[c].tolist()] for (c, _), sc in zip(dims, scales)]
+    ys = [[f"{y_of(p):.1f}" for p in pos] for pos in positions]
     for i, ((col, label), sc, x) in enumerate(zip(dims, scales, xs)):
         out.append(f"<line class='ax' x1='{x:.1f}' x2='{x:.1f}' y1='{top}' y2='{H - bottom}'/>")
         out.append(f"<text x='{x:.1f}' y='{14 if i % 2 == 0 else 30}' text-anchor='middle' font-weight='600'>"
                    f"{_t(label)}<title>{_t(col)}</title></text>")
         for p, text in sc.ticks:
             out.append(f"<text x='{x + 4:.1f}' y='{y_of(p) + 4:.1f}'>{_t(text)}</text>")
-        if f"{y_of(None):.1f}" in ys[i]:
+        if None in positions[i]:                     # a row not logged or not set on this axis
             out.append(f"<text x='{x + 4:.1f}' y='{y_of(None) + 4:.1f}' fill='#888'>n/a</text>")
     xs_text = [f"{x:.1f}" for x in xs]
     for r in range(len(df)):

@@ -254,7 +254,7 @@ def parent_run_record(data) -> dict:
     not answer: the report is still written, without what only the parent records)."""
     if not data.parent_run_id:
         return {}
-    if getattr(data, "parent_record", None):       # read with the sweep (analysis.load): no second client
+    if data.parent_record:                          # read with the sweep (analysis.load): no second client
         return data.parent_record
     try:
         from mlflow import MlflowClient
