@@ -21,9 +21,38 @@ TAG_STATUS = "capsweep.status"        # one of STATUSES
 TAG_ERROR = "capsweep.error"
 TAG_COMMIT = "capsweep.git_commit"
 TAG_RETRIES = "capsweep.retries"
+TAG_TEST_CORRECT = "capsweep.test_correct"   # per-image test correctness at the best-val epoch (encode_correct)
+TAG_CONFIRMS = "capsweep.confirms"    # on a confirmation sweep's parent: the exploration it confirms
 TAG_PARENT = "mlflow.parentRunId"     # MLflow's own nesting tag
 TAG_RUN_NAME = "mlflow.runName"
 RUN_PARENT, RUN_TRIAL = "parent", "trial"     # values of TAG_ROLE
+
+# The per-image correctness of the test split (in the split's order) packed 8 images to a byte
+# (numpy.packbits, big-endian bit order) and written as "n:<images>;<base64>", so the analysis can pair
+# two configurations image by image (analysis.stats.test_set_variance). 10,000 images are 1,676
+# characters; MLflow's tag limit (8,000) holds up to 47,000 images, more than any test split capsweep
+# reads (SVHN's 26,032).
+CORRECT_MAX_CHARS = 8000
+
+
+def encode_correct(packed: bytes, n: int) -> str:
+    """The tag value for `n` images whose 0/1 correctness numpy.packbits packed into `packed`."""
+    import base64
+    return f"n:{n};" + base64.b64encode(packed).decode("ascii")
+
+
+def decode_correct(value: str) -> tuple[int, bytes]:
+    """(n, packed bytes) from an `encode_correct` value; ValueError when it is not one."""
+    import base64
+    head, _, body = str(value).partition(";")
+    if not head.startswith("n:") or not head[2:].isdigit():
+        raise ValueError(f"not a correctness tag: {str(value)[:40]!r}")
+    n = int(head[2:])
+    packed = base64.b64decode(body.encode("ascii"), validate=True)
+    if len(packed) != (n + 7) // 8:
+        raise ValueError(f"correctness tag holds {len(packed)} bytes for {n} images")
+    return n, packed
+
 
 # ---- trial statuses (TAG_STATUS; also a trial's reported `status` metric value) ----------------------
 FINISHED, DIVERGED, FAILED, STOPPED = "finished", "diverged", "failed", "stopped"
