@@ -212,8 +212,13 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
     return rid
 
 
-def init_ray(address: Optional[str], num_cpus: Optional[int]) -> None:
+def init_ray(address: Optional[str], num_cpus: Optional[int]) -> bool:
+    """Start (or connect to) Ray for the sweep; True when this call did, so the sweep shuts it down at
+    its end. A Ray session the caller already opened (a notebook, a script running several sweeps, the
+    tests) is used as it is and left running: `address` and `num_cpus` then do not apply."""
     import ray
+    if ray.is_initialized():
+        return False
     env = {k: os.environ[k] for k in INJECT_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
@@ -222,6 +227,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int]) -> None:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    return True
 
 
 def _reporter(spec: SweepSpec):
@@ -270,9 +276,9 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
             expected = int(parent.data.params.get("sweep.trials") or expected)
             client.update_run(parent_id, status="RUNNING")
             client.set_tag(parent_id, TAG_STATUS, RUNNING)
-        init_ray(address, num_cpus)
+        own_ray = init_ray(address, num_cpus)
         return _tune(spec, raws, client, experiment_id, parent_id, root, exp_dir, resume, verbose, expected,
-                     keep_state)
+                     keep_state, own_ray)
     finally:
         lock.release()
 
@@ -319,7 +325,7 @@ def bind(logger: Any, sweep: str) -> BoundLogger:
 
 
 def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str, resume, verbose,
-          expected: int, keep_state: bool = False) -> SweepResult:
+          expected: int, keep_state: bool = False, own_ray: bool = True) -> SweepResult:
     import ray
     from ray import tune
     trainable = tune.with_resources(
@@ -368,7 +374,8 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
         logger.close([], interrupted=True)
     else:
         _log_best(client, parent_id, spec)
-    ray.shutdown()
+    if own_ray:
+        ray.shutdown()
     return SweepResult(spec.name, spec.mlflow.experiment, experiment_id, parent_id, spec.mlflow.tracking_uri,
                        root, len(statuses), statuses, interrupted)
 

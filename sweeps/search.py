@@ -63,16 +63,18 @@ class OptunaSpace:
 
 
 def make_sampler(spec: SweepSpec):
-    import optuna
+    """The spec's Optuna sampler, seeded; of the picklable kind (sweeps/samplers.py), since Tune pickles
+    the searcher with it when the Tuner is created and at every snapshot."""
+    from sweeps import samplers
     seed = spec.search.seed
     name = spec.search.sampler
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        return samplers.TPESampler(seed=seed, multivariate=True)
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, spec.num_samples // 2)))
-    return optuna.samplers.RandomSampler(seed=seed)
+        return samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, spec.num_samples // 2)))
+    return samplers.RandomSampler(seed=seed)
 
 
 class SeedRepeater(Repeater):

@@ -61,12 +61,14 @@ def test_optuna_cli_opens_the_journal(tmp_path):
     assert json.loads(out.stdout)["value"] == pytest.approx(0.4)
 
 
-def test_restored_searcher_continues_the_study_without_re_asking(tmp_path):
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_restored_searcher_continues_the_study_without_re_asking(tmp_path, sampler):
     """--resume: Tune restores the searcher from its last save; trials told after that save are in
-    the journal, and the restored study sees them too (the journal is the study's source of truth)."""
+    the journal, and the restored study sees them too (the journal is the study's source of truth).
+    NSGA-II too: its sampler holds a thread lock that is dropped on save and made anew on restore."""
     from ray.tune.search import SearchGenerator
     journal = tmp_path / "optuna.journal"
-    spec = optuna_spec([0, 1])
+    spec = optuna_spec([0, 1], sampler=sampler)
     _, alg, _, _ = search.build(spec, journal=journal)
     tell(alg, 0, "t")
     SearchGenerator(alg).save_to_dir(str(tmp_path), "s1")     # Tune's searcher checkpoint
