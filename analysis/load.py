@@ -32,7 +32,7 @@ from analysis.mlflowio import search_all, search_tagged, sql_engine, sql_metric_
 from capsmodels.contract import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, FAILED, FINISHED, GRAD_PROBES,
                                  INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
-                                 TAG_TRIAL, TRACKING_URI_ENV, layer_metric)
+                                 TAG_TEST_CORRECT, TAG_TRIAL, TRACKING_URI_ENV, layer_metric)
 
 DEFAULT_HISTORY_KEYS = ("val_acc", "test_acc", "grad_ratio")
 GRAD_PROBE_PREFIXES = tuple(layer_metric(m, "") for m in GRAD_PROBES)
@@ -43,14 +43,15 @@ _SQL_CHUNK = 500        # run ids per SQL IN (...) list, well under every backen
 _REST_CHUNK = 100       # the server's MAX_RUNS_GET_METRIC_HISTORY_BULK
 _REST_MAX_PER_RUN = 2500  # the server's MAX_RESULTS_PER_RUN
 _TRIAL_COLUMNS = ("run_id", "run_name", "sweep", "trial_id", "seed", "status", "run_status", "error",
-                  "git_commit", "parent_run_id", "start_time", "end_time")
+                  "git_commit", "parent_run_id", "start_time", "end_time", "test_correct")
 
 
 @dataclass
 class SweepData:
     """One sweep, read back. `trials` has one row per trial run:
     identity columns (`run_id, run_name, sweep, trial_id, seed, status, run_status, error, git_commit,
-    parent_run_id, start_time, end_time`), the params under their dotted names (strings, as MLflow
+    parent_run_id, start_time, end_time`, and `test_correct`: the trial's per-image test correctness
+    tag, capsmodels.contract.encode_correct, None where not logged), the params under their dotted names (strings, as MLflow
     stores them; names in `param_cols`), final metric values under their metric names (`test_acc`,
     `grad_norm/l1`, ...; names in `metric_cols`), and from the histories `n_epochs`, `best_val_acc`,
     `best_test_acc`, `test_acc_at_best_val`. `histories` is long: run_id, key, step, value.
@@ -229,6 +230,7 @@ def _trials_table(runs: list, sweep: str) -> tuple[pd.DataFrame, list[str], list
             "status": _status_of(r), "run_status": r.info.status, "error": tags.get(TAG_ERROR, ""),
             "git_commit": tags.get(TAG_COMMIT, ""), "parent_run_id": tags.get(TAG_PARENT),
             "start_time": r.info.start_time, "end_time": r.info.end_time,
+            "test_correct": tags.get(TAG_TEST_CORRECT),    # per-image test correctness (contract)
         }
         row.update(params)
         row.update({k: float(v) for k, v in metrics.items()})

@@ -4,14 +4,18 @@ number can be checked against an independent derivation and every rule's error r
 
   t_interval        one-sided t bounds of a mean over seeds
   check_bound       three-way rule of a seed mean against a threshold (pass / fail / inconclusive)
-  noninferiority    Welch one-sided non-inferiority test of (candidate - reference) with a margin
-  trend, holm       rank trends over configuration means and Holm's step-down adjustment
+  bound_p           its one-sided p-value
+  noninferiority    Welch one-sided non-inferiority test of (candidate - reference) with a margin, the
+                    test set's sampling error in its standard error (split_sampling_variance); welch and
+                    noninferiority_p are its vectorised pieces, shared with the calibration simulations
+  trend, holm       rank trends over configuration means and Holm's step-down adjustment (also the
+                    sweep-wide family step of the verdict: docs/PROBES.md, "The sweep is a family")
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -92,17 +96,33 @@ def check_bound(iv: Interval, threshold: float, good: str) -> str:
     raise ValueError(f"good must be 'above' or 'below', not {good!r}")
 
 
+def bound_p(iv: Interval, threshold: float, good: str) -> float:
+    """One-sided p-value of the null that the mean is on the bad side of `threshold`, consistent with
+    `check_bound` (pass exactly when p <= alpha): for good = 'above', P(T_{n-1} >= (mean - threshold) /
+    (s / sqrt(n))); for 'below' the mirror image. s = 0: 0.0 on the good side (threshold included),
+    else 1.0. One seed or none: 1.0 (no test)."""
+    if iv.n < 2 or not math.isfinite(iv.mean):
+        return 1.0
+    sign = 1.0 if good == "above" else -1.0
+    gap = sign * (iv.mean - threshold)
+    if not iv.sd > 0:
+        return 0.0 if gap >= 0 else 1.0
+    from scipy import stats
+    return float(stats.t.sf(gap / (iv.sd / math.sqrt(iv.n)), iv.n - 1))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Two samples: non-inferiority of the difference
 
 @dataclass(frozen=True)
 class NonInferiority:
     """Outcome of `noninferiority`. diff = mean(candidate) - mean(reference); lo, hi its one-sided
-    (1 - alpha) bounds; se its standard error; df the degrees of freedom (inf when se = 0); how: which
-    variance was used ('welch', 'borrowed from the reference', 'borrowed from the candidate',
-    'zero variance', or why there is no test); power: the probability that the test passes when the
-    true difference is 0 and the true standard deviations are the observed ones (None when it cannot
-    be computed)."""
+    (1 - alpha) bounds; se its standard error (seeds and, when given, the test set's sampling); df the
+    degrees of freedom (inf when se = 0); p_value: the one-sided p-value of H0 "diff <= -margin" (pass
+    exactly when p_value < alpha; 1.0 when there is no test), the number the sweep-wide Holm step
+    reads; how: which variances were used, or why there is no test; power: the probability that the
+    test passes at level alpha when the true difference is 0 and the true spreads are the observed
+    ones (None when it cannot be computed)."""
     outcome: str
     diff: float
     lo: float
@@ -115,38 +135,78 @@ class NonInferiority:
     alpha: float
     how: str
     power: Optional[float] = None
+    p_value: float = 1.0
+    test_var: float = 0.0
 
     def as_dict(self) -> dict:
         return {"outcome": self.outcome, "diff": _num(self.diff), "lo": _num(self.lo), "hi": _num(self.hi),
                 "se": _num(self.se), "df": _num(self.df), "n_cand": self.n_cand, "n_ref": self.n_ref,
-                "margin": self.margin, "alpha": self.alpha, "how": self.how, "power": _num(self.power)}
+                "margin": self.margin, "alpha": self.alpha, "how": self.how, "power": _num(self.power),
+                "p_value": _num(self.p_value), "test_se": _num(math.sqrt(self.test_var))}
+
+    def power_at(self, level: float) -> Optional[float]:
+        """P(pass | true difference 0) if the test were run at `level` (e.g. alpha / N under Holm)."""
+        if not (math.isfinite(self.se) and self.se > 0 and math.isfinite(self.df)):
+            return None
+        from scipy import stats
+        return float(stats.nct.sf(_t_quantile(1 - level, self.df), self.df, self.margin / self.se))
+
+
+def welch(diff, var_c, n_c, var_r, n_r, test_var=0.0, test_df=math.inf):
+    """Standard error and Welch-Satterthwaite degrees of freedom of a difference of two seed means,
+    vectorised over numpy arrays (the verdict calls it with scalars, the calibration simulations with
+    thousands of sweeps at once):
+
+        se^2 = s_c^2/n_c + s_r^2/n_r + tau^2
+        df   = se^4 / ((s_c^2/n_c)^2/(n_c-1) + (s_r^2/n_r)^2/(n_r-1) + tau^4/test_df)
+
+    tau^2 = test_var: the variance the test set's sampling adds to the difference (`split_sampling_variance`),
+    which seed spread cannot show because every seed is scored on the same images; its df is the
+    number of test images less one (inf: known exactly). se = 0 gives df = inf."""
+    vc, vr = np.asarray(var_c, float) / n_c, np.asarray(var_r, float) / n_r
+    tv = np.asarray(test_var, float)
+    se2 = vc + vr + tv
+    denom = vc ** 2 / (n_c - 1) + vr ** 2 / (n_r - 1) + (tv ** 2 / test_df if math.isfinite(test_df) else 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(denom > 0, se2 ** 2 / np.where(denom > 0, denom, 1.0), np.inf)
+    return np.sqrt(se2), df
+
+
+def noninferiority_p(diff, se, df, margin: float):
+    """One-sided p-value of H0 "true difference <= -margin": P(T_df >= (diff + margin) / se),
+    vectorised. se = 0: 0.0 when diff > -margin, else 1.0 (the difference itself decides)."""
+    from scipy import stats
+    diff, se, df = (np.asarray(v, float) for v in (diff, se, df))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (diff + margin) / np.where(se > 0, se, 1.0)
+        p = stats.t.sf(z, np.where(np.isfinite(df), df, 1e12))
+    return np.where(se > 0, p, np.where(diff > -margin, 0.0, 1.0))
 
 
 def noninferiority(cand: Sequence[float], ref: Sequence[float], margin: float,
-                   alpha: float = 0.05) -> NonInferiority:
-    """Welch one-sided non-inferiority test of the candidate's seed mean against the reference's.
+                   alpha: float = 0.05, test_var: float = 0.0, test_df: float = math.inf) -> NonInferiority:
+    """Welch one-sided non-inferiority test of the candidate's seed mean against the reference's,
+    with the test set's sampling error in the standard error.
 
-    With n_c, n_r seeds, means m_c, m_r and sample variances s_c^2, s_r^2 (ddof 1):
+    With n_c, n_r seeds, means m_c, m_r, sample variances s_c^2, s_r^2 (ddof 1) and tau^2 = test_var:
 
-        d  = m_c - m_r
-        se = sqrt(s_c^2 / n_c + s_r^2 / n_r)
-        df = se^4 / ((s_c^2/n_c)^2 / (n_c - 1) + (s_r^2/n_r)^2 / (n_r - 1))     (Welch-Satterthwaite)
-        L  = d - t_{1-alpha, df} se,     U = d + t_{1-alpha, df} se
+        d  = m_c - m_r,    se, df = welch(...)   (se^2 = s_c^2/n_c + s_r^2/n_r + tau^2)
+        L  = d - t_{1-alpha, df} se,     U = d + t_{1-alpha, df} se,    p = P(T_df >= (d + margin)/se)
 
-    pass (shown non-inferior) when L > -margin; fail (shown inferior) when U < -margin; otherwise
-    inconclusive. Under H0 (true difference = -margin) the test passes with probability about alpha.
+    pass (shown non-inferior) when L > -margin (equivalently p < alpha); fail (shown inferior) when
+    U < -margin; otherwise inconclusive. Under H0 (true difference = -margin) it passes with
+    probability about alpha.
 
     Special cases, stated so that a small sweep is never mistaken for evidence:
-    - se = 0 with a variance known on both sides (every seed equal on both): the difference itself is
+    - one seed on a side (or none): inconclusive. That side's seed variance is unknown, and borrowing
+      the other side's (Crawford and Howell's single-case test) passed a candidate worse by the margin
+      24-30% of the time when the two spreads differ fourfold (docs/PROBES.md).
+    - se = 0 (every seed equal on both sides and no test-set term): the difference itself is
       compared, pass when d > -margin, fail when d < -margin (d = -margin exactly: inconclusive).
-    - one seed on one side, n >= 2 on the other: that side's variance is unknown, so the other side's
-      s^2 is borrowed (equal variances assumed, as in Crawford and Howell's 1998 single-case test):
-      se = s_o sqrt(1/n_c + 1/n_r), df = n_o - 1. A borrowed s = 0 is the zero-variance case above.
-    - one seed on both sides, or no finished seed on a side: inconclusive (no spread to test against).
-    power: P(pass | true difference 0) = P(T > t_{1-alpha, df} - margin / se), T ~ t(df, noncentral 0),
-    i.e. the noncentral-t approximation nct.sf(t_crit, df, margin / se) at the observed spread.
+      With accuracies the test-set term is always there when the test set's size is known, so
+      identical seeds are never taken for certainty.
+    power: P(pass | true difference 0) = nct.sf(t_{1-alpha, df}, df, margin / se) at the observed spread.
     """
-    from scipy import stats
     c, r = finite(cand), finite(ref)
     nc, nr = len(c), len(r)
     if nc == 0 or nr == 0:
@@ -154,29 +214,52 @@ def noninferiority(cand: Sequence[float], ref: Sequence[float], margin: float,
         return NonInferiority(INCONCLUSIVE, math.nan, math.nan, math.nan, math.nan, math.nan, nc, nr,
                               margin, alpha, why)
     d = float(c.mean() - r.mean())
-    if nc == 1 and nr == 1:
+    if nc == 1 or nr == 1:
+        side = "each side" if nc == nr == 1 else "the candidate" if nc == 1 else "the reference"
         return NonInferiority(INCONCLUSIVE, d, -math.inf, math.inf, math.nan, math.nan, nc, nr, margin,
-                              alpha, "one seed on each side: no variance to test against")
-    if nc >= 2 and nr >= 2:
-        vc, vr = float(c.var(ddof=1)) / nc, float(r.var(ddof=1)) / nr
-        se = math.sqrt(vc + vr)
-        df = (vc + vr) ** 2 / (vc ** 2 / (nc - 1) + vr ** 2 / (nr - 1)) if se > 0 else math.inf
-        how = "welch"
-    else:
-        other, side = (r, "reference") if nc == 1 else (c, "candidate")
-        s2 = float(other.var(ddof=1))
-        se = math.sqrt(s2 * (1 / nc + 1 / nr))
-        df = len(other) - 1 if se > 0 else math.inf
-        how = f"variance borrowed from the {side} (one seed on the other side)"
+                              alpha, f"one seed on {side}: its seed variance is unknown, so there is no test "
+                                     "(run more seeds, or capsweep confirm)", test_var=test_var)
+    se_a, df_a = welch(d, c.var(ddof=1), nc, r.var(ddof=1), nr, test_var, test_df)
+    se, df = float(se_a), float(df_a)
+    how = "welch" + (f" + test-set sampling (se {math.sqrt(test_var):.3g})" if test_var > 0 else "")
+    p = float(noninferiority_p(d, se, df, margin))
     if se == 0:
         outcome = PASS if d > -margin else FAIL if d < -margin else INCONCLUSIVE
         return NonInferiority(outcome, d, d, d, 0.0, math.inf, nc, nr, margin, alpha,
-                              how + "; zero variance: the difference itself is compared")
+                              how + "; zero variance: the difference itself is compared", p_value=p)
     tq = _t_quantile(1 - alpha, df)
     lo, hi = d - tq * se, d + tq * se
     outcome = PASS if lo > -margin else FAIL if hi < -margin else INCONCLUSIVE
-    power = float(stats.nct.sf(tq, df, margin / se))
-    return NonInferiority(outcome, d, lo, hi, se, df, nc, nr, margin, alpha, how, power)
+    res = NonInferiority(outcome, d, lo, hi, se, df, nc, nr, margin, alpha, how, None, p, test_var)
+    return replace(res, power=res.power_at(alpha))
+
+
+def split_sampling_variance(cand_correct: Optional[np.ndarray], ref_correct: Optional[np.ndarray],
+                      acc_c: float, acc_r: float, n_test: Optional[int]) -> tuple[float, float, str]:
+    """(tau^2, its df, how): the variance that sampling the test set adds to a difference of mean
+    accuracies. Every seed of both sides is scored on the same n test images, so the seed spread
+    holds none of it; with n = 1,000 images it is about 0.01 for two 90% models, the size of the
+    usual margin.
+
+    paired (both sides give per-image correctness, (seeds, n) 0/1 arrays over the same images):
+        D_i = mean over the candidate's seeds of correct_i - the same over the reference's,
+        tau^2 = max(var(D_i), 1/n) / n          (at least one image's worth of disagreement)
+    binomial (only the size is known; assumes the two models err independently, so it overstates
+    tau^2 for similar models: a conservative fallback), with Agresti-Coull's p~ = (k + 2)/(n + 4) so
+    that 100% accuracy does not give variance 0:
+        tau^2 = p~_c (1 - p~_c)/n + p~_r (1 - p~_r)/n
+    (0, inf, why) when n is unknown."""
+    if cand_correct is not None and ref_correct is not None and cand_correct.shape[1] == ref_correct.shape[1]:
+        n = cand_correct.shape[1]
+        diff = cand_correct.mean(0) - ref_correct.mean(0)
+        return max(float(diff.var(ddof=1)), 1.0 / n) / n, float(n - 1), f"paired over {n} test images"
+    if not n_test:
+        return 0.0, math.inf, "test-set size unknown: its sampling error is not in the standard error"
+
+    def var(acc):
+        p = (acc * n_test + 2) / (n_test + 4)
+        return p * (1 - p) / n_test
+    return var(acc_c) + var(acc_r), float(n_test - 1), f"binomial over {n_test} test images"
 
 
 # ---------------------------------------------------------------------------------------------------

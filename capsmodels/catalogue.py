@@ -40,3 +40,10 @@ IN_SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32), "svhn": (3, 32, 32), "smallnorb": (2, 32, 32),
     "sign": (1, SIGN_SIZE, SIGN_SIZE), "parts": (1, 28, 28),
 }
+
+# (training split, test split) images of the datasets read from files; `sign` and `parts` are generated
+# in code and sized by their config (data.sign_samples; capsmodels.parts).
+SPLIT_SIZES: dict[str, tuple[int, int]] = {
+    "fashion_mnist": (60000, 10000), "mnist": (60000, 10000), "mnist5k": (4000, 1000),
+    "digits": (1437, 360), "cifar10": (50000, 10000), "svhn": (73257, 26032), "smallnorb": (24300, 24300),
+}

@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 from capsmodels import config as runcfg
 from capsmodels import estimate as est
+from capsmodels.catalogue import SPLIT_SIZES
 from sweeps.spec import SpecError, SweepSpec, probe_values, resolve_trial, total_trials
 
 MAX_COMBINATIONS = 512
@@ -37,10 +38,6 @@ GPU_FLOPS = 2e12                 # sustained FLOP/s of a whole GPU on these smal
                                  # peaks at 31e12 in float32; small batched matmuls reach a few percent)
 CPU_FLOPS_PER_CORE = 1.8e10      # from README's `tiny` epoch: 10,000 images in 6.6 s on one thread
 EPOCH_FIXED_S = 1.0              # probes, evaluation bookkeeping and the report, per epoch
-# training-split images (before val_size is carved out) and test images of each dataset
-SPLIT_IMAGES = {"fashion_mnist": (60000, 10000), "mnist": (60000, 10000), "mnist5k": (4000, 1000),
-                "digits": (1437, 360), "cifar10": (50000, 10000), "svhn": (73257, 26032),
-                "smallnorb": (24300, 24300)}
 
 
 def _count(size: Optional[float], n: int) -> int:
@@ -53,7 +50,7 @@ def _count(size: Optional[float], n: int) -> int:
 def epoch_images(cfg: runcfg.RunConfig) -> tuple[int, int]:
     """(training images, evaluation images: validation + test) of one epoch of `cfg`."""
     d = cfg.data
-    n_all, n_test = SPLIT_IMAGES.get(d.name, (d.sign_samples * 3 // 4, d.sign_samples // 4))
+    n_all, n_test = SPLIT_SIZES.get(d.name, (d.sign_samples * 3 // 4, d.sign_samples // 4))
     n_val = _count(d.val_size, n_all) if d.val_size < 1 else int(d.val_size)
     n_train = n_all - n_val if float(d.train_size) == 1.0 else _count(d.train_size, n_all)
     return n_train, n_val + _count(d.test_size, n_test)

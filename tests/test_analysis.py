@@ -44,7 +44,8 @@ from scipy import stats
 EPOCHS = 3
 BASE = {"model.arch": "capsnet", "model.routing": "dynamic", "model.iterations": 3, "model.caps_dim": 8,
         "data.name": "mnist5k", "data.train_size": 1.0, "train.dead_tau": 0.01}
-E_GRAD, E_DEAD, E_ACC = [0.5, 0.6, 0.7], [0.1, 0.05, 0.2], [0.92, 0.93, 0.91]
+E_GRAD, E_DEAD, E_ACC = [0.5, 0.6, 0.7], [0.02, 0.0, 0.1], [0.95, 0.96, 0.94]
+N_TEST = 10_000      # the test images every new-probe trial logs as `test_n`
 TINY_ACC = [0.9, 0.7, 0.8, 0.6]  # depth 0, 1, 2, 3
 U_ACC = [0.88, 0.91, 0.86]       # mean 0.883 against the reference's 0.90: straddles the margin
 
@@ -72,6 +73,8 @@ def capsnet_metrics(depth: int, *, grad_ratio: float, dead_hidden: float, test_a
     m = {"test_acc": test_acc, "val_acc": test_acc + 0.01, "train_acc": test_acc + 0.02,
          "test_loss": 1 - test_acc, "val_loss": 1 - test_acc, "train_loss": 0.9 - test_acc,
          "grad_ratio": ratio, "images_per_s": 500.0, "peak_mem_mb": 100.0, "time_s": 1.0}
+    if new_probes:
+        m["test_n"] = float(N_TEST)
     for l in range(0, last + 1):
         frac = (l - 1) / (last - 1) if last > 1 and l >= 1 else 0.0
         g = scale * (1.0 / ratio) ** frac
@@ -100,7 +103,7 @@ def capsnet_metrics(depth: int, *, grad_ratio: float, dead_hidden: float, test_a
 
 def cnn_metrics(depth: int, test_acc: float, seed: int) -> dict[str, float]:
     """A healthy cnn control: act_grad 0.1 on every layer, nothing dead, starved or frozen, no routing."""
-    m = {"test_acc": test_acc, "val_acc": test_acc, "grad_ratio": 1.0}
+    m = {"test_acc": test_acc, "val_acc": test_acc, "grad_ratio": 1.0, "test_n": float(N_TEST)}
     for l in range(depth + 2):
         m[f"grad_norm/l{l}"] = m[f"act_grad/l{l}"] = 0.1 * (1 + 0.05 * seed)
         for name in ("dead_frac", "starved_frac", "frozen_frac"):
@@ -310,7 +313,7 @@ def test_verdict_finds_exactly_the_escaping_configuration(store, s1):
     expected = {"V": {"seeds": "1 failed", "grad_ratio": "grad_ratio"}, "D": {"dead": "dead_frac"},
                 "F": {"frozen": "frozen_frac"}, "T": {"starved": "starved_frac"},
                 "A": {"accuracy": "worse than the reference"}, "C": {"gradient floor": "worse than the reference"},
-                "X": {"seeds": "1 diverged"}, "S": {"seeds": "1 stopped"}}
+                "X": {"seeds": "1 diverged"}}
     for name, fails in expected.items():
         c = _config_of(v, cfg[name][0])
         outcomes = {ch["name"]: ch["outcome"] for ch in c["checks"]}
@@ -319,6 +322,13 @@ def test_verdict_finds_exactly_the_escaping_configuration(store, s1):
         assert {n for n, o in outcomes.items() if o == "fail"} == set(fails), (name, c["reasons"])
         for check, words in fails.items():
             assert words in next(ch["text"] for ch in c["checks"] if ch["name"] == check), (name, c["reasons"])
+    # a seed stopped early by the scheduler neither fails nor passes its configuration: undecided
+    st = _config_of(v, cfg["S"][0])
+    assert st["verdict"] == "undecided" and [ch["name"] for ch in st["checks"] if ch["outcome"] != "pass"] == \
+        ["seeds"] and "1 stopped" in st["reasons"][0] and "stopped early" in st["reasons"][0]
+    # the sweep is a family: E escapes because its p-value survives Holm over all 10 candidates
+    assert v["family"]["candidates"] == 10 and escaping["p_holm"] <= 0.05
+    assert escaping["p_holm"] == pytest.approx(min(1.0, 10 * escaping["p_value"]))
     u = _config_of(v, cfg["U"][0])
     assert u["verdict"] == "undecided" and [ch["name"] for ch in u["checks"] if ch["outcome"] != "pass"] == ["accuracy"]
     assert "power" in u["reasons"][0]
@@ -354,8 +364,11 @@ def test_bounds_and_welch_test_match_an_independent_derivation(store, s1):
     g = e["figures"]["grad_ratio"]
     assert (g["mean"], g["lo"], g["hi"]) == pytest.approx((10 ** logs.mean(), 10 ** lo, 10 ** hi), rel=1e-9)
     c, r = np.array(E_ACC), np.array([0.90, 0.91, 0.89])
-    se = math.sqrt(c.var(ddof=1) / 3 + r.var(ddof=1) / 3)
-    df = se ** 4 / ((c.var(ddof=1) / 3) ** 2 / 2 + (r.var(ddof=1) / 3) ** 2 / 2)
+    # the test set's sampling (binomial: no per-image correctness logged here), Agresti-Coull p~
+    pc, pr = (c.mean() * N_TEST + 2) / (N_TEST + 4), (r.mean() * N_TEST + 2) / (N_TEST + 4)
+    tau2 = pc * (1 - pc) / N_TEST + pr * (1 - pr) / N_TEST
+    se = math.sqrt(c.var(ddof=1) / 3 + r.var(ddof=1) / 3 + tau2)
+    df = se ** 4 / ((c.var(ddof=1) / 3) ** 2 / 2 + (r.var(ddof=1) / 3) ** 2 / 2 + tau2 ** 2 / (N_TEST - 1))
     d = c.mean() - r.mean()
     acc = next(ch for ch in e["checks"] if ch["name"] == "accuracy")["test"]
     assert (acc["diff"], acc["lo"], acc["df"]) == pytest.approx((d, d - stats.t.ppf(0.95, df) * se, df), rel=1e-9)
@@ -369,10 +382,14 @@ def test_thresholds_move_the_verdict(store):
     assert strict["escaped"] == "undecided" and not strict["escapes"]
     assert _config_of(strict, store["configs"]["E"][0])["verdict"] == "undecided"
     lenient = compute_verdict(data, Thresholds(dead_frac_max=0.99))  # D (dead 0.7-0.9, bound 0.97) passes
-    ids = {_config_of(lenient, store["configs"][n][0])["id"] for n in ("E", "D")}
-    assert {e["id"] for e in lenient["escapes"]} == ids
+    e_id, d_id = (_config_of(lenient, store["configs"][n][0])["id"] for n in ("E", "D"))
+    d = _config_of(lenient, store["configs"]["D"][0])
+    # D now passes its own test, but its p-value does not survive Holm over the 10 candidates: it is
+    # what to confirm, not an escape
+    assert {e["id"] for e in lenient["escapes"]} == {e_id}
+    assert d["outcome"] == "pass" and d["verdict"] == "to confirm" and d["p_holm"] > 0.05 >= d["p_value"]
     wide = compute_verdict(data, Thresholds(acc_margin=0.1))        # U's accuracy is now shown non-inferior
-    assert _config_of(wide, store["configs"]["U"][0])["verdict"] == "escaped"
+    assert _config_of(wide, store["configs"]["U"][0])["outcome"] == "pass"
 
 
 def test_failed_and_diverged_trials_are_listed(store, s1):
@@ -420,7 +437,11 @@ def test_reference_from_another_sweep(store):
     ref = load_sweep("capsweep", store["uri"], "s1", progress=False, history_keys=())
     v = compute_verdict(deep, reference=ref)
     (c,) = v["configurations"]
-    assert v["escaped"] == "yes", c["reasons"]
+    # the candidate escapes (K = 1), but 'deep' has no cnn control: nothing shows its checks let a
+    # healthy deep network pass, so the sweep's answer is inconclusive, never yes
+    assert c["verdict"] == "escaped" and c["escaped"], c["reasons"]
+    assert v["escaped"] == "undecided" and v["outcome"] == "inconclusive" and v["instrument"] == "no control"
+    assert v["answer"].startswith("Inconclusive: the sweep has no healthy cnn control")
     # s1's depth-0 CapsNet is init=std, deep's candidate init=fan: matched on the rest, said so
     assert c["reference"]["source"] == "sweep s1" and c["reference"]["how"] == "matched except model.init"
     assert set(c["reference"]["run_ids"]) == set(store["configs"]["R"])
@@ -429,7 +450,8 @@ def test_reference_from_another_sweep(store):
 def test_verdict_json_first_line_and_round_trip(s1):
     _, v = s1
     text = verdict_json(v)
-    assert text.splitlines()[0].startswith('{"escaped": "yes", "instrument": "validated", "answer": ')
+    assert text.splitlines()[0].startswith(
+        '{"escaped": "yes", "instrument": "validated", "outcome": "yes", "answer": ')
     back = json.loads(text)
     assert list(back)[0] == "escaped" and back["escapes"] == v["escapes"]
     assert back["thresholds"]["grad_ratio_min"] == 0.1 and back["thresholds"]["alpha"] == 0.05
@@ -538,7 +560,7 @@ def test_first_lines_state_answer_instrument_test_margin_and_level(s1, tmp_path)
         assert words in head, head
     md = open(paths["markdown"]).read().splitlines()
     assert md[0] == "# Escaped: YES" and md[2].startswith("**Instrument: validated.**")
-    assert "margin 0.01, level alpha = 0.05" in md[4]
+    assert "margin 0.01," in md[4] and "level alpha = 0.05" in md[4] and "Holm" in md[4]
     # reasons sit under their row (a full-width row), not in a column that widens the table
     text = open(paths["html"]).read()
     assert "why not" not in text and text.count("<tr class='why'>") == sum(
@@ -580,7 +602,7 @@ def test_cli_reference_flag(store, tmp_path, capsys):
     assert cli.main(args) == 0
     assert capsys.readouterr().out.startswith("escaped: undecided")
     assert cli.main(args + ["--reference", "s1"]) == 0
-    assert capsys.readouterr().out.startswith("escaped: yes")
+    assert capsys.readouterr().out.startswith("escaped: undecided -- Inconclusive: the sweep has no healthy cnn")
     assert json.loads((out / "verdict.json").read_text())["reference_source"] == "sweep s1"
     assert cli.main(args + ["--reference", "nope"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis.stats import (FAIL, INCONCLUSIVE, PASS, check_bound, holm, noninferiority, t_interval)
+from analysis.stats import (FAIL, INCONCLUSIVE, PASS, bound_p, check_bound, holm, noninferiority, t_interval,
+                            split_sampling_variance)
 from analysis.verdict import compute_verdict
 from tests.test_verdict_calibration import HEALTHY, synthetic_sweep
 
@@ -49,22 +50,64 @@ def test_single_seed_and_zero_variance_cases():
     assert both_one.outcome == INCONCLUSIVE and "one seed on each side" in both_one.how
     assert noninferiority([], REF, 0.01).outcome == INCONCLUSIVE
     assert noninferiority(CAND, [float("nan")], 0.01).how == "no reference seed"
-    # one candidate seed against four reference seeds: Crawford and Howell's single-case t, the
-    # reference's variance borrowed, df = n_ref - 1
-    ref4 = [0.90, 0.91, 0.89, 0.92]
-    one = noninferiority([0.905], ref4, 0.01)
-    s = np.std(ref4, ddof=1)
-    se = s * math.sqrt(1 + 1 / 4)
-    t = stats.t.ppf(0.95, 3)
-    d = 0.905 - np.mean(ref4)
-    assert (one.df, one.se) == pytest.approx((3, se))
-    assert (one.lo, one.hi) == pytest.approx((d - t * se, d + t * se))
-    assert "borrowed from the reference" in one.how
-    # zero variance on both sides: the difference itself decides (0.25 and 0.5 are exact in binary)
+    # one seed on either side: its variance is unknown, so no test (borrowing the other side's passed
+    # a candidate worse by the margin 24-30% of the time when the spreads differ fourfold)
+    for cand, ref in (([0.905], [0.90, 0.91, 0.89, 0.92]), ([0.95, 0.96], [0.9])):
+        one = noninferiority(cand, ref, 0.01)
+        assert one.outcome == INCONCLUSIVE and "one seed on the" in one.how and one.p_value == 1.0
+    # zero variance on both sides and no test-set term: the difference itself decides (0.25 and 0.5
+    # are exact in binary)
     assert noninferiority([0.75, 0.75], [0.75, 0.75], 0.25).outcome == PASS
     assert noninferiority([0.25, 0.25], [0.75, 0.75], 0.25).outcome == FAIL
     assert noninferiority([0.5, 0.5], [0.75, 0.75], 0.25).outcome == INCONCLUSIVE
-    assert noninferiority([0.5], [0.75, 0.75, 0.75], 0.125).outcome == FAIL   # borrowed s = 0
+
+
+def test_identical_seeds_are_not_certainty_once_the_test_set_counts():
+    """[0.991] x 3 against [1.0] x 3 on a 1,000-image test set: the seeds agree, but 1,000 images
+    cannot show a difference of -0.009 is above -0.01 (before the test-set term it passed)."""
+    tau2, df, how = split_sampling_variance(None, None, 0.991, 1.0, 1000)
+    pc, pr = (991 + 2) / 1004, (1000 + 2) / 1004                     # Agresti-Coull, by hand
+    assert tau2 == pytest.approx(pc * (1 - pc) / 1000 + pr * (1 - pr) / 1000, rel=1e-12)
+    assert df == 999 and how.startswith("binomial")
+    r = noninferiority([0.991] * 3, [1.0] * 3, 0.01, test_var=tau2, test_df=df)
+    assert r.outcome == INCONCLUSIVE and r.se == pytest.approx(math.sqrt(tau2))
+    assert noninferiority([0.991] * 3, [1.0] * 3, 0.01).outcome == PASS      # what it was without
+
+
+def test_paired_split_sampling_variance_by_hand():
+    """tau^2 = var_i(mean_c correct_i - mean_r correct_i) / n, from a hand-made 8-image example."""
+    c = np.array([[1, 1, 0, 1, 1, 1, 0, 1], [1, 1, 1, 1, 0, 1, 0, 1]], dtype=float)
+    r = np.array([[1, 0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1, 1, 1]], dtype=float)
+    d = np.array([0.0, 0.5, 0.5, 0.0, -0.5, 0.0, -1.0, 0.0])        # (c0 + c1)/2 - (r0 + r1)/2
+    tau2, df, how = split_sampling_variance(c, r, 0.75, 0.8125, 8)
+    assert tau2 == pytest.approx(d.var(ddof=1) / 8, rel=1e-12) and df == 7 and how.startswith("paired")
+    # identical models: at least one image's worth of disagreement, never 0
+    assert split_sampling_variance(c, c, 0.75, 0.75, 8)[0] == pytest.approx(1 / 64)
+    assert split_sampling_variance(None, None, 0.9, 0.9, None) == (0.0, math.inf, split_sampling_variance(
+        None, None, 0.9, 0.9, None)[2])
+
+
+def test_p_values_match_scipy_and_the_bounds():
+    """The NI p-value is scipy's one-sided Welch p of (candidate + margin) vs reference, and p < alpha
+    exactly when the lower bound clears -margin; bound_p is the one-sample t p-value and agrees with
+    check_bound."""
+    c, r = np.array(CAND), np.array(REF)
+    for margin in (0.0, 0.005, 0.01, 0.02, 0.03):
+        res = noninferiority(CAND, REF, margin)
+        p = stats.ttest_ind(c + margin, r, equal_var=False, alternative="greater").pvalue
+        assert res.p_value == pytest.approx(p, rel=1e-9)
+        assert (res.p_value < 0.05) == (res.outcome == PASS)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        x = rng.normal(0.4, 0.1, int(rng.integers(2, 6)))
+        iv = t_interval(x, 0.05)
+        for good in ("above", "below"):
+            p = bound_p(iv, 0.45, good)
+            alt = "greater" if good == "above" else "less"
+            assert p == pytest.approx(stats.ttest_1samp(x, 0.45, alternative=alt).pvalue, rel=1e-9)
+            assert (p <= 0.05) == (check_bound(iv, 0.45, good) == PASS)
+    assert bound_p(t_interval([0.0, 0.0, 0.0]), 0.5, "below") == 0.0      # every seed 0: shown below
+    assert bound_p(t_interval([0.3]), 0.5, "below") == 1.0                # one seed: no test
 
 
 def test_power_matches_the_simulated_pass_rate():
@@ -126,7 +169,8 @@ def test_trends_use_one_point_per_configuration_and_holm():
     rho = stats.spearmanr(sorted(means), [means[d] for d in sorted(means)]).statistic
     assert acc["statistic"] == pytest.approx(rho)
     ps = [t["p_value"] for t in v["trends"]]
-    assert [t["p_holm"] for t in v["trends"]] == pytest.approx(holm(ps), nan_ok=True)
+    nan = lambda x: math.nan if x is None else x  # noqa: E731   (JSON's null is a missing p-value)
+    assert [nan(t["p_holm"]) for t in v["trends"]] == pytest.approx(holm(ps), nan_ok=True)
     assert "model.arch" not in {t["factor"] for t in v["trends"]}
 
 
