@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"capsweep: sweep {spec.name!r}: {describe_trials(spec)}", flush=True)
         from sweeps import runner, tracking
         result = runner.run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
-                                  verbose=args.verbose, keep_state=args.keep_state)
+                                  verbose=args.verbose, keep_state=args.keep_state, trust=args.trust)
     except _input_errors() as e:
         return _err(str(e))
     except Exception as e:  # refusals and tracking errors are one line; the rest is a real failure
@@ -213,7 +213,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from sweeps import submit
     try:
         job_id = submit.submit(args.spec, args.overrides, spec, address=args.address,
-                               working_dir=args.working_dir, extra_env=args.env, resume=args.resume)
+                               working_dir=args.working_dir, extra_env=args.env, resume=args.resume,
+                               trust=args.trust)
     except submit.SubmitError as e:
         return _err(str(e))
     print(f"capsweep: submitted sweep {spec.name!r} as Ray job {job_id}")
@@ -346,6 +347,10 @@ def cmd_report(argv: list[str]) -> int:
     return report_main(argv)
 
 
+_TRUST_HELP = ("with --resume: also load trial state files and Ray Tune state that capsweep cannot check "
+               "(runs code from the storage folder; README, 'Security')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import os
     from capsmodels.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV
@@ -368,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", help="a sweep spec YAML, or a shipped spec name (smoke, depth, routing, ...)")
     r.add_argument("overrides", nargs="*", help="key=value overrides of the spec, e.g. num_samples=4")
     r.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    r.add_argument("--trust", action="store_true", help=_TRUST_HELP)
     r.add_argument("--keep-state", action="store_true",
                    help="keep each trial's per-epoch state and weights files after its model is in MLflow")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
@@ -391,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=os.environ.get("RAY_JOB_ADDRESS") or os.environ.get("RAY_ADDRESS")
                    or "http://127.0.0.1:8265", help="Ray dashboard/jobs address (default http://127.0.0.1:8265)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    s.add_argument("--trust", action="store_true", help=_TRUST_HELP)
     s.add_argument("--working-dir", default=None,
                    help="ship this folder as the job's working dir (default: the capsweep checkout when run from one)")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -435,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", metavar="RUN_ID_OR_MODEL_URI", help="a run id, runs:/<run id> or models:/<model id>")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of its config, e.g. data.test_transform=affine")
     ev.add_argument("--log", action="store_true", help="log the figures to a new run tagged capsweep.eval_of")
+    ev.add_argument("--trust", action="store_true",
+                    help="also load a model in MLflow's pickle format (runs code from the store; README, 'Security')")
     _store_flags(ev, DEFAULT_EXPERIMENT)
     ev.set_defaults(func=_cmd_eval)
 

@@ -116,10 +116,10 @@ def cmd_eval(args) -> int:
         return _err(f"--tracking-uri: no MLflow store at {args.tracking_uri}")
     try:
         model_uri, source = models.resolve(client, args.model)
-        net, config = models.load(args.tracking_uri, model_uri)
+        net, config = models.load(args.tracking_uri, model_uri, trust=getattr(args, "trust", False))
         cfg = eval_config(config, args.overrides)
         metrics = measure(net.net, cfg)
-    except (models.ModelNotFound, runcfg.ConfigError) as e:
+    except (models.ModelNotFound, models.UnsafeModel, runcfg.ConfigError) as e:
         return _err(str(e))
     except Exception as e:  # noqa: BLE001 - data errors (DataError) are bad input too
         from capsmodels.store import DataError

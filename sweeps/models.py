@@ -16,18 +16,21 @@ state file (kept with `capsweep run --keep-state`). A trial stopped early by ASH
 end of its training; its model is the last epoch's state. config.yaml, trial.json and final.json
 stay (a few KB): final.json tells a trial that Tune restores after a driver crash that it is done.
 
-The MLflow model (MLflow 3 "logged model", `models:/<model id>`, listed on the run's Models tab):
-`mlflow.pytorch` with pickle serialization, because `capsweep eval` needs the network's own methods
-(the probes' layer access), which a `torch.export` graph (the pt2 format) does not keep. It serves
-`ScoresNet`: images float32 (N, C, H, W) in [0, 1] -> class scores (N, K); the signature says so.
-The resolved config is inside it (`extra_files/config.yaml`) and its flattened keys are the logged
-model's params. Loading it needs this project installed (the pickle names capsmodels' classes).
+The MLflow model (MLflow 3 "logged model", `models:/<model id>`, listed on the run's Models tab) is
+weights plus config, never a pickle of code: `weights.pt` (torch.save of the network's state_dict, a
+plain dict of tensors, read back with `weights_only=True`), `config.yaml` (the resolved trial config)
+and `MLmodel` with the `capsweep` flavour (input shape, classes) and the signature (images float32
+(N, C, H, W) in [0, 1] -> class scores (N, K)). `load` rebuilds the network with capsmodels' own
+builder and loads the weights into it, so nothing read from a store is unpickled and a planted
+payload runs nothing (README, "Security"). The model also carries a `python_function` flavour whose
+loader is this module: `mlflow.pyfunc.load_model("models:/<id>")` serves scores through the same safe
+path. Models logged by capsweep before this format (`mlflow.pytorch`, pickle serialization) are
+refused with one line unless the user passes `--trust`. The config's flattened keys are the logged
+model's params.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 from typing import Optional
 
@@ -39,12 +42,21 @@ MODELS_DIR = "trial_models"
 STATE_DIR = "trial_state"         # as sweeps/runner.py names it
 MODEL_NAME = "model"
 CONFIG_FILE, INFO_FILE, WEIGHTS_FILE, FINAL_FILE = "config.yaml", "trial.json", "model.pt", "final.json"
+FLAVOR = "capsweep"                  # the MLflow model's own flavour: weights + config (see the docstring)
+MODEL_WEIGHTS = "weights.pt"         # in the MLflow model's folder, beside MODEL_CONFIG and MLmodel
+MODEL_CONFIG = "config.yaml"
+MODEL_FORMAT = "state_dict+config/1"
 TAG_MODEL_ID = "capsweep.model_id"   # on the run: the logged model's id (`capsweep eval RUN_ID` finds it)
 TAG_DEVICE_NAME = "capsweep.device_name"   # on the run: the hardware it trained on (the GPU's name)
 
 
 class ModelNotFound(LookupError):
     """No run or logged model answers to what `capsweep eval` was given. One line."""
+
+
+class UnsafeModel(ValueError):
+    """A logged model that only a full unpickler can load (MLflow's pickle format, or weights that name
+    code): refused in one line unless the user passes --trust."""
 
 
 class ScoresNet(torch.nn.Module):
@@ -93,17 +105,18 @@ def build_net(config: dict, in_shape, num_classes: int, weights: dict) -> torch.
 
 
 def log_trial_model(client, tracking_uri: str, experiment_id: str, run_id: str, model_dir: str,
-                    state_path: str, tags: dict) -> Optional[str]:
+                    state_path: str, tags: dict, trust: bool = False) -> Optional[str]:
     """Log the trial's final model to its run, once; returns the model id (None: nothing to log, the
-    trial never got to train). The weights: model.pt, else the last epoch's state."""
+    trial never got to train). The weights: model.pt, else the last epoch's state, both read with
+    weights_only (storage.UnsafeFile for a file that names code, unless `trust`)."""
     done = logged_model(client, experiment_id, run_id)
     if done is not None:
         return done
     text = storage.read_bytes(storage.join(model_dir, CONFIG_FILE))
     info = read_json(model_dir, INFO_FILE)
-    weights = storage.load_torch(storage.join(model_dir, WEIGHTS_FILE))
+    weights = storage.load_torch(storage.join(model_dir, WEIGHTS_FILE), trust=trust)
     if weights is None:
-        state = storage.load_torch(state_path)
+        state = storage.load_torch(state_path, trust=trust)
         weights = state["model"] if state else None
     if text is None or info is None or weights is None:
         return None
@@ -131,60 +144,47 @@ def logged_model(client, experiment_id: str, run_id: str) -> Optional[str]:
     return ready
 
 
-@contextlib.contextmanager
-def _fluent_uri(uri: str):
-    """mlflow.pytorch.log_model writes through the fluent API's tracking URI: point it at `uri` for
-    the call (the driver is one process and its one writer); quieten the pickle warning and the
-    artifact progress bars (one per model in the sweep's output)."""
-    import mlflow
-    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BAR
-    before, bar = mlflow.get_tracking_uri(), os.environ.get(BAR.name)
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")      # set_tracking_uri also writes this variable
-    os.environ[BAR.name] = "false"
-    quiet = logging.getLogger("mlflow.pytorch")
-    level = quiet.level
-    mlflow.set_tracking_uri(uri)
-    quiet.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
-        if env_uri is None:       # leave no MLFLOW_TRACKING_URI behind for later runs and child processes
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_uri
-        quiet.setLevel(level)
-        if bar is None:
-            os.environ.pop(BAR.name, None)
-        else:
-            os.environ[BAR.name] = bar
-
-
 def log_model(client, tracking_uri: str, experiment_id: str, run_id: str, net: torch.nn.Module,
               config: dict, in_shape, tags: dict) -> str:
-    """`net` (on the CPU) as the run's MLflow model, with its signature and config; returns its id."""
+    """`net` (on the CPU) as the run's MLflow model: its weights, config and signature (module
+    docstring); returns its id. Written with the client alone (create, link to the run as its output,
+    upload, finalise), so no global tracking URI is touched and nothing is pickled."""
     import tempfile
     from pathlib import Path
 
-    import mlflow.pytorch
     import numpy as np
     import yaml
-    from mlflow.models import infer_signature
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model, infer_signature
+    from mlflow.pyfunc import add_to_model
 
     from capsmodels import config as runcfg
     served = ScoresNet(net.cpu().eval())
-    x = np.zeros((1, *[int(v) for v in in_shape]), dtype=np.float32)
+    shape = [int(v) for v in in_shape]
+    x = np.zeros((1, *shape), dtype=np.float32)
     with torch.no_grad():
-        signature = infer_signature(x, served(torch.from_numpy(x)).numpy())
+        scores = served(torch.from_numpy(x)).numpy()
+    signature = infer_signature(x, scores)
     params = {k: str(v) for k, v in runcfg.flatten(config).items() if v is not None}
     model = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                        params=params, tags=tags)
-    with tempfile.TemporaryDirectory() as tmp, _fluent_uri(tracking_uri):
-        path = Path(tmp, CONFIG_FILE)
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        mlflow.pytorch.log_model(served, name=MODEL_NAME, run_id=run_id, model_id=model.model_id,
-                                 signature=signature, extra_files=[str(path)], serialization_format="pickle",
-                                 pip_requirements=[f"torch>={torch.__version__.split('+')[0]}"])
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, MODEL_NAME)
+        path.mkdir()
+        weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        storage.save_torch(str(path / MODEL_WEIGHTS), weights)
+        (path / MODEL_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+        (path / "requirements.txt").write_text(f"torch>={torch.__version__.split('+')[0]}\n")
+        mlmodel = Model(artifact_path=model.artifact_location, run_id=run_id, model_uuid=model.model_id,
+                        model_id=model.model_id, signature=signature)
+        mlmodel.add_flavor(FLAVOR, format=MODEL_FORMAT, weights=MODEL_WEIGHTS, config=MODEL_CONFIG,
+                           in_shape=shape, num_classes=int(scores.shape[-1]),
+                           torch_version=torch.__version__.split("+")[0])
+        add_to_model(mlmodel, loader_module=__name__)
+        mlmodel.save(str(path / "MLmodel"))
+        client.log_model_artifacts(model.model_id, str(path))
+    client.finalize_logged_model(model.model_id, "READY")
     client.set_tag(run_id, TAG_MODEL_ID, model.model_id)
     return model.model_id
 
@@ -276,15 +276,82 @@ def resolve(client, ref: str) -> tuple[str, Optional[str]]:
     return f"models:/{model_id}", run_id
 
 
-def load(tracking_uri: str, model_uri: str) -> tuple[ScoresNet, dict]:
-    """(the served module, with `.net` the network; its resolved config) of a logged model."""
+def load(tracking_uri: str, model_uri: str, trust: bool = False) -> tuple[ScoresNet, dict]:
+    """(the served module, with `.net` the network; its resolved config) of a logged model
+    (`models:/<model id>` or a registered `models:/<name>/<version>`), rebuilt from its weights and
+    config (load_dir). The model's folder is found through this store's client (no global tracking
+    URI) and downloaded as files: nothing is unpickled on the way."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from analysis.mlflowio import scoped_environ
+    client = MlflowClient(tracking_uri)
+    rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else model_uri
+    try:
+        if "/" in rest:
+            name, version = rest.split("/", 1)
+            location = client.get_model_version_download_uri(name, version)
+        else:
+            location = client.get_logged_model(rest).artifact_location
+    except MlflowException:
+        raise ModelNotFound(f"model: no model {model_uri!r} in this store") from None
+    with scoped_environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
+    return load_dir(local, model_uri, trust)
+
+
+def load_dir(local: str, name: str = "", trust: bool = False) -> tuple[ScoresNet, dict]:
+    """A downloaded MLflow model folder -> (ScoresNet, config). The `capsweep` flavour: capsmodels'
+    builder, then the weights (weights_only). MLflow's pickle format (`pytorch` flavour, models of
+    earlier capsweep versions): UnsafeModel unless `trust`, then mlflow.pytorch's own loader."""
     from pathlib import Path
 
-    import mlflow.artifacts
-    import mlflow.pytorch
     import yaml
-    with _fluent_uri(tracking_uri):
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
+    name = name or local
+    mlmodel_path = Path(local, "MLmodel")
+    if not mlmodel_path.is_file():
+        raise ModelNotFound(f"model: {name} is not an MLflow model (no MLmodel file)")
+    flavors = (yaml.safe_load(mlmodel_path.read_text()) or {}).get("flavors") or {}
+    if FLAVOR in flavors:
+        spec = flavors[FLAVOR]
+        config = yaml.safe_load(Path(local, str(spec.get("config", MODEL_CONFIG))).read_text())
+        try:
+            weights = storage.load_torch(str(Path(local, str(spec.get("weights", MODEL_WEIGHTS)))), trust=trust)
+        except storage.UnsafeFile as e:
+            raise UnsafeModel(f"model: {name}: {str(e).split(': ', 1)[-1]}") from None
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise UnsafeModel(f"model: {name}: its weights file is not a dict of tensors")
+        net = build_net(config, spec["in_shape"], spec["num_classes"], weights)
+        return ScoresNet(net), config
+    if "pytorch" in flavors:
+        if not trust:
+            raise UnsafeModel(f"model: {name} is in MLflow's pickle format (a model logged before capsweep "
+                              "logged weights and config), which runs code from the store when loaded; "
+                              + storage.TRUST_HINT.replace("delete it, or ", ""))
+        import mlflow.pytorch
         served = mlflow.pytorch.load_model(local, map_location="cpu", weights_only=False)
-    config = yaml.safe_load(Path(local, "extra_files", CONFIG_FILE).read_text())
-    return served, config
+        config = yaml.safe_load(Path(local, "extra_files", CONFIG_FILE).read_text())
+        return served, config
+    raise ModelNotFound(f"model: {name} is not a capsweep model (flavours: {', '.join(flavors) or 'none'})")
+
+
+# ---- mlflow.pyfunc (MLmodel names this module as the python_function loader) -------------------------
+class _PyfuncScores:
+    """`mlflow.pyfunc.load_model(...).predict(images)` -> class scores, as numpy."""
+
+    def __init__(self, served: ScoresNet):
+        self.served = served.eval()
+
+    def predict(self, model_input, params=None):
+        import numpy as np
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            return self.served(x).numpy()
+
+
+def _load_pyfunc(path: str, model_config=None) -> _PyfuncScores:
+    """MLflow's pyfunc entry point: the same safe path as `capsweep eval` (never trusted)."""
+    import os.path
+    root = path if os.path.isfile(os.path.join(path, "MLmodel")) else os.path.dirname(path)
+    return _PyfuncScores(load_dir(root)[0])

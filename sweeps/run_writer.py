@@ -135,9 +135,10 @@ class RunWriter:
     """The MLflow side of one sweep: `run_ids` and `last_step` (per trial id) are what it has written."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, sweep: str,
-                 commit: Optional[str], tracking_uri: str = ""):
+                 commit: Optional[str], tracking_uri: str = "", trust: bool = False):
         self.client = client
-        self.tracking_uri = tracking_uri      # mlflow.pytorch.log_model writes through the fluent API
+        self.tracking_uri = tracking_uri
+        self.trust = trust                    # --trust: trial files that name code may be unpickled
         self.experiment_id = experiment_id
         self.parent_id = parent_id
         self.sweep = sweep
@@ -210,7 +211,8 @@ class RunWriter:
         if r.log:
             try:
                 models.log_trial_model(self.client, self.tracking_uri, self.experiment_id, rid, r.model_dir,
-                                       r.state_path, {TAG_SWEEP: self.sweep, TAG_TRIAL: r.trial_id})
+                                       r.state_path, {TAG_SWEEP: self.sweep, TAG_TRIAL: r.trial_id},
+                                       trust=self.trust)
             except Exception as e:  # noqa: BLE001 - a model that cannot be logged must not stop the sweep
                 if transient(e):
                     raise           # the queue waits for the store and tries again

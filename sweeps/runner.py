@@ -140,6 +140,22 @@ def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optiona
     return client, (exp.experiment_id if exp else ""), parent, exp_dir
 
 
+def check_trial_files(exp_dir: str) -> None:
+    """--resume reads every unfinished trial's state and weights: refuse, in one line and before Ray
+    starts, when one of them is not plain weights (a planted pickle payload), instead of failing its
+    trial later. The trial and the driver load them with weights_only anyway (storage.load_torch)."""
+    from sweeps import models
+    files = [storage.join(exp_dir, STATE_DIR, n) for n in storage.listdir(storage.join(exp_dir, STATE_DIR))
+             if n.endswith(".pt")]
+    mdir = storage.join(exp_dir, models.MODELS_DIR)
+    files += [storage.join(mdir, t, models.WEIGHTS_FILE) for t in storage.listdir(mdir)]
+    for path in files:
+        why = storage.unsafe_reason(path)
+        if why:
+            raise SweepRefused(f"--resume: {path} is not a plain weights file ({why}); refusing to unpickle it; "
+                               + storage.TRUST_HINT)
+
+
 _sqlite_path = store_init.sqlite_path     # the file of a sqlite:/// URI, else None
 
 
@@ -245,7 +261,8 @@ def _reporter(spec: SweepSpec):
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = None,
-              num_cpus: Optional[int] = None, verbose: int = 1, keep_state: bool = False) -> SweepResult:
+              num_cpus: Optional[int] = None, verbose: int = 1, keep_state: bool = False,
+              trust: bool = False) -> SweepResult:
     """The whole sweep. Raises SpecError/SweepRefused/DataError/TrackingUnavailable before Ray starts.
 
     The environment is set for the sweep only, and the user's settings win: Tune's classic progress
@@ -253,12 +270,14 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     event loop for minutes inside one call, since the logger buffers and retries itself."""
     with scoped_environ({"RAY_AIR_NEW_OUTPUT": "0"}, override=False), \
             mlflow_http_env(max_retries=1, timeout_s=20, override=False):
-        return _run_sweep(spec, resume, address, num_cpus, verbose, keep_state)
+        return _run_sweep(spec, resume, address, num_cpus, verbose, keep_state, trust)
 
 
 def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: Optional[int],
-               verbose: int, keep_state: bool = False) -> SweepResult:
+               verbose: int, keep_state: bool = False, trust: bool = False) -> SweepResult:
     client, experiment_id, parent, exp_dir = preflight(spec, resume)
+    if resume and not trust:
+        check_trial_files(exp_dir)
     root = storage_dir(spec)
     raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
     check_shapes(spec, raws)
@@ -278,7 +297,7 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
             client.set_tag(parent_id, TAG_STATUS, RUNNING)
         own_ray = init_ray(address, num_cpus)
         return _tune(spec, raws, client, experiment_id, parent_id, root, exp_dir, resume, verbose, expected,
-                     keep_state, own_ray)
+                     keep_state, own_ray, trust)
     finally:
         lock.release()
 
@@ -325,19 +344,20 @@ def bind(logger: Any, sweep: str) -> BoundLogger:
 
 
 def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str, resume, verbose,
-          expected: int, keep_state: bool = False, own_ray: bool = True) -> SweepResult:
+          expected: int, keep_state: bool = False, own_ray: bool = True,
+          trust: bool = False) -> SweepResult:
     import ray
     from ray import tune
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu,
-                             state_dir=storage.join(exp_dir, STATE_DIR)),
+                             state_dir=storage.join(exp_dir, STATE_DIR), trust=trust),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     tp = _TrialParams(spec.base)
     local = storage.local_dir(exp_dir)     # the MLflow write spool, Optuna's journal
     local.mkdir(parents=True, exist_ok=True)
     logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
                                         local, tp.params, tp.yaml, expected_trials=expected,
-                                        storage_root=exp_dir, keep_state=keep_state)
+                                        storage_root=exp_dir, keep_state=keep_state, trust=trust)
     callback = bind(logger, spec.name)
     if resume:
         # the saved run config (callbacks: a BoundLogger for this sweep, progress reporter) is reused;
@@ -365,7 +385,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
         # one wrote to MLflow, so read the trials' statuses back from there
         logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
                                             local, tp.params, tp.yaml, expected_trials=expected,
-                                            storage_root=exp_dir, keep_state=keep_state)
+                                            storage_root=exp_dir, keep_state=keep_state, trust=trust)
     statuses = dict(logger.statuses)
     done = all(s in FINAL for s in statuses.values())
     if len(statuses) < expected or not done:

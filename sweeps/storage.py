@@ -111,20 +111,74 @@ def remove(path: str) -> bool:
 
 
 def save_torch(path: str, obj) -> None:
-    """torch.save through write_bytes (torch is imported by the caller's process anyway)."""
+    """torch.save through write_bytes (torch is imported by the caller's process anyway). `obj` must be
+    made of tensors, numbers, strings and plain containers only: load_torch reads it back with
+    weights_only=True, which refuses anything else."""
     import torch
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(path, buf.getvalue())
 
 
-def load_torch(path: str):
-    """torch.load of a file written by save_torch, or None when it does not exist."""
+class UnsafeFile(ValueError):
+    """A file that only a full unpickler can load (it names code to run): refused, one line, unless the
+    caller trusts it. The message says which file and how to load it anyway (`--trust`)."""
+
+
+TRUST_HINT = ("delete it, or pass --trust if you trust everyone who can write there "
+              "(loading it can run any code)")
+
+
+def load_torch(path: str, trust: bool = False):
+    """torch.load of a file written by save_torch, or None when it does not exist.
+
+    Loaded with `weights_only=True`: tensors, numbers, strings and containers are rebuilt, and a file
+    that names any other function or class (a planted pickle payload: `__reduce__` -> os.system) is
+    refused before anything of it runs, with UnsafeFile. `trust` (the user's `--trust`) loads such a
+    file with the full unpickler."""
     import torch
     data = read_bytes(path)
     if data is None:
         return None
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    if trust:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, a zip that is not one: all refused
+        raise UnsafeFile(f"{path}: not a plain weights file ({_why(e)}); refusing to unpickle it; "
+                         + TRUST_HINT) from None
+
+
+def unsafe_reason(path: str) -> Optional[str]:
+    """Why `path` (a torch.save file) would be refused by load_torch, or None when it is plain weights
+    or missing. Reads only the file's pickle part, statically (torch's own scan), so a preflight can
+    check every trial's state in a moment and refuse in one line before anything starts."""
+    import torch
+    if is_uri(path) and scheme(path) != "file":
+        data = read_bytes(path)
+        source = io.BytesIO(data) if data is not None else None
+    else:       # a local file: torch reads the zip's directory and its pickle, not the tensors
+        source = filesystem(path)[1]
+        source = source if os.path.isfile(source) else None
+    if source is None:
+        return None
+    try:
+        bad = torch.serialization.get_unsafe_globals_in_checkpoint(source)
+    except Exception as e:  # noqa: BLE001 - not a torch zip file at all (a raw pickle, garbage)
+        return _why(e)
+    return f"it names {', '.join(sorted(bad)[:3])}" if bad else None
+
+
+def _why(e: BaseException) -> str:
+    """A short reason from an unpickling error: torch's own message runs to a dozen lines."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it names {m.group(1)}"
+    if "Weights only load failed" in text:
+        return "it holds more than tensors and plain values"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return " ".join(first.split())[:160]
 
 
 def local_dir(path: str) -> Path:

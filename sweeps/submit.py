@@ -124,7 +124,7 @@ def _concurrency_override(spec: SweepSpec, address: str, wd: Optional[Path]) -> 
 
 def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
            working_dir: Optional[str] = None, extra_env: Optional[list[str]] = None,
-           resume: bool = False) -> str:
+           resume: bool = False, trust: bool = False) -> str:
     from ray.job_submission import JobSubmissionClient
     from sweeps.provenance import git_commit
     check_cluster_ready(spec)
@@ -153,7 +153,7 @@ def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
             spec_in_job = "$CAPSWEEP_SPEC_FILE"
     else:
         spec_in_job = str(path)
-    flags = ["--resume"] if resume else []
+    flags = (["--resume"] if resume else []) + (["--trust"] if trust else [])
     entry = ["python", "-m", "sweeps.cli", "run", spec_in_job, *overrides, *flags]
     entrypoint = " ".join(shlex.quote(a) for a in entry)
     if spec_in_job == "$CAPSWEEP_SPEC_FILE":

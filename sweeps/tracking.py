@@ -83,14 +83,15 @@ class MlflowSweepLogger(Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
                  experiment_dir: Path, trial_params: Any, trial_yaml: Any,
                  max_outage_s: float = 900.0, max_pending: int = 200_000, expected_trials: int = 0,
-                 storage_root: Optional[str] = None, keep_state: bool = False):
+                 storage_root: Optional[str] = None, keep_state: bool = False, trust: bool = False):
         # Tune pickles its callbacks into the experiment state (tuner.pkl); only these arguments
         # travel, and a restored logger re-reads its state from MLflow itself (__setstate__).
         self._args = dict(tracking_uri=tracking_uri, experiment_id=experiment_id,
                           parent_run_id=parent_run_id, sweep=sweep, experiment_dir=str(experiment_dir),
                           trial_params=trial_params, trial_yaml=trial_yaml,
                           max_outage_s=max_outage_s, max_pending=max_pending,
-                          expected_trials=expected_trials, storage_root=storage_root, keep_state=keep_state)
+                          expected_trials=expected_trials, storage_root=storage_root, keep_state=keep_state,
+                          trust=trust)
         # the trials' files (sweeps/models.py): <storage_root>/trial_state, trial_models; a URI or a folder
         self.state_dir = storage.join(storage_root or str(experiment_dir), models.STATE_DIR)
         self.keep_state = keep_state
@@ -108,7 +109,7 @@ class MlflowSweepLogger(Callback):
         self.trial_yaml = trial_yaml          # config dict -> resolved trial config YAML text
         self.client = MlflowClient(tracking_uri)
         self.commit = git_commit()
-        self.writer = RunWriter(self.client, experiment_id, parent_run_id, sweep, self.commit, tracking_uri)
+        self.writer = RunWriter(self.client, experiment_id, parent_run_id, sweep, self.commit, tracking_uri, trust)
         self.queue = WriteQueue(self._apply, transient, self.experiment_dir / PENDING_FILE,
                                 f"MLflow at {tracking_uri}", max_outage_s, max_pending, on_reject=_log_rejected)
         self.run_ids = self.writer.run_ids          # trial id -> run id

@@ -43,10 +43,11 @@ from capsmodels.contract import INJECT_FAILURE_ENV as FAIL_ENV  # tests: "key=va
 
 
 def run_trial(config: dict[str, Any], base: dict, raws: Optional[dict] = None, cpus: float = 1.0,
-              state_dir: Optional[str] = None) -> None:
+              state_dir: Optional[str] = None, trust: bool = False) -> None:
     """Tune trainable. config: the sampled dotted params (plus `train.seed`); raws: the datasets the
     driver loaded, by name (a dataset missing there is read from disk by `fit`); state_dir: where this
-    sweep's trials keep their per-epoch state (None: nowhere, a retry starts from scratch)."""
+    sweep's trials keep their per-epoch state (None: nowhere, a retry starts from scratch); trust: the
+    user's `--trust`, which lets a state file that names code be unpickled (storage.load_torch)."""
     cfg = resolve_trial(base, config)
     config_yaml = yaml.safe_dump(runcfg.to_dict(cfg), sort_keys=False)     # as resolved, for the model
     raw = (raws or {}).get(cfg.data.name)
@@ -57,7 +58,7 @@ def run_trial(config: dict[str, Any], base: dict, raws: Optional[dict] = None, c
 
     tid = tune.get_context().get_trial_id()
     path, model_dir = models.trial_paths(state_dir, tid) if state_dir else (None, None)
-    state = load_state(path)
+    state = load_state(path, trust)
     if state is not None and state.get("metrics"):
         tune.report(state["metrics"])
         if state["metrics"].get("status") in ENDED:
@@ -110,9 +111,11 @@ def trial_info(cfg, splits, device: torch.device) -> dict:
             "num_classes": int(splits.num_classes), "datasets": dataset_inputs(cfg.data.name, data)}
 
 
-def load_state(path: Optional[str | Path]) -> Optional[dict]:
-    """A local path or a storage URI (sweeps/storage.py); None when there is no state yet."""
-    return None if path is None else storage.load_torch(str(path))
+def load_state(path: Optional[str | Path], trust: bool = False) -> Optional[dict]:
+    """A local path or a storage URI (sweeps/storage.py); None when there is no state yet. Read with
+    weights_only: the state is tensors, numbers and strings, so a file that names code is refused
+    (storage.UnsafeFile) before any of it runs, unless `trust`."""
+    return None if path is None else storage.load_torch(str(path), trust=trust)
 
 
 def save_state(path: str | Path, state: dict) -> None:

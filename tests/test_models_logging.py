@@ -8,10 +8,8 @@ writer directly here, and on the 8-trial sweep of tests/test_sweep_e2e.py.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
-import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
@@ -37,17 +35,9 @@ def sweep(tmp_path_factory):
 
 
 def _load(uri: str, model_uri: str):
-    """mlflow.pytorch.load_model, as a user calls it, with the fluent tracking URI on the test's store."""
-    before, env_uri = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.pytorch.load_model(model_uri)
-    finally:
-        mlflow.set_tracking_uri(before)       # which also sets MLFLOW_TRACKING_URI: put it back as it was
-        if env_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    """The logged model rebuilt from its weights and config (sweeps/models.py), as `capsweep eval` does."""
+    from sweeps import models
+    return models.load(uri, model_uri)[0]
 
 
 def _net_from_state(config: dict, weights: dict):
@@ -67,7 +57,7 @@ def test_each_trial_has_one_logged_model_that_predicts_as_the_trial(sweep):
         assert found[0].params["model.iterations"] == r.data.params["model.iterations"]
         served = _load(f"sqlite:///{work}/mlflow.db", f"models:/{found[0].model_id}")
         tid = r.data.tags["capsweep.trial_id"]
-        state = torch.load(work / "ray" / "m" / "trial_state" / f"{tid}.pt", weights_only=False)
+        state = torch.load(work / "ray" / "m" / "trial_state" / f"{tid}.pt", weights_only=True)
         config = yaml.safe_load(open(client.download_artifacts(r.info.run_id, "config.yaml")).read())
         own = _net_from_state(config, state["model"])
         with torch.no_grad():
