@@ -186,6 +186,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"escaped: {verdict['escaped']} -- {verdict['answer']}")
+    if verdict.get("confirm", {}).get("command") and verdict.get("outcome") != "yes":
+        print(f"next: {verdict['confirm']['command']}   (re-runs them on fresh seeds; docs/PROBES.md)")
     print(f"instrument: {verdict['instrument']} -- {verdict['instrument_text']}")
     print(f"report: {paths['html']} (also report.md, verdict.json in {out})")
     if args.no_log_artifacts:

@@ -32,7 +32,8 @@ from analysis.mlflowio import search_all, search_tagged, sql_engine, sql_metric_
 from capsmodels.contract import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, FAILED, FINISHED, GRAD_PROBES,
                                  INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
-                                 TAG_TEST_CORRECT, TAG_TRIAL, TRACKING_URI_ENV, layer_metric)
+                                 TAG_TEST_CORRECT, TAG_TRIAL, TRACKING_URI_ENV, layer_metric,
+                                 TAG_CONFIRMS)
 
 DEFAULT_HISTORY_KEYS = ("val_acc", "test_acc", "grad_ratio")
 GRAD_PROBE_PREFIXES = tuple(layer_metric(m, "") for m in GRAD_PROBES)
@@ -70,6 +71,7 @@ class SweepData:
     history_method: str = ""
     load_seconds: float = 0.0
     parent_record: dict = field(default_factory=dict)   # the parent run's {'tags', 'params'} as read
+    confirmed_by: list[str] = field(default_factory=list)  # sweeps whose parent says they confirm this one
 
     def history(self, key: str) -> pd.DataFrame:
         """Wide per-epoch table of one metric: index step (epoch), one column per run id."""
@@ -206,6 +208,8 @@ def load_sweep(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: Optional[str]
                      param_cols=param_cols, metric_cols=metric_cols, notes=notes,
                      sweeps_in_experiment=sweeps_of(everything or []), history_method=method,
                      load_seconds=time.perf_counter() - t0,
+                     confirmed_by=sorted(name for name, rs in parents_by_sweep.items()
+                                         if any(r.data.tags.get(TAG_CONFIRMS) == sweep for r in rs)),
                      parent_record={"tags": dict(sweep_parents[-1].data.tags),
                                     "params": dict(sweep_parents[-1].data.params)} if sweep_parents else {})
 

@@ -61,7 +61,7 @@ THRESHOLD_TEXT = [
 _ROLE_ORDER = {CANDIDATE: 0, CONTROL: 1, REFERENCE: 2}
 _VERDICT_ORDER = {"escaped": 0, "passes": 0, "undecided": 1, "not escaped": 2, "fails": 2}
 _OUTCOME_CLASS = {"pass": "ok", "fail": "bad", "inconclusive": "unk"}
-_ANSWER_CLASS = {"yes": "yes", "no": "no", "undecided": "und"}
+_ANSWER_CLASS = {"yes": "yes", "no": "no", "undecided": "und", "inconclusive": "und", "to confirm": "und"}
 _INSTRUMENT_CLASS = {"validated": "yes", "control failed": "no"}
 
 CSS = """
@@ -144,8 +144,39 @@ def _why(cfg: dict) -> str:
 
 
 def _headline(verdict: dict) -> tuple[str, str]:
-    word = {"yes": "YES", "no": "NO", "undecided": "UNDECIDED"}[verdict["escaped"]]
-    return f"Escaped: {word}", f"Instrument: {verdict['instrument']}"
+    """The report's first line and second line. The first says the answer in the words of
+    docs/PROBES.md ("The answer"): Escaped: YES / NO / UNDECIDED, or why there is none yet
+    (Inconclusive: the control ...; To confirm: ...). A verdict.json from before `outcome` existed
+    reads as its `escaped`."""
+    outcome = verdict.get("outcome", verdict["escaped"])
+    if outcome == "inconclusive":
+        inst = verdict["instrument"]
+        why = ("no healthy control in the sweep" if inst == "no control" else
+               "the healthy control fails the same checks" if inst == "control failed" else
+               "the healthy control does not pass the same checks yet")
+        first = f"Inconclusive: {why}"
+    elif outcome == "to confirm":
+        n = verdict.get("confirm", {}).get("top") or 0
+        first = f"To confirm: {n} candidate(s) worth confirming"
+    else:
+        first = "Escaped: " + {"yes": "YES", "no": "NO", "undecided": "UNDECIDED"}[verdict["escaped"]]
+    return first, f"Instrument: {verdict['instrument']}"
+
+
+def _link_text(verdict: dict) -> str:
+    """The exploration/confirmation link both reports show (`capsweep confirm`), or ''."""
+    conf = verdict.get("confirm") or {}
+    parts = []
+    if conf.get("confirms"):
+        parts.append(f"This sweep confirms the exploration {conf['confirms']!r} on fresh seeds; its "
+                     f"verdict, error-controlled over its {verdict['counts']['candidates']} candidate(s), is "
+                     "the answer")
+    if verdict.get("confirmed_by"):
+        parts.append("Confirmed by: " + ", ".join(verdict["confirmed_by"]) + " (its report gives the answer)")
+    elif conf.get("command") and verdict.get("outcome") in ("to confirm", "inconclusive", "undecided"):
+        parts.append(f"Next: `{conf['command']}` re-runs the {conf['top']} most promising candidate(s) on "
+                     f"{conf['seeds']} fresh seeds beside fresh references and controls")
+    return ". ".join(parts)
 
 
 def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] = None) -> dict[str, str]:
@@ -486,10 +517,13 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>capsweep report: {_t(verdict['sweep'])}</title>", f"<style>{CSS}{interactive.CSS}</style></head><body>",
-        f'<div class="answer {_ANSWER_CLASS[verdict["escaped"]]}">{_t(answer)}</div>',
+        f'<div class="answer {_ANSWER_CLASS[verdict.get("outcome", verdict["escaped"])]}">{_t(answer)}</div>',
         f'<div class="instrument {_INSTRUMENT_CLASS.get(verdict["instrument"], "und")}">{_t(instrument)}. '
         f'<span style="font-weight:400">{_t(verdict["instrument_text"])}.</span></div>',
         f'<p class="test"><b>Test.</b> {_t(verdict["test"])}. <b>Answer.</b> {_t(verdict["answer"])}.</p>',
+        *([f'<p class="test"><b>The sweep is a family.</b> {_t(verdict["family"]["text"])}.</p>']
+          if verdict.get("family") else []),
+        *([f'<p class="test"><b>Confirmation.</b> {_t(_link_text(verdict))}.</p>'] if _link_text(verdict) else []),
         f"<h1>capsweep report &mdash; sweep <code>{_t(verdict['sweep'])}</code></h1>",
         f"<p class='muted small'>Experiment <code>{_t(verdict['experiment'])}</code> at "
         f"<code>{_t(verdict['tracking_uri'])}</code>; parent run <code>{_t(verdict['parent_run_id'])}</code>; "
@@ -656,6 +690,8 @@ def render_markdown(verdict: dict, figures: list[dict], views: Optional[dict] = 
     level = f"{100 * (1 - 2 * verdict['thresholds']['alpha']):g}%"
     out = [f"# {answer}", "", f"**{instrument}.** {verdict['instrument_text']}.", "",
            f"**Test.** {verdict['test']}.", "", f"**Answer.** {verdict['answer']}.", "",
+           *([f"**The sweep is a family.** {verdict['family']['text']}.", ""] if verdict.get("family") else []),
+           *([f"**Confirmation.** {_link_text(verdict)}.", ""] if _link_text(verdict) else []),
            f"capsweep report of sweep `{verdict['sweep']}`: experiment `{verdict['experiment']}` at "
            f"`{verdict['tracking_uri']}`, parent run `{verdict['parent_run_id']}`, references from "
            f"{verdict['reference_source']}. {c['trials']} trials: {_status_text(c)}; {c['configurations']} "

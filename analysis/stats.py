@@ -152,24 +152,29 @@ class NonInferiority:
         return float(stats.nct.sf(_t_quantile(1 - level, self.df), self.df, self.margin / self.se))
 
 
-def welch(diff, var_c, n_c, var_r, n_r, test_var=0.0, test_df=math.inf):
-    """Standard error and Welch-Satterthwaite degrees of freedom of a difference of two seed means,
-    vectorised over numpy arrays (the verdict calls it with scalars, the calibration simulations with
-    thousands of sweeps at once):
+def welch(diff, var_c, n_c, var_r, n_r, test_var=0.0):
+    """Standard error and degrees of freedom of a difference of two seed means, vectorised over numpy
+    arrays (the verdict calls it with scalars, the calibration simulations with thousands of sweeps at
+    once):
 
         se^2 = s_c^2/n_c + s_r^2/n_r + tau^2
-        df   = se^4 / ((s_c^2/n_c)^2/(n_c-1) + (s_r^2/n_r)^2/(n_r-1) + tau^4/test_df)
+        df   = (s_c^2/n_c + s_r^2/n_r)^2 / ((s_c^2/n_c)^2/(n_c-1) + (s_r^2/n_r)^2/(n_r-1))
 
-    tau^2 = test_var: the variance the test set's sampling adds to the difference (`split_sampling_variance`),
-    which seed spread cannot show because every seed is scored on the same images; its df is the
-    number of test images less one (inf: known exactly). se = 0 gives df = inf."""
+    tau^2 = test_var: the variance the test set's sampling adds to the difference
+    (`split_sampling_variance`), which seed spread cannot show because every seed is scored on the same
+    images. df is Welch-Satterthwaite's over the seed terms only: tau^2 is nearly known (thousands of
+    images) but must not buy degrees of freedom, because the sweep-wide Holm step reads p-values as
+    far out as alpha / K (1.25e-4 at K = 400), and there a df that grows with tau^2 was liberal: a
+    small seed variance drawn by chance made tau^2 dominate and the df large, a family-wise false
+    "yes" of 0.27 at K = 400 with 3 seeds. With the seed terms only, tau^2 makes the test conservative
+    (docs/PROBES.md gives the simulated rates). se = 0 gives df = inf."""
     vc, vr = np.asarray(var_c, float) / n_c, np.asarray(var_r, float) / n_r
-    tv = np.asarray(test_var, float)
-    se2 = vc + vr + tv
-    denom = vc ** 2 / (n_c - 1) + vr ** 2 / (n_r - 1) + (tv ** 2 / test_df if math.isfinite(test_df) else 0.0)
+    se2 = vc + vr + np.asarray(test_var, float)
+    denom = vc ** 2 / (n_c - 1) + vr ** 2 / (n_r - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        df = np.where(denom > 0, se2 ** 2 / np.where(denom > 0, denom, 1.0), np.inf)
-    return np.sqrt(se2), df
+        df = np.where(denom > 0, (vc + vr) ** 2 / np.where(denom > 0, denom, 1.0),
+                      float(n_c + n_r - 2))
+    return np.sqrt(se2), np.where(se2 > 0, df, np.inf)
 
 
 def noninferiority_p(diff, se, df, margin: float):
@@ -184,13 +189,13 @@ def noninferiority_p(diff, se, df, margin: float):
 
 
 def noninferiority(cand: Sequence[float], ref: Sequence[float], margin: float,
-                   alpha: float = 0.05, test_var: float = 0.0, test_df: float = math.inf) -> NonInferiority:
-    """Welch one-sided non-inferiority test of the candidate's seed mean against the reference's,
-    with the test set's sampling error in the standard error.
+                   alpha: float = 0.05, test_var: float = 0.0) -> NonInferiority:
+    """Welch's one-sided non-inferiority test of the candidate's seed mean against the reference's,
+    with the test set's sampling error in the standard error (`welch`).
 
     With n_c, n_r seeds, means m_c, m_r, sample variances s_c^2, s_r^2 (ddof 1) and tau^2 = test_var:
 
-        d  = m_c - m_r,    se, df = welch(...)   (se^2 = s_c^2/n_c + s_r^2/n_r + tau^2)
+        d  = m_c - m_r,    se^2 = s_c^2/n_c + s_r^2/n_r + tau^2,    df: Welch-Satterthwaite's of the seed terms
         L  = d - t_{1-alpha, df} se,     U = d + t_{1-alpha, df} se,    p = P(T_df >= (d + margin)/se)
 
     pass (shown non-inferior) when L > -margin (equivalently p < alpha); fail (shown inferior) when
@@ -219,7 +224,7 @@ def noninferiority(cand: Sequence[float], ref: Sequence[float], margin: float,
         return NonInferiority(INCONCLUSIVE, d, -math.inf, math.inf, math.nan, math.nan, nc, nr, margin,
                               alpha, f"one seed on {side}: its seed variance is unknown, so there is no test "
                                      "(run more seeds, or capsweep confirm)", test_var=test_var)
-    se_a, df_a = welch(d, c.var(ddof=1), nc, r.var(ddof=1), nr, test_var, test_df)
+    se_a, df_a = welch(d, c.var(ddof=1), nc, r.var(ddof=1), nr, test_var)
     se, df = float(se_a), float(df_a)
     how = "welch" + (f" + test-set sampling (se {math.sqrt(test_var):.3g})" if test_var > 0 else "")
     p = float(noninferiority_p(d, se, df, margin))
@@ -235,8 +240,8 @@ def noninferiority(cand: Sequence[float], ref: Sequence[float], margin: float,
 
 
 def split_sampling_variance(cand_correct: Optional[np.ndarray], ref_correct: Optional[np.ndarray],
-                      acc_c: float, acc_r: float, n_test: Optional[int]) -> tuple[float, float, str]:
-    """(tau^2, its df, how): the variance that sampling the test set adds to a difference of mean
+                      acc_c: float, acc_r: float, n_test: Optional[int]) -> tuple[float, str]:
+    """(tau^2, how): the variance that sampling the test set adds to a difference of mean
     accuracies. Every seed of both sides is scored on the same n test images, so the seed spread
     holds none of it; with n = 1,000 images it is about 0.01 for two 90% models, the size of the
     usual margin.
@@ -248,18 +253,18 @@ def split_sampling_variance(cand_correct: Optional[np.ndarray], ref_correct: Opt
     tau^2 for similar models: a conservative fallback), with Agresti-Coull's p~ = (k + 2)/(n + 4) so
     that 100% accuracy does not give variance 0:
         tau^2 = p~_c (1 - p~_c)/n + p~_r (1 - p~_r)/n
-    (0, inf, why) when n is unknown."""
+    (0, why) when n is unknown."""
     if cand_correct is not None and ref_correct is not None and cand_correct.shape[1] == ref_correct.shape[1]:
         n = cand_correct.shape[1]
         diff = cand_correct.mean(0) - ref_correct.mean(0)
-        return max(float(diff.var(ddof=1)), 1.0 / n) / n, float(n - 1), f"paired over {n} test images"
+        return max(float(diff.var(ddof=1)), 1.0 / n) / n, f"paired over {n} test images"
     if not n_test:
-        return 0.0, math.inf, "test-set size unknown: its sampling error is not in the standard error"
+        return 0.0, "test-set size unknown: its sampling error is not in the standard error"
 
     def var(acc):
         p = (acc * n_test + 2) / (n_test + 4)
         return p * (1 - p) / n_test
-    return var(acc_c) + var(acc_r), float(n_test - 1), f"binomial over {n_test} test images"
+    return var(acc_c) + var(acc_r), f"binomial over {n_test} test images"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ BEST_PREFIX = "best/"      # the training loop's best-val-epoch copy of each met
 # metrics that describe the run rather than the network at an epoch: never replaced by a best/ copy
 RUN_METRICS = {"epoch", "best_epoch", "time_s", "images_per_s", "peak_mem_mb", "test_n"}
 CONFIRM_TOP = 3            # `capsweep confirm` defaults: the power simulation in
-CONFIRM_SEEDS = 8          # tests/test_verdict_calibration.py picks them (>= 80% at seed noise delta/2)
+CONFIRM_SEEDS = 12         # tests/test_verdict_family.py picks them (>= 80% at seed noise delta/2)
 CONFIRM_RANKED = 20        # candidates listed in verdict.json's confirm.ranked
 # The range of each bounded probe: the figures' bounds are clipped to it (the checks use the bounds as
 # computed; a t bound past 0 or 1 only says the interval is wide).
@@ -530,10 +530,10 @@ def _band_check(name: str, iv: Interval, low: float, high: float, what: str, abs
 
 
 def _ni_check(name: str, cand: list[float], ref: Optional[dict], margin: float, alpha: float,
-              probe: str, what: str, unit: str, absent: str, test_var: tuple = (0.0, math.inf, ""),
+              probe: str, what: str, unit: str, absent: str, test_var: tuple = (0.0, ""),
               family: Optional[int] = None) -> dict:
     """Non-inferiority of the candidate's `probe` against the reference's, as a check record.
-    test_var: (tau^2, df, how) of the test set's sampling (accuracy only). family: the number of
+    test_var: (tau^2, how) of the test set's sampling (accuracy only). family: the number of
     candidates Holm's first step divides alpha by, to state the power the family-wise test has."""
     if ref is None or ref["how"] == "none":
         return _check(name, INCONCLUSIVE, f"{what}: no depth-0 reference in the sweep (add depth-0 CapsNet "
@@ -541,10 +541,10 @@ def _ni_check(name: str, cand: list[float], ref: Optional[dict], margin: float, 
     ref_vals = finite(ref["trials"][probe].tolist())
     if len(finite(cand)) == 0 or len(ref_vals) == 0:
         return _check(name, INCONCLUSIVE, f"{what}: n/a ({absent})")
-    r = noninferiority(cand, ref_vals, margin, alpha, test_var[0], test_var[1])
+    r = noninferiority(cand, ref_vals, margin, alpha, test_var[0])
     d = r.as_dict()
-    if test_var[2]:
-        d["test_set"] = test_var[2]
+    if test_var[1]:
+        d["test_set"] = test_var[1]
     if family and family > 1:
         d["power_family"] = _plain(r.power_at(alpha / family))
     iv = f"diff {_f(r.diff, signed=True)}{unit}, bounds [{_f(r.lo, signed=True)}, {_f(r.hi, signed=True)}]"
@@ -560,7 +560,7 @@ def _ni_check(name: str, cand: list[float], ref: Optional[dict], margin: float, 
 
 def config_checks(fin: dict[str, list[float]], statuses: list[str], ref: Optional[dict], th: Thresholds,
                   chance_floor: float, intervals: Optional[dict] = None,
-                  test_var: tuple = (0.0, math.inf, ""), family: Optional[int] = None) -> list[dict]:
+                  test_var: tuple = (0.0, ""), family: Optional[int] = None) -> list[dict]:
     """Every check of a candidate or control (module docstring) on its finished seeds: `fin` maps each
     probe (PROBES) to its values over them, `statuses` is every seed's status.
     intervals: t_interval of each probe of `fin` at th.alpha when the caller has them already.
@@ -705,7 +705,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
             ref = reference_of(first)
             fin = {p: values[:, k].tolist() for k, p in enumerate(FIGURES)}
             tv = _test_variance(cols, fin_rows, ref, values[:, FIGURES.index("test_acc")])
-            test_hows[tv[2].split(" over ")[0]] += 1
+            test_hows[tv[1].split(" over ")[0]] += 1
             checks = config_checks(fin, statuses, ref, th, chance_floor, figs, tv,
                                    n_cands if role == CANDIDATE else None)
             outcome = decide(checks)
@@ -779,6 +779,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         "swept_params": swept,
         "escapes": escapes,
         "confirm": confirm,
+        "confirmed_by": list(getattr(data, "confirmed_by", []) or []),
         "configurations": configs,
         "failed_trials": failed,
         "trends": [t.as_dict() for t in trend_rows],
@@ -842,11 +843,11 @@ def _confirm_plan(data, trials: pd.DataFrame, cands: list, outcome: str, confirm
 
 
 def _test_variance(cols: dict, fin_rows: np.ndarray, ref: Optional[dict], acc: np.ndarray) -> tuple:
-    """(tau^2, df, how) of a configuration's accuracy difference with its reference
+    """(tau^2, how) of a configuration's accuracy difference with its reference
     (analysis.stats.split_sampling_variance): paired when every finished seed on both sides logged its
     per-image correctness over the same images, else binomial from the test set's size."""
     if ref is None or ref["how"] == "none" or not len(fin_rows):
-        return 0.0, math.inf, ""
+        return 0.0, ""
     mine = _correct_matrix([cols.get("test_correct", [None] * (max(fin_rows) + 1))[i] for i in fin_rows])
     if "_correct" not in ref:
         rt = ref["trials"]

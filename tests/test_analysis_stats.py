@@ -31,11 +31,17 @@ def test_welch_bounds_follow_the_formula():
     assert (got.lo, got.hi) == pytest.approx((d - t * se, d + t * se), rel=1e-12)
     assert got.outcome == PASS and got.how == "welch"
     # scipy's Welch test of H0 "diff <= -margin" (shift the candidate by the margin) rejects at alpha
-    # exactly when the lower bound clears -margin
+    # exactly when the lower bound clears -margin, with the same p-value
     for margin in (0.0, 0.005, 0.01, 0.02):
         p = stats.ttest_ind(c + margin, r, equal_var=False, alternative="greater").pvalue
         res = noninferiority(CAND, REF, margin=margin, alpha=0.05)
+        assert res.p_value == pytest.approx(p, rel=1e-9)
         assert (p < 0.05) == (res.lo > -margin), (margin, p, res)
+    # with the test set's term: se grows by it, the df stays the seed terms' (tau must not buy df)
+    tau2 = 0.002 ** 2
+    with_tau = noninferiority(CAND, REF, 0.01, test_var=tau2)
+    assert (with_tau.se, with_tau.df) == pytest.approx((math.sqrt(vc + vr + tau2), df), rel=1e-12)
+    assert with_tau.p_value == pytest.approx(stats.t.sf((d + 0.01) / math.sqrt(vc + vr + tau2), df), rel=1e-9)
 
 
 def test_three_outcomes():
@@ -65,11 +71,11 @@ def test_single_seed_and_zero_variance_cases():
 def test_identical_seeds_are_not_certainty_once_the_test_set_counts():
     """[0.991] x 3 against [1.0] x 3 on a 1,000-image test set: the seeds agree, but 1,000 images
     cannot show a difference of -0.009 is above -0.01 (before the test-set term it passed)."""
-    tau2, df, how = split_sampling_variance(None, None, 0.991, 1.0, 1000)
+    tau2, how = split_sampling_variance(None, None, 0.991, 1.0, 1000)
     pc, pr = (991 + 2) / 1004, (1000 + 2) / 1004                     # Agresti-Coull, by hand
     assert tau2 == pytest.approx(pc * (1 - pc) / 1000 + pr * (1 - pr) / 1000, rel=1e-12)
-    assert df == 999 and how.startswith("binomial")
-    r = noninferiority([0.991] * 3, [1.0] * 3, 0.01, test_var=tau2, test_df=df)
+    assert how.startswith("binomial")
+    r = noninferiority([0.991] * 3, [1.0] * 3, 0.01, test_var=tau2)
     assert r.outcome == INCONCLUSIVE and r.se == pytest.approx(math.sqrt(tau2))
     assert noninferiority([0.991] * 3, [1.0] * 3, 0.01).outcome == PASS      # what it was without
 
@@ -79,12 +85,11 @@ def test_paired_split_sampling_variance_by_hand():
     c = np.array([[1, 1, 0, 1, 1, 1, 0, 1], [1, 1, 1, 1, 0, 1, 0, 1]], dtype=float)
     r = np.array([[1, 0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1, 1, 1]], dtype=float)
     d = np.array([0.0, 0.5, 0.5, 0.0, -0.5, 0.0, -1.0, 0.0])        # (c0 + c1)/2 - (r0 + r1)/2
-    tau2, df, how = split_sampling_variance(c, r, 0.75, 0.8125, 8)
-    assert tau2 == pytest.approx(d.var(ddof=1) / 8, rel=1e-12) and df == 7 and how.startswith("paired")
+    tau2, how = split_sampling_variance(c, r, 0.75, 0.8125, 8)
+    assert tau2 == pytest.approx(d.var(ddof=1) / 8, rel=1e-12) and how.startswith("paired")
     # identical models: at least one image's worth of disagreement, never 0
     assert split_sampling_variance(c, c, 0.75, 0.75, 8)[0] == pytest.approx(1 / 64)
-    assert split_sampling_variance(None, None, 0.9, 0.9, None) == (0.0, math.inf, split_sampling_variance(
-        None, None, 0.9, 0.9, None)[2])
+    assert split_sampling_variance(None, None, 0.9, 0.9, None)[0] == 0.0
 
 
 def test_p_values_match_scipy_and_the_bounds():

@@ -68,8 +68,10 @@ def trial_metrics(rng, arch: str, depth: int, kind: str) -> dict[str, float]:
     frozen)."""
     L = depth + 1
     m: dict[str, float] = {}
-    if kind == "healthy":
-        m["test_acc"] = rng.normal(0.92 if arch == "cnn" else 0.90, ACC_SD)
+    if kind in ("healthy", "margin"):
+        # 'margin': healthy, but its accuracy is worse than a healthy CapsNet's by exactly the margin
+        # (the boundary of non-inferiority's null: the case where a false 'yes' is likeliest)
+        m["test_acc"] = rng.normal(0.92 if arch == "cnn" else 0.90 - (DELTA if kind == "margin" else 0), ACC_SD)
         act = {l: 1e-2 * 10 ** rng.normal(0, 0.1) for l in range(L + 1)}
         hidden = lambda: {"dead": rng.uniform(0, 0.05), "starved": 0.0, "frozen": rng.uniform(0, 0.02)}  # noqa: E731
     else:
@@ -124,19 +126,22 @@ class TestSet:
 def synthetic_sweep(rng, configs: list[tuple[str, int, str]], seeds: int = 5, name: str = "synthetic",
                     extra: dict | None = None) -> SweepData:
     """A SweepData as analysis.load builds it: one row per trial with string params and float metrics.
-    configs: (arch, depth, kind) per configuration; every one gets `seeds` finished seeds."""
+    configs: (arch, depth, kind) or (arch, depth, kind, {param: value}) per configuration; every one gets
+    `seeds` finished seeds, all scored on one shared TestSet."""
     rows = []
     test_set = TestSet(rng)
-    for arch, depth, kind in configs:
+    for arch, depth, kind, *own in configs:
         role = "reference" if depth == 0 and arch == "capsnet" else "control" if arch == "cnn" else "candidate"
         for s in range(seeds):
             params = {"model.arch": arch, "model.depth": str(depth), "model.iterations": "3",
                       "data.name": "mnist5k", "train.seed": str(s), "trial.role": role,
-                      **{k: str(v) for k, v in (extra or {}).items()}}
+                      **{k: str(v) for k, v in (extra or {}).items()},
+                      **{k: str(v) for k, v in (own[0] if own else {}).items()}}
             m = trial_metrics(rng, arch, depth, kind)
             m["test_acc"], correct = test_set.score(rng, m["test_acc"])
             m["test_n"] = float(N_TEST)
-            rows.append({"run_id": f"{arch}{depth}{kind[0]}s{s}", "trial_id": f"{arch}-{depth}-{kind}-{s}",
+            tag = "".join(f"-{v}" for v in (own[0] if own else {}).values())
+            rows.append({"run_id": f"{arch}{depth}{kind[0]}{tag}s{s}", "trial_id": f"{arch}-{depth}-{kind}{tag}-{s}",
                          "seed": s, "status": "finished", "error": "", "test_correct": correct, **params, **m})
     trials = pd.DataFrame(rows)
     params = sorted(c for c in trials.columns if "." in c)
