@@ -1,7 +1,7 @@
 """`capsweep report`: read a sweep from MLflow, decide the verdict, write the report, log it to MLflow.
 
     capsweep report --experiment NAME [--tracking-uri URI] [--sweep NAME] [--reference SWEEP] [--out DIR]
-                    [--alpha A] [--acc-margin D] [--grad-margin DECADES] [--grad-ratio-min X]
+                    [--alpha A] [--acc-margin D] [--grad-margin DECADES] [--grad-ratio-min X] [--grad-ratio-max X]
                     [--starved-frac-max X] [--dead-frac-max X] [--frozen-frac-max X]
                     [--chance-margin X] [--num-classes N] [--no-log-artifacts]
 
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-ratio-min", type=float, default=d.grad_ratio_min,
                    help=f"grad_ratio (act_grad/l1 / act_grad/l{{L}}) must be shown at least this, > 0 "
                         f"(default {d.grad_ratio_min})")
+    p.add_argument("--grad-ratio-max", type=float, default=d.grad_ratio_max,
+                   help=f"... and at most this (a collapsed class layer gives 1e4 and more), > grad-ratio-min "
+                        f"(default {d.grad_ratio_max:g})")
     for name, what in (("starved", "starved_frac"), ("dead", "dead_frac"), ("frozen", "frozen_frac")):
         v = getattr(d, f"{name}_frac_max")
         p.add_argument(f"--{name}-frac-max", type=float, default=v,
@@ -89,6 +92,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         ("--acc-margin", a.acc_margin, 0 <= a.acc_margin < 1, "must be in [0, 1) (a fraction)"),
         ("--grad-margin", a.grad_margin, 0 <= a.grad_margin < 300, "must be in [0, 300) (decades)"),
         ("--grad-ratio-min", a.grad_ratio_min, 0 < a.grad_ratio_min < float("inf"), "must be > 0 and finite"),
+        ("--grad-ratio-max", a.grad_ratio_max, a.grad_ratio_min < a.grad_ratio_max < float("inf"),
+         "must be finite and above --grad-ratio-min"),
         ("--starved-frac-max", a.starved_frac_max, 0 <= a.starved_frac_max <= 1, "must be in [0, 1]"),
         ("--dead-frac-max", a.dead_frac_max, 0 <= a.dead_frac_max <= 1, "must be in [0, 1]"),
         ("--frozen-frac-max", a.frozen_frac_max, 0 <= a.frozen_frac_max <= 1, "must be in [0, 1]"),
@@ -162,7 +167,8 @@ def _run(args: argparse.Namespace) -> int:
     from analysis.report import default_out_dir, log_report, write_report
     from analysis.verdict import Thresholds, annotate, compute_verdict
     th = Thresholds(alpha=args.alpha, acc_margin=args.acc_margin, grad_margin=args.grad_margin,
-                    grad_ratio_min=args.grad_ratio_min, starved_frac_max=args.starved_frac_max,
+                    grad_ratio_min=args.grad_ratio_min, grad_ratio_max=args.grad_ratio_max,
+                    starved_frac_max=args.starved_frac_max,
                     dead_frac_max=args.dead_frac_max, frozen_frac_max=args.frozen_frac_max,
                     chance_margin=args.chance_margin, num_classes=args.num_classes)
     for flag, why in IGNORED.items():

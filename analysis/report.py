@@ -50,6 +50,7 @@ THRESHOLD_TEXT = [
     ("acc_margin", "non-inferiority margin of test accuracy against the depth-0 reference (absolute)"),
     ("grad_margin", "non-inferiority margin of log10 min act_grad against the reference (decades)"),
     ("grad_ratio_min", "grad_ratio (act_grad/l1 / act_grad/l{L}) shown at least"),
+    ("grad_ratio_max", "... and shown at most (a collapsed class layer is far above)"),
     ("starved_frac_max", "worst hidden layer starved_frac shown at most"),
     ("dead_frac_max", "worst hidden layer dead_frac shown at most"),
     ("frozen_frac_max", "worst hidden layer frozen_frac shown at most"),
@@ -319,8 +320,8 @@ def report_command(verdict: dict, out_dir: str) -> str:
     if src.startswith("sweep "):
         argv += ["--reference", src[len("sweep "):]]
     th, default = verdict["thresholds"], asdict(Thresholds())
-    for key in ("alpha", "acc_margin", "grad_margin", "grad_ratio_min", "starved_frac_max", "dead_frac_max",
-                "frozen_frac_max", "chance_margin"):
+    for key in ("alpha", "acc_margin", "grad_margin", "grad_ratio_min", "grad_ratio_max", "starved_frac_max",
+                "dead_frac_max", "frozen_frac_max", "chance_margin"):
         if th.get(key) != default[key]:
             argv += [f"--{key.replace('_', '-')}", f"{th[key]:g}"]
     if th.get("num_classes_source") == "given":
