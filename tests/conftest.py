@@ -13,7 +13,8 @@ from tests import pg_helpers
 @pytest.fixture(scope="session")
 def cluster_extra() -> list[str]:
     """The `cluster` extra installed into this environment (what cluster.yaml's install line,
-    `pip install -e ".../capsweep[cluster]"`, adds on every node): pip runs only for what is missing."""
+    `pip install -c .../sweeps/constraints.txt -e ".../capsweep[cluster]"`, adds on every node), at the
+    lock's versions: pip runs only for what is missing."""
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.requirements import Requirement
@@ -30,8 +31,9 @@ def cluster_extra() -> list[str]:
         if not ok:
             missing.append(text)
     if missing:
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], capture_output=True,
-                              text=True, timeout=900)
+        from sweeps.lock import LOCK        # the versions every other install takes (README "Versions")
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", str(LOCK), *missing],
+                              capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"pip install {missing} failed: {proc.stderr[-2000:]}"
     return reqs
 
