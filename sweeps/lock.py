@@ -56,9 +56,10 @@ def _applies(req: Requirement, extras: Iterable[str]) -> bool:
     return any(req.marker.evaluate({**env, "extra": e}) for e in (list(extras) or [""]))
 
 
-def pins(reqs: Iterable[Requirement]) -> dict[str, str]:
+def pins(reqs: Iterable[Requirement], strict: bool = True) -> dict[str, str]:
     """{canonical name: installed version} of `reqs` and everything they need here, torch and what only
-    torch needs left out. A requirement that is not installed is an error: the lock must be complete."""
+    torch needs left out. strict: a requirement that is not installed is an error (the lock must be
+    complete); else it is skipped (`--check` on an environment without every extra)."""
     found: dict[str, str] = {}
     todo = [(r, ()) for r in reqs]
     seen_extras: dict[str, set[str]] = {}
@@ -73,6 +74,8 @@ def pins(reqs: Iterable[Requirement]) -> dict[str, str]:
         try:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
+            if not strict:
+                continue
             raise SystemExit(f"capsweep lock: {req} is required but not installed in {sys.prefix}; "
                              "install the project with all its extras first") from None
         found[name] = dist.version
@@ -112,20 +115,29 @@ def read(path: Path = LOCK) -> tuple[dict[str, str], str]:
     return found, (m.group(1) if m else "")
 
 
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sweeps.lock", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=LOCK)
     parser.add_argument("--check", action="store_true", help="compare with the file instead of writing it")
     args = parser.parse_args(argv)
-    found, torch = pins(project_requirements()), torch_version()
-    if args.check:
+    torch = torch_version()
+    if args.check:          # what is installed here against the file; an extra not installed is no difference
+        found = pins(project_requirements(), strict=False)
         old, old_torch = read(args.output)
-        diff = [f"{n}: {old.get(n, '-')} in the file, {found.get(n, '-')} here"
-                for n in sorted(set(old) | set(found)) if old.get(n) != found.get(n)]
+        diff = [f"{n}: {old.get(n, 'not locked')} in the file, {_installed(n) or '-'} here"
+                for n in sorted(set(old) | set(found)) if _installed(n) and old.get(n) != _installed(n)]
         if torch != old_torch:
             diff.append(f"torch: {old_torch or '-'} in the file, {torch} here")
         print("\n".join(diff) or f"{args.output}: matches this environment")
         return 1 if diff else 0
+    found = pins(project_requirements())
     args.output.write_text(render(found, torch))
     print(f"wrote {args.output}: {len(found)} pins; torch {torch} recorded, not pinned")
     return 0

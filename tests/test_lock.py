@@ -146,4 +146,7 @@ def test_lock_file_round_trips_and_check_reports_a_difference(tmp_path, capsys):
     assert lock.main(["--check", "--output", str(path)]) == 1
     out = capsys.readouterr().out
     assert f"ray: 2.0 in the file, {metadata.version('ray')} here" in out
+    assert f"omegaconf: not locked in the file, {metadata.version('omegaconf')} here" in out
     assert "torch: 9.9.9 in the file" in out
+    assert lock.main(["--check"]) == 0           # this environment is the lock (the extras it lacks aside)
+    assert "matches this environment" in capsys.readouterr().out
