@@ -60,7 +60,7 @@ THRESHOLD_TEXT = [
     ("dead_tau", "a capsule is dead when its largest activation is below tau ="),
 ]
 _ROLE_ORDER = {CANDIDATE: 0, CONTROL: 1, REFERENCE: 2}
-_VERDICT_ORDER = {"escaped": 0, "passes": 0, "undecided": 1, "not escaped": 2, "fails": 2}
+_VERDICT_ORDER = {"escaped": 0, "passes": 0, "to confirm": 0.5, "undecided": 1, "not escaped": 2, "fails": 2}
 _OUTCOME_CLASS = {"pass": "ok", "fail": "bad", "inconclusive": "unk"}
 _ANSWER_CLASS = {"yes": "yes", "no": "no", "undecided": "und", "inconclusive": "und", "to confirm": "und"}
 _INSTRUMENT_CLASS = {"validated": "yes", "control failed": "no"}
@@ -93,6 +93,11 @@ overflow-wrap:anywhere} .nav a{color:#345}
 def _t(s) -> str:
     """Escape text for HTML; '://' is written as an entity so no URL-looking text appears raw."""
     return html.escape("" if s is None else str(s)).replace("://", "&#58;//")
+
+
+def _tc(s) -> str:
+    """`_t`, with `backticked` commands (the answer's `capsweep confirm ...`) set as code."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", _t(s))
 
 
 def _n(x, digits: int = 3, signed: bool = False) -> str:
@@ -521,10 +526,10 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
         f'<div class="answer {_ANSWER_CLASS[verdict.get("outcome", verdict["escaped"])]}">{_t(answer)}</div>',
         f'<div class="instrument {_INSTRUMENT_CLASS.get(verdict["instrument"], "und")}">{_t(instrument)}. '
         f'<span style="font-weight:400">{_t(verdict["instrument_text"])}.</span></div>',
-        f'<p class="test"><b>Test.</b> {_t(verdict["test"])}. <b>Answer.</b> {_t(verdict["answer"])}.</p>',
+        f'<p class="test"><b>Test.</b> {_t(verdict["test"])}. <b>Answer.</b> {_tc(verdict["answer"])}.</p>',
         *([f'<p class="test"><b>The sweep is a family.</b> {_t(verdict["family"]["text"])}.</p>']
           if verdict.get("family") else []),
-        *([f'<p class="test"><b>Confirmation.</b> {_t(_link_text(verdict))}.</p>'] if _link_text(verdict) else []),
+        *([f'<p class="test"><b>Confirmation.</b> {_tc(_link_text(verdict))}.</p>'] if _link_text(verdict) else []),
         f"<h1>capsweep report &mdash; sweep <code>{_t(verdict['sweep'])}</code></h1>",
         f"<p class='muted small'>Experiment <code>{_t(verdict['experiment'])}</code> at "
         f"<code>{_t(verdict['tracking_uri'])}</code>; parent run <code>{_t(verdict['parent_run_id'])}</code>; "
@@ -557,7 +562,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
     for cfg in _sorted_configs(verdict):
         cfg = _with_extra(cfg, extra)
         total = sum(cfg["statuses"].values())
-        vcls = _OUTCOME_CLASS.get(cfg["outcome"], "")
+        vcls = "unk" if cfg["verdict"] == "to confirm" else _OUTCOME_CLASS.get(cfg["outcome"], "")
         role = f"{cfg['role']}: " if cfg["role"] == CONTROL else ""
         cells = []
         for key, _, check, null in columns:
