@@ -22,7 +22,7 @@ from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
                                  TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
-from sweeps import extras, search, storage, store_init, tracking
+from sweeps import extras, search, storage, store_init, tracking, tune_guard
 from sweeps.provenance import git_commit
 from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values,
                          resolve_trial, storage_dir, to_yaml, total_trials, trial_counts)
@@ -283,6 +283,14 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
     check_shapes(spec, raws)
     lock = acquire_lock(root, spec.name)
     try:
+        guard = tune_guard.TuneStateGuard(exp_dir)
+        if resume:       # Tune's pickled state from the driver's private copy (sweeps/tune_guard.py)
+            try:
+                guard.restore(trust)
+            except tune_guard.UntrustedState as e:
+                raise SweepRefused(str(e)) from None
+        else:
+            guard.reset()
         if not experiment_id:
             experiment_id = tracking.get_or_create_experiment(client, spec.mlflow.experiment)
         expected = total_trials(spec)
@@ -297,7 +305,7 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
             client.set_tag(parent_id, TAG_STATUS, RUNNING)
         own_ray = init_ray(address, num_cpus)
         return _tune(spec, raws, client, experiment_id, parent_id, root, exp_dir, resume, verbose, expected,
-                     keep_state, own_ray, trust)
+                     keep_state, own_ray, trust, guard)
     finally:
         lock.release()
 
@@ -345,7 +353,7 @@ def bind(logger: Any, sweep: str) -> BoundLogger:
 
 def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str, resume, verbose,
           expected: int, keep_state: bool = False, own_ray: bool = True,
-          trust: bool = False) -> SweepResult:
+          trust: bool = False, guard: Optional[tune_guard.TuneStateGuard] = None) -> SweepResult:
     import ray
     from ray import tune
     trainable = tune.with_resources(
@@ -375,11 +383,16 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 progress_reporter=_reporter(spec), verbose=verbose),
         )
+    if guard is not None:
+        guard.capture_tuner()         # tuner.pkl as this process wrote it
+        logger.guard = guard          # the rest of Tune's state after each step
     interrupted = False
     try:
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
+    if guard is not None:
+        guard.update(None)            # the state Tune saved as fit ended
     if spec.name not in _USED:
         # a sweep started before BoundLogger existed restores its own pickled MlflowSweepLogger: that
         # one wrote to MLflow, so read the trials' statuses back from there

@@ -41,7 +41,7 @@ from analysis.mlflowio import mlflow_http_env, search_all
 from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, RUN_PARENT, RUNNING,
                                  STOPPED, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
                                  TAG_TRIAL)
-from sweeps import models, storage
+from sweeps import models, storage, tune_guard
 from sweeps.provenance import git_commit, standard_tags
 from sweeps.run_writer import (DEVICE_PARAM, RunWriter, get_or_create_experiment, numeric_metrics, run_name,
                                transient)
@@ -117,6 +117,7 @@ class MlflowSweepLogger(Callback):
         self.statuses: dict[str, str] = {}
         self.ended: set[str] = set()          # trials whose run is closed with a final status
         self.retries: dict[str, int] = {}
+        self.guard: Optional[tune_guard.TuneStateGuard] = None   # set by the runner (not pickled)
         self._load_existing()
 
     def __getstate__(self) -> dict:
@@ -248,6 +249,7 @@ class MlflowSweepLogger(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
         """A trial raised and Tune will retry it (FailureConfig.max_failures): same run, count it."""
         tid = trial.trial_id
+        tune_guard.forget_pickled_error(trial)
         self.retries[tid] = self.retries.get(tid, 0) + 1
         if self._has_run(tid):
             self._put(Tag(tid, TAG_RETRIES, str(self.retries[tid])))
@@ -256,6 +258,7 @@ class MlflowSweepLogger(Callback):
         self._finish(trial, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        tune_guard.forget_pickled_error(trial)
         self._finish(trial, _error_text(trial))
 
     def _finish(self, trial, error: Optional[str]) -> None:
@@ -288,8 +291,12 @@ class MlflowSweepLogger(Callback):
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if self.queue:
             self.queue.flush()
+        if self.guard is not None:
+            self.guard.update(tune_guard.staging_dir(trials))
 
     def on_experiment_end(self, trials: list, **info) -> None:
+        for trial in trials:
+            tune_guard.forget_pickled_error(trial)
         self.close(trials)
 
     def close(self, trials: Iterable, interrupted: bool = False) -> None:

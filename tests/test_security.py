@@ -258,3 +258,60 @@ def test_resume_refuses_a_planted_trial_file_in_one_line(tmp_path, kind):
         runner.check_trial_files(str(exp_dir))
     assert "\n" not in str(e.value) and "model.pt" in str(e.value) and "--trust" in str(e.value)
     assert not marker.exists()
+
+
+# ---- Ray Tune's own (pickled) state -------------------------------------------------------------------
+def _fallback_json(marker: Path) -> bytes:
+    """An experiment-state JSON whose value Tune's decoder would cloudpickle.loads."""
+    import json
+    blob = payload("pickle", marker).hex()
+    return json.dumps({"runner_data": {"_type": "CLOUDPICKLE_FALLBACK", "value": blob}}).encode()
+
+
+def test_resume_puts_the_drivers_private_copy_of_tune_state_back(tmp_path, monkeypatch):
+    """The copy taken after a step replaces what is in the (shared) experiment folder at --resume:
+    a changed file is rewritten, a planted extra state file removed, other files left alone."""
+    from sweeps import tune_guard
+    monkeypatch.setenv("CAPSWEEP_CACHE", str(tmp_path / "cache"))
+    exp_dir, staging = tmp_path / "ray" / "s", tmp_path / "staging"
+    exp_dir.mkdir(parents=True)
+    staging.mkdir()
+    (exp_dir / "tuner.pkl").write_bytes(b"tuner as written")
+    guard = tune_guard.TuneStateGuard(str(exp_dir))
+    guard.reset()
+    guard.capture_tuner()
+    (staging / "experiment_state-1.json").write_bytes(b'{"step": 1}')
+    (staging / "searcher-state-1.pkl").write_bytes(b"searcher")
+    guard.update(str(staging))
+    assert oct(os.stat(guard.root).st_mode & 0o777) == "0o700"
+    marker = tmp_path / "pwned"
+    (exp_dir / "tuner.pkl").write_bytes(payload("torch", marker))
+    (exp_dir / "experiment_state-1.json").write_bytes(_fallback_json(marker))
+    (exp_dir / "experiment_state-9.json").write_bytes(_fallback_json(marker))    # "newer": Tune would pick it
+    (exp_dir / "optuna.journal").write_bytes(b"journal")
+    assert tune_guard.TuneStateGuard(str(exp_dir)).restore() == 4      # 2 rewritten, 1 removed, 1 added
+    assert sorted(p.name for p in exp_dir.iterdir()) == ["experiment_state-1.json", "optuna.journal",
+                                                          "searcher-state-1.pkl", "tuner.pkl"]
+    assert (exp_dir / "tuner.pkl").read_bytes() == b"tuner as written"
+    assert (exp_dir / "experiment_state-1.json").read_bytes() == b'{"step": 1}'
+    assert (exp_dir / "optuna.journal").read_bytes() == b"journal"
+    # a later step's state replaces the copy as a whole
+    (staging / "experiment_state-1.json").write_bytes(b'{"step": 2}')
+    os.utime(staging / "experiment_state-1.json", ns=(1, 2))
+    guard.update(str(staging))
+    assert guard.files()["experiment_state-1.json"] == b'{"step": 2}' and guard.files()["tuner.pkl"]
+    assert not marker.exists()
+
+
+def test_resume_without_a_private_copy_is_refused_unless_trusted(tmp_path, monkeypatch):
+    from sweeps import tune_guard
+    monkeypatch.setenv("CAPSWEEP_CACHE", str(tmp_path / "cache"))
+    exp_dir = tmp_path / "ray" / "s"
+    exp_dir.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (exp_dir / "tuner.pkl").write_bytes(payload("pickle", marker))
+    with pytest.raises(tune_guard.UntrustedState) as e:
+        tune_guard.TuneStateGuard(str(exp_dir)).restore()
+    assert "\n" not in str(e.value) and "--trust" in str(e.value)
+    assert tune_guard.TuneStateGuard(str(exp_dir)).restore(trust=True) == 0
+    assert not marker.exists()

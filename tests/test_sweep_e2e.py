@@ -150,9 +150,11 @@ def test_driver_killed_then_resumed(tmp_path):
     before = {r.data.tags["capsweep.trial_id"]: r for r in children(client, sweep="res")}
     finished_before = {t: r.info.end_time for t, r in before.items() if r.info.status == "FINISHED"}
     (parent_before,) = parents(client)
+    marker = _plant_in_tune_state(tmp_path / "ray_results" / "res", tmp_path / "pwned")
 
     proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "1", "--resume"), tmp_path, env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not marker.exists()          # Tune resumed from the driver's own copy of its state
     after = children(client, sweep="res")
     assert len(after) == 4
     assert len({r.data.tags["capsweep.trial_id"] for r in after}) == 4
@@ -167,6 +169,23 @@ def test_driver_killed_then_resumed(tmp_path):
         tid = r.data.tags["capsweep.trial_id"]
         if tid in finished_before:                                  # finished trials were not rerun
             assert r.info.end_time == finished_before[tid]
+
+
+def _plant_in_tune_state(exp_dir, marker):
+    """Replace every file Tune unpickles on restore (and each trial's params.pkl) with a payload that
+    touches `marker`, and add a "newer" experiment state; tests/test_security.py has the rest."""
+    from tests.test_security import _fallback_json, payload
+    names = [p.name for p in exp_dir.iterdir() if p.is_file()]
+    assert "tuner.pkl" in names and any(n.startswith("experiment_state-") for n in names), names
+    for name in names:
+        if name == "tuner.pkl" or name.endswith(".pkl"):
+            (exp_dir / name).write_bytes(payload("pickle", marker))
+        elif name.startswith(("experiment_state-", "basic-variant-state-")):
+            (exp_dir / name).write_bytes(_fallback_json(marker))
+    (exp_dir / "experiment_state-9999-12-31_23-59-59.json").write_bytes(_fallback_json(marker))
+    for params in exp_dir.glob("*/params.pkl"):
+        params.write_bytes(payload("pickle", marker))
+    return marker
 
 
 @pytest.mark.slow     # 58 s; the default run SIGKILLs a driver and resumes it
