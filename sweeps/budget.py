@@ -101,6 +101,8 @@ def _space_probes(spec: SweepSpec) -> list[tuple[str, list]]:
 def combinations(spec: SweepSpec) -> tuple[list[dict], bool]:
     """(probe-value combinations of the space, whether that is all of them). Over MAX_COMBINATIONS:
     one combination of each key's values whose trial is largest on its own (an upper corner)."""
+    if spec.points:                  # a sweep of explicit points: exactly those
+        return [dict(p) for p in spec.points], True
     probes = _space_probes(spec)
     n = math.prod(len(v) for _, v in probes) if probes else 1
     if n <= MAX_COMBINATIONS:
@@ -123,6 +125,8 @@ def _size_or_zero(spec: SweepSpec, params: dict) -> float:
 def _configs(spec: SweepSpec) -> Iterator[tuple[str, dict]]:
     """(label, params) to check: the base, each probe value alone, then the combinations."""
     yield "base", {}
+    for i, point in enumerate(spec.points):
+        yield f"points[{i}]", point
     probes = _space_probes(spec)
     for key, values in probes:
         for v in values:

@@ -1,4 +1,4 @@
-"""The `capsweep` command: train, run, submit, validate, ui, report, ls, status, compare, export.
+"""The `capsweep` command: train, run, submit, confirm, validate, ui, report, ls, status, compare, export.
 
 Exit codes (every subcommand): 0 done; 2 bad input or a refused start (one line on stderr naming the
 field, nothing started); 1 a sweep or report that failed while running; 130 interrupted (resume with
@@ -224,6 +224,44 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- confirm (sweeps/confirm.py) ----------------------------------------------------------------
+def cmd_confirm(args: argparse.Namespace) -> int:
+    """Plan the confirmation (reads the store only), write its spec, then `run` it here or `submit` it
+    (--address) exactly as those commands run a spec file."""
+    from sweeps import confirm
+    from sweeps import inspect as si
+    try:
+        client = si.open_client(args.tracking_uri)
+        plan = confirm.plan(client, args.tracking_uri, args.sweep, args.experiment, top=args.top,
+                            seeds=args.seeds, overrides=args.overrides, name=args.name)
+        refused = _over_budget(plan.spec, args.yes)
+        if refused:
+            return _err(refused)
+    except (*_input_errors(), confirm.ConfirmError, si.InspectError) as e:
+        return _err(str(e))
+    except Exception as e:  # noqa: BLE001 - a store that fails while reading: one line
+        import os
+        if os.environ.get("CAPSWEEP_DEBUG"):
+            raise
+        return _err(f"{type(e).__name__}: {' '.join(str(e).split())[:300]} (set CAPSWEEP_DEBUG=1 for the "
+                    "traceback)", EXIT_FAILED)
+    print("\n".join(confirm.describe(plan)), flush=True)
+    if args.dry_run:
+        _dry_run(plan.spec)
+        print(f"# --dry-run: nothing written or started; the spec would go to {plan.path}")
+        return 0
+    flags = [f for flag, v in (("--top", args.top), ("--seeds", args.seeds), ("--name", args.name))
+             if v is not None for f in (flag, str(v))]
+    confirm.write(plan, " ".join(shlex.quote(a) for a in ["capsweep", "confirm", args.sweep, *args.overrides, *flags]))
+    print(f"capsweep: wrote {plan.path} (the confirmation's spec; continue it with: "
+          f"capsweep {'submit' if args.address else 'run'} {shlex.quote(str(plan.path))} --resume)", flush=True)
+    common = dict(spec=str(plan.path), overrides=[], resume=False, dry_run=False, yes=args.yes)
+    if args.address:
+        return cmd_submit(argparse.Namespace(**common, address=args.address, working_dir=None, env=[]))
+    return cmd_run(argparse.Namespace(**common, address=None, num_cpus=args.num_cpus, verbose=args.verbose,
+                                      keep_state=False))
+
+
 # ---- ui -----------------------------------------------------------------------------------------
 def cmd_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri
@@ -406,6 +444,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--yes", action="store_true",
                    help="submit a sweep over budget.max_trials / budget.max_hours (its estimate is printed)")
     s.set_defaults(func=cmd_submit)
+
+    c = sub.add_parser("confirm", help="re-run an exploration's most promising candidates on fresh seeds, "
+                       "beside fresh references and controls, in a new sweep")
+    c.add_argument("sweep", help="the exploration sweep's name")
+    c.add_argument("overrides", nargs="*", help="key=value overrides of the generated spec, e.g. base.train.epochs=20")
+    c.add_argument("--top", type=int, default=None,
+                   help="how many of its ranked candidates to re-run (default: the verdict's, 3)")
+    c.add_argument("--seeds", type=int, default=None,
+                   help="fresh seeds per configuration, never used by the exploration (default: the verdict's, 8)")
+    c.add_argument("--name", default=None, help="the new sweep's name (default: SWEEP-confirm, -confirm2, ...)")
+    c.add_argument("--address", default=None,
+                   help="submit it as a Ray job to this cluster (as `capsweep submit`); default: run it here")
+    c.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    c.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2, 3), help="Ray Tune's progress output")
+    c.add_argument("--dry-run", action="store_true",
+                   help="print the plan, the spec and the trial count; write and start nothing")
+    c.add_argument("--yes", action="store_true",
+                   help="start it over budget.max_trials / budget.max_hours (its estimate is printed)")
+    _store_flags(c, DEFAULT_EXPERIMENT)
+    c.set_defaults(func=cmd_confirm)
 
     u = sub.add_parser("ui", help="open the MLflow UI on the sweep store (127.0.0.1)")
     u.add_argument("--experiment", default=DEFAULT_EXPERIMENT,

@@ -21,6 +21,11 @@ Controls (`controls: true`): `model.arch: cnn` at depth 0 and at every depth a c
 grid/choice value, each integer of an int range, at most MAX_CONTROL_DEPTHS of them), the base config
 otherwise; the depth-0 cnn is the deeper controls' reference.
 None are added when a grid search crosses model.arch through cnn with its depths itself.
+
+A sweep of explicit `points` (`capsweep confirm`) gets the same, matched point by point: the reference
+of a CapsNet point deeper than 0 is its depth-0 twin (the point's own keys, those above excepted),
+and the controls are the cnn at depth 0 and at each point's depth. An added trial that is one of the
+points already (a depth-0 CapsNet point is its own reference) or another added trial is added once.
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ def _crossed(spec: SweepSpec, key: str) -> bool:
 
 def depths(spec: SweepSpec) -> Union[range, list]:
     """Every depth a candidate can take (a range for int kinds: never listed before it is checked)."""
+    if spec.points:
+        return sorted({resolve_trial(spec.base, p).model.depth for p in spec.points})
     kind, values = _entry(spec, "model.depth")
     if kind is None:
         return [resolve_trial(spec.base, {}).model.depth]
@@ -58,12 +65,16 @@ def depths(spec: SweepSpec) -> Union[range, list]:
 
 
 def _archs(spec: SweepSpec) -> list:
+    if spec.points:
+        return sorted({resolve_trial(spec.base, p).model.arch for p in spec.points})
     kind, values = _entry(spec, "model.arch")
     return list(values) if kind else [resolve_trial(spec.base, {}).model.arch]
 
 
 def reference_points(spec: SweepSpec) -> list[dict]:
     """The depth-0 CapsNet configurations to add (before seeds), as dotted params."""
+    if spec.points:
+        return _point_references(spec) if spec.references else []
     if not spec.references or "capsnet" not in _archs(spec) or max(depths(spec)) == 0:
         return []
     if spec.search.algorithm == "grid" and all(_crossed(spec, k) for k in spec.space) and 0 in depths(spec):
@@ -93,7 +104,33 @@ def control_points(spec: SweepSpec) -> list[dict]:
                         "set controls: false")
     # depth 0 always: a control is judged against its own shallow twin (the depth-0 cnn), as a
     # candidate is against the depth-0 CapsNet (docs/PROBES.md, "The verdict")
-    return [{"model.arch": "cnn", "model.depth": d} for d in sorted({0, *(int(d) for d in ds)})]
+    cnns = [{"model.arch": "cnn", "model.depth": d} for d in sorted({0, *(int(d) for d in ds)})]
+    return _new_configs(spec, cnns) if spec.points else cnns
+
+
+def _point_references(spec: SweepSpec) -> list[dict]:
+    """The depth-0 twin of each CapsNet point deeper than 0: its keys but UNMATCHED, at depth 0."""
+    twins = []
+    for p in spec.points:
+        model = resolve_trial(spec.base, p).model
+        if model.arch == "capsnet" and model.depth > 0:
+            twins.append({**{k: v for k, v in p.items() if k not in UNMATCHED},
+                          "model.depth": 0, "model.arch": "capsnet"})
+    return _new_configs(spec, twins)
+
+
+def _new_configs(spec: SweepSpec, added: list[dict]) -> list[dict]:
+    """`added` without those whose trial config is one of the points' or an earlier one's."""
+    def key(p: dict) -> str:
+        return repr(sorted(runcfg.flatten(runcfg.to_dict(resolve_trial(spec.base, p))).items()))
+    seen = {key(p) for p in spec.points}
+    out = []
+    for p in added:
+        k = key(p)
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
 
 
 def extra_trials(spec: SweepSpec) -> list[dict]:

@@ -29,6 +29,7 @@ from capsmodels.contract import (CANDIDATE, FAILED, FINISHED, INTERRUPTED, ROLE_
 BEST_FILE = "best.json"
 BEST_TAG = "capsweep.best"          # capsweep.best.<space key> = value (single objective only)
 VERDICT_PATH = "report/verdict.json"
+SPEC_PATH = "spec.yaml"             # the resolved spec, on every parent run (sweeps/runner.py)
 STATES = ("running", FINISHED, FAILED, INTERRUPTED)
 KEY_PROBES = ("test_acc", "grad_ratio", "act_grad_min", "starved_worst", "dead_worst")
 
@@ -311,6 +312,60 @@ def verdict_of(client, sweep: Sweep, uri: str) -> tuple[dict, str]:
     except AnalysisError as e:
         raise InspectError(f"sweep {sweep.name!r}: {e}") from None
     return compute_verdict(data, Thresholds(), annotate(data), None), "computed now (default thresholds)"
+
+
+def logged_spec(client, sweep: Sweep) -> Optional[str]:
+    """The spec.yaml the runner logged on the sweep's parent run (sweeps/runner.py), or None."""
+    try:
+        names = [a.path for a in client.list_artifacts(sweep.parent.info.run_id)]
+    except Exception:  # noqa: BLE001 - an artifact store that is not reachable: no spec to read
+        return None
+    if SPEC_PATH not in names:
+        return None
+    from analysis.mlflowio import scoped_environ
+    with tempfile.TemporaryDirectory() as tmp, \
+            scoped_environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+        return Path(client.download_artifacts(sweep.parent.info.run_id, SPEC_PATH, tmp)).read_text()
+
+
+def confirm_section(sweep: Sweep, uri: str) -> dict:
+    """What `capsweep confirm` re-runs: the `confirm` section of the sweep's verdict, computed now by
+    the analysis package with its default thresholds (ranked candidates, default top and seeds, every
+    seed the sweep used; analysis/verdict.py)."""
+    from analysis.errors import AnalysisError
+    from analysis.load import load_sweep
+    from analysis.verdict import compute_verdict
+    try:
+        data = load_sweep(sweep.experiment, uri, sweep.name, progress=False)
+    except AnalysisError as e:
+        raise InspectError(f"sweep {sweep.name!r}: {e}") from None
+    verdict = compute_verdict(data)
+    return verdict["confirm"] if "confirm" in verdict else _interim_confirm(data, verdict)
+
+
+def _interim_confirm(data, verdict: dict) -> dict:
+    """The `confirm` section from a verdict that does not have one yet (before issue 19's verdict):
+    candidates not failed, by the lower bound of their accuracy difference to the reference."""
+    from analysis.verdict import config_params
+    cols = config_params(list(data.param_cols))
+    rows = data.trials.set_index("run_id")
+
+    def acc_lo(c: dict) -> float:
+        test = next((k.get("test") or {} for k in c["checks"] if k["name"] == "accuracy"), {})
+        lo = test.get("lo")
+        return lo if isinstance(lo, (int, float)) and math.isfinite(lo) else -math.inf
+
+    cands = [c for c in verdict["configurations"] if c["role"] == CANDIDATE and c["outcome"] != "fail"]
+    ranked = []
+    for c in sorted(cands, key=acc_lo, reverse=True):
+        first = rows.loc[c["run_ids"][0]]
+        ranked.append({"id": c["id"], "label": c["label"], "outcome": c["outcome"], "seeds": c["seeds"],
+                       "acc_lo": None if acc_lo(c) == -math.inf else acc_lo(c), "p_value": None,
+                       "params": {k: str(first[k]) for k in cols if isinstance(first[k], str)}})
+    seeds = sorted({int(s) for s in data.trials["train.seed"].dropna()}) if "train.seed" in data.trials else []
+    return {"ranked": ranked, "top": 3, "seeds": 8, "seeds_used": seeds,
+            "confirms": (data.parent_record.get("params") or {}).get("sweep.confirms"),
+            "command": f"capsweep confirm {data.sweep} --top 3"}
 
 
 def key_probes(verdict: dict) -> dict[int, dict]:

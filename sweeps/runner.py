@@ -21,11 +21,11 @@ from analysis.mlflowio import mlflow_http_env, scoped_environ
 from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
-                                 TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
+                                 TAG_CONFIRMS, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
 from sweeps import extras, search, storage, store_init, tracking, tune_guard
 from sweeps.provenance import git_commit
-from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values,
-                         resolve_trial, storage_dir, to_yaml, total_trials, trial_counts)
+from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values, resolve_trial,
+                         searched_keys, storage_dir, to_yaml, total_trials, trial_counts)
 from sweeps.trainable import run_trial
 
 INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
@@ -57,6 +57,7 @@ def load_datasets(spec: SweepSpec) -> dict:
     entry = spec.space.get("data.name")
     if entry:
         names += list(next(iter(entry.values())))
+    names += [resolve_trial(spec.base, p).data.name for p in spec.points]
     return {name: datamod.load_raw(name, data.root, data.download, data.sign_samples)
             for name in dict.fromkeys(names)}
 
@@ -64,7 +65,7 @@ def load_datasets(spec: SweepSpec) -> dict:
 def check_shapes(spec: SweepSpec, raws: dict) -> None:
     """Every trial's network must fit its input, checked before Ray starts. Grid and choice values
     of the model and data keys are combined; ranges contribute their two ends; then the added
-    references and controls (sweeps/extras.py)."""
+    references and controls (sweeps/extras.py). A sweep of explicit points: each point."""
     import itertools
     from capsmodels import networks
     keys, options = [], []
@@ -75,7 +76,8 @@ def check_shapes(spec: SweepSpec, raws: dict) -> None:
         options.append(probe_values(*next(iter(entry.items()))))
     combos = itertools.islice(itertools.product(*options), 5000)
     added = extras.reference_points(spec) + extras.control_points(spec)
-    for params in itertools.chain((dict(zip(keys, c)) for c in combos), added):
+    own = spec.points or (dict(zip(keys, c)) for c in combos)
+    for params in itertools.chain(own, added):
         cfg = resolve_trial(spec.base, params)
         try:
             networks.check_fits(cfg, raws[cfg.data.name].in_shape)
@@ -214,6 +216,8 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
     commit = git_commit()
     if commit:
         tags[TAG_COMMIT] = commit
+    if spec.confirms:        # a confirmation names its exploration (`capsweep confirm`); reports show it
+        tags[TAG_CONFIRMS] = spec.confirms
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     rid = run.info.run_id
     metrics, modes = objectives(spec)
@@ -221,8 +225,10 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
               "sweep.metric": ",".join(metrics), "sweep.mode": ",".join(modes),
               "sweep.num_samples": spec.num_samples, "sweep.seeds": ",".join(map(str, spec.seeds)),
               "sweep.scheduler": spec.scheduler.name, "sweep.trials": total_trials(spec),
-              "sweep.space": ",".join(spec.space),
+              "sweep.space": ",".join(searched_keys(spec)),
               **{f"sweep.{role}s": n for role, n in trial_counts(spec).items()}}
+    if spec.confirms:
+        params["sweep.confirms"] = spec.confirms
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(rid, to_yaml(spec), "spec.yaml")
     return rid
@@ -253,7 +259,7 @@ def _reporter(spec: SweepSpec):
             "dead_frac_max": "dead_max"}
     for m in metrics:
         cols.setdefault(m, m.replace("/", "_"))
-    params = {k: k.split(".")[-1] for k in list(spec.space)[:6]}
+    params = {k: k.split(".")[-1] for k in searched_keys(spec)[:6]}
     params[SEED_KEY] = "seed"
     params[ROLE_KEY] = "role"
     return CLIReporter(metric_columns=cols, parameter_columns=params, max_report_frequency=15,
@@ -419,7 +425,7 @@ def _log_best(client, parent_id: str, spec: SweepSpec) -> None:
     from sweeps import inspect as sweep_inspect
     metrics, modes = objectives(spec)
     try:
-        best = sweep_inspect.log_best(client, parent_id, list(spec.space), metrics, modes)
+        best = sweep_inspect.log_best(client, parent_id, searched_keys(spec), metrics, modes)
     except Exception as e:  # noqa: BLE001 - the sweep is done; a failed summary must not hide that
         print(f"capsweep: warning: the best configuration was not logged: {' '.join(str(e).split())[:200]}")
         return

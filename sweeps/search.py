@@ -5,6 +5,7 @@
 - optuna: a define-by-run space (optuna style: `trial.suggest_*` per entry) searched by TPE, CMA-ES
   or NSGA-II (several objectives); seeds through `SeedRepeater`, which gives each suggestion to
   every seed and reports the seed-mean of each objective back to Optuna.
+- explicit `points` (grid only): every (point, seed) is one point_to_evaluate, like the extras below.
 - the references and controls of sweeps/extras.py are Tune trials too: under grid/random search
   `points_to_evaluate` of Tune's own BasicVariantGenerator (run first, each fixing every key of the
   space), under optuna `ExtrasFirst`, which hands them out before the first suggestion. Neither
@@ -219,6 +220,13 @@ def _finite(x: Any) -> bool:
         return False
 
 
+def point_trials(spec: SweepSpec) -> list[dict]:
+    """The candidate trials of a sweep of explicit points: each point once per seed (and per repeat,
+    num_samples), with train.seed and trial.role; none for a sweep with a space."""
+    return [{**p, SEED_KEY: seed, ROLE_KEY: extras.CANDIDATE}
+            for _ in range(spec.num_samples) for p in spec.points for seed in spec.seeds]
+
+
 def journal_storage(path: str | Path):
     """Optuna's JournalStorage on a file (created when absent): the study outlives the driver, so
     `optuna-dashboard <path>` opens it and `--resume` continues it (Tune restores the searcher, whose
@@ -242,17 +250,21 @@ def build(spec: SweepSpec, journal: Optional[str | Path] = None) -> tuple[dict, 
                                   reduction_factor=spec.scheduler.reduction_factor)
     added = extras.extra_trials(spec)
     if spec.search.algorithm in ("grid", "random"):
+        fixed = added + point_trials(spec)
         space = {k: tune_domain(*next(iter(v.items()))) for k, v in spec.space.items()}
-        for point in added:     # keys the extras fix that candidates leave to the base config
+        for point in fixed:     # keys the fixed trials set that the space leaves to the base config
             space.update({k: KEEP_BASE for k in point if k not in space and k not in (SEED_KEY, ROLE_KEY)})
         space[SEED_KEY] = tune.grid_search(list(spec.seeds))
         space[ROLE_KEY] = extras.CANDIDATE
-        points = [extras.complete(spec, p, space) for p in added]
+        points = [extras.complete(spec, p, space) for p in fixed]
         if points:
             logging.getLogger("ray.tune.search.variant_generator").addFilter(_DropPresetWarnings())
-        # each point is one sample of its own: Tune counts points_to_evaluate against num_samples
+        # Tune's BasicVariantGenerator takes one of num_samples for each point_to_evaluate (each fixes
+        # every key, so it is one trial), then samples the space for the rest. A sweep of explicit
+        # points is all points: num_samples is their number, and the space is never sampled.
+        num_samples = len(points) if spec.points else spec.num_samples + len(points)
         search_alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=spec.max_concurrent)
-        return space, search_alg, scheduler, spec.num_samples + len(points)
+        return space, search_alg, scheduler, num_samples
 
     from ray.tune.search.optuna import OptunaSearch
     multi = len(metrics) > 1

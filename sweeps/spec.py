@@ -14,6 +14,14 @@ A spec is YAML like
     references: true     # depth-0 CapsNet references the space forgot (sweeps/extras.py)
     controls: true       # model.arch: cnn controls at every swept depth (sweeps/extras.py)
 
+Instead of a `space`, a grid sweep can name its configurations one by one (`capsweep confirm` writes
+such specs): each point runs once per seed, beside the references and controls its points need.
+
+    points:
+      - {model.depth: 2, model.iterations: 3}
+      - {model.depth: 3, model.routing: em}
+    confirms: depth      # the exploration sweep this one confirms (param sweep.confirms, tag capsweep.confirms)
+
 Everything is validated here, before Ray or MLflow start: a mistake costs one line and exit 2, not a
 cluster allocation. YAML is read with OmegaConf (yaml.SafeLoader underneath: no object construction).
 """
@@ -93,6 +101,7 @@ class SweepSpec:
     name: str = "sweep"
     base: dict = field(default_factory=dict)         # a `capsweep train` config (model/data/train)
     space: dict = field(default_factory=dict)        # dotted key -> {kind: values}
+    points: list = field(default_factory=list)       # or explicit configurations: [{dotted key: value}]
     search: SearchSpec = field(default_factory=SearchSpec)
     metric: Any = "val_acc"                          # a name, or a list for several objectives
     mode: Any = "max"                                # min | max, or a list matching `metric`
@@ -111,6 +120,7 @@ class SweepSpec:
     storage_path: str = "ray_results"                # Ray Tune experiment state (resume) lives here
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)   # size bounds (sweeps/budget.py)
+    confirms: str = ""          # the exploration sweep this one re-runs on fresh seeds (`capsweep confirm`)
 
 
 def _fail(msg: str) -> None:
@@ -170,6 +180,7 @@ def from_config(raw: DictConfig | dict, origin: str = "spec") -> SweepSpec:
         _fail(_omegaconf_message(e))
     spec.base = _plain(spec.base)
     spec.space = _flatten_space(_plain(spec.space))
+    spec.points = [_flatten_point(p) for p in _plain(spec.points)]
     validate(spec)
     return spec
 
@@ -185,6 +196,20 @@ def _flatten_space(space: dict, prefix: str = "") -> dict:
             out.update(_flatten_space(value, full + "."))
         else:
             out[full] = value
+    return out
+
+
+def _flatten_point(point: Any) -> Any:
+    """A point's nested keys as dotted ones ({'model': {'depth': 2}} -> {'model.depth': 2}); anything
+    that is not a mapping is left for `validate` to name."""
+    if not isinstance(point, dict):
+        return point
+    out: dict = {}
+    for key, value in point.items():
+        if isinstance(value, dict) and value:
+            out.update({f"{key}.{k}": v for k, v in _flatten_point(value).items()})
+        else:
+            out[str(key)] = value
     return out
 
 
@@ -227,13 +252,23 @@ def probe_values(kind: str, values: list) -> list:
     return [lo, hi] if kind in ("uniform", "loguniform") else [int(lo), int(hi)]
 
 
-def max_layer_index(base: runcfg.RunConfig, space: dict) -> int:
+def max_layer_index(base: runcfg.RunConfig, space: dict, point_depths: tuple = ()) -> int:
     """The largest capsule layer index any trial of this sweep can report (depth + 1)."""
-    depths = [base.model.depth]
+    depths = [base.model.depth, *point_depths]
     entry = space.get("model.depth")
     if entry:
         depths += [int(v) for v in probe_values(*next(iter(entry.items())))]
     return max(depths) + 1
+
+
+def searched_keys(spec: SweepSpec) -> list[str]:
+    """The keys a sweep sets per configuration: its space's, or every key its points set (those whose
+    value differs between points first). They name a configuration (param `sweep.space`)."""
+    if spec.space or not spec.points:
+        return list(spec.space)
+    keys = list(dict.fromkeys(k for p in spec.points for k in p))
+    differ = [k for k in keys if len({repr(p.get(k, KEEP_BASE)) for p in spec.points}) > 1]
+    return differ + [k for k in keys if k not in differ]
 
 
 def metric_allowed(name: str, max_layer: int) -> bool:
@@ -280,8 +315,11 @@ def validate(spec: SweepSpec) -> SweepSpec:
         _fail(f"mlflow.tracking_uri: {spec.mlflow.tracking_uri!r} is not allowed; use sqlite:///PATH, "
               "http(s)://HOST:PORT, postgresql://..., or file:PATH")
 
+    if spec.confirms and not NAME_RE.match(spec.confirms):
+        _fail(f"confirms: {spec.confirms!r} is not a sweep name; letters, digits, '_', '-', '.'")
     base = _validate_base(spec.base)
     _validate_space(spec, base)
+    point_depths = _validate_points(spec, base)
     from sweeps import extras   # extras builds on this module
     extras.check(spec)
     from sweeps import budget   # every probe value's network against the bounds
@@ -293,7 +331,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
     for m in modes:
         if m not in MODES:
             _fail(f"mode: {m!r} is not allowed; choose min or max")
-    max_layer = max_layer_index(base, spec.space)
+    max_layer = max_layer_index(base, spec.space, point_depths)
     for m in metrics:
         if not metric_allowed(m, max_layer):
             _fail(f"metric: {m!r} is not reported by trials; use one of {', '.join(SCALAR_METRICS)} "
@@ -322,17 +360,53 @@ def _validate_base(base: dict) -> runcfg.RunConfig:
         _fail(f"base.{e}")
 
 
+def _check_key(where: str, key: str, base_dict: dict) -> None:
+    """A space or point key names one run-config field, never the seed."""
+    if key == SEED_KEY:
+        _fail(f"{where}: seeds are set by the `seeds` field, not searched over")
+    sec, _, name = key.partition(".")
+    if sec not in RUN_SECTIONS or not name or name not in base_dict.get(sec, {}):
+        _fail(f"{where}: unknown key; use a dotted run-config key such as model.depth, train.lr")
+
+
+def _validate_points(spec: SweepSpec, base: runcfg.RunConfig) -> tuple[int, ...]:
+    """Each point is {dotted key: value} and, applied to the raw base, a valid run config; no two
+    points are the same configuration. Returns the depth of each point."""
+    if not spec.points:
+        return ()
+    if spec.space:
+        _fail("points: explicit configurations replace the space; give space or points, not both")
+    if spec.search.algorithm != "grid":
+        _fail(f"points: explicit configurations run under search.algorithm: grid, not {spec.search.algorithm}")
+    base_dict = runcfg.to_dict(base)
+    seen: dict[str, int] = {}
+    depths = []
+    for i, point in enumerate(spec.points):
+        where = f"points[{i}]"
+        if not isinstance(point, dict) or not point:
+            _fail(f"{where}: {point!r} is not allowed; each point is a mapping of dotted run-config keys "
+                  "to values, e.g. {model.depth: 2, model.iterations: 3}")
+        for key in point:
+            _check_key(f"{where}.{key}", key, base_dict)
+        try:
+            cfg = resolve_trial(spec.base, point)
+        except runcfg.ConfigError as e:
+            _fail(f"{where}: gives an invalid trial: {e}")
+        same = repr(sorted(runcfg.flatten(runcfg.to_dict(cfg)).items()))
+        if same in seen:
+            _fail(f"{where}: the same configuration as points[{seen[same]}]; list each configuration once")
+        seen[same] = i
+        depths.append(cfg.model.depth)
+    return tuple(depths)
+
+
 def _validate_space(spec: SweepSpec, base: runcfg.RunConfig) -> None:
     """Each entry is {kind: values}; each value, applied to the raw base (so a sampled
     `model.preset` brings its own defaults), must give a valid run config."""
     base_dict = runcfg.to_dict(base)
     for key, entry in spec.space.items():
         where = f"space.{key}"
-        if key == "train.seed":
-            _fail(f"{where}: seeds are set by the `seeds` field, not searched over")
-        sec, _, name = key.partition(".")
-        if sec not in ("model", "data", "train") or not name or name not in base_dict.get(sec, {}):
-            _fail(f"{where}: unknown key; use a dotted run-config key such as model.depth, train.lr")
+        _check_key(where, key, base_dict)
         if not isinstance(entry, dict) or len(entry) != 1:
             _fail(f"{where}: must be one of {{{' | '.join(SPACE_KINDS)}: values}}")
         kind, values = next(iter(entry.items()))
@@ -379,6 +453,8 @@ def trial_config(base: dict, params: dict) -> dict:
 
 
 def grid_size(spec: SweepSpec) -> int:
+    if spec.points:
+        return len(spec.points)
     n = 1
     for entry in spec.space.values():
         kind, values = next(iter(entry.items()))
