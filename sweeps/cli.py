@@ -516,7 +516,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return cmd_report(argv[1:])
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]    # key=value after the flags: `confirm S --top 3 k=v`
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:     # one-line error (2), --help / --version (0)
         return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
     bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
