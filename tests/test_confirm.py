@@ -27,7 +27,7 @@ from sweeps import cli, confirm, extras, search
 from sweeps import inspect as si
 from sweeps.run_writer import param_str, run_params
 from sweeps.spec import SpecError, describe_trials, from_config, resolve_trial, trial_counts
-from tests.sweep_helpers import capsweep_cmd, children, env_for_subprocess, parents, run, write_spec
+from tests.sweep_helpers import capsweep_cmd, children, env_for_subprocess, parents, run
 
 # the tiny digits network of tests/sweep_helpers.py, started so that it learns in one epoch
 # (init: data, lr 0.01): its depth-1 candidates are healthy, not dead
@@ -332,10 +332,10 @@ def test_confirm_runs_the_chosen_configuration_through_the_tuner(store, tmp_path
 def test_a_real_exploration_then_its_confirmation(tmp_path):
     """Both sweeps real: a tiny exploration (2 configurations x 2 seeds, 1 epoch), then
     `capsweep confirm --top 1 --seeds 2` on it."""
-    spec = write_spec(tmp_path / "explore.yaml", "tiny", "model.depth: {grid: [1]}\nmodel.iterations: {grid: [1, 2]}",
-                      epochs=1)
-    text = spec.read_text().replace("decoder: false}", "decoder: false, init: data}")
-    spec.write_text(text.replace("threads: 1}", "threads: 1, lr: 0.01}"))
+    spec = tmp_path / "explore.yaml"
+    spec.write_text(yaml.safe_dump({"name": "tiny", "base": BASE, "seeds": [0, 1], "resources": {"cpu": 1},
+                                    "space": {"model.depth": {"grid": [1]}, "model.iterations": {"grid": [1, 2]}},
+                                    "references": False, "controls": False}))
     proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "2", "--verbose", "0"), tmp_path, env_for_subprocess())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
