@@ -237,8 +237,16 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         refused = _over_budget(plan.spec, args.yes)
         if refused:
             return _err(refused)
+        if args.address:     # what `submit` would refuse, refused before the spec file is written
+            from sweeps.submit import check_cluster_ready
+            check_cluster_ready(plan.spec)
     except (*_input_errors(), confirm.ConfirmError, si.InspectError) as e:
         return _err(str(e))
+    except RuntimeError as e:
+        from sweeps.submit import SubmitError
+        if isinstance(e, SubmitError):
+            return _err(str(e))
+        raise
     except Exception as e:  # noqa: BLE001 - a store that fails while reading: one line
         import os
         if os.environ.get("CAPSWEEP_DEBUG"):
@@ -253,13 +261,20 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     flags = [f for flag, v in (("--top", args.top), ("--seeds", args.seeds), ("--name", args.name))
              if v is not None for f in (flag, str(v))]
     confirm.write(plan, " ".join(shlex.quote(a) for a in ["capsweep", "confirm", args.sweep, *args.overrides, *flags]))
-    print(f"capsweep: wrote {plan.path} (the confirmation's spec; continue it with: "
-          f"capsweep {'submit' if args.address else 'run'} {shlex.quote(str(plan.path))} --resume)", flush=True)
-    common = dict(spec=str(plan.path), overrides=[], resume=False, dry_run=False, yes=args.yes)
+    again = f"submit {shlex.quote(str(plan.path))} --address {shlex.quote(args.address)}" if args.address \
+        else f"run {shlex.quote(str(plan.path))}"
+    print(f"capsweep: wrote {plan.path}, the confirmation's spec: `capsweep {again}` runs it, with --resume "
+          "it continues it", flush=True)
+    # the spec file as `capsweep run FILE` / `capsweep submit FILE --address A` takes it, every other flag
+    # at its default
+    yes = ["--yes"] if args.yes else []
     if args.address:
-        return cmd_submit(argparse.Namespace(**common, address=args.address, working_dir=None, env=[]))
-    return cmd_run(argparse.Namespace(**common, address=None, num_cpus=args.num_cpus, verbose=args.verbose,
-                                      keep_state=False))
+        argv = ["submit", str(plan.path), "--address", args.address, *yes]
+    else:
+        argv = ["run", str(plan.path), "--verbose", str(args.verbose), *yes,
+                *(["--num-cpus", str(args.num_cpus)] if args.num_cpus else [])]
+    again = build_parser().parse_args(argv)
+    return again.func(again)
 
 
 # ---- ui -----------------------------------------------------------------------------------------

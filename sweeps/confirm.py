@@ -193,7 +193,7 @@ def _taken(spec: SweepSpec, names: set[str], out_dir: Path) -> Optional[str]:
 def describe(p: Plan) -> list[str]:
     """The plan in a few lines: what is re-run, on which seeds."""
     lines = [f"capsweep: confirming {len(p.chosen)} of {p.ranked} candidate configuration(s) of sweep "
-             f"{p.exploration!r} worth confirming, on fresh seeds {', '.join(map(str, p.spec.seeds))} "
+             f"{p.exploration!r} that did not fail, on fresh seeds {', '.join(map(str, p.spec.seeds))} "
              f"(the exploration used {', '.join(map(str, p.seeds_used)) or 'none'}):"]
     for c in p.chosen:
         lo = c.get("acc_lo")

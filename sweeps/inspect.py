@@ -339,33 +339,7 @@ def confirm_section(sweep: Sweep, uri: str) -> dict:
         data = load_sweep(sweep.experiment, uri, sweep.name, progress=False)
     except AnalysisError as e:
         raise InspectError(f"sweep {sweep.name!r}: {e}") from None
-    verdict = compute_verdict(data)
-    return verdict["confirm"] if "confirm" in verdict else _interim_confirm(data, verdict)
-
-
-def _interim_confirm(data, verdict: dict) -> dict:
-    """The `confirm` section from a verdict that does not have one yet (before issue 19's verdict):
-    candidates not failed, by the lower bound of their accuracy difference to the reference."""
-    from analysis.verdict import config_params
-    cols = config_params(list(data.param_cols))
-    rows = data.trials.set_index("run_id")
-
-    def acc_lo(c: dict) -> float:
-        test = next((k.get("test") or {} for k in c["checks"] if k["name"] == "accuracy"), {})
-        lo = test.get("lo")
-        return lo if isinstance(lo, (int, float)) and math.isfinite(lo) else -math.inf
-
-    cands = [c for c in verdict["configurations"] if c["role"] == CANDIDATE and c["outcome"] != "fail"]
-    ranked = []
-    for c in sorted(cands, key=acc_lo, reverse=True):
-        first = rows.loc[c["run_ids"][0]]
-        ranked.append({"id": c["id"], "label": c["label"], "outcome": c["outcome"], "seeds": c["seeds"],
-                       "acc_lo": None if acc_lo(c) == -math.inf else acc_lo(c), "p_value": None,
-                       "params": {k: str(first[k]) for k in cols if isinstance(first[k], str)}})
-    seeds = sorted({int(s) for s in data.trials["train.seed"].dropna()}) if "train.seed" in data.trials else []
-    return {"ranked": ranked, "top": 3, "seeds": 8, "seeds_used": seeds,
-            "confirms": (data.parent_record.get("params") or {}).get("sweep.confirms"),
-            "command": f"capsweep confirm {data.sweep} --top 3"}
+    return compute_verdict(data)["confirm"]
 
 
 def key_probes(verdict: dict) -> dict[int, dict]:

@@ -287,6 +287,31 @@ def test_a_taken_name_moves_on_to_the_next(store, tmp_path, monkeypatch, capsys)
     assert (tmp_path / "confirm" / "explo-confirm.yaml").read_text() == "# someone's\n"
 
 
+def test_on_a_cluster_a_local_store_is_refused_before_anything_is_written(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["confirm", "explo", "--top", "1", "--address", "http://127.0.0.1:8265",
+                              "--tracking-uri", store["uri"]], capsys)
+    assert code == 2 and err.count("\n") == 1 and "mlflow.tracking_uri" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_on_a_cluster_the_written_spec_is_submitted(store, tmp_path, monkeypatch, capsys):
+    """`--address`: the spec file is written, then sent as `capsweep submit FILE` does (here to a port
+    nobody listens on: the submission's own one-line refusal)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["confirm", "explo", "--top", "1", "--address", f"http://127.0.0.1:{port}",
+                              "mlflow.tracking_uri=http://127.0.0.1:5000", f"storage_path={tmp_path}/shared",
+                              "--tracking-uri", store["uri"]], capsys)
+    assert code == 2 and f"--address: cannot submit to Ray at http://127.0.0.1:{port}" in err, err
+    written = tmp_path / "confirm" / "explo-confirm.yaml"
+    assert f"capsweep submit {written.relative_to(tmp_path)} --address http://127.0.0.1:{port}` runs it" in out
+    assert yaml.safe_load(written.read_text())["mlflow"]["tracking_uri"] == "http://127.0.0.1:5000"
+
+
 def check_confirmation(client: MlflowClient, exploration: str, name: str, seeds_used: set, point_params: dict):
     """The confirmation sweep `name` in the store: linked to its exploration, fresh seeds, the one
     point's candidate trials with its depth-0 twin and the cnn controls, all finished."""
