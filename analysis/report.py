@@ -230,6 +230,8 @@ def log_report(data, out_dir: str, client=None) -> Optional[str]:
 EXTRA_COLUMNS = [
     ("test_acc_transformed", "test acc (transformed)", "test_acc", "test_acc_transformed"),
     ("tree_recovery", "tree recovery", "tree_score", re.compile(r"^tree_recovery/l(\d+)$")),
+    ("tree_direction", "tree direction", "tree_recovery", re.compile(r"^tree_direction/l(\d+)$")),
+    ("tree_concentration", "tree concentration", "tree_direction", re.compile(r"^tree_concentration/l(\d+)$")),
 ]
 
 

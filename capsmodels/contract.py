@@ -76,14 +76,16 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"     # MLflow's own default store, i
 DEFAULT_EXPERIMENT = "capsweep"
 
 # ---- metrics every trial reports (docs/PROBES.md) -----------------------------------------------------
-# test_acc_transformed: only when data.test_transform != none; tree_recovery: only on `parts` (a truth)
+# test_acc_transformed: only when data.test_transform != none; tree_recovery, tree_direction, tree_concentration
+# (+ _null): only on `parts` (a truth)
 SCALAR_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "test_acc_transformed",
                   "grad_ratio", "dead_frac_max", "starved_frac_max", "frozen_frac_max",
                   "images_per_s", "peak_mem_mb", "time_s")
 # per capsule layer l = 0 .. depth+1, logged as `<name>/l<l>` (layer_metric)
 LAYER_METRICS = ("grad_norm", "grad_rms", "act_grad", "starved_frac", "act_mean", "dead_frac", "frozen_frac",
                  "tree_score", "tree_score_null", "routing_dynamics", "routing_dynamics_null", "squash_gain",
-                 "tree_recovery")
+                 "tree_recovery", "tree_direction", "tree_direction_null", "tree_concentration",
+                 "tree_concentration_null")
 EPOCH_METRIC = "epoch"                # step = epoch; the value equals the step
 GRAD_PROBES = ("grad_norm", "act_grad")   # a capsweep trial logs one of these per layer
 

@@ -13,7 +13,8 @@ Three kinds of probe:
   starved_frac/l{l}, starved_frac_max, grad_ratio;
 - activation and routing statistics of the same forward (`trace_probes`), routing ones against a
   null that re-routes predictions shuffled across inputs (`routing_null`), and on the `parts` dataset
-  the routing against the true parse tree (`tree_recovery`).
+  the routing against the true parse tree (`tree_recovery`, split into `tree_direction` and
+  `tree_concentration`).
 `evaluation_probes` runs the last two on a float64 copy of the model in eval mode with the RNG forked,
 so training is bit-for-bit the same with or without them, and no probe underflows to 0.
 """
@@ -88,8 +89,19 @@ def routing_null(layer: torch.nn.Module, u: torch.Tensor, a_in: torch.Tensor,
     tree_score and routing_dynamics are invariant to permuting inputs.)
     Returns (c_null (B, I, J), a_null (B, I): the children's activations, the tree_score weights).
     """
-    B, I = a_in.shape
-    idx = torch.rand(B, I, generator=generator).argsort(0).to(u.device)     # (B, I)
+    return reroute_permuted(layer, u, a_in, null_permutation(*a_in.shape, generator).to(u.device))
+
+
+def null_permutation(B: int, I: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, I) long: column i an independent permutation of the B inputs, drawn from `generator` (CPU)."""
+    return torch.rand(B, I, generator=generator).argsort(0)
+
+
+def reroute_permuted(layer: torch.nn.Module, u: torch.Tensor, a_in: torch.Tensor,
+                     idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`routing_null` for a given permutation idx (B, I): child i of row x taken from input idx[x, i].
+    Separate so the caller can keep idx (the truth's roles of the null's children: tree_concentration_null).
+    Returns (c_null (B, I, J), a_null (B, I))."""
     a_null = permute_children(a_in, idx)
     return layer.route(permute_children(layer.predict(u), idx), a_null).coupling, a_null
 
@@ -162,6 +174,50 @@ def tree_recovery(c: torch.Tensor, a: torch.Tensor, truth: Truth) -> Optional[fl
     return float((d_obs - d_null) / (1 - d_null))
 
 
+TIE_TOL = 1e-12           # couplings within this of a row's maximum tie for it (rows sum to 1)
+
+
+def argmax_couplings(c: torch.Tensor) -> torch.Tensor:
+    """The hard parse tree the couplings point to: c (B, I, J) -> h (B, I, J) float64, 1 on each row's
+    largest coupling, 0 elsewhere; a tie (within TIE_TOL of the maximum) shares the 1 equally.
+
+    Why share: any fixed tie-break (torch.argmax takes the first) depends on how the parents happen
+    to be numbered, and turns an all-tied row (uniform couplings) into a certain choice of parent 0.
+    With the 1 shared, h.h' is the chance that two children pick the same parent when each tie is
+    broken at random, and the pair statistic of tree_recovery is linear in it.
+    """
+    c = c.detach().double()
+    top = (c >= c.amax(-1, keepdim=True) - TIE_TOL).double()
+    return top / top.sum(-1, keepdim=True)
+
+
+def tree_direction(c: torch.Tensor, a: torch.Tensor, truth: Truth) -> Optional[float]:
+    """Does each child's largest coupling point to its true parent, chance-corrected: tree_recovery of
+    the one-hot argmax couplings (`argmax_couplings`). Definition: docs/PROBES.md, "tree_direction".
+
+    c (B, I, J) the couplings of the path from the primaries, a (B, I) the primaries' activations.
+    1 = every child's top coupling on its parent in a parse tree built from the truth, however soft
+    the couplings; 0 = uniform, static or input-shuffled couplings. None (n/a) as for tree_recovery.
+    """
+    return tree_recovery(argmax_couplings(c), a, truth)
+
+
+def tree_concentration(c: torch.Tensor, a: torch.Tensor, on_part: torch.Tensor) -> Optional[float]:
+    """How decisive the path couplings are, on the items tree_recovery scores: tree_score of c (B, I, J)
+    weighted by a (B, I) times on_part (B, I) (the primary lies on a part: truth.role >= 0).
+
+    1 = every such child sends everything to one parent, right or wrong; 0 = uniform. None (n/a) when
+    J < 2 or no weight lies on a part.
+    """
+    return tree_score(c.detach().double(), a.detach().double() * on_part.to(device=c.device, dtype=torch.float64))
+
+
+def shuffle_inputs(c: torch.Tensor, seed: int = NULL_SEED) -> torch.Tensor:
+    """c (B, ...) with its rows (inputs) permuted by a fixed-seed permutation: couplings of another input."""
+    perm = torch.randperm(c.shape[0], generator=torch.Generator().manual_seed(seed))
+    return c[perm.to(c.device)]
+
+
 def activation_stats(act: torch.Tensor, tau: float) -> tuple[float, float, float]:
     """(act_mean, dead_frac, frozen_frac) of one layer. act: (B, n) activations a_j(x).
 
@@ -186,9 +242,15 @@ def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None,
     """Activation and routing probes of one forward pass.
 
     layers: LayerTrace per layer (act, coupling, gain, routes; see capsmodels.networks).
-    nulls: {l: (c_null, a_null)} for the layers whose routing null was computed (`routing_null`).
-    truth: the parse tree of the inputs (`parts` only): tree_recovery/l{l} on the couplings from the
-    primaries to layer l (the product c^(1) ... c^(l)), wherever tree_score/l{l} is reported.
+    nulls: {l: (c_null, a_null)} for the layers whose routing null was computed (`routing_null`),
+    optionally (c_null, a_null, idx) with the permutation idx (B, I) that made it (`reroute_permuted`).
+    truth: the parse tree of the inputs (`parts` only): tree_recovery/l{l}, tree_direction/l{l} and
+    tree_concentration/l{l} on the couplings from the primaries to layer l (the product c^(1) ... c^(l),
+    (B, I0, J_l)), wherever tree_score/l{l} is reported; tree_direction and tree_concentration only
+    beside tree_recovery. tree_direction_null/l{l}: the same on the path shuffled across inputs
+    (`shuffle_inputs`). tree_concentration_null/l{l}: on the path of the routing nulls (c_null^(k) for
+    every layer k <= l that has one, the real couplings for the others), weighted by l1's null
+    activations on the null's own parts (needs l1's idx; absent without it).
     Routing probes of layer l are n/a (absent) where routing cannot act: `routes` false (uniform
     routing, 1 iteration), or a dead child or parent layer (dead_frac == 1).
     """
@@ -198,11 +260,15 @@ def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None,
         out[f"act_mean/l{l}"], out[f"dead_frac/l{l}"], out[f"frozen_frac/l{l}"] = activation_stats(act, tau)
         if tr.gain is not None:
             out[f"squash_gain/l{l}"] = float(tr.gain.detach().mean())
+    nulls = nulls or {}
     path = None                                  # (B, I0, J_l): primaries -> layer l, c^(1) ... c^(l)
+    null_path = None                             # (B, I0, J_l): the same through the routing nulls
     for l, tr in enumerate(layers):
         if l > 0 and tr.coupling is not None and truth is not None:
             c_l = tr.coupling.detach()
+            n_l = nulls[l][0].detach() if l in nulls else c_l
             path = c_l if path is None else torch.bmm(path, c_l.to(path.dtype))
+            null_path = n_l if null_path is None else torch.bmm(null_path, n_l.to(null_path.dtype))
         if l == 0 or tr.coupling is None or not tr.routes:
             continue
         if out[f"dead_frac/l{l - 1}"] == 1.0 or out[f"dead_frac/l{l}"] == 1.0:
@@ -216,9 +282,10 @@ def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None,
             recovered = tree_recovery(path, layers[0].act, truth)
             if recovered is not None:
                 out[f"tree_recovery/l{l}"] = recovered
+                out.update(_tree_split(l, path, null_path, layers[0].act, truth, nulls))
         out[f"routing_dynamics/l{l}"] = routing_dynamics(c)
-        if nulls and l in nulls:
-            c_null, a_null = nulls[l]
+        if l in nulls:
+            c_null, a_null = nulls[l][:2]
             null_score = tree_score(c_null, a_null)
             if null_score is not None:
                 out[f"tree_score_null/l{l}"] = null_score
@@ -227,6 +294,25 @@ def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None,
         _hidden_max(out, "dead_frac", len(layers))
         _hidden_max(out, "frozen_frac", len(layers))
     return out
+
+
+def _tree_split(l: int, path: torch.Tensor, null_path: torch.Tensor, a0: torch.Tensor, truth: Truth,
+                nulls: dict) -> dict[str, float]:
+    """tree_direction and tree_concentration of layer l's path, each beside its null (n/a ones left out).
+    The two are reported together or not at all (the report's columns rely on it)."""
+    on_part = truth.role.to(path.device) >= 0                          # (B, I0)
+    vals = {"tree_direction": tree_direction(path, a0, truth),
+            "tree_direction_null": tree_direction(shuffle_inputs(path), a0, truth),
+            "tree_concentration": tree_concentration(path, a0, on_part)}
+    if vals["tree_direction"] is None or vals["tree_concentration"] is None:
+        return {}
+    if l in nulls and 1 not in nulls:            # the null path starts with l1's real couplings
+        vals["tree_concentration_null"] = tree_concentration(null_path, a0, on_part)
+    elif l in nulls and len(nulls[1]) > 2:
+        _, a_null, idx = nulls[1]                # l1's null: child i of row x is input idx[x, i]'s
+        vals["tree_concentration_null"] = tree_concentration(
+            null_path, a_null, permute_children(on_part, idx.to(path.device)))
+    return {f"{name}/l{l}": v for name, v in vals.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,7 +385,7 @@ def evaluation_probes(model: torch.nn.Module, x_eval: torch.Tensor, y_eval: torc
     mode and the RNG streams are as before. One forward (labels mask the decoder as in training), one
     backward of the per-example training loss (margin + recon_weight x reconstruction, summed over D)
     w.r.t. every layer's output pose, and the routing nulls. truth: D's parse tree (`parts`), for
-    tree_recovery.
+    tree_recovery, tree_direction and tree_concentration.
     """
     from capsmodels import losses                   # local: losses is light, but keep probes leaf-like
     devices = [x_eval.device] if x_eval.device.type == "cuda" else []
@@ -329,5 +415,10 @@ def _routing_nulls(model: torch.nn.Module, layers: Sequence) -> dict:
     if caps is None:
         return {}
     gen = torch.Generator().manual_seed(NULL_SEED)
-    return {l: routing_null(caps[l - 1], layers[l - 1].pose, layers[l - 1].act, gen)
-            for l in range(1, len(layers)) if layers[l].routes}
+    out = {}
+    for l in range(1, len(layers)):
+        if layers[l].routes:                     # the same draws, in the same order, as routing_null's
+            u, a = layers[l - 1].pose, layers[l - 1].act
+            idx = null_permutation(*a.shape, gen).to(u.device)
+            out[l] = (*reroute_permuted(caps[l - 1], u, a, idx), idx)
+    return out

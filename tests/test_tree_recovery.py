@@ -178,5 +178,8 @@ def test_fit_on_parts_reports_tree_recovery_where_routing_acts():
     m = fit(cfg)
     print({k: round(v, 4) for k, v in m.items() if k.startswith("tree_")})
     assert -1 <= m["tree_recovery/l1"] <= 1 and -1 <= m["tree_recovery/l2"] <= 1
+    for l in (1, 2):                     # and its split, each beside its null (tests/test_tree_direction.py)
+        assert -1 <= m[f"tree_direction/l{l}"] <= 1 and -1 <= m[f"tree_direction_null/l{l}"] <= 1
+        assert 0 <= m[f"tree_concentration/l{l}"] <= 1 and 0 <= m[f"tree_concentration_null/l{l}"] <= 1
     cfg["model"]["routing"] = "uniform"
-    assert not any(k.startswith("tree_recovery") for k in fit(cfg))
+    assert not any(k.startswith(("tree_recovery", "tree_direction", "tree_concentration")) for k in fit(cfg))
