@@ -206,7 +206,7 @@ def trial_probes(trials: pd.DataFrame) -> pd.DataFrame:
         act_min = np.where(has_routed, np.nanmin(np.where(np.isnan(routed), np.inf, routed), axis=1,
                                                  initial=np.inf), np.nan)
         at_top = act_l[None, :] == top_act[:, None]
-        act_class = np.where(at_top & ~np.isnan(act), act, np.nan).max(1, initial=-np.inf)
+        act_class = np.where(at_top & ~np.isnan(act), act, -np.inf).max(1, initial=-np.inf)
         act_class = np.where(top_act >= 1, act_class, np.nan)
         out = {"run_id": trials["run_id"].tolist(), "arch": arch, "depth": depth,
                "test_acc": column("test_acc").tolist(),
@@ -337,10 +337,9 @@ def scored(trials: pd.DataFrame) -> pd.DataFrame:
     without (a sweep from before, or a diverged first epoch) keeps its last epoch. Why: a fixed budget
     read at its last epoch confounds depth with convergence speed (docs/PROBES.md)."""
     best_cols = [c for c in trials.columns if str(c).startswith(BEST_PREFIX)]
-    out = trials.copy()
+    out = trials
     if not best_cols:
-        out["scored_at"] = "last epoch"
-        return out
+        return out.assign(scored_at="last epoch")
     has_best = trials[best_cols].notna().any(axis=1).to_numpy()
     base = {str(c)[len(BEST_PREFIX):] for c in best_cols}
     metric_like = [c for c in trials.columns if c in base or _LAYER.match(str(c)) or str(c) in _SCORED_SCALARS]
@@ -351,10 +350,11 @@ def scored(trials: pd.DataFrame) -> pd.DataFrame:
         best = trials.get(BEST_PREFIX + c)
         values = pd.to_numeric(trials[c], errors="coerce").to_numpy(float)
         replaced[c] = np.where(has_best, best.to_numpy(float) if best is not None else np.nan, values)
-    for c, v in replaced.items():
-        out[c] = v
-    out["scored_at"] = np.where(has_best, "best-val epoch", "last epoch")
-    return out
+    replaced["scored_at"] = np.where(has_best, "best-val epoch", "last epoch")
+    # one concat, in the table's column order: assigning a column at a time fragments a wide frame
+    new = pd.DataFrame(replaced, index=trials.index)
+    return pd.concat([out.drop(columns=[c for c in replaced if c in out.columns]), new], axis=1)[
+        [*trials.columns, "scored_at"]]
 
 
 # scalar metrics the verdict reads, replaced by their best/ copy (the per-layer ones match _LAYER)
@@ -369,11 +369,12 @@ def annotate(data) -> tuple[pd.DataFrame, dict, list[str]]:
     Shared by the verdict and the plots."""
     trials = scored(data.trials)
     cfg_ids, labels, swept = assign_configs(trials, data.param_cols)
-    trials["config_id"] = cfg_ids.to_numpy()
-    probes = trial_probes(trials).set_index("run_id")
+    probes = trial_probes(trials)
+    probes["role"] = [role_of(a, None if d is None or d != d else int(d))
+                      for a, d in zip(probes["arch"], probes["depth"])]
+    probes["config_id"] = cfg_ids.to_numpy()
+    probes = probes.set_index("run_id")
     trials = trials.drop(columns=[c for c in probes.columns if c in trials.columns]).join(probes, on="run_id")
-    trials["role"] = [role_of(a, None if d is None or d != d else int(d))
-                      for a, d in zip(trials["arch"], trials["depth"])]
     return trials, labels, swept
 
 

@@ -50,7 +50,9 @@ def old_trial_probes(trials: pd.DataFrame) -> pd.DataFrame:
         row = {"run_id": r["run_id"], "arch": arch, "depth": depth,
                "test_acc": float(r.get("test_acc", math.nan)),
                "grad_ratio": V._log10(float(ratio)) if act and ratio is not None else math.nan,
-               "act_grad_min": V._log10(min(act.values())) if act else math.nan}
+               "act_grad_min": V._log10(min(v for l, v in act.items() if l >= 1))
+               if any(l >= 1 for l in act) else math.nan,
+               "act_grad_class": V._log10(act[max(act)]) if act and max(act) >= 1 else math.nan}
         for probe, metric in (("starved_worst", "starved_frac"), ("dead_worst", "dead_frac"),
                               ("frozen_worst", "frozen_frac")):
             row[probe] = V._worst_hidden(r, metric, depth)
