@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from analysis.stats import t_interval
 from analysis.verdict import factor_kind, short_names
-from capsmodels.contract import CANDIDATE
+from capsmodels.contract import CANDIDATE, CONTROL
 
 DPI = 100
 DPI_MANY = 80           # figures of more than 6 panels: 2/3 of the pixels to draw and encode, text still legible
@@ -330,6 +330,76 @@ def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, ou
                        "epoch; shaded: min to max over those seeds."}
 
 
+def budget_curves(histories: pd.DataFrame, run_ids) -> pd.DataFrame:
+    """Test accuracy each run would be scored at with a budget of E epochs, for every E: the test
+    accuracy of its best-validation epoch among epochs 0..E (the first of equal bests), carried on
+    after the run stopped (patience: its model stays the best epoch's). Wide: index epoch, one column
+    per run. Vectorised over all runs: one pivot, running maxima down the epochs."""
+    h = histories[histories["key"].isin(("val_acc", "test_acc")) & histories["run_id"].isin(list(run_ids))]
+    if h.empty:
+        return pd.DataFrame()
+    wide = h.pivot_table(index="step", columns=["key", "run_id"], values="value", aggfunc="last").sort_index()
+    if "val_acc" not in wide.columns.get_level_values(0) or "test_acc" not in wide.columns.get_level_values(0):
+        return pd.DataFrame()
+    val, test = wide["val_acc"], wide["test_acc"].reindex(columns=wide["val_acc"].columns)
+    best_so_far = val.ffill().cummax()
+    improved = val.notna() & (val >= best_so_far) & (val > best_so_far.shift(1).fillna(-np.inf))
+    return test.where(improved).ffill()
+
+
+def plot_gap_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str) -> dict:
+    """The accuracy gap against the budget: for each candidate (left) and control (right), the mean
+    over its finished seeds of the test accuracy it would be scored at with E epochs, minus the same
+    for its matched depth-0 reference, against E. A gap that closes as E grows is the budget's, not
+    the architecture's (docs/PROBES.md, "Which epoch")."""
+    title = "Accuracy gap to the depth-0 reference against the training budget"
+    margin = verdict["thresholds"]["acc_margin"]
+    finished = trials[trials["status"] == "finished"]
+    runs_of = finished.groupby("config_id")["run_id"].apply(list).to_dict()
+    judged = [c for c in verdict["configurations"] if c["role"] in (CANDIDATE, CONTROL) and c.get("reference")
+              and c["reference"].get("run_ids") and runs_of.get(c["id"])]
+    if not judged or histories.empty:
+        return {"title": title, "skipped": "no judged configuration with a reference and a metric history"}
+    all_runs = {r for c in judged for r in runs_of[c["id"]] + c["reference"]["run_ids"]}
+    curves = budget_curves(histories, all_runs)
+    if curves.empty:
+        return {"title": title, "skipped": "the histories hold no val_acc and test_acc per epoch"}
+    highlight = {c["id"] for c in judged if c["escaped"] or c["verdict"] == "to confirm"}
+    if not highlight:
+        cands = [c for c in judged if c["role"] == CANDIDATE and c["figures"]["test_acc"]["mean"] is not None]
+        highlight = {c["id"] for c in sorted(cands, key=lambda c: -c["figures"]["test_acc"]["mean"])[:3]}
+    roles = [r for r in (CANDIDATE, CONTROL) if any(c["role"] == r for c in judged)]
+    fig, axes = _grid(len(roles), width=5.6, height=3.8)
+    for ax, role in zip(axes, roles):
+        for c in (c for c in judged if c["role"] == role):
+            mine = [r for r in runs_of[c["id"]] if r in curves.columns]
+            ref = [r for r in c["reference"]["run_ids"] if r in curves.columns]
+            if not mine or not ref:
+                continue
+            gap = (curves[mine].mean(axis=1) - curves[ref].mean(axis=1)).dropna()
+            if gap.empty:
+                continue
+            if c["id"] in highlight or role == CONTROL:
+                ax.plot(gap.index, gap.values, marker="o", ms=3, lw=1.5, label=f"{c['id']}: {c['label']}"[:60])
+            else:
+                ax.plot(gap.index, gap.values, color="0.6", lw=0.6, alpha=0.6)
+        ax.axhline(-margin, color="crimson", ls="--", lw=1, label=f"-acc_margin = -{margin:g}")
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_xlabel("training budget (epochs)")
+        ax.set_ylabel("test accuracy - reference's (fraction)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title("candidates (CapsNet) - depth-0 CapsNet" if role == CANDIDATE else
+                     "controls (cnn) - depth-0 cnn", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower right")
+    return {"file": _save(fig, out_dir, "accuracy_gap_vs_budget.png"), "title": title,
+            "caption": "For each configuration, the mean over its finished seeds of the test accuracy at its "
+                       "best-validation epoch among the first E epochs, minus the same for its matched depth-0 "
+                       "reference, against E. Coloured: the escaping and to-confirm candidates (else the three "
+                       "most accurate) and every control; grey: the other candidates. Dashed: the margin the "
+                       "accuracy check allows. A gap that closes as E grows is the budget's, not the network's."}
+
+
 def _factor_label(col: str) -> str:
     return {"model.depth": "hidden capsule layers (depth)", "model.iterations": "routing iterations",
             "model.caps_dim": "capsule dimension", "data.train_size": "training set size (fraction or count)",
@@ -391,6 +461,7 @@ def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out
                 trials, f, "test_acc", swept, alpha, f"test_acc_vs_{f.split('.')[-1]}.png", out_dir,
                 thresholds["test_acc"])))
     jobs.append(("Training curves", lambda: plot_curves(trials, histories, verdict, out_dir)))
+    jobs.append(("Accuracy gap against the budget", lambda: plot_gap_curves(trials, histories, verdict, out_dir)))
     global _JOBS
     _JOBS = jobs
     try:
