@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"accuracy must be shown above 1/num_classes by this, in [0, 1) (default {d.chance_margin})")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes of the task (default: from data.name)")
+    p.add_argument("--select", default=None, metavar="KEY[,KEY]",
+                   help="swept keys to tune on validation (e.g. train.lr): per configuration of the other params "
+                        "the value with the best mean val_acc is judged, the others are not (default: the "
+                        "sweep's own `select:`; '' for none)")
     p.add_argument("--no-log-artifacts", action="store_true",
                    help="do not log the report on the sweep's parent run")
     for flag in IGNORED:
@@ -184,7 +188,12 @@ def _run(args: argparse.Namespace) -> int:
     for note in data.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     annotated = annotate(data)
-    verdict = compute_verdict(data, th, annotated, reference)
+    select = None if args.select is None else [k for k in args.select.split(",") if k]
+    unknown = [k for k in select or [] if k not in annotated[2]]
+    if unknown:
+        raise AnalysisError(f"--select: {', '.join(unknown)} is not swept in sweep {data.sweep!r}; choose among "
+                            f"{', '.join(annotated[2]) or '(no swept param)'}")
+    verdict = compute_verdict(data, th, annotated, reference, select)
     out = args.out or default_out_dir(data.sweep)
     try:
         paths = write_report(data, verdict, out, annotated)

@@ -637,16 +637,49 @@ def family_step(cands: list[dict], alpha: float) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The verdict
 
+def select_on_validation(trials: pd.DataFrame, param_cols: list[str], select: list[str]) -> dict:
+    """Tuning on validation (docs/PROBES.md, "Tuned on validation"): configurations that differ only in
+    the `select` keys (e.g. train.lr) form a group; the one with the best mean val_acc over its finished
+    seeds (at each trial's best-val epoch) is the group's, the others are not judged. Test accuracy is
+    never looked at, so the selection does not bias the test the verdict reports.
+    Returns config_id -> {'selected': bool, 'val': mean val_acc, 'winner': the group's config_id}."""
+    cols = [c for c in config_params(param_cols) if c not in select]
+    fin = trials[trials["status"] == FINISHED]
+    val = pd.to_numeric(fin["val_acc"], errors="coerce") if "val_acc" in fin else pd.Series(np.nan, index=fin.index)
+    means = val.groupby(fin["config_id"]).mean()
+    groups = trials.drop_duplicates("config_id").set_index("config_id")[cols].fillna("").astype(str)
+    out = {}
+    for _, members in groups.groupby(cols, sort=False) if cols else [((), groups)]:
+        ids = list(members.index)
+        scored = [(means.get(i, np.nan), i) for i in ids]
+        ok = [(v, i) for v, i in scored if v == v]
+        winner = min(ok, key=lambda vi: (-vi[0], vi[1]))[1] if ok else None    # best val; ties: first id
+        for v, i in scored:
+            out[i] = {"selected": i == winner, "val": _plain(v), "winner": winner}
+    return out
+
+
+def _select_keys(data, select: Optional[list]) -> list[str]:
+    """`select` as given, else the sweep's own (`select:` in its spec, logged as param sweep.select)."""
+    if select is not None:
+        return list(select)
+    raw = ((getattr(data, "parent_record", None) or {}).get("params") or {}).get("sweep.select") or ""
+    return [k for k in raw.split(",") if k]
+
+
 def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[tuple] = None,
-                    reference=None) -> dict:
+                    reference=None, select: Optional[list] = None) -> dict:
     """The verdict for a SweepData (analysis.load) as a JSON-able dict whose first key is 'escaped'
     ('yes' | 'no' | 'undecided'), then 'instrument' ('validated' | 'control failed' | 'control
     undecided' | 'no control'), 'outcome' (OUTCOMES: also 'inconclusive' and 'to confirm') and
     'answer'. annotated: `annotate(data)` when the caller has it already.
     reference: another SweepData of the same experiment whose depth-0 trials are the references
-    (`capsweep report --reference SWEEP`); None: this sweep's own depth-0 trials."""
+    (`capsweep report --reference SWEEP`); None: this sweep's own depth-0 trials.
+    select: swept keys tuned on validation (`select_on_validation`); None: the sweep's own `select`."""
     th = th or Thresholds()
     trials, labels, swept = annotated or annotate(data)
+    select = [k for k in _select_keys(data, select) if k in swept]
+    chosen = select_on_validation(trials, data.param_cols, select) if select else {}
     n_classes, classes_how = num_classes_of(trials, th)
     chance_floor = 1.0 / n_classes + th.chance_margin
     notes = list(data.notes)
@@ -658,7 +691,14 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         notes += [f"reference sweep: {n}" for n in reference.notes]
     else:
         pool, source = reference_pool(trials), "this sweep"
-        match_cols = [c for c in swept if c not in MATCH_EXCLUDED]
+        match_cols = [c for c in swept if c not in MATCH_EXCLUDED and c not in select]
+        if chosen:       # references are tuned like the rest: each group's chosen depth-0 network
+            pool = pool[[chosen.get(c, {}).get("selected", True) for c in pool["config_id"]]]
+    if chosen:
+        n_groups = len({v["winner"] for v in chosen.values()})
+        notes.append(f"tuned on validation: {', '.join(select)} chosen per configuration of the other params by "
+                     f"the best mean val_acc ({n_groups} chosen of {len(chosen)} configurations; the others are "
+                     "listed as not selected and not judged); test accuracy is what the verdict reports")
     if pool[pool["arch"] == "capsnet"].empty:
         notes.append(f"{source} has no finished depth-0 CapsNet: accuracy and gradient-floor checks cannot "
                      "be made, so candidates are undecided (never failed) on them; add depth-0 trials or "
@@ -684,7 +724,8 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
     bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
     rows_of = {uniques[k]: order[bounds[k]:bounds[k + 1]] for k in range(len(uniques))}
     reference_of = reference_finder(pool, match_cols, source)
-    n_cands = sum(cols["role"][rows_of[cid][0]] == CANDIDATE for cid in rows_of)
+    n_cands = sum(cols["role"][rows_of[cid][0]] == CANDIDATE and chosen.get(cid, {}).get("selected", True)
+                  for cid in rows_of)
     test_hows: Counter = Counter()
     for cid in sorted(rows_of):
         rows = rows_of[cid]
@@ -699,7 +740,13 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
                  "trial_role": sorted({str(v) for i in rows if pd.notna(v := cols["trial.role"][i])})
                  if "trial.role" in cols else [],
                  "params": {c: _plain(first.get(c)) for c in swept}}
-        if role == REFERENCE:
+        pick = chosen.get(cid)
+        if pick is not None and not pick["selected"]:
+            entry.update(verdict="not selected", outcome=None, escaped=False, checks=[], reference=None,
+                         p_value=None, selected=False,
+                         reasons=[f"tuned on validation: mean val_acc {_f(pick['val'])} below the chosen "
+                                  f"{pick['winner']}'s {_f(chosen[pick['winner']]['val']) if pick['winner'] else 'n/a'}"])
+        elif role == REFERENCE:
             entry.update(verdict=f"reference (depth-0 {arch})", outcome=None, escaped=False, checks=[],
                          reasons=[], reference=None, p_value=None)
         else:
@@ -723,8 +770,8 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
         })
         configs.append(entry)
 
-    cands = [c for c in configs if c["role"] == CANDIDATE]
-    controls = [c for c in configs if c["role"] == CONTROL]
+    cands = [c for c in configs if c["role"] == CANDIDATE and c.get("selected", True)]
+    controls = [c for c in configs if c["role"] == CONTROL and c.get("selected", True)]
     family_step(cands, th.alpha)
     escapes = [{"id": c["id"], "label": c["label"]} for c in cands if c["escaped"]]
     nominal = [c for c in cands if c["verdict"] == TO_CONFIRM]
@@ -753,7 +800,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
               for r in trials.loc[trials["status"] != FINISHED,
                                   [c for c in ("run_id", "trial_id", "seed", "status", "error", "config_id")
                                    if c in trials.columns]].to_dict("records")]
-    capsnet_cfgs = [c for c in configs if c["arch"] == "capsnet" and c["n_seeds"]]
+    capsnet_cfgs = [c for c in configs if c["arch"] == "capsnet" and c["n_seeds"] and c.get("selected", True)]
     trend_rows = compute_trends(capsnet_cfgs, swept)
     status_counts = trials["status"].value_counts()
     return {
@@ -778,6 +825,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
                    **{s: int(status_counts.get(s, 0)) for s in STATUS_ORDER},
                    **{str(s): int(n) for s, n in status_counts.items() if s not in STATUS_ORDER}},
         "swept_params": swept,
+        "selected_on_validation": select,
         "escapes": escapes,
         "confirm": confirm,
         "confirmed_by": list(getattr(data, "confirmed_by", []) or []),

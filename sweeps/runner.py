@@ -229,6 +229,8 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
               **{f"sweep.{role}s": n for role, n in trial_counts(spec).items()}}
     if spec.confirms:
         params["sweep.confirms"] = spec.confirms
+    if spec.select:          # tuned on validation by the verdict (analysis reads it back)
+        params["sweep.select"] = ",".join(spec.select)
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(rid, to_yaml(spec), "spec.yaml")
     return rid

@@ -121,6 +121,9 @@ class SweepSpec:
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)   # size bounds (sweeps/budget.py)
     confirms: str = ""          # the exploration sweep this one re-runs on fresh seeds (`capsweep confirm`)
+    select: list = field(default_factory=list)  # swept keys tuned on validation: per configuration of the
+                                # other keys the verdict keeps the value with the best mean val_acc (e.g.
+                                # [train.lr]: a learning rate chosen per depth), reports its test accuracy
 
 
 def _fail(msg: str) -> None:
@@ -261,6 +264,19 @@ def max_layer_index(base: runcfg.RunConfig, space: dict, point_depths: tuple = (
     return max(depths) + 1
 
 
+def _validate_select(spec: SweepSpec) -> None:
+    """`select`: swept keys the verdict tunes on validation (docs/PROBES.md, "Tuned on validation")."""
+    if not isinstance(spec.select, (list, tuple)):
+        _fail(f"select: {spec.select!r} is not allowed; a list of swept keys, e.g. [train.lr]")
+    swept = searched_keys(spec)
+    for key in spec.select:
+        if key in ("model.depth", "model.arch", SEED_KEY):
+            _fail(f"select: {key!r} is not allowed; depth, architecture and seed are what the verdict compares, "
+                  "not hyperparameters to tune away")
+        if key not in swept:
+            _fail(f"select: {key!r} is not swept; choose among {', '.join(swept) or '(no swept key)'}")
+
+
 def searched_keys(spec: SweepSpec) -> list[str]:
     """The keys a sweep sets per configuration: its space's, or every key its points set (those whose
     value differs between points first). They name a configuration (param `sweep.space`)."""
@@ -320,6 +336,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
     base = _validate_base(spec.base)
     _validate_space(spec, base)
     point_depths = _validate_points(spec, base)
+    _validate_select(spec)
     from sweeps import extras   # extras builds on this module
     extras.check(spec)
     from sweeps import budget   # every probe value's network against the bounds

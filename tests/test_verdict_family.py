@@ -125,3 +125,27 @@ def test_compute_verdict_applies_the_family_step():
     print(msg)
     assert escapes <= 2, msg           # alpha = 0.05 of 20 draws is 1; 2 is beyond 1 Monte-Carlo sd
     assert nominal >= 3, msg
+
+
+def test_tuned_on_validation_judges_the_chosen_learning_rate():
+    """`select: [train.lr]`: per (depth) the learning rate with the best mean val_acc is judged, the
+    other is 'not selected'; the references are tuned the same way, the family counts only the chosen
+    candidates, and the sweep's own select (param sweep.select) is read when none is given."""
+    rng = np.random.default_rng(12)
+    configs = [("capsnet", 0, "healthy", {"train.lr": "0.001"}), ("capsnet", 0, "margin", {"train.lr": "0.01"}),
+               ("capsnet", 3, "collapsed", {"train.lr": "0.01"}), ("capsnet", 3, "healthy", {"train.lr": "0.001"}),
+               ("cnn", 0, "healthy", {"train.lr": "0.001"}), ("cnn", 3, "healthy", {"train.lr": "0.001"})]
+    data = synthetic_sweep(rng, configs, seeds=5)
+    data.parent_record = {"params": {"sweep.select": "train.lr"}, "tags": {}}
+    v = compute_verdict(data)
+    by = {(c["arch"], c["depth"], c["params"]["train.lr"]): c for c in v["configurations"]}
+    assert by[("capsnet", 3, "0.01")]["verdict"] == "not selected"          # collapsed: worse val_acc
+    assert by[("capsnet", 0, "0.01")]["verdict"] == "not selected"          # the reference is tuned too
+    chosen = by[("capsnet", 3, "0.001")]
+    assert chosen["role"] == "candidate" and chosen.get("selected", True)
+    assert set(chosen["reference"]["run_ids"]) == set(by[("capsnet", 0, "0.001")]["run_ids"])
+    assert v["family"]["candidates"] == 1 and v["selected_on_validation"] == ["train.lr"]
+    assert any("tuned on validation" in n for n in v["notes"])
+    untuned = compute_verdict(data, select=[])
+    assert untuned["family"]["candidates"] == 2 and not any(c["verdict"] == "not selected"
+                                                            for c in untuned["configurations"])
