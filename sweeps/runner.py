@@ -7,6 +7,7 @@ run is created, so a refused sweep leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,9 +250,21 @@ def init_ray(address: Optional[str], num_cpus: Optional[int]) -> bool:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True, configure_logging=True, logging_level="WARNING")
     return True
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's warning that a new local Ray has token authentication on ("Set RAY_AUTH_MODE=disabled
+    to opt out"): it warns about Ray's own safe default on every local sweep, and a newcomer reads it
+    as a problem. The default is kept (the token is ~/.ray/auth_token, made on the first run); setting
+    RAY_AUTH_MODE=token instead would silence it too, but only before Ray reads its config, which an
+    imported `ray.tune` already did. Any other message of that logger (auth off, no token) still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def _reporter(spec: SweepSpec):
