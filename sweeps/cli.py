@@ -112,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from sweeps import runner, tracking
         result = runner.run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
                                   verbose=args.verbose, keep_state=args.keep_state, trust=args.trust)
+    except KeyboardInterrupt:      # Ctrl-C before Tune took over (Tune handles it during the sweep)
+        return _err("interrupted; continue the sweep with: " + _resume_command(args), EXIT_INTERRUPTED)
     except _input_errors() as e:
         return _err(str(e))
     except Exception as e:  # refusals and tracking errors are one line; the rest is a real failure
@@ -131,11 +133,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  write the report:    capsweep report --experiment {shlex.quote(result.experiment)} "
           f"--sweep {shlex.quote(result.name)}" + _uri_flag(result.tracking_uri))
     if result.interrupted:
-        again = ["capsweep", "run", args.spec, *args.overrides, "--resume"]
-        print(f"capsweep: sweep {result.name!r} did not finish; continue it with: "
-              + " ".join(map(shlex.quote, again)), file=sys.stderr)
+        print(f"capsweep: sweep {result.name!r} did not finish; continue it with: " + _resume_command(args),
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    return " ".join(map(shlex.quote, ["capsweep", "run", args.spec, *args.overrides, "--resume"]))
 
 
 def _dry_run(spec) -> int:
@@ -541,7 +546,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
     if bad:
         return _err(f"override: {bad[0]!r} is not key=value")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:      # Ctrl-C at any moment: one line, exit 130
+        return _err("interrupted", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from ray.tune import Callback
 from analysis.mlflowio import mlflow_http_env, scoped_environ
 from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
-from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
+from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
                                  TAG_CONFIRMS, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
 from sweeps import extras, search, storage, store_init, tracking, tune_guard
 from sweeps.provenance import git_commit
@@ -128,9 +128,10 @@ def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optiona
         if parent is None and not has_state:
             raise SweepRefused(f"--resume: no sweep named {spec.name!r} in experiment "
                                f"{spec.mlflow.experiment!r} nor Ray state in {exp_dir}; start it without --resume")
-        if not has_state:
-            raise SweepRefused(f"--resume: sweep {spec.name!r} has an MLflow run but no Ray Tune state in "
-                               f"{exp_dir}; was it run with another storage_path?")
+        if not has_state and _trial_runs(client, parent)[0]:
+            raise SweepRefused(_NO_STATE.format(name=spec.name, exp_dir=exp_dir))
+        # a parent and no Tune state, no trial that reported: the driver stopped at start-up, before Tune
+        # ran; --resume starts the sweep from its spec under that parent (_run_sweep)
     else:
         if parent is not None:
             state = parent.info.status
@@ -141,6 +142,76 @@ def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optiona
             raise SweepRefused(f"storage_path: {exp_dir} already holds a Ray experiment named {spec.name!r}; "
                                "use --resume to continue it, or name=<new name>")
     return client, (exp.experiment_id if exp else ""), parent, exp_dir
+
+
+_NO_STATE = ("--resume: sweep {name!r} has trial runs in MLflow but no Ray Tune state in {exp_dir}; "
+             "was it run with another storage_path?")
+
+
+def _trial_runs(client, parent) -> tuple[list, list]:
+    """(runs that logged an epoch, runs that did not) among the parent's trial runs."""
+    if parent is None:
+        return [], []
+    runs = tracking.child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    started = [r for r in runs if "epoch" in r.data.metrics]
+    return started, [r for r in runs if "epoch" not in r.data.metrics]
+
+
+def _mark_interrupted(client, parent_id: Optional[str]) -> None:
+    """The driver stops before Tune took over (Ctrl-C, Ray did not start): the parent says so, so
+    that `ls` and `--resume` see an interrupted sweep. Best effort: the store may be the problem."""
+    if not parent_id:
+        return
+    try:
+        with mlflow_http_env(max_retries=0, timeout_s=5, override=True):
+            client.set_tag(parent_id, TAG_STATUS, INTERRUPTED)
+            client.set_terminated(parent_id, "KILLED")
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
+
+
+class StartupInterrupt:
+    """Ctrl-C between the parent run and Tune's own SIGINT handling (Ray starting, the Tuner built).
+
+    Python raises KeyboardInterrupt wherever the main thread is, and in some places (an at-fork
+    handler of `logging` while Ray spawns its processes) the exception is only printed as "Exception
+    ignored in ..." and the sweep goes on. So the handler also records the Ctrl-C, `check` raises it
+    again before Tune starts, and KeyboardInterrupts that Python can only "ignore" are not printed."""
+
+    def __init__(self):
+        self.hit = False
+        self._saved: Optional[tuple] = None
+
+    def __enter__(self) -> "StartupInterrupt":
+        import signal
+        import sys
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._saved = (signal.getsignal(signal.SIGINT), sys.unraisablehook)
+            signal.signal(signal.SIGINT, self._handler)
+            hook = sys.unraisablehook
+            sys.unraisablehook = lambda u: None if issubclass(u.exc_type, KeyboardInterrupt) else hook(u)
+        return self
+
+    def _handler(self, sig, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def release(self) -> None:
+        """Before Tune's fit, which installs its own handler (and the logger chains onto it)."""
+        if self._saved is not None:
+            import signal
+            import sys
+            signal.signal(signal.SIGINT, self._saved[0])
+            sys.unraisablehook = self._saved[1]
+            self._saved = None
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def check_trial_files(exp_dir: str) -> None:
@@ -296,6 +367,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
 
 def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: Optional[int],
                verbose: int, keep_state: bool = False, trust: bool = False) -> SweepResult:
+    _USED.discard(spec.name)
     client, experiment_id, parent, exp_dir = preflight(spec, resume)
     if resume and not trust:
         check_trial_files(exp_dir)
@@ -303,32 +375,71 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
     raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
     check_shapes(spec, raws)
     lock = acquire_lock(root, spec.name)
+    parent_id = None
     try:
         guard = tune_guard.TuneStateGuard(exp_dir)
-        if resume:       # Tune's pickled state from the driver's private copy (sweeps/tune_guard.py)
-            try:
-                guard.restore(trust)
-            except tune_guard.UntrustedState as e:
-                raise SweepRefused(str(e)) from None
-        else:
+        restore = resume and _restorable(spec, client, parent, exp_dir, guard, trust)
+        if not restore:
             guard.reset()
         if not experiment_id:
             experiment_id = tracking.get_or_create_experiment(client, spec.mlflow.experiment)
         expected = total_trials(spec)
-        if parent is None:
-            parent_id = create_parent(client, experiment_id, spec)
-        else:
-            parent_id = parent.info.run_id
-            # the size planned when the sweep started (Tune's restored search makes those trials, even
-            # if this code or the overrides would plan another, e.g. a sweep from before references)
-            expected = int(parent.data.params.get("sweep.trials") or expected)
-            client.update_run(parent_id, status="RUNNING")
-            client.set_tag(parent_id, TAG_STATUS, RUNNING)
-        own_ray = init_ray(address, num_cpus)
-        return _tune(spec, raws, client, experiment_id, parent_id, root, exp_dir, resume, verbose, expected,
-                     keep_state, own_ray, trust, guard)
+        with StartupInterrupt() as startup:
+            if parent is None:
+                parent_id = create_parent(client, experiment_id, spec)
+            else:
+                parent_id = parent.info.run_id
+                # the size planned when the sweep started (Tune's restored search makes those trials, even
+                # if this code or the overrides would plan another, e.g. a sweep from before references)
+                expected = int(parent.data.params.get("sweep.trials") or expected)
+                client.update_run(parent_id, status="RUNNING")
+                client.set_tag(parent_id, TAG_STATUS, RUNNING)
+            own_ray = init_ray(address, num_cpus)
+            startup.check()
+            return _tune(spec, raws, client, experiment_id, parent_id, root, exp_dir, restore, verbose,
+                         expected, keep_state, own_ray, trust, guard, startup)
+    except KeyboardInterrupt:      # Ctrl-C before Tune took over (the parent being written, Ray starting)
+        _mark_interrupted(client, parent_id or _parent_id(client, experiment_id, spec.name))
+        raise
+    except Exception:
+        if parent_id and spec.name not in _USED:      # Tune never ran: nothing else closes the parent
+            _mark_interrupted(client, parent_id)
+        raise
     finally:
         lock.release()
+
+
+def _parent_id(client, experiment_id: str, name: str) -> Optional[str]:
+    try:
+        found = tracking.find_parent(client, experiment_id, name) if experiment_id else None
+    except Exception:  # noqa: BLE001 - best effort, as _mark_interrupted
+        return None
+    return found.info.run_id if found else None
+
+
+def _restorable(spec: SweepSpec, client, parent, exp_dir: str, guard: tune_guard.TuneStateGuard,
+                trust: bool) -> bool:
+    """--resume: True to restore Tune's state (put back from the driver's private copy first,
+    sweeps/tune_guard.py); False when Tune never ran a step of this sweep here (a driver that stopped
+    at start-up: only a parent, or a tuner.pkl and no copy of a step), and the sweep starts from its
+    spec under the same parent; its trial runs without an epoch (if any) are deleted, since their
+    trials start again under new ids."""
+    copied = guard.files()
+    stepped = any(n.startswith("experiment_state-") for n in copied)
+    if _can_restore(exp_dir) and (trust or stepped or not copied):
+        try:
+            guard.restore(trust)     # no copy at all (Tune state this machine never saw): refused
+        except tune_guard.UntrustedState as e:
+            raise SweepRefused(str(e)) from None
+        return True
+    started, empty = _trial_runs(client, parent)
+    if started:
+        raise SweepRefused(_NO_STATE.format(name=spec.name, exp_dir=exp_dir))
+    for run in empty:
+        client.delete_run(run.info.run_id)
+    print(f"capsweep: sweep {spec.name!r} stopped before Ray Tune ran a step; starting it from its spec "
+          "under the same parent run", flush=True)
+    return False
 
 
 _BOUND: dict[str, Any] = {}      # sweep name -> the MlflowSweepLogger of this driver
@@ -374,7 +485,8 @@ def bind(logger: Any, sweep: str) -> BoundLogger:
 
 def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str, resume, verbose,
           expected: int, keep_state: bool = False, own_ray: bool = True,
-          trust: bool = False, guard: Optional[tune_guard.TuneStateGuard] = None) -> SweepResult:
+          trust: bool = False, guard: Optional[tune_guard.TuneStateGuard] = None,
+          startup: Optional[StartupInterrupt] = None) -> SweepResult:
     import ray
     from ray import tune
     trainable = tune.with_resources(
@@ -407,6 +519,9 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
     if guard is not None:
         guard.capture_tuner()         # tuner.pkl as this process wrote it
         logger.guard = guard          # the rest of Tune's state after each step
+    if startup is not None:
+        startup.check()
+        startup.release()
     interrupted = False
     try:
         tuner.fit()

@@ -3,6 +3,7 @@ away mid-sweep, a second driver on the same sweep, a corrupt dataset file. Each 
 message or a completed sweep, never with lost or duplicated results."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import signal
@@ -168,3 +169,54 @@ def test_corrupt_dataset_file_is_named_before_ray_starts(tmp_path):
     assert len(err) == 1 and "train-images-idx3-ubyte" in err[0], proc.stderr
     assert not (tmp_path / "ray_results").exists()
     assert not (tmp_path / "mlflow.db").exists() or not children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
+
+
+@contextlib.contextmanager
+def unanswered_address():
+    """A port that takes connections and never speaks: `ray.init(address=...)` there waits (Ray keeps
+    retrying its GCS connection), so a driver is certain to be between its parent run and Tune."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_driver_killed_at_start_up_resumes_from_its_spec(tmp_path):
+    """Issue 18, item 3: SIGKILL after the parent run exists, before Ray Tune ran: `run` refuses the
+    name (use --resume), and --resume runs the sweep from its spec under the same parent."""
+    spec = write_spec(tmp_path / "su.yaml", "su", "model.depth: {grid: [0]}", seeds="[0]", epochs=1)
+    env = env_for_subprocess()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    with unanswered_address() as address, \
+            background_sweep("run", str(spec), "--address", address, cwd=tmp_path, env=env):
+        wait_for(lambda: parents(client), timeout=120, what="the parent run")
+    assert not (tmp_path / "ray_results" / "su" / "tuner.pkl").exists()     # Tune never started
+    (parent,) = parents(client)
+    again = run(capsweep_cmd("run", str(spec)), tmp_path, env, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "1", "--resume"), tmp_path, env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "starting it from its spec under the same parent run" in proc.stdout
+    (after,) = parents(client)
+    assert after.info.run_id == parent.info.run_id and after.info.status == "FINISHED"
+    (trial,) = children(client, sweep="su")
+    assert trial.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(trial.info.run_id, "val_acc")] == [0]
+
+
+def test_ctrl_c_at_start_up_exits_130_in_one_line(tmp_path):
+    """Issue 18, item 3: Ctrl-C once the parent run exists (Ray starting): exit 130, no traceback, one
+    line saying how to continue, and the parent marked interrupted (not running for ever)."""
+    spec = write_spec(tmp_path / "ci.yaml", "ci", "model.depth: {grid: [0]}", seeds="[0]", epochs=1)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    with background_sweep("run", str(spec), "--num-cpus", "1", cwd=tmp_path, env=env_for_subprocess(),
+                          capture=True) as proc:
+        wait_for(lambda: parents(client), timeout=120, interval=0.1, what="the parent run")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("capsweep: ") and "--resume" in last, out[-3000:]
+    (parent,) = parents(client)
+    assert parent.info.status == "KILLED" and parent.data.tags["capsweep.status"] == "interrupted"
