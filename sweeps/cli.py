@@ -284,23 +284,35 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 # ---- ui -----------------------------------------------------------------------------------------
 def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI on the store (sweeps/ui.py): the port tried first, the address printed once the
+    server answers, signals passed on to the server's whole process group."""
+    from sweeps import ui
     uri = args.tracking_uri
+    problem = ui.port_problem(args.host, args.port)     # before the store is touched: a one-line refusal
+    if problem:
+        return _err(problem)
     from sweeps.store_init import StoreInitError, init_store
     try:
         init_store(uri)     # create/migrate the store under its lock before the UI opens it
     except StoreInitError as e:
         return _err(str(e))
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
+           "--port", str(args.port), "--workers", "1"]
     if args.host not in ("127.0.0.1", "localhost"):
         print(f"capsweep: warning: the MLflow UI will listen on {args.host}: anyone who can reach it can "
               "read and change runs (see README, 'Security')", file=sys.stderr)
-    address = ui_url(f"http://{args.host}:{args.port}", _experiment_id(uri, args.experiment))
-    print(f"capsweep: MLflow UI on {address} for {uri} (Ctrl-C stops it)", file=sys.stderr)
+    base = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    address = ui_url(base, _experiment_id(uri, args.experiment))
+    print(f"capsweep: starting the MLflow UI for {uri} (often 20-60 s) ...", file=sys.stderr, flush=True)
+    check = f"http://127.0.0.1:{args.port}" if args.host in ("0.0.0.0", "::") else base   # a wildcard: ask loopback
+
+    def ready() -> None:
+        print(f"capsweep: MLflow UI on {address} for {uri} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        return ui.serve(cmd, check, ready)
+    except ui.UIError as e:
+        return _err(str(e), e.code)
 
 
 def ui_url(base: str, experiment_id: Optional[str]) -> str:
