@@ -9,6 +9,13 @@ of the fixed evaluation batch with `capsmodels.probes.evaluation_probes` (docs/P
 (`test_acc_transformed`, capsmodels/transforms.py). Gradient norms of training steps
 (`grad_norm/l*`, `grad_rms/l*`) need training and are not measured here.
 
+Which overrides: the data it is measured on (`data.*`) and how it is measured (EVAL_KEYS). The rest is
+the model as it was trained and logged, and is refused in one line (exit 2) before the store is read:
+`model.*` would describe another architecture than the weights (`capsweep eval RUN model.depth=3` used
+to run on the logged depth-1 network and print its numbers as if the override had acted), `train.*`
+acts only while training, and `train.seed` chose the validation split and the probe batch (another
+seed mixes training images into them).
+
 On the same data the figures equal the run's last epoch exactly (CPU; a test checks test_acc).
 With `--log` they go to a new MLflow run tagged `capsweep.eval_of=<source run id>`, whose input is
 the evaluated model.
@@ -26,6 +33,28 @@ from capsmodels import config as runcfg
 
 TAG_EVAL_OF = "capsweep.eval_of"
 RUN_EVAL = "eval"                     # capsweep.role of an eval run
+
+
+# run-config keys an evaluation may set besides data.*: how it measures, not what was trained
+EVAL_KEYS = ("train.eval_batch", "train.device", "train.threads", "train.dead_tau", "model.recon_weight")
+ALLOWED_TEXT = "data.*, " + ", ".join(EVAL_KEYS)
+
+
+def refused_override(overrides: list[str]) -> Optional[str]:
+    """The one-line refusal of the first override eval cannot honour (module docstring), or None."""
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if key.startswith("data.") or key in EVAL_KEYS:
+            continue
+        if key == "train.seed":
+            why = ("the seed chose the validation split and the probe batch of the logged model; another seed "
+                   "mixes its training images into them")
+        elif key.startswith("model."):
+            why = "eval measures the logged model as it was trained; this would change its architecture"
+        else:
+            why = "it only acts while training, and eval does not train"
+        return f"{key}: not an eval override: {why} (allowed: {ALLOWED_TEXT}; train a new model with capsweep train)"
+    return None
 
 
 def eval_config(config: dict, overrides: list[str]) -> runcfg.RunConfig:
@@ -107,6 +136,9 @@ def cmd_eval(args) -> int:
         runcfg.load(None, args.overrides)          # a bad key or value: one line before MLflow work
     except runcfg.ConfigError as e:
         return _err(str(e))
+    refused = refused_override(args.overrides)     # the model's own keys: also before MLflow work
+    if refused:
+        return _err(refused)
     from sweeps.store_init import StoreInitError
     try:
         client = models.open_store(args.tracking_uri)

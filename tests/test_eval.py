@@ -102,6 +102,12 @@ def test_eval_with_an_affine_test_transform_adds_the_transformed_accuracy(saved,
     (["RUN", "model.routing=magic"], "model.routing: 'magic' is not allowed"),
     (["RUN", "data.nope=1"], "data.nope"),
     (["RUN", "data.name=mnist5k"], "data.name: 'mnist5k' gives inputs of shape (1, 28, 28)"),
+    # the logged model's own keys: refused, not silently ignored (issue 23, 4)
+    (["RUN", "model.depth=3"], "model.depth: not an eval override: eval measures the logged model as it was "
+                               "trained; this would change its architecture (allowed: data.*, train.eval_batch,"),
+    (["RUN", "data.test_size=50", "model.preset=small"], "model.preset: not an eval override"),
+    (["RUN", "train.lr=0.1"], "train.lr: not an eval override: it only acts while training"),
+    (["RUN", "train.seed=3"], "train.seed: not an eval override: the seed chose the validation split"),
 ])
 def test_bad_input_is_one_line_and_exit_2(saved, capsys, args, says):
     work, uri, client, run = saved
@@ -116,3 +122,28 @@ def test_eval_on_a_store_that_does_not_exist_is_refused_without_creating_it(tmp_
     uri = f"sqlite:///{tmp_path}/none.db"
     assert main(["eval", "abc", "--tracking-uri", uri]) == 2
     assert "no MLflow store" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+
+
+def test_architecture_overrides_are_refused_before_the_store_is_read(tmp_path, capsys):
+    """The refusal needs no store: a store that does not exist is not even looked at."""
+    uri = f"sqlite:///{tmp_path}/none.db"
+    assert main(["eval", "abc", "model.depth=3", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("capsweep: error: model.depth: not an eval override")
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_data_and_evaluation_overrides_act(saved, capsys):
+    """data.* and the evaluation keys are honoured: on a 60-image test subset the accuracy is a count
+    over 60, and the logged eval run records the overrides as its params."""
+    work, uri, client, run = saved
+    args = ["data.test_size=60", "train.eval_batch=32", "train.device=cpu", "train.dead_tau=0.02"]
+    assert main(["eval", run.info.run_id, *args, "--tracking-uri", uri, "--log"]) == 0
+    out = capsys.readouterr().out
+    (ev,) = [r for r in client.search_runs([run.info.experiment_id], "tags.`capsweep.role` = 'eval'")
+             if r.data.tags["capsweep.eval_overrides"] == " ".join(args)]
+    p = ev.data.params
+    assert (p["data.test_size"], p["train.eval_batch"], p["train.dead_tau"]) == ("60.0", "32", "0.02")   # test_size is a float (fraction or count)
+    acc = ev.data.metrics["test_acc"]
+    assert abs(acc * 60 - round(acc * 60)) < 1e-6, acc           # k correct of 60 images
+    assert f"{acc:.6g}" in out and ev.info.run_id in out
