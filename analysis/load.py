@@ -33,7 +33,7 @@ from capsmodels.contract import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, FAILE
                                  INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
                                  TAG_TEST_CORRECT, TAG_TRIAL, TRACKING_URI_ENV, layer_metric,
-                                 TAG_CONFIRMS)
+                                 TAG_CONFIRMS, HEARTBEAT_STALE_S, heartbeat_age, resume_command, sweep_state)
 
 DEFAULT_HISTORY_KEYS = ("val_acc", "test_acc", "grad_ratio")
 GRAD_PROBE_PREFIXES = tuple(layer_metric(m, "") for m in GRAD_PROBES)
@@ -177,6 +177,13 @@ def load_sweep(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: Optional[str]
                             f"sweeps there: {', '.join(known) or '(none)'}")
     if parent_id is None:
         notes.append(f"sweep {sweep!r} has no parent run; the report cannot be logged to MLflow")
+    elif sweep_state(sweep_parents[-1].info.status, sweep_parents[-1].data.tags, time.time()) == INTERRUPTED:
+        tags = sweep_parents[-1].data.tags
+        notes.append(f"sweep {sweep!r} is interrupted (its driver stopped"
+                     + (f": no heartbeat for {heartbeat_age(tags, time.time()):.0f} s, limit {HEARTBEAT_STALE_S:.0f} s"
+                        if tags.get(TAG_STATUS, RUNNING) == RUNNING else "")
+                     + f"); this report covers the trials logged so far; continue it with: "
+                     + resume_command(tags, sweep))
     if not runs:
         raise AnalysisError(f"sweep {sweep!r} of experiment {experiment!r} has no trial runs yet")
     trials, param_cols, metric_cols = _trials_table(runs, sweep)

@@ -23,6 +23,7 @@ TAG_COMMIT = "capsweep.git_commit"
 TAG_RETRIES = "capsweep.retries"
 TAG_TEST_CORRECT = "capsweep.test_correct"   # per-image test correctness at the best-val epoch (encode_correct)
 TAG_CONFIRMS = "capsweep.confirms"    # on a confirmation sweep's parent: the exploration it confirms
+TAG_HEARTBEAT = "capsweep.heartbeat"  # on a parent: unix time (s) of its driver's last sign of life
 TAG_PARENT = "mlflow.parentRunId"     # MLflow's own nesting tag
 TAG_RUN_NAME = "mlflow.runName"
 RUN_PARENT, RUN_TRIAL = "parent", "trial"     # values of TAG_ROLE
@@ -62,6 +63,46 @@ FINAL = (FINISHED, DIVERGED, FAILED, STOPPED)  # a trial's last status (STOPPED:
 # every status, in the order reports list them; INCOMPLETE is set by analysis.load for finished runs
 # without the probes, INTERRUPTED when the sweep's driver stopped
 STATUSES = (FINISHED, DIVERGED, FAILED, STOPPED, INTERRUPTED, RUNNING, INCOMPLETE)
+
+# ---- a sweep's state, from its parent run -------------------------------------------------------------
+# The driver writes TAG_HEARTBEAT on its parent every HEARTBEAT_EVERY_S while it runs. A parent still
+# tagged running whose heartbeat is older than HEARTBEAT_STALE_S belongs to a driver that died without a
+# word (SIGKILL, a lost node): `capsweep ls`, `status` and the report call that sweep interrupted.
+# (Readers compare with their own clock: the cluster's machines keep NTP time.)
+HEARTBEAT_EVERY_S, HEARTBEAT_STALE_S = 10.0, 60.0
+SWEEP_STATES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
+
+
+def sweep_state(run_status: str, tags: dict, now: float) -> str:
+    """running / finished / failed / interrupted of a sweep from its parent run's MLflow status and tags;
+    `now` in unix seconds. A running sweep without a heartbeat (started by an earlier capsweep) stays
+    running: nothing tells."""
+    if run_status == "FAILED":
+        return FAILED
+    tag = tags.get(TAG_STATUS, RUNNING)
+    state = tag if tag in SWEEP_STATES else RUNNING
+    if state == RUNNING and heartbeat_age(tags, now) > HEARTBEAT_STALE_S:
+        return INTERRUPTED
+    return state
+
+
+def heartbeat_age(tags: dict, now: float) -> float:
+    """Seconds since the parent's last heartbeat (-inf without one)."""
+    try:
+        return now - float(tags[TAG_HEARTBEAT])
+    except (KeyError, TypeError, ValueError):
+        return float("-inf")
+
+
+def resume_command(tags: dict, name: str) -> str:
+    """How to continue a sweep: the command that started it (MLflow's mlflow.source.name tag) with
+    --resume, or the generic form."""
+    source = str(tags.get("mlflow.source.name", ""))
+    words = [w for w in source.split() if w != "--resume"]
+    if len(words) >= 3 and words[:2] == ["capsweep", "run"]:
+        return " ".join(words + ["--resume"])
+    return f"capsweep run <the spec of {name!r}> --resume"
+
 
 # ---- trial roles (the sweep param ROLE_KEY; docs/PROBES.md, "Trial roles") ---------------------------
 ROLE_KEY = "trial.role"               # a param of every trial, not a run-config key

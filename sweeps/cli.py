@@ -354,7 +354,10 @@ def _inspect(body) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     def body(si):
-        print("\n".join(si.ls_lines(si.open_client(args.tracking_uri), args.experiment)))
+        client = si.open_client(args.tracking_uri)
+        print("\n".join(si.ls_lines(client, args.experiment)))
+        for note in si.ls_notes(client, args.experiment):
+            print(note, file=sys.stderr)
     return _inspect(body)
 
 

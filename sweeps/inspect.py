@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from capsmodels.contract import (CANDIDATE, FAILED, FINISHED, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUN_TRIAL,
-                                 RUNNING, STATUSES, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
-                                 TAG_TRIAL)
+from capsmodels.contract import (CANDIDATE, FAILED, FINISHED, HEARTBEAT_STALE_S, INTERRUPTED, ROLE_KEY,
+                                 RUN_PARENT, RUN_TRIAL, RUNNING, STATUSES, TAG_PARENT, TAG_ROLE, TAG_SEED,
+                                 TAG_STATUS, TAG_SWEEP, TAG_TRIAL, heartbeat_age, resume_command, sweep_state)
 
 BEST_FILE = "best.json"
 BEST_TAG = "capsweep.best"          # capsweep.best.<space key> = value (single objective only)
@@ -128,13 +128,32 @@ def trial_rows(client, sweep: Sweep) -> list[dict]:
     return sorted(rows, key=lambda row: row["trial_id"])
 
 
-def state(sweep: Sweep) -> str:
-    """running / finished / failed / interrupted. A driver killed without warning leaves its sweep
-    `running` until `--resume` ends it: the store cannot tell the two apart."""
-    tag = sweep.parent.data.tags.get(TAG_STATUS, RUNNING)
-    if sweep.parent.info.status == "FAILED":
-        return FAILED
-    return tag if tag in STATES else RUNNING
+def state(sweep: Sweep, now: Optional[float] = None) -> str:
+    """running / finished / failed / interrupted (capsmodels/contract.py, sweep_state): a sweep whose
+    driver's heartbeat is older than HEARTBEAT_STALE_S is interrupted, also when its driver died
+    without a word (SIGKILL, a lost node) and its parent still says running."""
+    import time
+    return sweep_state(sweep.parent.info.status, sweep.parent.data.tags, time.time() if now is None else now)
+
+
+def stale_note(sweep: Sweep, now: Optional[float] = None) -> Optional[str]:
+    """For an interrupted sweep: why, and the command that continues it."""
+    import time
+    now = time.time() if now is None else now
+    tags = sweep.parent.data.tags
+    if state(sweep, now) != INTERRUPTED:
+        return None
+    age = heartbeat_age(tags, now)
+    why = (f"its driver stopped (no heartbeat for {age:.0f} s; the limit is {HEARTBEAT_STALE_S:.0f} s)"
+           if tags.get(TAG_STATUS, RUNNING) == RUNNING else "its driver was stopped")
+    return f"{why}; continue it with: {resume_command(tags, sweep.name)}"
+
+
+def _as_of(sweep: Sweep, rows: list[dict]) -> list[dict]:
+    """Trials of an interrupted sweep still tagged running were interrupted with it."""
+    if state(sweep) != INTERRUPTED:
+        return rows
+    return [{**r, "status": INTERRUPTED} if r["status"] == RUNNING else r for r in rows]
 
 
 def status_counts(rows: list[dict]) -> dict[str, int]:
@@ -240,7 +259,7 @@ def ls_lines(client, experiment: Optional[str]) -> list[str]:
         return ["no sweeps in this store"]
     lines = [f"{'sweep':20s} {'experiment':14s} {'state':12s} {'trials':>9s}  {'by status':40s} verdict"]
     for s in found:
-        rows = trial_rows(client, s)
+        rows = _as_of(s, trial_rows(client, s))
         counts = status_counts(rows)
         total = f"{len(rows)}/{s.expected}" if s.expected else str(len(rows))
         by = ", ".join(f"{n} {k}" for k, n in counts.items()) or "-"
@@ -248,6 +267,12 @@ def ls_lines(client, experiment: Optional[str]) -> list[str]:
         verdict = f"escaped: {v['escaped']} ({v['instrument']})" if v else "-"
         lines.append(f"{s.name:20s} {s.experiment:14s} {state(s):12s} {total:>9s}  {by:40s} {verdict}")
     return lines
+
+
+def ls_notes(client, experiment: Optional[str]) -> list[str]:
+    """For stderr below `ls`'s table: how each interrupted sweep continues."""
+    notes = [(s.name, stale_note(s)) for s in sweeps(client, experiment)]
+    return [f"capsweep: sweep {name!r} is interrupted: {note}" for name, note in notes if note]
 
 
 def best_so_far(sweep: Sweep) -> Optional[tuple[str, float, dict]]:
@@ -266,12 +291,16 @@ def best_so_far(sweep: Sweep) -> Optional[tuple[str, float, dict]]:
 
 
 def status_lines(sweep: Sweep) -> list[str]:
+    sweep.trials = _as_of(sweep, sweep.trials)
     counts = status_counts(sweep.trials)
     ended = sum(n for k, n in counts.items() if k not in (RUNNING, INTERRUPTED))
     total = sweep.expected or len(sweep.trials)
     lines = [f"sweep {sweep.name!r} (experiment {sweep.experiment!r}): {state(sweep)}, {ended}/{total} trials ended",
              "  trials: " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "none started yet")
              + (f", {total - len(sweep.trials)} not started" if total > len(sweep.trials) else "")]
+    note = stale_note(sweep)
+    if note:
+        lines.append(f"  interrupted: {note}")
     best = best_so_far(sweep)
     if best:
         m, value, row = best

@@ -22,8 +22,9 @@ from analysis.mlflowio import mlflow_http_env, scoped_environ
 from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
-                                 TAG_CONFIRMS, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
+                                 TAG_CONFIRMS, TAG_HEARTBEAT, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
 from sweeps import extras, search, storage, store_init, tracking, tune_guard
+from sweeps.heartbeat import Heartbeat, beat_value
 from sweeps.provenance import git_commit
 from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values, resolve_trial,
                          searched_keys, storage_dir, to_yaml, total_trials, trial_counts)
@@ -284,7 +285,8 @@ def acquire_lock(root: str, name: str) -> FileLock:
 
 
 def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> str:
-    tags = {TAG_ROLE: RUN_PARENT, TAG_SWEEP: spec.name, TAG_STATUS: RUNNING, TAG_RUN_NAME: spec.name}
+    tags = {TAG_ROLE: RUN_PARENT, TAG_SWEEP: spec.name, TAG_STATUS: RUNNING, TAG_RUN_NAME: spec.name,
+            TAG_HEARTBEAT: beat_value()}
     commit = git_commit()
     if commit:
         tags[TAG_COMMIT] = commit
@@ -394,10 +396,11 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
                 expected = int(parent.data.params.get("sweep.trials") or expected)
                 client.update_run(parent_id, status="RUNNING")
                 client.set_tag(parent_id, TAG_STATUS, RUNNING)
-            own_ray = init_ray(address, num_cpus)
-            startup.check()
-            return _tune(spec, raws, client, experiment_id, parent_id, root, exp_dir, restore, verbose,
-                         expected, keep_state, own_ray, trust, guard, startup)
+            with Heartbeat(spec.mlflow.tracking_uri, parent_id):      # `ls` tells a dead driver
+                own_ray = init_ray(address, num_cpus)
+                startup.check()
+                return _tune(spec, raws, client, experiment_id, parent_id, root, exp_dir, restore, verbose,
+                             expected, keep_state, own_ray, trust, guard, startup)
     except KeyboardInterrupt:      # Ctrl-C before Tune took over (the parent being written, Ray starting)
         _mark_interrupted(client, parent_id or _parent_id(client, experiment_id, spec.name))
         raise

@@ -192,6 +192,7 @@ def test_driver_killed_at_start_up_resumes_from_its_spec(tmp_path):
         wait_for(lambda: parents(client), timeout=120, what="the parent run")
     assert not (tmp_path / "ray_results" / "su" / "tuner.pkl").exists()     # Tune never started
     (parent,) = parents(client)
+    assert abs(int(parent.data.tags["capsweep.heartbeat"]) - time.time()) < 120    # the driver's sign of life
     again = run(capsweep_cmd("run", str(spec)), tmp_path, env, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
     proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "1", "--resume"), tmp_path, env, timeout=600)
