@@ -7,19 +7,24 @@
 (`_with_environment_variables`: RAY_OVERRIDE_RESOURCES, and RAY_USAGE_STATS_ENABLED on the head). Before
 that, `ray.autoscaler._private.util.with_envs` prefixes `export RAY_HEAD_IP=...; ` to the workers'
 commands and, for Ray start, the instance id and node type (autoscaler v2, the default of `ray up` since
-Ray 2.50: `commands.get_or_create_head_node`, `v2/instance_manager/ray_installer.py`); setup commands are
-the global list followed by the node kind's (`util.merge_setup_commands`, applied by `prepare_config`).
+Ray 2.50: `commands.get_or_create_head_node`, `v2/instance_manager/ray_installer.py`).
 
-Here Ray's own SSHCommandRunner builds the command; only the transport differs: `LocalSSH` takes the argv
-Ray would hand to `ssh` and runs its remote part on this machine, as sshd does, with the login shell
+Which commands a node gets, and in what order, is recorded from Ray's own launcher code run on this
+machine (`launcher_steps`, tests/cluster_launcher.py). `LocalSSH` runs one such command again: Ray's own
+SSHCommandRunner builds it, and only the transport differs: `LocalSSH` takes the argv Ray would hand to
+`ssh` and runs its remote part on this machine, as sshd does, with the login shell
 (`bash -c "<the remote words joined by spaces>"`), or only parses it (`bash -n`).
 """
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import os
 import re
 import shlex
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -86,43 +91,46 @@ def ssh_runner(process_runner: LocalSSH):
 
 @dataclass
 class Step:
-    """One command as the launcher sends it: which list it came from, the command, and Ray's run()
-    arguments (already prefixed with the launcher's `export ...; ` where Ray does that)."""
+    """One command as the launcher sent it: which list it came from, the command, and Ray's run()
+    arguments (the command already prefixed with the launcher's `export ...; ` where Ray does that)."""
     stage: str
     command: str
     kwargs: dict
 
 
+@functools.lru_cache(maxsize=4)
+def _launcher_run(cfg_json: str) -> dict:
+    """Every command Ray's launcher sends to a new node of each type, recorded from Ray's own code:
+    `ray up` (get_or_create_head_node) for the head, autoscaler v2 (its NodeProviderAdapter and
+    RayInstaller, reading the bootstrap config `ray up` wrote) for one worker of each type; every script
+    parsed with `bash -n` as the node's bash receives it (tests/cluster_launcher.py)."""
+    from tests import cluster_launcher as cl
+    cfg = json.loads(cfg_json)
+    with tempfile.TemporaryDirectory() as tmp, cl.launcher_env(Path(tmp)):
+        cloud = cl.LocalCloud(Path(tmp) / "cloud")
+        provider = cl.fake_provider(cloud, cfg["provider"], cfg["cluster_name"])
+        cl.ray_up(cfg, cloud, provider)
+        nodes = {cfg["head_node_type"]: cl.head_node(cloud).id}
+        cl.head_file_mounts_here(cloud)
+        config = cl.v2_config(cloud)
+        for node_type in cfg["available_node_types"]:
+            if node_type != cfg["head_node_type"]:
+                nodes[node_type] = cl.launch_worker(cloud, provider, config, node_type)
+        return {t: [(c.stage, c.command, c.kwargs, c.returncode, c.output) for c in cloud.calls_on(node_id)]
+                for t, node_id in nodes.items()}
+
+
+def launcher_calls(cfg: dict, node_type: str) -> list[tuple]:
+    """(stage, command, run() kwargs, bash -n's status, its output) of every command Ray sent to a new
+    node of `node_type`, `uptime` and the file mounts' `mkdir -p` (stage "connect") included."""
+    return [(s, c, copy.deepcopy(k), rc, out) for s, c, k, rc, out in _launcher_run(json.dumps(cfg, sort_keys=True))[node_type]]
+
+
 def launcher_steps(cfg: dict, node_type: str) -> list[Step]:
-    """Every command `ray up` (head) or the autoscaler (a worker of `node_type`) runs on a new node, in
-    order: initialization, setup (global + the kind's), start."""
-    from ray._common.usage import usage_constants
-    from ray.autoscaler._private.constants import RESOURCES_ENVIRONMENT_VARIABLE
-    from ray.autoscaler._private.util import prepare_config, with_envs, with_head_node_ip
-    prepared = prepare_config(cfg)
-    head = node_type == prepared["head_node_type"]
-    ntype = prepared["available_node_types"][node_type]
-    instance = "i-0123456789abcdef0"
-    steps = []
-    init = prepared["initialization_commands"]
-    setup = prepared["head_setup_commands" if head else "worker_setup_commands"]
-    start = prepared["head_start_ray_commands" if head else "worker_start_ray_commands"]
-    if head:
-        start_env = {"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": instance,
-                     "RAY_NODE_TYPE_NAME": node_type}
-        run_env = {usage_constants.USAGE_STATS_ENABLED_ENV_VAR: 0}
-    else:
-        init, setup = with_head_node_ip(init, HEAD_IP), with_head_node_ip(setup, HEAD_IP)
-        start_env = {"RAY_HEAD_IP": HEAD_IP, "RAY_CLOUD_INSTANCE_ID": instance, "RAY_NODE_TYPE_NAME": node_type,
-                     "RAY_CLOUD_INSTANCE_TYPE_NAME": ntype["node_config"]["InstanceType"]}
-        run_env = {}
-    if ntype.get("resources"):
-        run_env[RESOURCES_ENVIRONMENT_VARIABLE] = ntype["resources"]
-    steps += [Step("initialization_commands", c, {"run_env": "host"}) for c in init]
-    steps += [Step("setup", c, {"run_env": "auto"}) for c in setup]
-    steps += [Step("start", c, {"environment_variables": run_env, "run_env": "auto"})
-              for c in with_envs(start, start_env)]
-    return steps
+    """Every command `ray up` (head) or autoscaler v2 (a worker of `node_type`) runs on a new node, in
+    Ray's order: initialization, setup, start (recorded from Ray's own code, see _launcher_run)."""
+    return [Step(stage, command, kwargs) for stage, command, kwargs, _, _ in launcher_calls(cfg, node_type)
+            if stage != "connect"]
 
 
 def run_like_ray(command: str, process_runner: LocalSSH, **kwargs) -> None:

@@ -114,9 +114,10 @@ def test_cluster_commands_parse_with_the_real_clis(cluster_cfg):
 def test_cluster_installs_this_ray_and_the_project(cluster_cfg):
     """The launcher needs the same Ray on your machine and the cluster; the synced paths exist here."""
     import ray
-    setup = "\n".join(cluster_cfg["setup_commands"])
-    assert re.findall(r"ray\[[a-z,]+\]==([0-9.]+)", setup) == [ray.__version__]
-    assert "torch" in setup and "capsweep[cluster]" in setup
+    for role in ("head_setup_commands", "worker_setup_commands"):
+        setup = "\n".join(cluster_cfg[role])
+        assert re.findall(r"ray\[[a-z,]+\]==([0-9.]+)", setup) == [ray.__version__], role
+        assert "torch" in setup and "capsweep[cluster]" in setup, role
     mounts = cluster_cfg["file_mounts"]
     for remote, local in mounts.items():
         if not local.startswith("~"):

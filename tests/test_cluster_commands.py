@@ -5,7 +5,8 @@
   `- |-` caused (a here-document closed by `EOF)`) and a broken quote;
 - the worker start commands, run alone as on a reused (stopped, then restarted) worker, leave /shared
   mounted and writable, and stop the node before `ray start` when it is not;
-- the head's start commands pin the workers' AMI and wait for MLflow's health check, failing loudly.
+- the head's start command waits for MLflow's health check, failing loudly (the AMI pin:
+  tests/test_cluster_launcher.py).
 
 /shared on this machine: this container's kernel has no NFS (no `nfs`/`nfs4` in /proc/filesystems),
 so the worker's NFS mount is replaced by a bind mount of a temp folder (`mount --bind EXPORT TARGET`
@@ -15,7 +16,6 @@ on failure) runs as written. The real /shared of the machine, if any, is never t
 """
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from tests import pg_helpers
-from tests.cluster_helpers import (LocalSSH, cluster_requirements, launcher_steps, load_cluster, local_shell_env,
-                                   mlflow_unit, run_like_ray)
+from tests.cluster_helpers import (LocalSSH, cluster_requirements, launcher_calls, launcher_steps, load_cluster,
+                                   local_shell_env, mlflow_unit, run_like_ray)
 
 RAY_CMD = re.compile(r"\bray (stop|start)\b")
 
@@ -37,26 +37,21 @@ def cfg() -> dict:
 
 
 @pytest.mark.parametrize("node_type", ["head", "gpu_1x_a10g", "gpu_4x_a10g"])
-def test_every_command_parses_as_ray_runs_it(cfg, node_type):
-    """What a new node of this type runs (initialization, setup, start), each command wrapped by Ray's
-    own SSHCommandRunner, parsed by bash exactly as the node's bash would receive it."""
-    steps = launcher_steps(cfg, node_type)
+def test_every_command_parses_as_ray_runs_it(cfg, node_type, cluster_extra):
+    """What a new node of this type runs (initialization, setup, start), as Ray's own launcher sends it
+    (`ray up` for the head, autoscaler v2 for a worker, tests/cluster_launcher.py), each script parsed by
+    bash exactly as the node's bash receives it."""
+    calls = [c for c in launcher_calls(cfg, node_type) if c[0] != "connect"]
     head = node_type == cfg["head_node_type"]
-    expected = (len(cfg["initialization_commands"]) + len(cfg["setup_commands"])
-                + len(cfg["head_setup_commands" if head else "worker_setup_commands"])
+    expected = (len(cfg["initialization_commands"]) + len(cfg["head_setup_commands" if head else "worker_setup_commands"])
                 + len(cfg["head_start_ray_commands" if head else "worker_start_ray_commands"]))
-    assert len(steps) == expected
-    ssh = LocalSSH()
-    for step in steps:
-        try:
-            run_like_ray(step.command, ssh, **step.kwargs)
-        except click.ClickException:
-            pytest.fail(f"{step.stage} command does not parse as Ray runs it:\n{step.command}\n{ssh.calls[-1][3]}")
-    assert len(ssh.calls) == expected
-    # the wrapping really is Ray's: the script ends in `&& (COMMAND)`, with the launcher's exports
-    last = ssh.calls[-1][1]
-    assert last.startswith("source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore && (export ")
-    assert last.endswith(")") and "RAY_OVERRIDE_RESOURCES=" in last and "ray start" in last
+    assert len(calls) == expected
+    for stage, command, _, returncode, output in calls:
+        assert returncode == 0, f"{stage} command does not parse as Ray runs it:\n{command}\n{output}"
+    # Ray's wrapping is in place: the start commands carry the launcher's exports and resources
+    stage, command, kwargs, _, _ = calls[-1]
+    assert stage == "start" and "ray start" in command and command.startswith("export ")
+    assert "RAY_OVERRIDE_RESOURCES" in kwargs["environment_variables"]
 
 
 ORIGINAL_HEREDOC = """
@@ -101,7 +96,8 @@ def test_backend_uri_names_the_driver_the_cluster_extra_installs(cfg):
     url = make_url(argv[argv.index("--backend-store-uri") + 1])
     assert url.drivername == "postgresql+psycopg" and url.get_driver_name() == "psycopg"
     assert "psycopg" in {Requirement(r).name for r in cluster_requirements()}
-    assert any('[cluster]"' in c for c in cfg["setup_commands"] if "pip install" in c)
+    for role in ("head_setup_commands", "worker_setup_commands"):
+        assert any('[cluster]"' in c for c in cfg[role] if "pip install" in c), role
 
 
 # ---- a worker that was stopped and is started again ----------------------------------------------------
@@ -130,7 +126,7 @@ def mount_tools(tmp_path):
     subprocess.run(["umount", str(probe)], check=True)
 
 
-def test_restarted_worker_mounts_shared_before_ray_starts(cfg, tmp_path, mount_tools):
+def test_restarted_worker_mounts_shared_before_ray_starts(cfg, tmp_path, mount_tools, cluster_extra):
     """A reused worker runs only its start commands ("Configuration already up to date, skipping file
     mounts, initialization and setup commands"). Run alone, twice (a second restart), they leave
     /shared mounted once and writable, and the files land in the head's export. Ray's own `ray stop` /
@@ -178,44 +174,13 @@ def _head_start(cfg: dict, needle: str):
     return step
 
 
-def test_head_pins_the_workers_ami_to_its_own(cfg, tmp_path):
-    """Workers are launched by the head's IAM role, which cannot resolve `resolve:ssm:` parameters: the
-    head rewrites ~/ray_bootstrap_config.yaml (written by `ray up` as JSON) with its own AMI id before the
-    autoscaler reads it. The instance-metadata lookup is replaced by a fixed id here (no EC2 metadata
-    service on this machine); the rewrite, and what Ray then reads back, are real."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
-    step = _head_start(cfg, "meta-data/ami-id")
-    lookup = r"\$\(TOKEN=\$\(curl [^)]*169\.254\.169\.254/latest/api/token\) && curl [^)]*/latest/meta-data/ami-id\)"
-    assert len(re.findall(lookup, step.command)) == 1, "IMDSv2: a token, then meta-data/ami-id"
-    home = tmp_path / "home"
-    env = local_shell_env(home)
-    boot = home / "ray_bootstrap_config.yaml"
-    original = json.dumps(prepare_config(cfg))
-    assert original.count('"ImageId": "resolve:ssm:') == len(cfg["available_node_types"])
-    boot.write_text(original)
-    ssh = LocalSSH(execute=True, env=env)
-    run_like_ray(re.sub(lookup, "$(echo ami-0123456789abcdef0)", step.command), ssh, **step.kwargs)
-    pinned = yaml.safe_load(boot.read_text())               # the autoscaler reads it with yaml
-    validate_config(pinned)
-    expected = json.loads(original)
-    for t in expected["available_node_types"].values():
-        t["node_config"]["ImageId"] = "ami-0123456789abcdef0"
-    assert pinned == expected, "every ImageId pinned, nothing else changed"
-    # no id from the metadata service: `ray up` stops here, the file is left as it was
-    boot.write_text(original)
-    with pytest.raises(click.ClickException):
-        run_like_ray(re.sub(lookup, "$(false)", step.command), ssh, **step.kwargs)
-    assert "cannot read this head's AMI id" in ssh.calls[-1][3]
-    assert boot.read_text() == original
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_head_start_fails_loudly_when_mlflow_does_not_answer(cfg, tmp_path):
+def test_head_start_fails_loudly_when_mlflow_does_not_answer(cfg, tmp_path, cluster_extra):
     """`systemctl restart mlflow` returns 0 even when the server then crash-loops; the next start
     command polls its /health and stops `ray up` when it never answers. Here nothing listens on the
     port, and the loop's 90 tries are cut to 2 (the passing case, against a real server on

@@ -125,17 +125,22 @@ def test_readme_commands_and_ci_install_through_the_lock_with_the_tested_torch()
     assert '"-c", str(LOCK)' in conftest and "from sweeps.lock import LOCK" in conftest
 
 
-def test_cluster_nodes_install_through_the_synced_lock():
+@pytest.mark.parametrize("role", ["head_setup_commands", "worker_setup_commands"])
+def test_cluster_nodes_install_through_the_synced_lock(role):
+    """Each role's setup as the head's autoscaler (v2) reads it: Ray prepares the config `ray up` already
+    prepared once more (prepare_config twice), and each install runs once, through the lock."""
+    from ray.autoscaler._private.util import prepare_config
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     mounted = {local.rstrip("/"): remote for remote, local in cfg["file_mounts"].items()}
     remote_lock = f"{mounted['./sweeps']}/constraints.txt"            # the lock travels with sweeps/
-    installs = [args for c in cfg["setup_commands"] for args in pip_installs(c) if args != ["-q", "-U", "pip"]]
+    commands = prepare_config(prepare_config(cfg))[role]
+    installs = [args for c in commands if "pip install" in c for args in pip_installs(c) if args != ["-q", "-U", "pip"]]
     assert installs[0] == ["-q", f"torch=={TORCH}"]
     for args in installs[1:]:
         assert constraint(args) == remote_lock, args
     ray = [a for args in installs for a in args if a.startswith("ray[")]
-    assert ray and all(Requirement(a).specifier == Requirement(f"ray=={PINS['ray']}").specifier for a in ray)
-    assert any("-e" in args and "[cluster]" in args[-1] for args in installs)
+    assert len(ray) == 1 and Requirement(ray[0]).specifier == Requirement(f"ray=={PINS['ray']}").specifier
+    assert len([args for args in installs if "-e" in args and "[cluster]" in args[-1]]) == 1
 
 
 def test_lock_file_round_trips_and_check_reports_a_difference(tmp_path, capsys):
