@@ -1,10 +1,11 @@
 """`capsweep report`: read a sweep from MLflow, decide the verdict, write the report, log it to MLflow.
 
-    capsweep report --experiment NAME [--tracking-uri URI] [--sweep NAME] [--reference SWEEP] [--out DIR]
+    capsweep report [SWEEP] [--experiment NAME] [--tracking-uri URI] [--reference SWEEP] [--out DIR]
                     [--alpha A] [--acc-margin D] [--grad-margin DECADES] [--grad-ratio-min X] [--grad-ratio-max X]
                     [--starved-frac-max X] [--dead-frac-max X] [--frozen-frac-max X]
                     [--chance-margin X] [--num-classes N] [--no-log-artifacts]
 
+SWEEP (or `--sweep SWEEP`, the same): the sweep to report, by default the experiment's most recent.
 Also `python -m analysis ...`. Exit codes, as every capsweep subcommand: 0 report written; 2 bad input
 or bad arguments (one line on stderr: missing store, experiment or sweep, no finished trial, runs
 without the probes, a flag out of range); 1 a failure while running (the store fails mid-read, the
@@ -51,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"MLflow experiment name (default: {DEFAULT_EXPERIMENT})")
     p.add_argument("--tracking-uri", default=None,
                    help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
-    p.add_argument("--sweep", default=None, help="sweep name (default: the most recent sweep of the experiment)")
+    p.add_argument("sweep", nargs="?", default=None, metavar="SWEEP",
+                   help="sweep name (or --sweep SWEEP; default: the most recent sweep of the experiment)")
+    p.add_argument("--sweep", dest="sweep_opt", default=None, metavar="SWEEP", help=argparse.SUPPRESS)
     p.add_argument("--reference", default=None, metavar="SWEEP",
                    help="take the depth-0 reference trials from this other sweep of the same experiment "
                         "(matched on the shared params) instead of the sweep's own")
@@ -90,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """Range checks argparse types cannot express; each error is one line, exit 2."""
+    """Range checks argparse types cannot express; each error is one line, exit 2. Also the one sweep
+    name of the positional and --sweep."""
+    if a.sweep is not None and a.sweep_opt is not None and a.sweep != a.sweep_opt:
+        p.error(f"sweep: named twice ({a.sweep!r} and --sweep {a.sweep_opt!r}); name it once")
+    a.sweep = a.sweep if a.sweep is not None else a.sweep_opt
     rules = [
         ("--alpha", a.alpha, 0 < a.alpha < 0.5, "must be in (0, 0.5)"),
         ("--acc-margin", a.acc_margin, 0 <= a.acc_margin < 1, "must be in [0, 1) (a fraction)"),

@@ -146,7 +146,7 @@ def load_sweep(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: Optional[str]
         if len(parents_by_sweep) > 1:
             notes.append(f"experiment {experiment!r} holds {len(parents_by_sweep)} sweeps "
                          f"({', '.join(sorted(parents_by_sweep))}); analysing the most recent, {sweep!r} "
-                         "(choose with --sweep)")
+                         "(name another: capsweep report SWEEP)")
     elif sweep is None:   # trials without a parent (an interrupted start?): the trials' own tags say
         everything = search_all(client, exp_id, trial_filter, progress=show, what="trial runs")
         tagged = [r for r in everything if r.data.tags.get(TAG_SWEEP)]
@@ -159,7 +159,7 @@ def load_sweep(experiment: str = DEFAULT_EXPERIMENT, tracking_uri: Optional[str]
         if len(sweeps_of(tagged)) > 1:
             notes.append(f"experiment {experiment!r} holds {len(sweeps_of(tagged))} sweeps "
                          f"({', '.join(sweeps_of(tagged))}); analysing the most recent, {sweep!r} "
-                         "(choose with --sweep)")
+                         "(name another: capsweep report SWEEP)")
     sweep_parents = sorted(parents_by_sweep.get(sweep, []), key=lambda r: r.info.start_time or 0)
     parent_id = sweep_parents[-1].info.run_id if sweep_parents else None
     if len(sweep_parents) > 1:

@@ -321,8 +321,8 @@ def package_versions(names=REPORT_PACKAGES) -> dict[str, str]:
 def report_command(verdict: dict, out_dir: str) -> str:
     """A `capsweep report` command that rebuilds this report: the sweep, its store, the reference and
     every threshold that differs from the default."""
-    argv = ["capsweep", "report", "--experiment", verdict["experiment"], "--tracking-uri", verdict["tracking_uri"],
-            "--sweep", verdict["sweep"]]
+    argv = ["capsweep", "report", verdict["sweep"], "--experiment", verdict["experiment"],
+            "--tracking-uri", verdict["tracking_uri"]]
     src = verdict.get("reference_source") or ""
     if src.startswith("sweep "):
         argv += ["--reference", src[len("sweep "):]]

@@ -1,5 +1,11 @@
 """The `capsweep` command: train, run, submit, confirm, validate, ui, report, ls, status, compare, export.
 
+One convention for every subcommand: a sweep is named by a positional argument (`capsweep report
+smoke`, `status smoke`, `confirm smoke`; `--sweep NAME` is the same), and the store options
+`--tracking-uri` and `--experiment` may come before the subcommand as well as after it (`capsweep
+--tracking-uri X ls`; for `run`, `submit` and `validate` they become the spec's `mlflow.tracking_uri` /
+`mlflow.experiment`); an option after the subcommand, or an explicit override, wins.
+
 Exit codes (every subcommand): 0 done; 2 bad input or a refused start (one line on stderr naming the
 field, nothing started); 1 a sweep or report that failed while running; 130 interrupted (resume with
 --resume). The bodies of ls/status/compare/export are in sweeps/inspect.py.
@@ -130,8 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sweeps.storage import join
     print(f"  Ray Tune state: {join(result.storage, result.name)}")
     print(f"  open the MLflow UI:  {_ui_command(result.tracking_uri)}")
-    print(f"  write the report:    capsweep report --experiment {shlex.quote(result.experiment)} "
-          f"--sweep {shlex.quote(result.name)}" + _uri_flag(result.tracking_uri))
+    print(f"  write the report:    capsweep report {shlex.quote(result.name)}" + _experiment_flag(result.experiment)
+          + _uri_flag(result.tracking_uri))
     if result.interrupted:
         print(f"capsweep: sweep {result.name!r} did not finish; continue it with: " + _resume_command(args),
               file=sys.stderr)
@@ -155,6 +161,11 @@ def _dry_run(spec) -> int:
 def _uri_flag(uri: str) -> str:
     from capsmodels.contract import DEFAULT_TRACKING_URI
     return "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(uri)}"
+
+
+def _experiment_flag(name: str) -> str:
+    from capsmodels.contract import DEFAULT_EXPERIMENT
+    return "" if name == DEFAULT_EXPERIMENT else f" --experiment {shlex.quote(name)}"
 
 
 def _ui_command(uri: str) -> str:
@@ -363,7 +374,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     def body(si):
-        print("\n".join(si.status_lines(si.find_sweep(si.open_client(args.tracking_uri), args.name,
+        print("\n".join(si.status_lines(si.find_sweep(si.open_client(args.tracking_uri), args.sweep,
                                                         args.experiment))))
     return _inspect(body)
 
@@ -384,7 +395,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     def body(si):
-        sweep = si.find_sweep(si.open_client(args.tracking_uri), args.name, args.experiment)
+        sweep = si.find_sweep(si.open_client(args.tracking_uri), args.sweep, args.experiment)
         where = si.write_export(sweep, args.csv)
         if where != "stdout":
             print(f"capsweep: {len(sweep.trials)} trials of sweep {sweep.name!r} written to {where}", file=sys.stderr)
@@ -420,6 +431,57 @@ def cmd_report(argv: list[str]) -> int:
     return report_main(argv)
 
 
+def _sweep_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """The sweep's name as every subcommand takes it: positional, or `--sweep NAME` (the same)."""
+    p.add_argument("sweep", nargs="?", default=None, metavar="SWEEP", help=f"{what} (or --sweep SWEEP)")
+    p.add_argument("--sweep", dest="sweep_opt", default=None, metavar="SWEEP", help=argparse.SUPPRESS)
+
+
+def _resolve_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One sweep name from the positional and --sweep; errors are one line (exit 2)."""
+    if not hasattr(args, "sweep_opt"):
+        return
+    pos, opt = args.sweep, args.sweep_opt
+    if opt is not None and pos is not None and "=" in pos and hasattr(args, "overrides"):
+        args.overrides, pos = [pos, *args.overrides], None      # `confirm --sweep S key=value`
+    if pos is not None and opt is not None and pos != opt:
+        parser.error(f"sweep: named twice ({pos!r} and --sweep {opt!r}); name it once")
+    args.sweep = pos if pos is not None else opt
+    if not args.sweep:
+        parser.error(f"{args.command}: name the sweep, e.g. capsweep {args.command} smoke (capsweep ls lists them)")
+
+
+GLOBAL_OPTIONS = {"--tracking-uri": "mlflow.tracking_uri", "--experiment": "mlflow.experiment"}
+SPEC_COMMANDS = ("run", "submit", "validate")     # they take the store from the spec: globals become overrides
+
+
+def hoist_globals(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`capsweep --tracking-uri X --experiment E CMD ...` -> (`CMD --tracking-uri X --experiment E ...`,
+    spec overrides). The options go right after the subcommand, so one given after it still wins; for
+    a spec command they become key=value overrides placed before the user's own (which win too)."""
+    hoisted: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        name, eq, value = argv[i].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise _GlobalError(f"argument {name}: expected one argument")
+            value, i = argv[i + 1], i + 1
+        hoisted.append((name, value))
+        i += 1
+    rest = argv[i:]
+    if not hoisted or not rest or rest[0].startswith("-"):
+        return rest if hoisted else argv, []
+    command, tail = rest[0], rest[1:]
+    if command in SPEC_COMMANDS:
+        return [command, *tail], [f"{GLOBAL_OPTIONS[n]}={v}" for n, v in hoisted]
+    return [command, *(x for n, v in hoisted for x in (n, v)), *tail], []
+
+
+class _GlobalError(ValueError):
+    pass
+
+
 _TRUST_HELP = ("with --resume: also load trial state files and Ray Tune state that capsweep cannot check "
                "(runs code from the storage folder; README, 'Security')")
 
@@ -431,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="capsweep", description="CapsNet sweeps with Ray Tune, Optuna and MLflow")
     p.add_argument("--version", action="version", version=f"capsweep {_version()}",
                    help="print capsweep's version and exit")
+    p.add_argument("--tracking-uri", dest="global_tracking_uri", metavar="URI",
+                   help="MLflow store of the subcommand (before or after it; for run/submit/validate: the spec's "
+                        f"mlflow.tracking_uri; default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
+    p.add_argument("--experiment", dest="global_experiment", metavar="NAME",
+                   help="MLflow experiment of the subcommand (before or after it; default: capsweep)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one configuration with a progress bar")
@@ -482,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("confirm", help="re-run an exploration's most promising candidates on fresh seeds, "
                        "beside fresh references and controls, in a new sweep")
-    c.add_argument("sweep", help="the exploration sweep's name")
+    _sweep_arg(c, "the exploration sweep's name")
     c.add_argument("overrides", nargs="*", help="key=value overrides of the generated spec, e.g. base.train.epochs=20")
     c.add_argument("--top", type=int, default=None,
                    help="how many of its ranked candidates to re-run (default: the verdict's, 3)")
@@ -514,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_ls)
 
     st = sub.add_parser("status", help="progress of a running or submitted sweep: trials by state, best so far")
-    st.add_argument("name", help="the sweep's name")
+    _sweep_arg(st, "the sweep's name")
     _store_flags(st, DEFAULT_EXPERIMENT)
     st.set_defaults(func=cmd_status)
 
@@ -525,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=cmd_compare)
 
     ex = sub.add_parser("export", help="the trial table of a sweep (params and final metrics) as CSV")
-    ex.add_argument("name", help="the sweep's name")
+    _sweep_arg(ex, "the sweep's name")
     ex.add_argument("--csv", nargs="?", const="-", default="-", metavar="PATH",
                     help="write CSV to PATH (default, or '-': stdout)")
     _store_flags(ex, DEFAULT_EXPERIMENT)
@@ -547,17 +614,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, spec_overrides = hoist_globals(argv)
+    except _GlobalError as e:
+        return _err(str(e))
     if argv and argv[0] == "report":
         return cmd_report(argv[1:])
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
+        _resolve_sweep(parser, args)
         if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
             args.overrides = [*args.overrides, *extra]    # key=value after the flags: `confirm S --top 3 k=v`
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:     # one-line error (2), --help / --version (0)
         return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
+    if spec_overrides and args.command == "validate":
+        args.specs = [*spec_overrides, *args.specs]
+    elif spec_overrides:
+        args.overrides = [*spec_overrides, *args.overrides]
     bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
     if bad:
         return _err(f"override: {bad[0]!r} is not key=value")

@@ -596,6 +596,15 @@ def test_cli_writes_report_and_logs_it_on_the_parent_run(store, tmp_path, capsys
     assert json.loads((out / "verdict.json").read_text())["thresholds"]["alpha"] == 0.1
 
 
+def test_report_takes_the_sweep_positionally_and_the_store_before_the_subcommand(store, tmp_path, capsys):
+    """`capsweep --tracking-uri U report s1` as `status s1` takes its sweep (issue 23, 5)."""
+    from sweeps.cli import main as capsweep
+    out = tmp_path / "rep"
+    assert capsweep(["--tracking-uri", store["uri"], "report", "s1", "--out", str(out), "--no-log-artifacts"]) == 0
+    assert json.loads((out / "verdict.json").read_text())["sweep"] == "s1"
+    assert "report: " in capsys.readouterr().out
+
+
 def test_cli_reference_flag(store, tmp_path, capsys):
     out = tmp_path / "rep"
     args = ["--experiment", "capsweep", "--tracking-uri", store["uri"], "--sweep", "deep", "--out", str(out),

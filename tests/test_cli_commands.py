@@ -228,6 +228,53 @@ def test_every_flag_has_help():
     assert all(a.help for a in report_parser()._actions)
 
 
+# ---- one convention: the sweep positional (or --sweep), store options before the subcommand too ------
+def test_the_sweep_is_positional_or_sweep_and_store_options_go_before_the_subcommand(store, capsys):
+    uri = store["uri"]
+    forms = [["status", "alpha", "--tracking-uri", uri],
+             ["status", "--sweep", "alpha", "--tracking-uri", uri],
+             ["--tracking-uri", uri, "status", "alpha"],
+             [f"--tracking-uri={uri}", "--experiment", "capsweep", "status", "--sweep", "alpha"],
+             ["--tracking-uri", "sqlite:///elsewhere.db", "status", "alpha", "--tracking-uri", uri]]   # after wins
+    outs = [run_cli(f, capsys) for f in forms]
+    assert all(code == 0 for code, _, _ in outs), outs
+    assert len({out for _, out, _ in outs}) == 1 and outs[0][1].startswith("sweep 'alpha'")
+    ls = [run_cli(f, capsys) for f in (["ls", "--tracking-uri", uri], ["--tracking-uri", uri, "ls"])]
+    assert ls[0] == ls[1] and ls[0][0] == 0 and "alpha" in ls[0][1]
+    assert run_cli(["export", "--sweep", "beta", "--tracking-uri", uri], capsys) == \
+        run_cli(["--tracking-uri", uri, "export", "beta"], capsys)
+    # `confirm --sweep S key=value`: the override stays an override
+    args = cli.build_parser().parse_args(["confirm", "--sweep", "beta", "base.train.epochs=2"])
+    cli._resolve_sweep(cli.build_parser(), args)
+    assert args.sweep == "beta" and args.overrides == ["base.train.epochs=2"]
+    # report takes the sweep positionally, through the global options too
+    code, out, err = run_cli(["--tracking-uri", uri, "report", "nosuch"], capsys)
+    assert code == 2 and "sweep 'nosuch' not found" in err
+
+
+@pytest.mark.parametrize("command", ["run", "submit", "validate"])
+def test_store_options_before_a_spec_command_set_the_specs_mlflow_section(command, tmp_path, monkeypatch, capsys):
+    """run/submit/validate take the store from the spec: the options before them become its
+    mlflow.tracking_uri / mlflow.experiment, and an explicit override still wins."""
+    import yaml
+    monkeypatch.chdir(tmp_path)
+    if command == "validate":
+        code, out, err = run_cli(["--tracking-uri", "sqlite:///nope/x.db", "validate", "smoke",
+                                  "mlflow.tracking_uri=ftp://x"], capsys)
+        assert code == 2 and "mlflow.tracking_uri" in err and "ftp://x" in err     # the user's own override won
+        code, out, err = run_cli(["--experiment", "mine", "validate", "smoke"], capsys)
+        assert code == 0 and out.startswith("smoke: ok"), err
+        return
+    code, out, err = run_cli(["--tracking-uri", "sqlite:///other.db", "--experiment", "mine", command, "smoke",
+                              "--dry-run"], capsys)
+    assert code == 0, err
+    spec = yaml.safe_load(out)
+    assert spec["mlflow"] == {**spec["mlflow"], "tracking_uri": "sqlite:///other.db", "experiment": "mine"}
+    code, out, err = run_cli(["--experiment", "mine", command, "smoke", "mlflow.experiment=theirs", "--dry-run"], capsys)
+    assert code == 0 and yaml.safe_load(out)["mlflow"]["experiment"] == "theirs"
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- bad input: exit 2, one line naming the field ----------------------------------------------------
 BAD = [
     (["bogus"], "invalid choice"),
@@ -241,10 +288,13 @@ BAD = [
     (["validate"], "SPEC_OR_OVERRIDE"),
     (["submit", "smoke", "seeds=[]"], "seeds"),
     (["ui", "--port", "abc"], "--port"),
-    (["ui", "--tracking-uri", "sqlite:////nonexistent-folder/m.db"], "nonexistent-folder"),
+    (["ui", "--port", "0", "--tracking-uri", "sqlite:////nonexistent-folder/m.db"], "nonexistent-folder"),
     (["ls", "--tracking-uri", "sqlite:///{tmp}/absent.db"], "--tracking-uri"),
     (["ls", "--experiment", "nope", "--tracking-uri", "{uri}"], "--experiment"),
-    (["status"], "name"),
+    (["status"], "name the sweep"),
+    (["status", "alpha", "--sweep", "beta", "--tracking-uri", "{uri}"], "named twice"),
+    (["report", "alpha", "--sweep", "beta"], "named twice"),
+    (["--tracking-uri"], "--tracking-uri"),
     (["status", "nosuch", "--tracking-uri", "{uri}"], "sweep"),
     (["compare", "beta"], "b"),
     (["compare", "beta", "beta", "--tracking-uri", "{uri}"], "compare"),

@@ -37,7 +37,7 @@ def finished_sweep(tmp_path_factory):
 
 def test_sweep_logs_one_child_run_per_trial(finished_sweep):
     work, client, proc = finished_sweep
-    assert "capsweep report --experiment capsweep --sweep tiny" in proc.stdout
+    assert "capsweep report tiny" in proc.stdout
     # Ray's notice that a local Ray has token authentication on (its default, kept) is not shown
     assert "Token authentication" not in proc.stdout + proc.stderr
     assert "8 trials (2 candidates, 2 references, 4 controls)" in proc.stdout
