@@ -118,6 +118,7 @@ class MlflowSweepLogger(Callback):
         self.ended: set[str] = set()          # trials whose run is closed with a final status
         self.retries: dict[str, int] = {}
         self.guard: Optional[tune_guard.TuneStateGuard] = None   # set by the runner (not pickled)
+        self._reconciled = False
         self._load_existing()
 
     def __getstate__(self) -> dict:
@@ -176,21 +177,35 @@ class MlflowSweepLogger(Callback):
                 self.ended.add(tid)
             self.retries[tid] = int(run.data.tags.get(TAG_RETRIES, "0"))
 
-    def backfill(self, trial_id: str, trial_dir: Optional[Path]) -> None:
-        """Deliver epochs that Ray recorded in result.json but MLflow never received (driver crash)."""
-        if trial_dir is None:
-            return
-        path = Path(trial_dir) / "result.json"
-        if not path.exists():
-            return
-        for line in path.read_text().splitlines():
-            try:
-                result = json.loads(line)
-            except json.JSONDecodeError:
-                continue     # a line cut by the crash
-            if "epoch" in result:
-                self._put(Metrics(trial_id, int(result["epoch"]), numeric_metrics(result),
+    def backfill(self, trial_id: str, trial_dir: Optional[Path], trial=None) -> None:
+        """Deliver epochs that Ray recorded (the trial's result.json, and its last result in Tune's
+        experiment state) but MLflow never received (a driver that died with writes in flight).
+        Epochs MLflow has are skipped here already, so a resume costs no write for them."""
+        results = _results(trial_dir, trial)
+        have = self.last_step.get(trial_id, -1)
+        for result in results:
+            if "epoch" in result and int(result["epoch"]) > have:
+                have = int(result["epoch"])
+                self._put(Metrics(trial_id, have, numeric_metrics(result),
                                   int(result.get("timestamp", time.time()) * 1000)))
+
+    def reconcile(self, trials: list) -> None:
+        """Once, at the first step (after a restore: every trial Tune knows, whatever its state): each
+        trial that reported gets its run and every epoch Tune recorded, and one Tune already ended gets
+        its model and end. What an earlier driver lost with writes in flight is made good here, also for
+        trials that Tune will not run again (it restores a TERMINATED trial as it was)."""
+        for trial in trials:
+            tid = trial.trial_id
+            if tid in self.ended and tid in self.run_ids:
+                self.backfill(tid, _trial_dir(trial), trial)
+                continue
+            if self._has_run(tid) or trial.last_result or _results(_trial_dir(trial), trial):
+                self._ensure_run(trial)
+            if trial.status == "TERMINATED":
+                self._finish(trial, None)
+            elif trial.status == "ERROR":
+                tune_guard.forget_pickled_error(trial)
+                self._finish(trial, _error_text(trial))
 
     # ---- Tune callback hooks --------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
@@ -219,7 +234,7 @@ class MlflowSweepLogger(Callback):
         self.statuses.setdefault(tid, RUNNING)
         if self.statuses[tid] == INTERRUPTED:
             self.statuses[tid] = RUNNING
-        self.backfill(tid, _trial_dir(trial))
+        self.backfill(tid, _trial_dir(trial), trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if trial.trial_id not in self.run_ids:
@@ -288,6 +303,15 @@ class MlflowSweepLogger(Callback):
         self._put(Model(tid, model_dir, state_path, self.keep_state, log=status != FAILED))
         self._put(End(tid, status, error))
 
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        self._reconcile_once(trials)
+
+    def _reconcile_once(self, trials: list) -> None:
+        """At the first step, or at the end when Tune restored only ended trials and ran no step."""
+        if not self._reconciled:
+            self._reconciled = True
+            self.reconcile(trials)
+
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if self.queue:
             self.queue.flush()
@@ -295,6 +319,7 @@ class MlflowSweepLogger(Callback):
             self.guard.update(tune_guard.staging_dir(trials))
 
     def on_experiment_end(self, trials: list, **info) -> None:
+        self._reconcile_once(trials)
         for trial in trials:
             tune_guard.forget_pickled_error(trial)
         self.close(trials)
@@ -336,6 +361,31 @@ class MlflowSweepLogger(Callback):
 
 def _log_rejected(rec: Record, e: BaseException) -> None:
     log.warning("MLflow rejected %s: %s", type(rec).__name__, e)
+
+
+def _results(trial_dir: Optional[Path], trial=None) -> list[dict]:
+    """The results Tune recorded for a trial, oldest first: its result.json (on the storage, where
+    Tune syncs it, else the local folder), then its last result as Tune's state keeps it."""
+    text = None
+    st = getattr(trial, "storage", None)
+    if st is not None:
+        try:
+            with st.storage_filesystem.open_input_stream(f"{st.trial_fs_path}/result.json") as f:
+                text = f.readall().decode("utf-8", errors="replace")
+        except Exception:  # noqa: BLE001 - no such file yet, or no storage context: try the folder
+            text = None
+    if text is None and trial_dir is not None and (Path(trial_dir) / "result.json").is_file():
+        text = (Path(trial_dir) / "result.json").read_text(errors="replace")
+    out = []
+    for line in (text or "").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue     # a line cut by the crash
+    last = getattr(trial, "last_result", None) or {}
+    if "epoch" in last and all(r.get("epoch") != last["epoch"] for r in out):
+        out.append(dict(last))
+    return [r for r in out if isinstance(r, dict)]
 
 
 def _trial_dir(trial) -> Optional[Path]:

@@ -1,18 +1,25 @@
-"""A retrying, spooling queue of tracking writes: typed records delivered in order, at least once.
+"""A retrying, journalled queue of tracking writes: typed records delivered in order, at least once.
 
-Why a queue: the tracking server may be away for minutes in a long sweep (a restart, a network cut),
-and the sweep must neither stall nor lose a write. Each write is a record; `flush` delivers from the
-front and, on a transient error, keeps the record and backs off exponentially (1 s .. 60 s) without
-blocking. If the outage lasts past `max_outage_s` or the queue grows past `max_pending`, the records
-are spooled to a JSON-lines file and `TrackingUnavailable` stops the sweep; the next driver replays
-the file (`--resume`). The queue knows nothing of Ray Tune; what a record does is the `apply`
-callable's business (sweeps/run_writer.py writes it to MLflow, idempotently, so at-least-once
-delivery gives exactly-once runs).
+Why a queue: the tracking server may be away for minutes in a long sweep (a restart, a network cut,
+a full disk), and the sweep must neither stall nor lose a write. Each write is a record; `flush`
+delivers from the front and, on a transient error, keeps the record and backs off exponentially
+(1 s .. 60 s) without blocking.
+
+Why a journal: Ray Tune counts a result as handled when the callback returns, so a record that lived
+only in memory was lost with a driver killed during an outage. `put` appends the record to a
+JSON-lines file on the driver's local disk and fsyncs it before it returns; the file is emptied
+whenever every record in it has been delivered. A driver that starts (`--resume`) replays what it
+finds there first. Delivery may repeat a record (a crash between a delivery and the journal's
+truncation): the `apply` callable's writes are idempotent (sweeps/run_writer.py), so at-least-once
+delivery gives exactly-once runs. If the outage lasts past `max_outage_s` or the queue grows past
+`max_pending`, `TrackingUnavailable` stops the sweep; its records are in the journal already.
+The queue knows nothing of Ray Tune.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -127,6 +134,65 @@ def from_json(line: str) -> Record:
     return KINDS[data.pop("kind")](**data)
 
 
+class Journal:
+    """The queue's records on local disk, appended and fsynced one by one; `acked` counts the records
+    at its head already delivered (kept beside it, best effort: a lost count only repeats deliveries)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.ack_path = self.path.with_name(self.path.name + ".acked")
+        self._file = None
+
+    def append(self, rec: "Record") -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(to_json(rec) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def read(self) -> list["Record"]:
+        """The records not yet delivered, in order (a line cut by a crash mid-append is skipped)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    out.append(from_json(line))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return out[self._acked():]
+
+    def _acked(self) -> int:
+        try:
+            return int(self.ack_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def ack(self, n: int) -> None:
+        """`n` records from the head delivered (written when deliveries stop short of the end)."""
+        if n > 0:
+            tmp = self.ack_path.with_name(self.ack_path.name + ".tmp")
+            tmp.write_text(str(self._acked() + n))
+            os.replace(tmp, self.ack_path)
+
+    def clear(self) -> None:
+        """Everything delivered: an empty journal."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.path.exists():
+            self.path.unlink()
+        if self.ack_path.exists():
+            self.ack_path.unlink()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class WriteQueue:
     """Records delivered in order through `apply`; `transient(e)` says which errors to wait out."""
 
@@ -136,6 +202,7 @@ class WriteQueue:
         self.apply = apply
         self.transient = transient
         self.spool_path = Path(spool_path)
+        self.journal = Journal(self.spool_path)
         self.where = where                  # named in the messages: "MLflow at <uri>"
         self.max_outage_s = max_outage_s
         self.max_pending = max_pending
@@ -152,6 +219,8 @@ class WriteQueue:
         return iter(self.records)
 
     def put(self, rec: Record) -> None:
+        """On disk (fsynced) before it returns, then delivered if the store answers."""
+        self.journal.append(rec)
         self.records.append(rec)
         self.flush()
 
@@ -161,10 +230,12 @@ class WriteQueue:
         if not force and self.outage_since is not None and now < self.next_try:
             self._check_bounds(now)
             return False
+        delivered = 0
         while self.records:
             try:
                 self.apply(self.records[0])
             except Exception as e:  # noqa: BLE001
+                self.journal.ack(delivered)
                 if not self.transient(e):
                     if self.on_reject:
                         self.on_reject(self.records[0], e)
@@ -172,12 +243,15 @@ class WriteQueue:
                 if self.outage_since is None:
                     self.outage_since = now
                     print(f"capsweep: {self.where} is unreachable; buffering {len(self.records)} writes "
-                          "and retrying", flush=True)
+                          f"(kept in {self.spool_path}) and retrying", flush=True)
                 self.next_try = now + self.backoff
                 self.backoff = min(self.backoff * 2, 60.0)
                 self._check_bounds(now)
                 return False
             self.records.popleft()
+            delivered += 1
+        if delivered or self.spool_path.exists():
+            self.journal.clear()
         if self.outage_since is not None:
             print(f"capsweep: {self.where} is back; buffered writes delivered", flush=True)
         self.outage_since, self.backoff = None, 1.0
@@ -187,33 +261,31 @@ class WriteQueue:
         if self.outage_since is None:
             return
         if now - self.outage_since > self.max_outage_s or len(self.records) > self.max_pending:
-            n = len(self.records)          # counted before the spool empties the queue
+            n = len(self.records)
             path = self.spool()
             raise TrackingUnavailable(
                 f"{self.where} unreachable for {now - self.outage_since:.0f}s; "
                 f"{n} pending writes saved to {path}; run again with --resume once it is back")
 
     def spool(self) -> Path:
-        """Append every queued record to the spool file and empty the queue."""
-        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.spool_path, "a") as f:
-            for rec in self.records:
-                f.write(to_json(rec) + "\n")
+        """The records are in the journal already: let go of them here (the next driver replays them)."""
         self.records.clear()
+        self.journal.close()
         return self.spool_path
 
     def replay_spool(self) -> int:
-        """Queue what an earlier driver spooled (and deliver it if the store is there). Returns how many."""
-        if not self.spool_path.exists():
+        """Queue what an earlier driver left undelivered in the journal (and deliver it if the store is
+        there). Returns how many."""
+        records = self.journal.read()
+        if not records:
+            self.journal.clear()
             return 0
-        records = [from_json(line) for line in self.spool_path.read_text().splitlines() if line.strip()]
         self.records.extend(records)
-        self.spool_path.unlink()
         self.flush()
         return len(records)
 
     def drain(self) -> None:
-        """Block until every record is delivered; spool them and raise after `max_outage_s`."""
+        """Block until every record is delivered; raise after `max_outage_s` (the journal keeps them)."""
         deadline = time.monotonic() + self.max_outage_s
         while self.records:
             if self.flush(force=True):

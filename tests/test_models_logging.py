@@ -230,3 +230,30 @@ def test_a_model_that_cannot_be_logged_is_tagged_and_its_files_kept(tmp_path):
     assert "wrong.weight" in client.get_run(rid).data.tags["capsweep.model_error"]
     assert client.search_logged_models([exp], filter_string=f"source_run_id = '{rid}'") == []
     assert (mdir / "model.pt").exists()
+
+
+def test_resume_backfills_a_trial_that_tune_finished_and_mlflow_lacks(sweep):
+    """Issue 18, item 2 (the default run's part; tests/test_reliability.py has the outage): a finished
+    trial whose run MLflow lacks (a driver killed with its writes in flight) gets its run on --resume,
+    every epoch from Tune's results, its model and its end, though Tune does not run it again; the other
+    trial is left as it was. Runs last in this module: it changes the shared sweep."""
+    work, client, kids = sweep
+    lost, kept = sorted(kids, key=lambda r: r.info.run_name)
+    kept_history = client.get_metric_history(kept.info.run_id, "val_acc")
+    client.delete_run(lost.info.run_id)
+    proc = run(capsweep_cmd("run", str(work / "m.yaml"), "base.model.depth=1", "base.train.max_steps_per_epoch=2",
+                            "--num-cpus", "2", "--keep-state", "--resume"), work, env_for_subprocess())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    now = {r.info.run_name: r for r in children(client, sweep="m")}
+    assert sorted(now) == NAMES
+    back = now[lost.info.run_name]
+    assert back.info.run_id != lost.info.run_id and back.info.status == "FINISHED"
+    assert back.data.tags["capsweep.trial_id"] == lost.data.tags["capsweep.trial_id"]
+    assert back.data.tags["capsweep.status"] == "finished"
+    assert back.data.metrics["test_acc"] == lost.data.metrics["test_acc"]
+    assert [m.step for m in client.get_metric_history(back.info.run_id, "val_acc")] == [0]
+    (model,) = client.search_logged_models([back.info.experiment_id],
+                                           filter_string=f"source_run_id = '{back.info.run_id}'")
+    assert back.data.tags["capsweep.model_id"] == model.model_id
+    assert now[kept.info.run_name].info.run_id == kept.info.run_id
+    assert client.get_metric_history(kept.info.run_id, "val_acc") == kept_history

@@ -221,3 +221,48 @@ def test_ctrl_c_at_start_up_exits_130_in_one_line(tmp_path):
     assert last.startswith("capsweep: ") and "--resume" in last, out[-3000:]
     (parent,) = parents(client)
     assert parent.info.status == "KILLED" and parent.data.tags["capsweep.status"] == "interrupted"
+
+
+@pytest.mark.slow     # ~2-3 min; the default run's part: tests/test_write_queue.py (the journal) and
+                      # tests/test_models_logging.py (a finished trial backfilled on --resume)
+def test_outage_then_a_killed_driver_loses_nothing_and_resume_repairs_it(tmp_path):
+    """Issue 18, item 2, as reported: the MLflow server dies after the first trial run appears; Tune
+    finishes both trials; the driver is SIGKILLed; the server comes back; --resume. Every write the
+    driver had taken was on disk (the journal) and every trial gets its run, each epoch once, its
+    model and its end."""
+    port = free_port()
+    db, art = tmp_path / "srv.db", tmp_path / "artifacts"
+    server = start_mlflow_server(db, art, port)
+    uri = f"http://127.0.0.1:{port}"
+    spec = write_spec(tmp_path / "o.yaml", "lost", "model.depth: {grid: [0, 1]}", seeds="[0]", epochs=3,
+                      tracking_uri=uri)
+    client = MlflowClient(uri)
+    exp_dir = tmp_path / "ray_results" / "lost"
+    try:
+        with background_sweep("run", str(spec), "--num-cpus", "2", cwd=tmp_path, env=env_for_subprocess()):
+            wait_for(lambda: children(client), timeout=180, what="the first trial run")
+            stop(server)
+            wait_for(lambda: len(list(exp_dir.glob("trial_models/*/final.json"))) == 2, timeout=300,
+                     what="Tune finishing both trials")
+            time.sleep(2)
+        journal = exp_dir / "mlflow_pending.jsonl"
+        assert journal.is_file() and journal.read_text().count("\n") > 2      # the writes it had taken
+        server = start_mlflow_server(db, art, port)
+        proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "2", "--resume"), tmp_path, env_for_subprocess(),
+                   timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs = children(client, sweep="lost")
+        assert len(runs) == 2
+        for r in runs:
+            assert r.info.status == "FINISHED" and r.data.tags["capsweep.status"] == "finished"
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == [0, 1, 2]
+            models = client.search_logged_models([r.info.experiment_id],
+                                                 filter_string=f"source_run_id = '{r.info.run_id}'")
+            assert len(models) == 1 and r.data.tags["capsweep.model_id"] == models[0].model_id
+        (parent,) = parents(client)
+        assert parent.info.status == "FINISHED"
+        status = run(capsweep_cmd("status", "lost", "--tracking-uri", uri), tmp_path, env_for_subprocess())
+        assert "finished, 2/2 trials ended" in status.stdout, status.stdout + status.stderr
+        assert not journal.exists()
+    finally:
+        stop(server)

@@ -91,3 +91,63 @@ def test_a_rejected_write_is_raised_not_retried(tmp_path):
     with pytest.raises(ValueError):
         q.put(RECORDS[0])
     assert seen == [RECORDS[0]] and q.outage_since is None
+
+
+# ---- the journal (issue 18, item 2): every record on disk before put returns --------------------------
+def test_every_put_is_on_disk_before_it_returns_and_a_killed_driver_loses_nothing(tmp_path):
+    """The driver is killed during an outage (its queue object simply vanishes): each record it had
+    been given is in the journal, and the next driver delivers them all, in order, once."""
+    store = Store()
+    path = tmp_path / "pending.jsonl"
+    q = WriteQueue(store.apply, transient, path, "store")
+    q.put(RECORDS[0])
+    assert store.got == RECORDS[:1] and not path.exists()       # delivered: the journal is empty again
+    store.away = True
+    for n, rec in enumerate(RECORDS[1:], start=1):
+        q.put(rec)
+        assert [from_json(line) for line in path.read_text().splitlines()] == RECORDS[1:n + 1]
+    del q                                                        # kill -9: nothing of it runs again
+    store.away = False
+    again = WriteQueue(store.apply, transient, path, "store")
+    assert again.replay_spool() == 4
+    assert store.got == RECORDS and not path.exists()
+
+
+def test_records_delivered_before_a_crash_are_not_replayed_and_a_cut_line_is_skipped(tmp_path):
+    """The store took the first two of four journalled records, then went away; the next driver
+    delivers the last two only. A line half-written by the crash is skipped, not fatal."""
+    class Flaky(Store):
+        def apply(self, rec) -> None:
+            if len(self.got) >= self.limit:
+                raise ConnectionError("server away")
+            self.got.append(rec)
+
+    store = Flaky()
+    store.limit = 10**9
+    path = tmp_path / "pending.jsonl"
+    q = WriteQueue(store.apply, transient, path, "store")
+    store.away, store.limit = False, 0
+    for rec in RECORDS[:4]:
+        q.put(rec)                            # all four fail: journalled, none delivered
+    store.limit = 2
+    assert not q.flush(force=True) and store.got == RECORDS[:2]
+    with open(path, "a") as f:
+        f.write('{"kind": "metrics", "trial_id": "t1", "st')       # the crash cut the next append
+    store.limit = 10**9
+    again = WriteQueue(store.apply, transient, path, "store")
+    assert again.replay_spool() == 2 and store.got == RECORDS[:4]
+
+
+def test_records_put_after_a_replay_are_delivered_behind_the_replayed_ones(tmp_path):
+    """New records after a replay go behind the old ones; the order of delivery is the order of put."""
+    store = Store()
+    store.away = True
+    path = tmp_path / "pending.jsonl"
+    q = WriteQueue(store.apply, transient, path, "store")
+    q.put(RECORDS[0])
+    q.put(RECORDS[1])
+    again = WriteQueue(store.apply, transient, path, "store")
+    assert again.replay_spool() == 2 and store.got == []
+    again.put(RECORDS[2])
+    store.away = False
+    assert again.flush(force=True) and store.got == RECORDS[:3] and not path.exists()
