@@ -24,6 +24,7 @@ TAG_RETRIES = "capsweep.retries"
 TAG_TEST_CORRECT = "capsweep.test_correct"   # per-image test correctness at the best-val epoch (encode_correct)
 TAG_CONFIRMS = "capsweep.confirms"    # on a confirmation sweep's parent: the exploration it confirms
 TAG_HEARTBEAT = "capsweep.heartbeat"  # on a parent: unix time (s) of its driver's last sign of life
+TAG_OPTUNA_JOURNAL = "capsweep.optuna_journal"   # on an Optuna sweep's parent: its study's journal file (driver's disk)
 TAG_PARENT = "mlflow.parentRunId"     # MLflow's own nesting tag
 TAG_RUN_NAME = "mlflow.runName"
 RUN_PARENT, RUN_TRIAL = "parent", "trial"     # values of TAG_ROLE

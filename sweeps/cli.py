@@ -1,4 +1,5 @@
-"""The `capsweep` command: train, run, submit, confirm, validate, ui, report, ls, status, compare, export.
+"""The `capsweep` command: train, run, submit, confirm, validate, ui, dashboard, report, ls, status, compare,
+export, eval.
 
 One convention for every subcommand: a sweep is named by a positional argument (`capsweep report
 smoke`, `status smoke`, `confirm smoke`; `--sweep NAME` is the same), and the store options
@@ -326,6 +327,49 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return _err(str(e), e.code)
 
 
+# ---- dashboard (sweeps/dashboard.py) -------------------------------------------------------------
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard on the sweep's Optuna study, read-only, served and stopped as `capsweep ui` is."""
+    from sweeps import dashboard as dash
+    from sweeps import inspect as si
+    from sweeps import ui
+    missing = dash.extra_missing()
+    if missing:
+        return _err(missing)
+    problem = ui.port_problem(args.host, args.port)
+    if problem:
+        return _err(problem)
+
+    def find(si_):
+        client = si_.open_client(args.tracking_uri)
+        sweep = next((s for s in reversed(si_.sweeps(client, args.experiment)) if s.name == args.sweep), None)
+        if sweep is None:
+            si_.find_sweep(client, args.sweep, args.experiment)      # its one-line "not found, sweeps there: ..."
+        path = dash.journal_path(client, sweep)
+        return path, dash.study_id(path, sweep.name)
+
+    try:
+        path, study = find(si)
+    except (si.InspectError, dash.DashboardError) as e:
+        return _err(str(e))
+    if args.host not in ("127.0.0.1", "localhost"):
+        print(f"capsweep: warning: the Optuna dashboard will listen on {args.host}: anyone who can reach it "
+              "can read the study", file=sys.stderr)
+    base = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    check = f"http://127.0.0.1:{args.port}" if args.host in ("0.0.0.0", "::") else base
+    print(f"capsweep: starting optuna-dashboard on {path} ...", file=sys.stderr, flush=True)
+
+    def ready() -> None:
+        print(f"capsweep: Optuna dashboard on {base}/dashboard/studies/{study} for sweep {args.sweep!r} "
+              "(read-only; Ctrl-C stops it)", file=sys.stderr, flush=True)
+
+    try:
+        return ui.serve(dash.server_command(path, args.host, args.port), check, ready,
+                        health_path=dash.HEALTH_PATH, what="optuna-dashboard")
+    except ui.UIError as e:
+        return _err(str(e), e.code)
+
+
 def ui_url(base: str, experiment_id: Optional[str]) -> str:
     """The address to open: the sweep experiment's runs. MLflow 3's UI opens an experiment on its GenAI
     traces overview unless the URL (or the browser's saved toggle) says `workflowType=machine_learning`;
@@ -575,6 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     u.set_defaults(func=cmd_ui)
+
+    db = sub.add_parser("dashboard", help="open an Optuna sweep's study in optuna-dashboard (read-only, 127.0.0.1; "
+                        "the dashboard extra)")
+    _sweep_arg(db, "the sweep's name (an optuna search)")
+    db.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    db.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    _store_flags(db, DEFAULT_EXPERIMENT)
+    db.set_defaults(func=cmd_dashboard)
 
     ls = sub.add_parser("ls", help="the sweeps in a store: state, trial counts by status, verdict if reported")
     _store_flags(ls, None)

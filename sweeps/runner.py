@@ -22,17 +22,17 @@ from analysis.mlflowio import mlflow_http_env, scoped_environ
 from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
-                                 TAG_CONFIRMS, TAG_HEARTBEAT, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP)
+                                 TAG_CONFIRMS, TAG_HEARTBEAT, TAG_OPTUNA_JOURNAL, TAG_ROLE, TAG_RUN_NAME,
+                                 TAG_STATUS, TAG_SWEEP)
 from sweeps import extras, search, storage, store_init, tracking, tune_guard
 from sweeps.heartbeat import Heartbeat, beat_value
 from sweeps.provenance import git_commit
-from sweeps.spec import (SEED_KEY, SpecError, SweepSpec, objectives, probe_values, resolve_trial,
-                         searched_keys, storage_dir, to_yaml, total_trials, trial_counts)
+from sweeps.spec import (OPTUNA_JOURNAL, SEED_KEY, SpecError, SweepSpec, journal_file, objectives, probe_values,
+                         resolve_trial, searched_keys, storage_dir, to_yaml, total_trials, trial_counts)
 from sweeps.trainable import run_trial
 
 INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
 STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
-OPTUNA_JOURNAL = "optuna.journal"    # the Optuna study (search.py), in storage.local_dir(<storage>/<name>)
 
 
 class SweepRefused(RuntimeError):
@@ -292,6 +292,8 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
         tags[TAG_COMMIT] = commit
     if spec.confirms:        # a confirmation names its exploration (`capsweep confirm`); reports show it
         tags[TAG_CONFIRMS] = spec.confirms
+    if spec.search.algorithm == "optuna":     # where `capsweep dashboard` finds the study (sweeps/dashboard.py)
+        tags[TAG_OPTUNA_JOURNAL] = str(journal_file(spec).resolve())
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     rid = run.info.run_id
     metrics, modes = objectives(spec)

@@ -511,6 +511,16 @@ def to_yaml(spec: SweepSpec) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(spec))
 
 
+OPTUNA_JOURNAL = "optuna.journal"    # the Optuna study (sweeps/search.py), in storage.local_dir(<storage>/<name>)
+
+
+def journal_file(spec: SweepSpec) -> Path:
+    """The Optuna journal of an optuna sweep: on the driver's disk, in the local folder of
+    <storage>/<name> (sweeps/runner.py keeps its MLflow spool there too; sweeps/dashboard.py reads it)."""
+    from sweeps import storage
+    return storage.local_dir(storage.join(storage_dir(spec), spec.name)) / OPTUNA_JOURNAL
+
+
 def storage_dir(spec: SweepSpec, root: Optional[Path] = None) -> str:
     """Where Ray Tune keeps the sweep: an absolute local folder, or a URI as Ray Tune takes it
     (`s3://`, `gs://`, `file://`, ...: sweeps/storage.py). The experiment folder below it is

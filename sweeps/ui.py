@@ -63,10 +63,10 @@ def port_problem(host: str, port: int) -> Optional[str]:
     return None
 
 
-def healthy(base: str, timeout: float = 2.0) -> bool:
-    """The server at `base` answers GET /health with 200."""
+def healthy(base: str, timeout: float = 2.0, path: str = "/health") -> bool:
+    """The server at `base` answers GET `path` with 200."""
     try:
-        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as r:
+        with urllib.request.urlopen(f"{base}{path}", timeout=timeout) as r:
             return r.status == 200
     except OSError:
         return False
@@ -137,9 +137,10 @@ class _Output:
 
 
 def serve(cmd: list[str], base: str, on_ready: Callable[[], None], start_timeout: float = START_TIMEOUT_S,
-          env: Optional[dict] = None, poll_s: float = 0.5) -> int:
+          env: Optional[dict] = None, poll_s: float = 0.5, health_path: str = "/health",
+          what: str = "the MLflow server") -> int:
     """Run the server `cmd` until it exits or capsweep gets SIGINT/SIGTERM/SIGHUP; `on_ready` is called
-    once `base`/health answers. Returns 0 when stopped by a signal or when the server exits 0 on its own;
+    once `base` + `health_path` answers. Returns 0 when stopped by a signal or when the server exits 0 on its own;
     raises UIError when it does not come up."""
     env = {**DEFAULT_ENV, **(env if env is not None else os.environ)}
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -159,12 +160,12 @@ def serve(cmd: list[str], base: str, on_ready: Callable[[], None], start_timeout
         while not stopped:
             if proc.poll() is not None:
                 out.join()
-                raise UIError(f"the MLflow server exited with code {proc.returncode} before it answered: "
+                raise UIError(f"{what} exited with code {proc.returncode} before it answered: "
                               f"{out.last_words()}", 1)
-            if healthy(base):
+            if healthy(base, path=health_path):
                 break
             if time.monotonic() > deadline:
-                raise UIError(f"the MLflow server did not answer {base}/health within {start_timeout:.0f} s; "
+                raise UIError(f"{what} did not answer {base}{health_path} within {start_timeout:.0f} s; "
                               f"its last output: {out.last_words()}", 1)
             time.sleep(poll_s)
         if stopped:

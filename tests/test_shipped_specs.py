@@ -95,8 +95,10 @@ def test_shipped_spec_runs_its_first_trial_through_the_tuner(name, session, tmp_
         import optuna
         from sweeps.search import journal_storage
         from sweeps.storage import join, local_dir
-        study = optuna.load_study(study_name=name, storage=journal_storage(
-            local_dir(join(str(tmp_path / "ray"), name)) / runner.OPTUNA_JOURNAL))
+        journal = local_dir(join(str(tmp_path / "ray"), name)) / runner.OPTUNA_JOURNAL
+        study = optuna.load_study(study_name=name, storage=journal_storage(journal))
+        # `capsweep dashboard` finds it from the parent run (sweeps/dashboard.py)
+        assert parent.data.tags["capsweep.optuna_journal"] == str(journal.resolve())
         (t,) = study.trials
         assert t.state.name == "COMPLETE"
         assert t.values == pytest.approx([kid.data.metrics[m] for m in metrics], rel=1e-9)
