@@ -296,6 +296,7 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
         tags[TAG_OPTUNA_JOURNAL] = str(journal_file(spec).resolve())
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     rid = run.info.run_id
+    claim_name(client, experiment_id, spec, rid)
     metrics, modes = objectives(spec)
     params = {"sweep.search": spec.search.algorithm, "sweep.sampler": spec.search.sampler,
               "sweep.metric": ",".join(metrics), "sweep.mode": ",".join(modes),
@@ -310,6 +311,26 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(rid, to_yaml(spec), "spec.yaml")
     return rid
+
+
+def claim_name(client, experiment_id: str, spec: SweepSpec, run_id: str) -> None:
+    """The sweep's name is its parent run: after creating ours, no other parent of that name may exist.
+
+    Why after, not before: preflight's check and the creation are two calls, and two drivers (two
+    folders sharing one store, where the storage lock does not reach) can both pass the check. MLflow has
+    no unique key on run names, so the claim is create-then-look: a driver that sees another parent of
+    its name after creating its own deletes its own and is refused. Two drivers that look after both
+    created theirs are both refused (run again); whichever looked first, when only its own was there,
+    keeps the name. Never two parents, whatever the timing; no clocks compared."""
+    others = [r for r in client.search_runs(
+        [experiment_id], f"tags.`{TAG_ROLE}` = '{RUN_PARENT}' and tags.`{TAG_SWEEP}` = '{spec.name}'",
+        max_results=10) if r.info.run_id != run_id]
+    if others:
+        client.delete_run(run_id)
+        raise SweepRefused(
+            f"name: another driver started a sweep named {spec.name!r} in experiment {spec.mlflow.experiment!r} at "
+            f"the same time (parent run {others[0].info.run_id}); this one stopped before starting anything; "
+            "use --resume to continue that sweep once its driver is gone, or name=<new name>")
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int]) -> bool:
