@@ -109,9 +109,12 @@ def aws(tmp_path, monkeypatch, cluster_extra):
     credentials that reach nothing) and the stubs. Ray waits 15 s twice for IAM to propagate after it
     creates the role: those waits are recorded instead of slept."""
     from ray.autoscaler._private.aws import config as aws_config
+    from ray.autoscaler._private.aws import node_provider
     aws_config._get_subnets_or_die.cache_clear()
     slept = []
     monkeypatch.setattr(aws_config, "time", types.SimpleNamespace(sleep=slept.append))
+    # AWSNodeProvider.set_node_tags gathers the tags of concurrent callers for 1 s; here there is one
+    monkeypatch.setattr(node_provider, "TAG_BATCH_DELAY", 0)
     with cl.launcher_env(tmp_path) as laptop, AWS() as stubs:
         stubs.laptop, stubs.slept = laptop, slept
         yield stubs
