@@ -41,9 +41,11 @@ IN_SHAPES: dict[str, tuple[int, int, int]] = {
     "sign": (1, SIGN_SIZE, SIGN_SIZE), "parts": (1, 28, 28),
 }
 
-# (training split, test split) images of the datasets read from files; `sign` and `parts` are generated
-# in code and sized by their config (data.sign_samples; capsmodels.parts).
+# (training split, test split) images of each dataset; `parts` is generated in code at these sizes
+# (capsmodels.parts.TRAIN_IMAGES, TEST_IMAGES: tests/test_parts.py checks they agree), `sign` is sized by
+# its config (data.sign_samples) and so is not here.
 SPLIT_SIZES: dict[str, tuple[int, int]] = {
     "fashion_mnist": (60000, 10000), "mnist": (60000, 10000), "mnist5k": (4000, 1000),
     "digits": (1437, 360), "cifar10": (50000, 10000), "svhn": (73257, 26032), "smallnorb": (24300, 24300),
+    "parts": (12000, 2000),
 }

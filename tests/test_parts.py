@@ -106,3 +106,10 @@ def test_a_logistic_regression_learns_it_well_above_chance():
     acc = float((lin(feats[2000:]).argmax(1) == y[2000:]).float().mean())
     print(f"logistic regression test accuracy {acc:.3f}")
     assert acc > 0.6
+
+
+def test_the_catalogue_knows_the_generated_split_sizes():
+    """analysis reads split sizes from the stdlib catalogue (no numpy import of capsmodels.parts)."""
+    from capsmodels import parts
+    from capsmodels.catalogue import SPLIT_SIZES
+    assert SPLIT_SIZES["parts"] == (parts.TRAIN_IMAGES, parts.TEST_IMAGES)
