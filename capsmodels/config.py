@@ -101,7 +101,11 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 64
     lr: float = 1e-3
-    lr_decay: float = 1.0             # multiplicative per epoch (Sabour used 0.96)
+    lr_decay: float = 1.0             # multiplicative per epoch (Sabour used 0.96), after the warmup
+    warmup_epochs: float = 0.0        # linear lr warmup, per step, from lr/W to lr over this many epochs
+                                      # (W steps; 0 = none), then lr_decay per epoch (capsmodels.train)
+    patience: int = 0                 # stop when val_acc has not improved for this many epochs (0 = off:
+                                      # train all `epochs`, the cap); the logged model is the best-val epoch's
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda
@@ -186,6 +190,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not 0 < t.lr_decay <= 1:
         raise ConfigError(f"train.lr_decay: {t.lr_decay!r} is not allowed; must be in (0, 1]")
     _at_least("train.weight_decay", t.weight_decay, 0.0)      # Adam raises on a negative one
+    _at_least("train.warmup_epochs", t.warmup_epochs, 0.0, " (epochs of linear lr warmup; 0 = none)")
+    _at_least("train.patience", t.patience, 0, " (epochs without a better val_acc before stopping; 0 = off)")
     _at_least("train.threads", t.threads, 0)
     _at_least("train.max_steps_per_epoch", t.max_steps_per_epoch, 0)
     _at_least("train.eval_batch", t.eval_batch, 2)

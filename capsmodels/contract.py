@@ -135,3 +135,52 @@ GRAD_PROBES = ("grad_norm", "act_grad")   # a capsweep trial logs one of these p
 def layer_metric(name: str, layer: int | str) -> str:
     """The logged name of a per-layer metric: `act_grad/l3` (layer may be '' for a prefix)."""
     return f"{name}/l{layer}"
+
+
+# ---- stopping and the best-validation epoch (train.patience; docs/PROBES.md, "Stopping and the best
+# epoch"). The verdict scores a trial at its best-validation epoch, so the trial logs that epoch's figures
+# beside the per-epoch ones: MLflow's latest value of `best/<name>` is the best-val epoch's `<name>`.
+TAG_STOP_REASON = "capsweep.stop_reason"   # on a trial's run: why its training ended, one of STOP_REASONS
+STOP_PATIENCE = "patience"     # val_acc did not improve for train.patience epochs (status FINISHED)
+STOP_EPOCHS = "epochs"         # the cap train.epochs was reached (status FINISHED)
+STOP_DIVERGED = "diverged"     # a non-finite loss (status DIVERGED)
+STOP_SCHEDULER = "scheduler"   # ended early by ASHA (status STOPPED): set by the driver, not the trial
+STOP_REASONS = (STOP_PATIENCE, STOP_EPOCHS, STOP_DIVERGED, STOP_SCHEDULER)
+REPORT_STOP_REASON = "stop_reason"   # the key of the reason in the report of the epoch that ended training
+BEST_EPOCH = "best_epoch"      # metric, every epoch: the epoch of the best val_acc so far (absent: none yet)
+BEST_MONITOR = "val_acc"       # what "best" means: the highest val_acc, the earliest epoch on a tie
+BEST_PREFIX = "best/"          # best/<name>: <name> at the best-val epoch, logged at every improving epoch
+# bookkeeping that gets no best/ copy: it says how the run went, not what the network is
+BEST_EXCLUDED = ("epoch", "time_s", "images_per_s", "peak_mem_mb", BEST_EPOCH, "test_n")
+TEST_N = "test_n"              # metric: the number of test images (the length of the correctness vector)
+# the test split's per-image correctness at the best-val epoch (TAG_TEST_CORRECT, encode_correct above) is
+# in every epoch's report under this key (the best so far); the driver tags the run with it at the end
+REPORT_TEST_CORRECT = "test_correct"
+
+
+def best_metric(name: str) -> str:
+    """The logged name of `name` at the best-val epoch: `best/test_acc`, `best/act_grad/l1`."""
+    return BEST_PREFIX + name
+
+
+def correct_tags(text: str, limit: int = CORRECT_MAX_CHARS) -> dict[str, str]:
+    """The run tags that hold encode_correct's `text`: {TAG_TEST_CORRECT: text} when it fits one tag
+    (every test split capsweep knows), else `<TAG>.0`, `.1`, ... of at most `limit` characters each,
+    joined in index order by `correct_from_tags`. MLflow 3 TRUNCATES a longer tag value with only a
+    warning (MAX_TAG_VAL_LENGTH 8,000, MLFLOW_TRUNCATE_LONG_VALUES on by default), so never send one."""
+    if len(text) <= limit:
+        return {TAG_TEST_CORRECT: text}
+    return {f"{TAG_TEST_CORRECT}.{i}": text[start:start + limit]
+            for i, start in enumerate(range(0, len(text), limit))}
+
+
+def correct_from_tags(tags: dict) -> str | None:
+    """encode_correct's text back from a run's tags (either form of correct_tags); None when absent.
+    A NaN/None value (a pandas column of runs without the tag) counts as absent."""
+    whole = tags.get(TAG_TEST_CORRECT)
+    if isinstance(whole, str) and whole:
+        return whole
+    parts = []
+    while isinstance(tags.get(f"{TAG_TEST_CORRECT}.{len(parts)}"), str):
+        parts.append(tags[f"{TAG_TEST_CORRECT}.{len(parts)}"])
+    return "".join(parts) or None

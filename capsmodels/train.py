@@ -4,12 +4,31 @@ It knows nothing of Ray or MLflow: a sweep's trainable passes a `report` callabl
 metrics to Ray Tune, `capsweep train` passes one that prints them. One clear path, nanoGPT style:
 build data -> build model (-> `init: data` scales it on the first training batch) -> for each epoch:
 train steps (grad norms recorded) -> evaluate (and on the transformed test split, when
-`data.test_transform` asks) -> probes on the fixed batch D (docs/PROBES.md) -> report.
+`data.test_transform` asks) -> probes on the fixed batch D (docs/PROBES.md) -> best so far -> report.
+
+Stopping and the best epoch (docs/PROBES.md, "Stopping and the best epoch"; names in
+capsmodels.contract). The verdict scores a trial at its best-validation epoch, so that a deep network
+that converges slowly is not judged on a budget's last epoch. Every epoch reports `best_epoch` (the
+epoch of the highest val_acc so far, the earliest on a tie); an epoch that improves it also reports
+`best/<name>` for each of its numeric metrics except bookkeeping, and every epoch carries the test
+split's per-image correctness at the best epoch (`test_correct`, contract.encode_correct of its
+numpy.packbits) and
+`test_n`. `train.patience` P > 0 ends the run after P epochs without a better val_acc
+(`stop_reason: patience`, status finished), `train.epochs` is the cap (`stop_reason: epochs`), a
+non-finite loss ends it as diverged. At the end the model holds the best epoch's weights (as Keras'
+`restore_best_weights`), so what a caller saves or logs is that epoch's network.
+
+Learning rate: `train.warmup_epochs` E > 0 ramps it linearly per step, lr * k / W at step k = 1..W
+with W = ceil(E * steps per epoch) (the rest of the epoch where it ends runs at lr), then
+`train.lr_decay` decays it from lr once after each epoch that ran a step past the warmup: epoch e runs
+at lr * lr_decay ** max(0, e - floor(W / steps)). With E = 0 this is the plain per-epoch decay
+lr * lr_decay ** e (torch's ExponentialLR, as before).
 
 Determinism: the model is initialised under `torch.manual_seed(seed)`, and every random choice of
 the loop (shuffling, augmentation) draws from one dedicated `torch.Generator` seeded from the same
-seed, whose state is part of the checkpoint. Probes run under `fork_rng`, so two runs with the same
-seed on the CPU repeat exactly, with or without resumes.
+seed, whose state is part of the checkpoint, as is the best-so-far (its weights, val_acc, epoch and
+the patience count). Probes run under `fork_rng`, so two runs with the same seed on the CPU repeat
+exactly, with or without resumes.
 """
 from __future__ import annotations
 
@@ -17,14 +36,18 @@ import math
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from capsmodels import config as cfgmod
 from capsmodels import init, losses, networks, parts, probes, transforms
 from capsmodels.augment import shift_augment
-from capsmodels.contract import DIVERGED, FINISHED, RUNNING
+from capsmodels.contract import (BEST_EPOCH, BEST_EXCLUDED, DIVERGED, ENDED, FINISHED, REPORT_STOP_REASON,
+                                 REPORT_TEST_CORRECT, RUNNING, STOP_DIVERGED, STOP_EPOCHS, STOP_PATIENCE, TEST_N,
+                                 best_metric, encode_correct)
 from capsmodels.datasets import RawData, load_raw
 from capsmodels.splits import Splits, make_splits
 
@@ -48,24 +71,32 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, ds: torch.utils.data.TensorDataset, device: torch.device,
              recon_weight: float, batch: int = 512) -> tuple[float, float]:
     """(mean loss, accuracy) over a whole split, in eval mode."""
+    loss, correct = evaluate_each(model, ds, device, recon_weight, batch)
+    return loss, float(correct.sum()) / max(len(correct), 1)
+
+
+@torch.no_grad()
+def evaluate_each(model: torch.nn.Module, ds: torch.utils.data.TensorDataset, device: torch.device,
+                  recon_weight: float, batch: int = 512) -> tuple[float, torch.Tensor]:
+    """(mean loss, correct (N,) bool on the CPU, in the split's order) over a whole split, in eval mode:
+    the per-image correctness the analysis pairs across trials on the same test images."""
     was_training = model.training
     model.eval()
     x_all, y_all = ds.tensors
-    total_loss, correct = 0.0, 0
+    total_loss, correct = 0.0, []
     for start in range(0, len(y_all), batch):
         x = x_all[start:start + batch].to(device, non_blocking=True)
         y = y_all[start:start + batch].to(device, non_blocking=True)
         out = model(x)
         loss, _ = losses.total_loss(out, x, y, recon_weight)
         total_loss += float(loss) * len(y)
-        correct += int((out.scores.argmax(-1) == y).sum())
+        correct.append((out.scores.argmax(-1) == y).cpu())
     model.train(was_training)
     n = max(len(y_all), 1)
-    return total_loss / n, correct / n
+    return total_loss / n, torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
 
 
 def prepare(cfg: cfgmod.RunConfig, data: Optional[RawData] = None
@@ -147,12 +178,14 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
     opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=t.lr_decay)
     gen = torch.Generator().manual_seed(t.seed)
+    best = Best()
     start_epoch = 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
+        best = Best.from_state(state)
         start_epoch = int(state["epoch"]) + 1
 
     x_train, y_train = splits.train.tensors
@@ -164,18 +197,22 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
     steps = math.ceil(n / t.batch_size)
     if t.max_steps_per_epoch:
         steps = min(steps, t.max_steps_per_epoch)
+    warm = warmup_steps(t.warmup_epochs, steps)
     recon_w = cfg.model.recon_weight if cfg.model.decoder else 0.0
     metrics: dict = {}
-    if state is not None and start_epoch >= t.epochs and state.get("metrics"):
+    if state is not None and state.get("metrics") and (
+            start_epoch >= t.epochs or state["metrics"].get("status") in ENDED):
         # resumed from the final checkpoint (the caller lost the last report): say it again
         metrics = dict(state["metrics"])
         _end_epoch(report, checkpoint, metrics, lambda: state)
+        best.restore(model)
         return metrics
 
     for epoch in range(start_epoch, t.epochs):
         model.train()
         tracker.reset()
         perm = torch.randperm(n, generator=gen)
+        base_lrs = [g["lr"] for g in opt.param_groups]      # this epoch's lr after the decay
         t0 = time.perf_counter()
         # running sums stay on the device: reading them every step would wait for the GPU each time
         seen, diverged = 0, False
@@ -183,6 +220,9 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         correct = torch.zeros((), dtype=torch.int64, device=device)
         bar = _progress(steps, epoch, t) if t.progress else None
         for step in range(steps):
+            if epoch * steps < warm:                        # an epoch the warmup reaches into
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * min(1.0, (epoch * steps + step + 1) / warm)
             idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
             x, y = x_train[idx], y_train[idx]
             if cfg.data.augment:
@@ -208,16 +248,20 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time = time.perf_counter() - t0
-        if not diverged:
+        for g, lr in zip(opt.param_groups, base_lrs):      # a warmup epoch ends at the epoch's lr
+            g["lr"] = lr
+        if not diverged and (epoch + 1) * steps > warm:     # an epoch with a step past the warmup decays
             sched.step()
 
         metrics = {"epoch": epoch,
                    "train_loss": float(loss_sum) / seen if seen else float("nan"),
                    "train_acc": int(correct) / seen if seen else float("nan")}
         metrics.update(tracker.summary())
+        test_correct = None
         if not diverged:
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, splits.val, device, recon_w)
-            metrics["test_loss"], metrics["test_acc"] = evaluate(model, splits.test, device, recon_w)
+            metrics["test_loss"], test_correct = evaluate_each(model, splits.test, device, recon_w)
+            metrics["test_acc"] = float(test_correct.sum()) / max(len(test_correct), 1)
             if test_tf is not None:
                 metrics["test_acc_transformed"] = evaluate(model, test_tf, device, recon_w)[1]
             diverged = not all(math.isfinite(metrics[k]) for k in ("val_loss", "test_loss"))
@@ -226,11 +270,82 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         metrics["images_per_s"] = seen / train_time if train_time > 0 else 0.0
         metrics["peak_mem_mb"] = peak_memory_mb(device)
         metrics["time_s"] = train_time
-        metrics["status"] = DIVERGED if diverged else (FINISHED if epoch == t.epochs - 1 else RUNNING)
-        _end_epoch(report, checkpoint, metrics, lambda: _state(model, opt, sched, gen, epoch, metrics))
-        if diverged:
+        metrics[TEST_N] = len(splits.test)
+        if not diverged:
+            best.update(epoch, metrics, model, test_correct)
+        best.annotate(metrics)
+        metrics["status"], reason = _end_status(diverged, best, epoch, t)
+        if reason:
+            metrics[REPORT_STOP_REASON] = reason
+        _end_epoch(report, checkpoint, metrics, lambda: _state(model, opt, sched, gen, epoch, metrics, best))
+        if metrics["status"] != RUNNING:
             break
+    best.restore(model)
     return metrics
+
+
+def warmup_steps(warmup_epochs: float, steps: int) -> int:
+    """W: the number of warmup steps, ceil(warmup_epochs * steps per epoch); 0 for no warmup."""
+    return math.ceil(warmup_epochs * steps) if warmup_epochs > 0 else 0
+
+
+def _end_status(diverged: bool, best: "Best", epoch: int, t: cfgmod.TrainConfig) -> tuple[str, Optional[str]]:
+    """(status, stop reason or None while the run goes on). Patience wins over the cap when both end
+    the run at one epoch: the run did converge by the rule."""
+    if diverged:
+        return DIVERGED, STOP_DIVERGED
+    if t.patience and best.wait >= t.patience:
+        return FINISHED, STOP_PATIENCE
+    if epoch == t.epochs - 1:
+        return FINISHED, STOP_EPOCHS
+    return RUNNING, None
+
+
+@dataclass
+class Best:
+    """The best-validation epoch so far: what `train.patience` counts from, what the report's best/
+    figures and `test_correct` describe, and the weights the run ends with. Part of the checkpoint, so
+    a resumed run stops and logs exactly as an uninterrupted one."""
+    val_acc: float = -math.inf
+    epoch: int = -1                   # -1: no evaluated epoch yet (the first diverged)
+    wait: int = 0                     # evaluated epochs since the best one
+    test_correct: Optional[str] = None    # contract.encode_correct of the best epoch's test split
+    weights: Optional[dict] = None    # a copy of the best epoch's state_dict
+
+    def update(self, epoch: int, metrics: dict, model: torch.nn.Module, test_correct: torch.Tensor) -> None:
+        """An evaluated epoch: a strictly higher val_acc makes it the best (its weights copied, its
+        numeric metrics, bookkeeping aside, reported again as best/<name>); else one more to wait."""
+        if not metrics["val_acc"] > self.val_acc:
+            self.wait += 1
+            return
+        self.val_acc, self.epoch, self.wait = metrics["val_acc"], epoch, 0
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        flags = test_correct.numpy().astype(np.uint8)
+        self.test_correct = encode_correct(np.packbits(flags).tobytes(), len(flags))
+        metrics.update({best_metric(k): float(v) for k, v in list(metrics.items())
+                        if k not in BEST_EXCLUDED and isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def annotate(self, metrics: dict) -> None:
+        """What every epoch's report says of the best so far (nothing before the first evaluated one)."""
+        if self.epoch >= 0:
+            metrics[BEST_EPOCH] = self.epoch
+            metrics[REPORT_TEST_CORRECT] = self.test_correct
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.weights is not None:
+            model.load_state_dict(self.weights)
+
+    def state(self) -> dict:
+        return {"val_acc": self.val_acc, "epoch": self.epoch, "wait": self.wait,
+                "test_correct": self.test_correct}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Best":
+        """The best-so-far of a checkpoint; a checkpoint from before patience existed has none (its
+        resumed run then counts from its next epoch)."""
+        b = state.get("best") or {}
+        return cls(b.get("val_acc", -math.inf), b.get("epoch", -1), b.get("wait", 0), b.get("test_correct"),
+                   state.get("best_model"))
 
 
 def _end_epoch(report: Optional[Report], checkpoint: Optional[Checkpoint], metrics: dict,
@@ -242,12 +357,13 @@ def _end_epoch(report: Optional[Report], checkpoint: Optional[Checkpoint], metri
         report(metrics)
 
 
-def _state(model, opt, sched, gen, epoch: int, metrics: dict) -> dict:
-    """A snapshot (deep copy: state_dict() shares the live tensors that the next epoch changes)."""
+def _state(model, opt, sched, gen, epoch: int, metrics: dict, best: Best) -> dict:
+    """A snapshot (deep copy: state_dict() shares the live tensors that the next epoch changes).
+    `best_model` is the best-val epoch's weights: what a trial stopped by ASHA logs (sweeps/models.py)."""
     import copy
     return copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "generator": gen.get_state(), "epoch": epoch,
-            "metrics": dict(metrics)})
+            "metrics": dict(metrics), "best": best.state(), "best_model": best.weights})
 
 
 def _progress(steps: int, epoch: int, t: cfgmod.TrainConfig):

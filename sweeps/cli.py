@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional
 
+from capsmodels.contract import BEST_PREFIX, REPORT_TEST_CORRECT
+
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
@@ -90,6 +92,8 @@ def _format_epoch(m: dict) -> str:
     parts = [f"epoch {int(m.get('epoch', 0)) + 1}"] + [f"{k}={m[k]:.4g}" for k in keys if k in m]
     if m.get("status") == "diverged":
         parts.append("DIVERGED (non-finite loss)")
+    elif m.get("stop_reason") and "best_epoch" in m:      # the model kept is the best epoch's
+        parts.append(f"stopped: {m['stop_reason']}, best epoch {int(m['best_epoch']) + 1}")
     return "  ".join(parts)
 
 
@@ -98,8 +102,10 @@ def _format_final(m: dict) -> str:
               "dead_frac", "frozen_frac", "tree_score", "routing_dynamics", "squash_gain", "images_per_s",
               "peak_mem_mb", "status")
     # grouped in this order; a key matching several groups is shown under the first; anything else last
-    keys = dict.fromkeys(k for g in groups for k in sorted(m) if k.startswith(g) or k.endswith("_" + g))
-    keys.update(dict.fromkeys(k for k in sorted(m) if k != "epoch"))
+    # the best epoch's copies (best/...) and its test correctness (a long code) are for the store
+    shown = [k for k in sorted(m) if k != "epoch" and not k.startswith(BEST_PREFIX) and k != REPORT_TEST_CORRECT]
+    keys = dict.fromkeys(k for g in groups for k in shown if k.startswith(g) or k.endswith("_" + g))
+    keys.update(dict.fromkeys(shown))
     lines = ["final metrics:"]
     lines += [f"  {k:24s} {m[k]:.6g}" if isinstance(m[k], float) else f"  {k:24s} {m[k]}" for k in keys]
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 Loads a logged model (sweeps/models.py) and the config it was trained with, applies the overrides
 (`data.name=...`, `data.test_transform=affine`, `data.test_size=...`, any run-config key), rebuilds
 the splits as training did (same seed, so the same test split) and measures what the training loop
-measures after its last epoch: val/test loss and accuracy with `capsmodels.train.evaluate`, the probes
+measures after an epoch: val/test loss and accuracy with `capsmodels.train.evaluate`, the probes
 of the fixed evaluation batch with `capsmodels.probes.evaluation_probes` (docs/PROBES.md), and with a
 `data.test_transform` other than `none` the accuracy on the transformed test images
 (`test_acc_transformed`, capsmodels/transforms.py). Gradient norms of training steps
@@ -16,7 +16,8 @@ to run on the logged depth-1 network and print its numbers as if the override ha
 acts only while training, and `train.seed` chose the validation split and the probe batch (another
 seed mixes training images into them).
 
-On the same data the figures equal the run's last epoch exactly (CPU; a test checks test_acc).
+The logged model is the run's best-validation epoch's (capsmodels.train), so on the same data the
+figures equal that epoch's, the run's `best/<name>` metrics, exactly (CPU; a test checks test_acc).
 With `--log` they go to a new MLflow run tagged `capsweep.eval_of=<source run id>`, whose input is
 the evaluated model.
 """

@@ -12,8 +12,9 @@ or an object store):
 
 and when the trial ends the sweep driver (the one MLflow writer: a `Model` record of
 sweeps/write_queue.py) logs the weights as the child run's MLflow model, then deletes model.pt and the
-state file (kept with `capsweep run --keep-state`). A trial stopped early by ASHA never reaches the
-end of its training; its model is the last epoch's state. config.yaml, trial.json and final.json
+state file (kept with `capsweep run --keep-state`). The weights are the best-validation epoch's
+(capsmodels.train keeps them); a trial stopped early by ASHA writes no model.pt, and its model is its
+last state's `best_model`. config.yaml, trial.json and final.json
 stay (a few KB): final.json tells a trial that Tune restores after a driver crash that it is done.
 
 The MLflow model (MLflow 3 "logged model", `models:/<model id>`, listed on the run's Models tab) is
@@ -115,9 +116,9 @@ def log_trial_model(client, tracking_uri: str, experiment_id: str, run_id: str, 
     text = storage.read_bytes(storage.join(model_dir, CONFIG_FILE))
     info = read_json(model_dir, INFO_FILE)
     weights = storage.load_torch(storage.join(model_dir, WEIGHTS_FILE), trust=trust)
-    if weights is None:
+    if weights is None:      # no model.pt (stopped by ASHA, or ended before writing it): the best epoch's
         state = storage.load_torch(state_path, trust=trust)
-        weights = state["model"] if state else None
+        weights = (state.get("best_model") or state["model"]) if state else None
     if text is None or info is None or weights is None:
         return None
     import yaml

@@ -227,7 +227,7 @@ class RunWriter:
 
     def _end(self, r: End) -> None:
         rid = self.run_ids[r.trial_id]
-        tags = [RunTag(TAG_STATUS, r.status)]
+        tags = [RunTag(TAG_STATUS, r.status)] + [RunTag(k, v) for k, v in r.tags.items()]
         if r.error:
             tags.append(RunTag(TAG_ERROR, r.error[:4900]))
         self.client.log_batch(rid, tags=tags)

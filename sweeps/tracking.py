@@ -18,8 +18,9 @@ backfilled on resume.
 Each trial's run is named after its params (`d3-it3-dynamic-s0`: depth, routing iterations and
 algorithm, the other swept keys, the seed; `cnn-d1-s0` for a control), unique within the sweep. At a
 trial's first result the logger reads what the trial wrote at its start (sweeps/models.py: the device
-it used, its datasets) and logs it; when the trial ends, its final model (sweeps/models.py), before
-the run is closed, and its state file is deleted unless `keep_state`.
+it used, its datasets) and logs it; when the trial ends, its model (sweeps/models.py: the best-val
+epoch's weights), before the run is closed with the tags of how it ended (`end_tags`: the stop reason,
+the best epoch's per-image test correctness), and its state file is deleted unless `keep_state`.
 
 This module is the Tune side only: the queue (retries, spool) is sweeps/write_queue.py, the MLflow
 writes of each typed record sweeps/run_writer.py, the git commit and the standard tags
@@ -38,9 +39,10 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from analysis.mlflowio import mlflow_http_env, search_all
-from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, RUN_PARENT, RUNNING,
-                                 STOPPED, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
-                                 TAG_TRIAL)
+from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, REPORT_STOP_REASON,
+                                 REPORT_TEST_CORRECT, RUN_PARENT, RUNNING, STOP_SCHEDULER, STOPPED, TAG_PARENT,
+                                 TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_STOP_REASON, TAG_SWEEP,
+                                 TAG_TRIAL, correct_tags)
 from sweeps import models, storage, tune_guard
 from sweeps.provenance import git_commit, standard_tags
 from sweeps.run_writer import (DEVICE_PARAM, RunWriter, get_or_create_experiment, numeric_metrics, run_name,
@@ -301,7 +303,7 @@ class MlflowSweepLogger(Callback):
         self._log_lineage(tid)
         state_path, model_dir = self._paths(tid)
         self._put(Model(tid, model_dir, state_path, self.keep_state, log=status != FAILED))
-        self._put(End(tid, status, error))
+        self._put(End(tid, status, error, end_tags(status, last)))
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
         self._reconcile_once(trials)
@@ -357,6 +359,23 @@ class MlflowSweepLogger(Callback):
         self._put(ParentEnd(summary, FINISHED))
         self.parent_closed = True
         self.queue.drain()
+
+
+def end_tags(status: str, last: dict) -> dict[str, str]:
+    """The tags of how a trial ended, from its last result: why it stopped (the trial says patience,
+    epochs or diverged in the report that ended it; ASHA's stop is the scheduler's) and the test split's
+    per-image correctness at its best-val epoch (every report carries the best so far), which the
+    analysis pairs across trials (capsmodels.contract). None for a failed trial: its model is not
+    logged either."""
+    if status == FAILED:
+        return {}
+    tags = {}
+    reason = STOP_SCHEDULER if status == STOPPED else last.get(REPORT_STOP_REASON)
+    if reason:
+        tags[TAG_STOP_REASON] = str(reason)
+    if isinstance(last.get(REPORT_TEST_CORRECT), str):
+        tags.update(correct_tags(last[REPORT_TEST_CORRECT]))
+    return tags
 
 
 def _log_rejected(rec: Record, e: BaseException) -> None:

@@ -12,9 +12,13 @@ before a crash; MLflow keeps one copy of each epoch) and continues with the next
 exactly what it would have done.
 
 The trial also leaves its model's files (sweeps/models.py): at its start the resolved config and
-`trial.json` (the device it used, the datasets' digests and sizes), at its end the final weights; the
-driver logs them to MLflow (one writer) and then deletes the weights and the state file. Each epoch's
-report carries the trial's own system figures (`system/...`, sweeps/sysmetrics.py).
+`trial.json` (the device it used, the datasets' digests and sizes), at its end the weights of its
+best-validation epoch (`fit` ends holding them; a trial that ASHA stops leaves its state, whose
+`best_model` they are); the driver logs them to MLflow (one writer) and then deletes the weights and
+the state file. Each epoch's report carries the trial's own system figures (`system/...`,
+sweeps/sysmetrics.py). A trial that `train.patience` ends early returns like one that reached
+`train.epochs`: Tune sees it TERMINATED and the driver logs it as finished, with its stop reason
+(capsmodels.contract, TAG_STOP_REASON), not as stopped (ASHA's early stop).
 
 Why not Tune's own checkpoints: Tune deletes the previous checkpoint (`num_to_keep`) before its next
 experiment snapshot is written, so a driver killed in between leaves a snapshot that points at a

@@ -71,9 +71,12 @@ class Metrics:
 
 @dataclass
 class End:
+    """The trial's run closed with its final status, and the tags of how it ended (stop reason, the
+    best epoch's test correctness: capsmodels.contract) in the same write."""
     trial_id: str
     status: str
     error: Optional[str]
+    tags: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass

@@ -188,11 +188,37 @@ def test_model_of_a_trial_stopped_early_comes_from_its_state_and_keep_keeps_it(t
     from sweeps import storage
     from sweeps.write_queue import Model
     client, exp, writer, net, state_path, mdir = _writer_with_trial(tmp_path)
-    storage.save_torch(state_path, {"model": net.state_dict(), "metrics": {}})   # no model.pt: ASHA stopped it
+    last = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    # no model.pt: ASHA stopped it; its last epoch's weights differ from its best epoch's, which are logged
+    storage.save_torch(state_path, {"model": last, "best_model": net.state_dict(), "metrics": {}})
     writer.apply(Model("t1", str(mdir), state_path, keep=True))
     rid = writer.run_ids["t1"]
-    assert len(client.search_logged_models([exp], filter_string=f"source_run_id = '{rid}'")) == 1
+    (found,) = client.search_logged_models([exp], filter_string=f"source_run_id = '{rid}'")
     assert Path(state_path).exists()
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(_load(f"sqlite:///{tmp_path}/mlflow.db", f"models:/{found.model_id}")(x),
+                           net.eval()(x).scores)
+
+
+def test_end_tags_say_why_a_trial_stopped_and_carry_its_best_epochs_correctness(tmp_path):
+    from capsmodels.contract import correct_from_tags, encode_correct
+    from sweeps.tracking import end_tags
+    from sweeps.write_queue import End, from_json, to_json
+    code = encode_correct(bytes([0b10110110, 0b11011011, 0b01101000]), 21)
+    assert end_tags("finished", {"stop_reason": "patience", "test_correct": code}) == \
+        {"capsweep.stop_reason": "patience", "capsweep.test_correct": code}
+    assert end_tags("stopped", {"test_correct": code})["capsweep.stop_reason"] == "scheduler"   # ASHA's stop
+    assert end_tags("failed", {"stop_reason": "epochs", "test_correct": code}) == {}
+    assert end_tags("diverged", {"stop_reason": "diverged"}) == {"capsweep.stop_reason": "diverged"}
+    client, exp, writer, net, state_path, mdir = _writer_with_trial(tmp_path)
+    rec = End("t1", "finished", None, end_tags("finished", {"stop_reason": "epochs", "test_correct": code}))
+    assert from_json(to_json(rec)) == rec                           # spooled and replayed whole
+    assert from_json('["end", "t1", "finished", null]') == End("t1", "finished", None)   # an older spool
+    writer.apply(rec)
+    tags = client.get_run(writer.run_ids["t1"]).data.tags
+    assert tags["capsweep.status"] == "finished" and tags["capsweep.stop_reason"] == "epochs"
+    assert correct_from_tags(tags) == code
 
 
 def test_dataset_digest_is_sha256_of_the_split():

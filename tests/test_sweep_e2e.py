@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import signal
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from capsmodels.contract import correct_from_tags, decode_correct
 
 from tests.sweep_helpers import (background_sweep, capsweep_cmd, children, env_for_subprocess, parents, run, wait_for,
                                  write_spec)
@@ -29,7 +32,10 @@ def finished_sweep(tmp_path_factory):
     (their own reference) and 1 per seed), run as a user runs it, reused by the checks."""
     work = tmp_path_factory.mktemp("sweep")
     spec = write_spec(work / "tiny.yaml", "tiny", "model.depth: {grid: [1]}", extras=True)
-    proc = run(capsweep_cmd("run", str(spec), "--num-cpus", "2"), work, env_for_subprocess())
+    # patience 1 with the cap at 2 epochs: a trial whose val_acc does not improve at epoch 1 ends there by
+    # patience (as it would by the cap: the same histories), through Tune like one that reached the cap
+    proc = run(capsweep_cmd("run", str(spec), "base.train.patience=1", "--num-cpus", "2"), work,
+               env_for_subprocess())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     return work, client, proc
@@ -94,6 +100,66 @@ def test_metric_histories_have_one_point_per_epoch(finished_sweep):
                 assert sorted(steps) == sorted(set(steps)) and set(steps) <= {0, 1}, (name, steps)
                 assert not steps or r.data.params["model.arch"] == "capsnet", name
         assert 0.0 <= r.data.metrics["val_acc"] <= 1.0
+
+
+def test_best_epoch_its_figures_stop_reason_and_test_correctness(finished_sweep):
+    """The contract the analysis reads (capsmodels.contract): best_epoch every epoch, best/<name> at the
+    improving epochs (so its latest value is the best-val epoch's), why the trial stopped, and the
+    test split's per-image correctness at the best epoch, whose mean is that epoch's test_acc."""
+    work, client, _ = finished_sweep
+    for r in children(client):
+        rid, m, tags = r.info.run_id, r.data.metrics, r.data.tags
+        hist = {name: {x.step: x.value for x in client.get_metric_history(rid, name)}
+                for name in ("val_acc", "test_acc", "best_epoch", "best/test_acc", "best/val_acc", "best/act_grad/l1")}
+        best = 1 if hist["val_acc"][1] > hist["val_acc"][0] else 0
+        assert hist["best_epoch"] == {0: 0, 1: best}
+        assert sorted(hist["best/test_acc"]) == sorted(hist["best/act_grad/l1"]) == ([0, 1] if best else [0])
+        assert m["best/test_acc"] == hist["test_acc"][best] and m["best/val_acc"] == hist["val_acc"][best]
+        # patience wins over the cap when both end the run at one epoch (capsmodels.train)
+        assert tags["capsweep.stop_reason"] == ("epochs" if best == 1 else "patience")
+        assert tags["capsweep.status"] == "finished"
+        n, packed = decode_correct(correct_from_tags(tags))
+        bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=n)
+        assert len(bits) == m["test_n"] == 200
+        assert bits.mean() == pytest.approx(m["best/test_acc"], abs=1e-12)
+
+
+@pytest.mark.slow     # 77 s; the default run ends trials by patience in `finished_sweep`, and checks
+# ASHA's stop reason and a stopped trial's best weights on the writer (tests/test_models_logging.py)
+def test_patience_and_asha_in_a_real_sweep(tmp_path):
+    """One trial at a time, in grid order, with ASHA (rungs at epochs 1 and 2) and patience 1, cap 4:
+    - lr 1e-30 moves no weight enough to change a prediction: its val_acc is the same every epoch, so
+      patience ends it after epoch 1 (ASHA has nothing to compare it with yet): finished, `patience`;
+    - lr 0.003 learns (0.23 after epoch 0); it ends by patience or the cap, as the reference rule says of its val_acc;
+    - lr 1e-29 is the first trial again, below the rung's median (the other two), so ASHA stops it
+      after epoch 0: stopped, `scheduler`, its model its state's best (the only) epoch.
+    The order and the values are fixed (seeded, one trial at a time), so the outcome is too."""
+    from tests.test_stopping import reference_stop
+    spec = write_spec(tmp_path / "pat.yaml", "pat", "train.lr: {grid: [1.0e-30, 0.003, 1.0e-29]}", seeds="[0]",
+                      epochs=4, extra="scheduler: {name: asha, grace_period: 1}\nmax_concurrent: 1\n")
+    proc = run(capsweep_cmd("run", str(spec), "base.train.patience=1", "--num-cpus", "1"), tmp_path,
+               env_for_subprocess())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {float(r.data.params["train.lr"]): r for r in children(client, sweep="pat")}
+    val = {lr: [x.value for x in sorted(client.get_metric_history(r.info.run_id, "val_acc"), key=lambda x: x.step)]
+           for lr, r in runs.items()}
+    frozen, learner, late = runs[1e-30], runs[0.003], runs[1e-29]
+    assert val[0.003][0] > val[1e-30][0], "precondition: the learner beats the frozen net after epoch 0"
+    assert val[1e-30] == [val[1e-30][0]] * 2
+    assert (frozen.data.tags["capsweep.status"], frozen.data.tags["capsweep.stop_reason"]) == ("finished", "patience")
+    last, best, reason = reference_stop(val[0.003] + [-1.0] * 4, 1, 4)
+    assert len(val[0.003]) == last + 1 and learner.data.metrics["best_epoch"] == best
+    assert (learner.data.tags["capsweep.status"], learner.data.tags["capsweep.stop_reason"]) == ("finished", reason)
+    assert val[1e-29] == val[1e-30][:1]
+    assert (late.data.tags["capsweep.status"], late.data.tags["capsweep.stop_reason"]) == ("stopped", "scheduler")
+    for r in runs.values():
+        assert r.info.status == "FINISHED"
+        assert len(client.search_logged_models([r.info.experiment_id],
+                                                filter_string=f"source_run_id = '{r.info.run_id}'")) == 1
+        assert correct_from_tags(r.data.tags)
+    (parent,) = parents(client)
+    assert (parent.data.metrics["trials_finished"], parent.data.metrics["trials_stopped"]) == (2, 1)
 
 
 def test_artifacts_spec_and_resolved_config(finished_sweep):
