@@ -19,10 +19,15 @@ from typing import Any, Optional, Sequence
 
 from capsmodels.catalogue import DATASETS  # noqa: F401 - re-exported: the allowed data.name values
 from capsmodels.presets import PRESETS
-from capsmodels.registry import routing_names
+from capsmodels.registry import get_routing, routing_names
 
 SQUASHES = ("sabour", "exp", "tanh")
-INITS = ("std", "fan", "data")
+# std, fan, data: capsweep's own; tsai, mazzia, hahn: the routing families' authors' W inits
+# (capsmodels.layers.init_weights), which model.family_defaults: published chooses
+INITS = ("std", "fan", "data", "tsai", "mazzia", "hahn")
+FAMILY_DEFAULTS = ("uniform", "published")   # model.family_defaults
+PRIMARY_NORMS = ("squash", "layernorm", "batchnorm")   # model.primary_norm (capsmodels.layers.PrimaryCaps)
+SCHEDULES = ("sequential", "concurrent")     # model.schedule (capsmodels.networks.CapsNet)
 ARCHS = ("capsnet", "cnn")
 DEVICES = ("auto", "cpu", "cuda")
 TEST_TRANSFORMS = ("none", "affine")   # data.test_transform (capsmodels.transforms.TRANSFORMS)
@@ -75,6 +80,14 @@ class ModelConfig:
     residual_dist: int = 2            # distance of a skip (their code's default skip_dist = 2)
     pose_norm: bool = False           # LayerNorm (no gain/offset) of each capsule's pose before it is passed
                                       # on to the next capsule layer (primaries and hidden layers)
+    family_defaults: str = "uniform"  # uniform: every family starts as this config says (a controlled
+                                      # comparison) | published: the routing family's authors' start (its
+                                      # registry entry's init, squash, primary_norm, schedule) replaces those
+                                      # fields (resolve_start; docs/PROBES.md, "Routing families and remedies")
+    primary_norm: str = "squash"      # squash (Sabour) | layernorm (Tsai: LayerNorm with gain and offset) |
+                                      # batchnorm (Hahn: BN'd poses, activations sigmoid(BN(conv)))
+    schedule: str = "sequential"      # sequential: each layer routes to the end before the next |
+                                      # concurrent: every layer's pass r before any pass r+1 (attention only)
 
 
 @dataclass
@@ -140,12 +153,23 @@ def validate(cfg: RunConfig) -> RunConfig:
     Shape checks that need the dataset's input size (a kernel larger than the image) live in
     `capsmodels.networks.check_fits`, which is called before training starts.
     """
+    _choice("model.family_defaults", cfg.model.family_defaults, FAMILY_DEFAULTS)
+    _choice("model.routing", cfg.model.routing, routing_names())
+    cfg.model = resolve_start(cfg.model)
     m, d, t = cfg.model, cfg.data, cfg.train
     _choice("model.preset", m.preset, tuple(PRESETS))
     _choice("model.arch", m.arch, ARCHS)
-    _choice("model.routing", m.routing, routing_names())
     _choice("model.squash", m.squash, SQUASHES)
     _choice("model.init", m.init, INITS)
+    _choice("model.primary_norm", m.primary_norm, PRIMARY_NORMS)
+    _choice("model.schedule", m.schedule, SCHEDULES)
+    if m.arch == "capsnet" and m.schedule not in get_routing(m.routing).schedules:
+        raise ConfigError(f"model.schedule: {m.schedule!r} is not allowed with model.routing {m.routing!r}; "
+                          "only attention routes concurrently (Tsai et al.): use sequential")
+    if m.schedule == "concurrent" and (m.init == "data" or m.detach_inner):
+        what = "model.init: data" if m.init == "data" else "model.detach_inner: true"
+        raise ConfigError(f"{what} is not allowed with model.schedule: concurrent; init data fits each layer "
+                          "on a sequential forward, detach_inner is defined per layer: use schedule sequential")
     _choice("data.name", d.name, DATASETS)
     _choice("train.device", t.device, DEVICES)
     _at_least("model.depth", m.depth, 0)
@@ -199,6 +223,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not 0 < t.dead_tau < 1:
         raise ConfigError(f"train.dead_tau: {t.dead_tau!r} is not allowed; must be in (0, 1)")
     return cfg
+
+
+def resolve_start(m: ModelConfig) -> ModelConfig:
+    """The model config as the network starts: with `family_defaults: published`, the routing family's
+    authors' start (capsmodels.registry, `RoutingFamily.published`: W init, squash, primary
+    normalisation, schedule, each citing the authors' code) replaces those fields, whatever the config
+    said; a family without one (dynamic, em, uniform), the cnn and `uniform` keep the config as it is.
+    Idempotent; a new ModelConfig, the argument is not changed. `validate` applies it, so every run
+    config that was validated (a trial's logged params and config.yaml included) shows the start used."""
+    if m.family_defaults != "published" or m.arch != "capsnet":
+        return m
+    start = get_routing(m.routing).published
+    return dataclasses.replace(m, **start.values()) if start is not None else m
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -19,7 +19,6 @@ from typing import Callable
 import torch
 
 from capsmodels.config import ConfigError
-from capsmodels.functional import safe_norm
 
 MAX_ITER = 20        # secant steps per layer; 2-4 are typical (exactly 1 for a linear layer)
 REL_TOL = 1e-3       # stop when the measured mean ||s|| is within 0.1% of the target
@@ -97,8 +96,8 @@ def _fit(l: int, tensors: list, measure: Callable[[], float], target: float) -> 
 def data_init(model: torch.nn.Module, x: torch.Tensor, target: float = 1.0, chunk: int = 256) -> list[float]:
     """Scale a CapsNet's capsule layers so each one's mean ||s|| over the images x equals `target`.
 
-    Order: the primary conv (weight and bias together: s is linear in them, so one step is exact),
-    then every CapsuleLayer W in turn, its input fixed by the layers below (already set). EM layers
+    Order: the primary conv (weight and bias together: s is linear in them, so one step is exact; not
+    when `model.primary_norm` normalises the primaries' poses), then every CapsuleLayer W in turn, its input fixed by the layers below (already set). EM layers
     have no squash: their "||s||" is the output pose length ||mu_j (+ bias)|| (self-routing: ||v_j||;
     attention: the pre-LayerNorm ||s_j||). Each layer's input is what `CapsNet.pass_on` hands it
     (residual skips and pose_norm included), as in the forward. The bias (bias_init)
@@ -114,13 +113,14 @@ def data_init(model: torch.nn.Module, x: torch.Tensor, target: float = 1.0, chun
     primary = model.primary
 
     def primaries():
-        return [primary(model.stem(x[p])) for p in parts]              # [(u, ||s||)] per chunk
+        return [primary(model.stem(x[p])) for p in parts]              # [PrimaryOut] per chunk
 
-    _fit(0, [primary.conv.weight, primary.conv.bias], lambda: _mean([s for _, s in primaries()]), target)
+    if not primary.normalised():       # a LayerNorm'd or BatchNorm'd pose has no scale of the conv's to set
+        _fit(0, [primary.conv.weight, primary.conv.bias], lambda: _mean([o.s_norm for o in primaries()]), target)
     outs = primaries()
-    measured = [_mean([s for _, s in outs])]
-    routed = [torch.cat([o[0] for o in outs])]                         # (N, I, d) per layer, as forward
-    u, a = model.pass_on(0, routed), safe_norm(routed[0])               # residual / pose_norm as forward
+    measured = [_mean([o.s_norm for o in outs])]
+    routed = [torch.cat([o.pose for o in outs])]                       # (N, I, d) per layer, as forward
+    u, a = model.pass_on(0, routed), torch.cat([o.act for o in outs])   # residual / pose_norm as forward
     for l, layer in enumerate(model.caps, start=1):
         def run(layer=layer, u=u, a=a):
             return [layer(u[p], a[p]) for p in parts]

@@ -5,6 +5,7 @@ Shapes: B batch, I / J capsules in the lower / upper layer, d_in / d_out their p
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -16,27 +17,67 @@ from capsmodels.functional import safe_norm, squash, squash_gain, squash_length
 from capsmodels.registry import RouteOptions, Routed, RoutingFamily, get_routing
 
 
+class PrimaryOut(NamedTuple):
+    pose: torch.Tensor                 # (B, N, dim) the primaries' poses
+    s_norm: torch.Tensor               # (B, N) the conv output's length per capsule (before squash/norm)
+    act: torch.Tensor                  # (B, N) activations: ||pose|| (squash, layernorm) or sigmoid(BN(conv))
+
+
 class PrimaryCaps(nn.Module):
     """A convolution whose output channels are cut into capsules of `dim` channels.
 
     Capsule (k, y, x) is the `dim` channels k*dim .. k*dim+dim-1 at ONE spatial position (y, x), for
     capsule channel k: conv output (B, K*dim, H, W) -> (B, K, dim, H, W) -> (B, K, H, W, dim)
     -> (B, K*H*W, dim), so capsule index n = k*H*W + y*W + x.
+
+    `norm` (model.primary_norm) says how the conv output s becomes a pose:
+      squash     squash(s) with `squash_kind` (Sabour et al.); activation ||v||.
+      layernorm  LayerNorm over each capsule's dim entries with a learned gain and offset, conv without
+                 bias (Tsai et al.'s code: src/capsule_model.py:45-55,138); activation ||v||, about
+                 sqrt(dim) at the start: a length, not a probability (the attention family ignores it).
+      batchnorm  BatchNorm2d over the K*dim conv channels, and a second conv of K channels whose
+                 BatchNorm2d'd output through a sigmoid is each capsule's activation, both convs without
+                 bias (Hahn et al.'s code: models/convnet.py:79-82,137-138).
     """
 
     def __init__(self, in_channels: int, caps_channels: int, dim: int, kernel: int, stride: int,
-                 squash_kind: str = "sabour"):
+                 squash_kind: str = "sabour", norm: str = "squash"):
         super().__init__()
-        self.caps_channels, self.dim, self.squash_kind = caps_channels, dim, squash_kind
-        self.conv = nn.Conv2d(in_channels, caps_channels * dim, kernel, stride)
+        self.caps_channels, self.dim, self.squash_kind, self.norm = caps_channels, dim, squash_kind, norm
+        self.conv = nn.Conv2d(in_channels, caps_channels * dim, kernel, stride, bias=norm == "squash")
+        if norm == "layernorm":
+            self.ln = nn.LayerNorm(dim)
+        elif norm == "batchnorm":
+            self.bn = nn.BatchNorm2d(caps_channels * dim)
+            self.conv_a = nn.Conv2d(in_channels, caps_channels, kernel, stride, bias=False)
+            self.bn_a = nn.BatchNorm2d(caps_channels)
+        elif norm != "squash":
+            raise ValueError(f"primary_norm {norm!r} is not allowed; choose one of squash, layernorm, batchnorm")
 
-    def forward(self, x: torch.Tensor):
-        """x (B, C, H, W) -> (v (B, N, dim) squashed capsules, ||s|| (B, N) pre-squash lengths)."""
-        s = self.conv(x)                                                    # (B, K*dim, H, W)
+    def _capsules(self, s: torch.Tensor, dim: int) -> torch.Tensor:
+        """(B, K*dim, H, W) -> (B, K*H*W, dim) in the capsule order of the class docstring."""
         B, _, H, W = s.shape
-        s = s.view(B, self.caps_channels, self.dim, H, W).permute(0, 1, 3, 4, 2)
-        s = s.reshape(B, self.caps_channels * H * W, self.dim)               # (B, N, dim)
-        return squash(s, kind=self.squash_kind), safe_norm(s)
+        s = s.view(B, self.caps_channels, dim, H, W).permute(0, 1, 3, 4, 2)
+        return s.reshape(B, self.caps_channels * H * W, dim)
+
+    def forward(self, x: torch.Tensor) -> PrimaryOut:
+        """x (B, C, H, W) -> PrimaryOut(pose (B, N, dim), ||s|| (B, N) of the conv output, act (B, N))."""
+        s = self.conv(x)                                                    # (B, K*dim, H, W)
+        s_caps = self._capsules(s, self.dim)                                # (B, N, dim)
+        if self.norm == "squash":
+            v = squash(s_caps, kind=self.squash_kind)
+            return PrimaryOut(v, safe_norm(s_caps), safe_norm(v))
+        if self.norm == "layernorm":
+            v = self.ln(s_caps)
+            return PrimaryOut(v, safe_norm(s_caps), safe_norm(v))
+        v = self._capsules(self.bn(s), self.dim)
+        a = torch.sigmoid(self._capsules(self.bn_a(self.conv_a(x)), 1)).squeeze(-1)
+        return PrimaryOut(v, safe_norm(s_caps), a)
+
+    def normalised(self) -> bool:
+        """Whether the poses are normalised (their scale is not the conv's): `init: data` leaves the
+        conv alone then."""
+        return self.norm != "squash"
 
 
 class CapsOut(NamedTuple):
@@ -69,6 +110,34 @@ def fan_std(n_in: int, n_out: int, d_out: int, squash_kind: str = "sabour") -> f
     return n_out / (rho * math.sqrt(n_in * d_out))
 
 
+MAZZIA_TRUNC = 0.87962566103423978   # std of N(0, 1) truncated at +-2: Keras' he_normal divides by it
+
+
+def init_weights(W: torch.Tensor, init: str, std: float) -> None:
+    """Draw W (I, J, d_out, d_in) in place by the rule `init` (model.init); `std` is the std of the
+    capsweep rules (std, data: init_std; fan: the fan_std scale). The authors' rules, as their code draws
+    its W for a fully connected capsule layer (citations: the families' `PUBLISHED` entries):
+      tsai     N(0, J / (d_in I))                      attention (layers.py:107-109)
+      mazzia   Keras he_normal: N(0, s'^2) truncated at +-2 s', s' = sqrt(2 / (d_in J I)) / 0.8796, so its
+               std is sqrt(2 / (d_in J I)); Keras' fan_in of the (J, I, d_in, d_out) kernel is d_in J I
+                                                       Efficient-CapsNet (utils/layers.py:158,168)
+      hahn     U(-b, b), b = sqrt(6 / (J d_out d_in)): torch's kaiming_uniform_ (a = 0) on a (I, J d_out,
+               d_in) tensor, whose fan_in torch takes as J d_out d_in  self-routing (modules.py:232-233)
+    """
+    I, J, d_out, d_in = W.shape
+    with torch.no_grad():
+        if init == "tsai":
+            W.normal_(0.0, math.sqrt(J / (d_in * I)))
+        elif init == "mazzia":
+            s = math.sqrt(2.0 / (d_in * J * I)) / MAZZIA_TRUNC
+            nn.init.trunc_normal_(W, 0.0, s, -2 * s, 2 * s)
+        elif init == "hahn":
+            b = math.sqrt(6.0 / (J * d_out * d_in))
+            W.uniform_(-b, b)
+        else:
+            W.copy_(torch.randn(W.shape) * std)
+
+
 class CapsuleLayer(nn.Module):
     """Fully connected capsule layer: predictions u_hat_ij = W_ij u_i, then routing to J parents.
 
@@ -98,7 +167,11 @@ class CapsuleLayer(nn.Module):
         self.routing, self.iterations, self.squash_kind = routing, iterations, squash_kind
         self.detach_inner = detach_inner
         std = init_scale * fan_std(n_in, n_out, d_out, squash_kind) if init == "fan" else init_std
-        self.W = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * std)
+        if init in ("std", "fan", "data"):      # drawn as before the authors' rules existed: same numbers
+            self.W = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * std)
+        else:
+            self.W = nn.Parameter(torch.empty(n_in, n_out, d_out, d_in))
+            init_weights(self.W, init, std)
         self.bias = nn.Parameter(torch.full((n_out, d_out), float(bias_init))) if bias else None
         own = dict(family.params(n_out, d_out) if family.params else {})
         own.update(family.child_params(n_in, n_out, d_out) if family.child_params else {})
@@ -134,15 +207,26 @@ class CapsuleLayer(nn.Module):
         uT = torch.einsum("ijek,bik->bjie", self.W, u).contiguous()
         return uT.permute(0, 2, 1, 3)
 
-    def route(self, u_hat: torch.Tensor, a_in: torch.Tensor) -> CapsOut:
+    def route(self, u_hat: torch.Tensor, a_in: torch.Tensor, iterations: Optional[int] = None) -> CapsOut:
         """The layer's routing family on predictions u_hat (B, I, J, d_out); a_in (B, I) child
-        activations (used by EM).
+        activations (used by EM). iterations: instead of the layer's own (the routing null of a layer
+        routed concurrently, whose couplings come from fewer passes).
 
         Separate from `forward` so the routing null (capsmodels.probes.routing_null) re-routes
         predictions shuffled across inputs with exactly the layer's own routing.
         """
         family = self.family
-        return _caps_out(family.route(u_hat, a_in, self, self.options), family.squashes)
+        opts = self.options if iterations is None else replace(self.options, iterations=iterations)
+        return _caps_out(family.route(u_hat, a_in, self, opts), family.squashes)
+
+    def step(self, u: torch.Tensor, a_in: torch.Tensor, prev: Optional[torch.Tensor]) -> CapsOut:
+        """ONE routing pass on input poses u (B, I, d_in) against this layer's own output poses of the
+        previous pass `prev` (B, J, d_out) (None: the first pass): the concurrent schedule's unit
+        (capsmodels.networks.CapsNet). Only for a family with a `step` (attention)."""
+        family = self.family
+        if family.step is None:
+            raise ValueError(f"routing {self.routing!r} cannot route one pass at a time (concurrent schedule)")
+        return _caps_out(family.step(self.predict(u), a_in, self, self.options, prev), family.squashes)
 
     def forward(self, u: torch.Tensor, a_in: Optional[torch.Tensor] = None) -> CapsOut:
         """u (B, I, d_in) input poses; a_in (B, I) input activations (EM only; default ||u||)."""

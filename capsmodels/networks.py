@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from capsmodels.config import ConfigError, ModelConfig
+from capsmodels.config import ConfigError, ModelConfig, resolve_start
 from capsmodels.functional import safe_norm, squash_gain
 from capsmodels.layers import CapsuleLayer, PrimaryCaps
 
@@ -36,6 +36,10 @@ class LayerTrace:
                                             # remedies' skip and LayerNorm, CapsNet.pass_on)
     s_norm: Optional[torch.Tensor] = None   # (B, n) pre-squash length ||s_j(x)|| (EM: ||pose||); CNN None
     routes: bool = False                    # couplings can depend on x (routing probes apply)
+    passes: Optional[list] = None           # concurrent schedule: the pose handed on at every pass (the
+                                            # probes' act_grad sums dL/d over them); None: `pose` alone
+    iterations: Optional[int] = None        # concurrent schedule: the passes behind `coupling` (its null
+                                            # re-routes that many); None: the layer's own iterations
 
 
 @dataclass
@@ -107,7 +111,7 @@ class CapsNet(nn.Module):
         self.num_classes = num_classes
         self.stem, c = _stem(C, cfg)
         self.primary = PrimaryCaps(c, cfg.primary_channels, cfg.primary_dim, cfg.primary_kernel,
-                                   cfg.primary_stride, cfg.squash)
+                                   cfg.primary_stride, cfg.squash, cfg.primary_norm)
         _, (ph, pw) = feature_sizes(cfg, in_shape)
         sizes = [(cfg.primary_channels * ph * pw, cfg.primary_dim)]
         sizes += [(cfg.num_caps, cfg.caps_dim)] * cfg.depth + [(num_classes, cfg.out_dim)]
@@ -117,7 +121,7 @@ class CapsNet(nn.Module):
                          init=cfg.init, init_std=cfg.init_std, init_scale=cfg.init_scale,
                          bias_init=cfg.bias_init)
             for (n_in, d_in), (n_out, d_out) in zip(sizes[:-1], sizes[1:]))
-        self.depth, self.pose_norm = cfg.depth, cfg.pose_norm
+        self.depth, self.pose_norm, self.schedule = cfg.depth, cfg.pose_norm, cfg.schedule
         self.residual_dist = cfg.residual_dist if cfg.residual else 0
         self.decoder = None
         if cfg.decoder:
@@ -127,22 +131,63 @@ class CapsNet(nn.Module):
                 nn.Linear(h1, h2), nn.ReLU(inplace=True), nn.Linear(h2, C * H * W), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> NetOutput:
-        u, s_norm = self.primary(self.stem(x))                  # (B, N0, d0), (B, N0)
-        a = safe_norm(u)
-        routed = [u]                                            # each layer's own output pose
+        prim = self.primary(self.stem(x))                       # pose (B, N0, d0), ||s||, act (B, N0)
+        routed = [prim.pose]                                    # each layer's own output pose
         u = self.pass_on(0, routed)
-        layers = [LayerTrace(a, None, squash_gain(s_norm), u, s_norm)]
-        for l, layer in enumerate(self.caps, start=1):
-            out = layer(u, a)                                   # EM and self use a; the others ignore it
-            routed.append(out.pose)
-            u, a = self.pass_on(l, routed), out.act
-            layers.append(LayerTrace(out.act, out.coupling, out.gain, u, out.s_norm, layer.routes))
+        gain = squash_gain(prim.s_norm) if self.primary.norm == "squash" else None
+        layers = [LayerTrace(prim.act, None, gain, u, prim.s_norm)]
+        if self.schedule == "concurrent":
+            layers += self._route_concurrent(prim.pose, u, prim.act)
+        else:
+            a = prim.act
+            for l, layer in enumerate(self.caps, start=1):
+                out = layer(u, a)                               # EM and self use a; the others ignore it
+                routed.append(out.pose)
+                u, a = self.pass_on(l, routed), out.act
+                layers.append(LayerTrace(out.act, out.coupling, out.gain, u, out.s_norm, layer.routes))
+        u, a = layers[-1].pose, layers[-1].act
         recon = None
         if self.decoder is not None:                            # mask all but the true (else best) class
             idx = y if y is not None else a.detach().argmax(1)
             mask = F.one_hot(idx, self.num_classes).to(u.dtype)  # (B, K)
             recon = self.decoder((u * mask.unsqueeze(-1)).flatten(1))
         return NetOutput(scores=a, recon=recon, layers=layers)
+
+    def _route_concurrent(self, u0: torch.Tensor, handed0: torch.Tensor, a0: torch.Tensor) -> list:
+        """The capsule layers routed CONCURRENTLY (Tsai et al.'s default; their src/capsule_model.py:
+        141-158): pass 1 runs every layer once in order with uniform couplings; in each pass r = 2..R
+        every layer l re-routes the input the layer below handed on in pass r - 1 against its own output
+        of pass r - 1, so all layers move one pass at a time (sequential: layer l finishes its R passes
+        before layer l + 1 starts). u0 / handed0 / a0: the primaries' pose, what they hand on, their
+        activation. Returns a LayerTrace per capsule layer l = 1..L: layer l's pass t(l) =
+        max(1, R - (L - l)), the one the class layer's last pass reads through the layers between
+        (the outputs of hidden layers' later passes feed no later pass); `passes` holds the pose it
+        handed on at every pass, so act_grad counts each path the loss reaches it by."""
+        R, L = self.caps[0].iterations, len(self.caps)
+        history = []                            # per pass: (outs, handed poses l = 0..L, acts l = 0..L)
+        outs, handed, acts = [], [handed0], [a0]
+        routed = [u0]
+        for l, layer in enumerate(self.caps, start=1):               # pass 1: in order, c = 1/J
+            outs.append(layer.step(handed[l - 1], acts[l - 1], None))
+            routed.append(outs[-1].pose)
+            handed.append(self.pass_on(l, routed))
+            acts.append(outs[-1].act)
+        history.append((outs, handed, acts))
+        for _ in range(1, R):
+            outs = [layer.step(handed[l - 1], acts[l - 1], outs[l - 1].pose)
+                    for l, layer in enumerate(self.caps, start=1)]
+            routed = [u0] + [o.pose for o in outs]
+            handed = [handed0] + [self.pass_on(l, routed) for l in range(1, L + 1)]
+            acts = [a0] + [o.act for o in outs]
+            history.append((outs, handed, acts))
+        traces = []
+        for l, layer in enumerate(self.caps, start=1):
+            t = max(1, R - (L - l))
+            outs, handed, _ = history[t - 1]
+            out = outs[l - 1]
+            traces.append(LayerTrace(out.act, out.coupling, out.gain, handed[l], out.s_norm,
+                                     layer.routes and t > 1, [h[1][l] for h in history], t))
+        return traces
 
     def pass_on(self, l: int, routed: list) -> torch.Tensor:
         """The pose (B, n_l, d_l) capsule layer l hands to layer l+1, given routed[k] (B, n_k, d_k) the
@@ -254,7 +299,7 @@ def build(cfg, in_shape, num_classes: int) -> nn.Module:
     input (see `check_fits`)."""
     in_shape = tuple(int(v) for v in in_shape)
     check_fits(cfg, in_shape)
-    cfg = _model_cfg(cfg)
+    cfg = resolve_start(_model_cfg(cfg))       # family_defaults: published (a validated config has it already)
     if cfg.arch == "cnn":
         width = 0 if cfg.depth > 0 else (  # the width only sizes the depth-0 baseline's dense layer
             cfg.cnn_width if cfg.cnn_width > 0 else matched_cnn_width(cfg, in_shape, num_classes))

@@ -79,7 +79,7 @@ def permute_children(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def routing_null(layer: torch.nn.Module, u: torch.Tensor, a_in: torch.Tensor,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator, iterations: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Couplings of `layer` re-routed on predictions whose children come from other inputs.
 
     u (B, I, d_in) the layer's input poses, a_in (B, I) its child activations. Child i's votes and
@@ -87,9 +87,12 @@ def routing_null(layer: torch.nn.Module, u: torch.Tensor, a_in: torch.Tensor,
     from `generator` (CPU): the votes keep their magnitudes and the layer's weights, but the children
     no longer agree about one input's parts. (A plain shuffle of the couplings would be useless:
     tree_score and routing_dynamics are invariant to permuting inputs.)
+    iterations: re-route with this many passes instead of the layer's own (a layer routed concurrently:
+    its couplings come from pass t(l), capsmodels.networks.CapsNet._route_concurrent; the null runs t(l)
+    passes of the layer's routing on the shuffled votes).
     Returns (c_null (B, I, J), a_null (B, I): the children's activations, the tree_score weights).
     """
-    return reroute_permuted(layer, u, a_in, null_permutation(*a_in.shape, generator).to(u.device))
+    return reroute_permuted(layer, u, a_in, null_permutation(*a_in.shape, generator).to(u.device), iterations)
 
 
 def null_permutation(B: int, I: int, generator: torch.Generator) -> torch.Tensor:
@@ -98,12 +101,12 @@ def null_permutation(B: int, I: int, generator: torch.Generator) -> torch.Tensor
 
 
 def reroute_permuted(layer: torch.nn.Module, u: torch.Tensor, a_in: torch.Tensor,
-                     idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     idx: torch.Tensor, iterations: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`routing_null` for a given permutation idx (B, I): child i of row x taken from input idx[x, i].
     Separate so the caller can keep idx (the truth's roles of the null's children: tree_concentration_null).
     Returns (c_null (B, I, J), a_null (B, I))."""
     a_null = permute_children(a_in, idx)
-    return layer.route(permute_children(layer.predict(u), idx), a_null).coupling, a_null
+    return layer.route(permute_children(layer.predict(u), idx), a_null, iterations).coupling, a_null
 
 
 class Truth(NamedTuple):
@@ -397,11 +400,17 @@ def evaluation_probes(model: torch.nn.Module, x_eval: torch.Tensor, y_eval: torc
         with torch.enable_grad():
             out = probe(x, y_eval)
             loss, _ = losses.total_loss(out, x, y_eval, recon_weight)
-            poses = [tr.pose for tr in out.layers]
+            # a layer routed concurrently hands a pose on at every pass: dL/dv is the sum over them (the
+            # gradient of a perturbation added to all), else the one pose the next layer consumes
+            passes = [tr.passes or [tr.pose] for tr in out.layers]
+            flat = [p for ps in passes for p in ps]
             # the loss is a mean over D; times |D| it is the sum of per-example losses, whose gradient
             # w.r.t. v_j(x) is input x's own dL(x)/dv_j(x) (inputs do not interact in eval mode)
-            grads = torch.autograd.grad(loss * len(y_eval), poses, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(poses, grads)]
+            flat_grads = iter(torch.autograd.grad(loss * len(y_eval), flat, allow_unused=True))
+        grads = []
+        for ps in passes:
+            gs = [torch.zeros_like(p) if g is None else g for p, g in zip(ps, (next(flat_grads) for _ in ps))]
+            grads.append(gs[0] if len(gs) == 1 else torch.stack(gs).sum(0))
         with torch.no_grad():
             nulls = _routing_nulls(probe, out.layers)
         result = trace_probes(out.layers, tau, nulls, truth)
@@ -420,5 +429,5 @@ def _routing_nulls(model: torch.nn.Module, layers: Sequence) -> dict:
         if layers[l].routes:                     # the same draws, in the same order, as routing_null's
             u, a = layers[l - 1].pose, layers[l - 1].act
             idx = null_permutation(*a.shape, gen).to(u.device)
-            out[l] = (*reroute_permuted(caps[l - 1], u, a, idx), idx)
+            out[l] = (*reroute_permuted(caps[l - 1], u, a, idx, layers[l].iterations), idx)
     return out

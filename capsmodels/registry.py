@@ -54,6 +54,33 @@ class RouteOptions:
 
 
 RouteFn = Callable[[Any, Any, Any, RouteOptions], Routed]
+# one routing pass given the layer's own output of the previous pass (None: the first, uniform pass)
+StepFn = Callable[[Any, Any, Any, RouteOptions, Optional[Any]], Routed]
+
+
+@dataclass(frozen=True)
+class PublishedStart:
+    """A family's authors' own start (`model.family_defaults: published`): the model-config values their
+    code starts from, each with the authors' file and line. A field left None keeps the config's value
+    (the family's authors do not differ there, or the family has no authors' code to follow).
+
+    init:         model.init: `tsai`, `mazzia`, `hahn` (capsmodels.layers.init_weights)
+    squash:       model.squash (of the primaries and the capsule layers that squash)
+    primary_norm: model.primary_norm: squash | layernorm | batchnorm (capsmodels.layers.PrimaryCaps)
+    schedule:     model.schedule: sequential | concurrent (capsmodels.networks.CapsNet)
+    sources:      ((field, "owner/repo@commit path:lines, what it shows"), ...)
+    """
+    init: Optional[str] = None
+    squash: Optional[str] = None
+    primary_norm: Optional[str] = None
+    schedule: Optional[str] = None
+    sources: tuple = ()
+
+    def values(self) -> dict:
+        """The model-config fields this start sets: {field: value} for the fields not None."""
+        return {k: v for k, v in (("init", self.init), ("squash", self.squash),
+                                   ("primary_norm", self.primary_norm), ("schedule", self.schedule))
+                if v is not None}
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,12 @@ class RoutingFamily:
               the layer's forward when given (uniform: one matmul); `route` stays the definition (and
               what the routing null re-routes), and the tests check the two agree.
     doc:      one line for `capsweep` users (what the family is, whose paper).
+    published: the authors' own start (`PublishedStart`), applied by `model.family_defaults:
+              published`; None: the family has none of its own (published = the config's values).
+    step:     (u_hat, a_in, layer, opts, prev_pose or None) -> Routed: ONE routing pass against the
+              layer's own output poses of the previous pass (None: the first pass, uniform couplings).
+              A family with a step can route concurrently across layers (`model.schedule:
+              concurrent`, capsmodels.networks); `route` with R iterations is R steps in a row.
     """
     name: str
     route: RouteFn
@@ -88,6 +121,13 @@ class RoutingFamily:
     child_params: Optional[Callable[[int, int, int], dict]] = None
     iterative: bool = True
     squashes: bool = True
+    published: Optional[PublishedStart] = None
+    step: Optional[StepFn] = None
+
+    @property
+    def schedules(self) -> tuple[str, ...]:
+        """The `model.schedule` values this family can route under."""
+        return ("sequential", "concurrent") if self.step is not None else ("sequential",)
 
 
 _FAMILIES: dict[str, RoutingFamily] = {}
@@ -96,7 +136,9 @@ _FAMILIES: dict[str, RoutingFamily] = {}
 def register_routing(name: str, *, adaptive: bool = True, params: Optional[Callable] = None,
                      shortcut: Optional[Callable] = None, doc: str = "",
                      child_params: Optional[Callable] = None,
-                     iterative: bool = True, squashes: bool = True) -> Callable[[RouteFn], RouteFn]:
+                     iterative: bool = True, squashes: bool = True,
+                     published: Optional[PublishedStart] = None,
+                     step: Optional[StepFn] = None) -> Callable[[RouteFn], RouteFn]:
     """Decorator: register `route` under `name`. Registering a name twice is an error (two modules
     claiming one name would make a config mean whichever was imported last)."""
     def deco(route: RouteFn) -> RouteFn:
@@ -104,7 +146,7 @@ def register_routing(name: str, *, adaptive: bool = True, params: Optional[Calla
             raise ValueError(f"routing family {name!r} is already registered "
                              f"(by {_FAMILIES[name].route.__module__})")
         _FAMILIES[name] = RoutingFamily(name, route, adaptive, params, shortcut, doc, child_params,
-                                        iterative, squashes)
+                                        iterative, squashes, published, step)
         return route
     return deco
 

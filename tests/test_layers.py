@@ -66,8 +66,9 @@ def test_primary_caps_grouping():
         pc.conv.bias.zero_()
     x = torch.randn(2, K * D, H, W, dtype=torch.float32)
     with torch.no_grad():
-        v, s_norm = pc(x)
+        v, s_norm, act = pc(x)
     assert v.shape == (2, K * H * W, D) and s_norm.shape == (2, K * H * W)
+    torch.testing.assert_close(act, v.norm(dim=-1))
     for b in range(2):
         for k in range(K):
             for y in range(H):

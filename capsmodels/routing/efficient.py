@@ -9,7 +9,8 @@ Checked against the authors' code (github.com/EscVM/Efficient-CapsNet, utils/lay
   v_j   = squash(s_j)
 One pass, no iterations. sum_k A_j[i, k] = <u_hat_ij, sum_k u_hat_kj> / sqrt(D), so the (I, I)
 matrices are never formed. The authors' squash is `model.squash: exp` ((1 - e^-||s||) s/||s||); the
-family uses whatever `model.squash` says. Couplings returned are c (sum 1 over parents); the weights
+family uses whatever `model.squash` says; `model.family_defaults: published` sets it, and the authors'
+W init (`mazzia`). The optional bias (`model.bias`) is not in the authors' layer. Couplings returned are c (sum 1 over parents); the weights
 that really multiply the votes are c + p, which need not (docs/PROBES.md, "Routing families and
 remedies").
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from capsmodels.functional import safe_norm, squash
-from capsmodels.registry import RouteOptions, Routed, register_routing
+from capsmodels.registry import PublishedStart, RouteOptions, Routed, register_routing
 
 
 def efficient_routing(u_hat: torch.Tensor, priors: Optional[torch.Tensor] = None,
@@ -43,7 +44,18 @@ def _efficient_params(n_in: int, n_out: int, d_out: int) -> dict:
     return {"priors": nn.Parameter(torch.zeros(n_in, n_out))}
 
 
-@register_routing("efficient", child_params=_efficient_params, iterative=False,
+REPO = "EscVM/Efficient-CapsNet@4b337f5"
+PUBLISHED = PublishedStart(
+    init="mazzia", squash="exp",
+    sources=(("init", f"{REPO} utils/layers.py:158,168: FCCaps.W of shape (J, I, d_in, d_out) drawn by Keras' "
+                      "he_normal: a normal truncated at 2 sigma' with sigma' = sqrt(2 / fan_in) / 0.8796 (its "
+                      "std sqrt(2 / fan_in)), Keras' fan_in = d_in * J * I for this 4-d kernel; :169 priors b "
+                      "start at 0 (as here)"),
+             ("squash", f"{REPO} utils/layers.py:76-78: squash (1 - 1/e^||s||) s/||s|| (`exp`), applied to "
+                        "the primaries (:131) and the FCCaps output (:181)")))
+
+
+@register_routing("efficient", child_params=_efficient_params, iterative=False, published=PUBLISHED,
                   doc="Efficient-CapsNet self-attention routing (Mazzia et al. 2021)")
 def route_efficient(u_hat: torch.Tensor, a_in: torch.Tensor, layer, opts: RouteOptions) -> Routed:
     """The registry's signature; child activations and `iterations` are not used."""

@@ -12,6 +12,14 @@ One difference, forced by the registry's signature (a family sees the prediction
 poses u): the authors' logits are W2_i u_i, a linear map of the child's INPUT pose; here they are a
 linear map of its predictions, <w_ij, u_hat_ij> = (W_ij^T w_ij) . u_i, which is again linear in u_i
 (every such map when d_out >= d_in and W_ij has full rank), parametrised through W_ij.
+The consequence (docs/PROBES.md, "Routing families and remedies"): the same forward, but the gradients
+differ. Here dL/dW_ij gets, beside the vote path, the logit path's (dL/db_ij) w_ij u_i^T, and
+dL/dw_ij = (dL/db_ij) u_hat_ij scales with the votes' length, where the authors' dL/dW2_ij =
+(dL/db_ij) u_i scales with the child's own; at the zero start of w the logit path adds nothing to
+dL/dW, and the routing weights learn at a rate set by ||u_hat|| (about ||W|| ||u||) rather than ||u||.
+`model.family_defaults: published` starts from the authors' W (init `hahn`) and primaries (BatchNorm'd
+poses, sigmoid(BN(conv)) activations) but keeps this parametrisation. The optional bias (`model.bias`)
+is not in the authors' layer.
 No squash: s is None (the layer reports ||v_j|| as the pre-squash length and no squash gain).
 Activations sum to 1 over the parents (sum_j c_ij = 1), so a layer of J capsules averages 1/J, and at
 the zero start every parent has exactly a_j = 1/J. Routing null: child i's couplings depend on child
@@ -25,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from capsmodels.registry import RouteOptions, Routed, register_routing
+from capsmodels.registry import PublishedStart, RouteOptions, Routed, register_routing
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -55,7 +63,18 @@ def _self_params(n_in: int, n_out: int, d_out: int) -> dict:
             "b_route": nn.Parameter(torch.zeros(n_in, n_out))}
 
 
-@register_routing("self", child_params=_self_params, iterative=False,
+REPO = "coder3000/SR-CapsNet@7622d38"
+PUBLISHED = PublishedStart(
+    init="hahn", primary_norm="batchnorm",
+    sources=(("init", f"{REPO} modules.py:232-233: W1 of shape (kkA, B*D, C) drawn by nn.init.kaiming_uniform_ "
+                      "(a = 0): U(-b, b), b = sqrt(6 / fan_in) with torch's fan_in = size(1) * size(2) = "
+                      "J * d_out * d_in; :235-239 the routing weights W2, b2 start at 0 (as here)"),
+             ("primary_norm", f"{REPO} models/convnet.py:79-82,137-138 (models/smallnet.py:24-27,90-91): "
+                              "pose = BatchNorm2d(conv_pose(x)), a = sigmoid(BatchNorm2d(conv_a(x))), both "
+                              "convs without bias, no squash; utils.py:57-62 BatchNorm gain 1, offset 0")))
+
+
+@register_routing("self", child_params=_self_params, iterative=False, published=PUBLISHED,
                   doc="self-routing, each child's own routing weights (Hahn et al. 2019)")
 def route_self(u_hat: torch.Tensor, a_in: torch.Tensor, layer, opts: RouteOptions) -> Routed:
     """The registry's signature; `iterations` and the squash are not used."""
