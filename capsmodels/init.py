@@ -97,11 +97,11 @@ def data_init(model: torch.nn.Module, x: torch.Tensor, target: float = 1.0, chun
     """Scale a CapsNet's capsule layers so each one's mean ||s|| over the images x equals `target`.
 
     Order: the primary conv (weight and bias together: s is linear in them, so one step is exact; not
-    when `model.primary_norm` normalises the primaries' poses), then every CapsuleLayer W in turn, its input fixed by the layers below (already set). EM layers
-    have no squash: their "||s||" is the output pose length ||mu_j (+ bias)|| (self-routing: ||v_j||;
-    attention: the pre-LayerNorm ||s_j||). Each layer's input is what `CapsNet.pass_on` hands it
-    (residual skips and pose_norm included), as in the forward. The bias (bias_init)
-    is left as it is. x: (N, C, H, W) on the model's device, run `chunk` images at a time (memory as
+    when `model.primary_norm` normalises the primaries' poses), then every CapsuleLayer W in turn, its
+    input fixed by the layers below (already set). EM layers have no squash: their "||s||" is the
+    output pose length ||mu_j (+ bias)|| (self-routing: ||v_j||; attention: the pre-LayerNorm ||s_j||).
+    Each layer's input is what `CapsNet.pass_on` hands it (residual skips and pose_norm included), as in
+    the forward. The bias (bias_init) is left as it is. x: (N, C, H, W) on the model's device, run `chunk` images at a time (memory as
     a training batch of that size, without gradients). Returns the mean ||s|| per layer l = 0..L at
     the end, on x.
 

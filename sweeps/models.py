@@ -234,14 +234,17 @@ def save_train(tracking_uri: str, experiment: str, cfg, history: list[dict], net
     from capsmodels import config as runcfg
     from capsmodels.contract import TAG_COMMIT, TAG_ROLE, TAG_STATUS
     from sweeps.provenance import dataset_inputs, git_commit
-    from sweeps.run_writer import DEVICE_PARAM, get_or_create_experiment, run_name
+    from sweeps.run_writer import DEVICE_PARAM, end_tags, get_or_create_experiment, run_name
     from sweeps.sysmetrics import describe_device
     client = open_store(tracking_uri, create=True)
     experiment_id = get_or_create_experiment(client, experiment)
     config = runcfg.to_dict(cfg)
     params = runcfg.flatten(config)
     params[DEVICE_PARAM], device_name = describe_device(device)
-    tags = {TAG_ROLE: RUN_TRAIN, TAG_STATUS: str(history[-1].get("status", "")), TAG_DEVICE_NAME: device_name}
+    status = str(history[-1].get("status", ""))
+    # the stop reason and the best epoch's test correctness, as a sweep's trial run has them
+    tags = {TAG_ROLE: RUN_TRAIN, TAG_STATUS: status, TAG_DEVICE_NAME: device_name,
+            **end_tags(status, history[-1])}
     if git_commit():
         tags[TAG_COMMIT] = git_commit()
     data = {"train": splits.train.tensors, "val": splits.val.tensors, "test": splits.test.tensors}

@@ -21,9 +21,10 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from capsmodels.contract import (EPOCH_METRIC, FAILED, ROLE_KEY, FINISHED, INTERRUPTED, RUN_TRIAL, RUNNING,
-                                 TAG_COMMIT, TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_RUN_NAME, TAG_SEED,
-                                 TAG_STATUS, TAG_SWEEP, TAG_TRIAL)
+from capsmodels.contract import (EPOCH_METRIC, FAILED, ROLE_KEY, FINISHED, INTERRUPTED, REPORT_STOP_REASON,
+                                 REPORT_TEST_CORRECT, RUN_TRIAL, RUNNING, STOP_SCHEDULER, STOPPED, TAG_COMMIT,
+                                 TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_RUN_NAME, TAG_SEED, TAG_STATUS,
+                                 TAG_STOP_REASON, TAG_SWEEP, TAG_TRIAL, correct_tags)
 from sweeps import models
 from sweeps.provenance import DATA_CONTEXT, SPLIT_ROWS, standard_tags
 from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentEnd, ParentInterrupt, ParentTags,
@@ -100,6 +101,23 @@ def numeric_metrics(result: dict) -> dict[str, float]:
             continue
         out[k] = float(v)    # NaN is data (0/0 grad_ratio of a network with no gradient at all)
     return out
+
+
+def end_tags(status: str, last: dict) -> dict[str, str]:
+    """The tags of how a trial ended, from its last result: why it stopped (the trial says patience,
+    epochs or diverged in the report that ended it; ASHA's stop is the scheduler's) and the test split's
+    per-image correctness at its best-val epoch (every report carries the best so far), which the
+    analysis pairs across trials (capsmodels.contract). None for a failed trial: its model is not
+    logged either."""
+    if status == FAILED:
+        return {}
+    tags = {}
+    reason = STOP_SCHEDULER if status == STOPPED else last.get(REPORT_STOP_REASON)
+    if reason:
+        tags[TAG_STOP_REASON] = str(reason)
+    if isinstance(last.get(REPORT_TEST_CORRECT), str):
+        tags.update(correct_tags(last[REPORT_TEST_CORRECT]))
+    return tags
 
 
 def run_params(params: dict) -> list[Param]:

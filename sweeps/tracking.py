@@ -39,14 +39,13 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from analysis.mlflowio import mlflow_http_env, search_all
-from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, REPORT_STOP_REASON,
-                                 REPORT_TEST_CORRECT, RUN_PARENT, RUNNING, STOP_SCHEDULER, STOPPED, TAG_PARENT,
-                                 TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_STOP_REASON, TAG_SWEEP,
-                                 TAG_TRIAL, correct_tags)
+from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, RUN_PARENT, RUNNING,
+                                 STOPPED, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
+                                 TAG_TRIAL)
 from sweeps import models, storage, tune_guard
 from sweeps.provenance import git_commit, standard_tags
-from sweeps.run_writer import (DEVICE_PARAM, RunWriter, get_or_create_experiment, numeric_metrics, run_name,
-                               transient)
+from sweeps.run_writer import (DEVICE_PARAM, RunWriter, end_tags, get_or_create_experiment, numeric_metrics,
+                               run_name, transient)
 from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentEnd, ParentInterrupt, ParentTags,
                                 Record, Reopen, Start, Tag, TrackingUnavailable, WriteQueue, queued)
 
@@ -359,23 +358,6 @@ class MlflowSweepLogger(Callback):
         self._put(ParentEnd(summary, FINISHED))
         self.parent_closed = True
         self.queue.drain()
-
-
-def end_tags(status: str, last: dict) -> dict[str, str]:
-    """The tags of how a trial ended, from its last result: why it stopped (the trial says patience,
-    epochs or diverged in the report that ended it; ASHA's stop is the scheduler's) and the test split's
-    per-image correctness at its best-val epoch (every report carries the best so far), which the
-    analysis pairs across trials (capsmodels.contract). None for a failed trial: its model is not
-    logged either."""
-    if status == FAILED:
-        return {}
-    tags = {}
-    reason = STOP_SCHEDULER if status == STOPPED else last.get(REPORT_STOP_REASON)
-    if reason:
-        tags[TAG_STOP_REASON] = str(reason)
-    if isinstance(last.get(REPORT_TEST_CORRECT), str):
-        tags.update(correct_tags(last[REPORT_TEST_CORRECT]))
-    return tags
 
 
 def _log_rejected(rec: Record, e: BaseException) -> None:

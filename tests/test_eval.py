@@ -47,6 +47,9 @@ def test_train_save_logs_run_model_and_lineage(saved):
     assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"].startswith("capsweep ")   # sys.argv: here pytest's
     assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["capsweep.git_commit"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [0]
+    assert run.data.tags["capsweep.stop_reason"] == "epochs"          # as a sweep's trial run
+    from capsmodels.contract import correct_from_tags, decode_correct
+    assert decode_correct(correct_from_tags(run.data.tags))[0] == run.data.metrics["test_n"] == 200
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     (model,) = client.search_logged_models([run.info.experiment_id],

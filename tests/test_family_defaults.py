@@ -247,8 +247,10 @@ def test_concurrent_and_sequential_attention_match_their_numpy_loops(R):
     seq_net, seq, u0, layers = two_layer_stack("sequential", R)
     con_net, con, u0c, layers_c = two_layer_stack("concurrent", R)
     assert np.array_equal(u0, u0c) and all(np.array_equal(a[0], b[0]) for a, b in zip(layers, layers_c))
-    np.testing.assert_allclose(seq.layers[-1].pose.detach().numpy(), np_sequential(layers, u0, R), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(con.layers[-1].pose.detach().numpy(), np_concurrent(layers_c, u0, R), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(seq.layers[-1].pose.detach().numpy(), np_sequential(layers, u0, R),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(con.layers[-1].pose.detach().numpy(), np_concurrent(layers_c, u0, R),
+                               rtol=1e-10, atol=1e-12)
     diff = float(np.linalg.norm(con.layers[-1].pose.detach().numpy() - seq.layers[-1].pose.detach().numpy())
                  / np.linalg.norm(seq.layers[-1].pose.detach().numpy()))
     if R == 1:

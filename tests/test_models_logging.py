@@ -203,7 +203,7 @@ def test_model_of_a_trial_stopped_early_comes_from_its_state_and_keep_keeps_it(t
 
 def test_end_tags_say_why_a_trial_stopped_and_carry_its_best_epochs_correctness(tmp_path):
     from capsmodels.contract import correct_from_tags, encode_correct
-    from sweeps.tracking import end_tags
+    from sweeps.run_writer import end_tags
     from sweeps.write_queue import End, from_json, to_json
     code = encode_correct(bytes([0b10110110, 0b11011011, 0b01101000]), 21)
     assert end_tags("finished", {"stop_reason": "patience", "test_correct": code}) == \

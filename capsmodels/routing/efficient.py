@@ -10,9 +10,9 @@ Checked against the authors' code (github.com/EscVM/Efficient-CapsNet, utils/lay
 One pass, no iterations. sum_k A_j[i, k] = <u_hat_ij, sum_k u_hat_kj> / sqrt(D), so the (I, I)
 matrices are never formed. The authors' squash is `model.squash: exp` ((1 - e^-||s||) s/||s||); the
 family uses whatever `model.squash` says; `model.family_defaults: published` sets it, and the authors'
-W init (`mazzia`). The optional bias (`model.bias`) is not in the authors' layer. Couplings returned are c (sum 1 over parents); the weights
-that really multiply the votes are c + p, which need not (docs/PROBES.md, "Routing families and
-remedies").
+W init (`mazzia`). The optional bias (`model.bias`) is not in the authors' layer. Couplings returned
+are c (sum 1 over parents); the weights that really multiply the votes are c + p, which need not
+(docs/PROBES.md, "Routing families and remedies").
 """
 from __future__ import annotations
 
