@@ -32,8 +32,8 @@ from analysis.mlflowio import search_all, search_tagged, sql_engine, sql_metric_
 from capsmodels.contract import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, FAILED, FINISHED, GRAD_PROBES,
                                  INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
-                                 TAG_TEST_CORRECT, TAG_TRIAL, TRACKING_URI_ENV, layer_metric,
-                                 TAG_CONFIRMS, HEARTBEAT_STALE_S, heartbeat_age, resume_command, sweep_state)
+                                 TAG_TRIAL, TRACKING_URI_ENV, layer_metric, TAG_CONFIRMS, HEARTBEAT_STALE_S,
+                                 correct_from_tags, heartbeat_age, resume_command, sweep_state)
 
 DEFAULT_HISTORY_KEYS = ("val_acc", "test_acc", "grad_ratio")
 GRAD_PROBE_PREFIXES = tuple(layer_metric(m, "") for m in GRAD_PROBES)
@@ -241,7 +241,7 @@ def _trials_table(runs: list, sweep: str) -> tuple[pd.DataFrame, list[str], list
             "status": _status_of(r), "run_status": r.info.status, "error": tags.get(TAG_ERROR, ""),
             "git_commit": tags.get(TAG_COMMIT, ""), "parent_run_id": tags.get(TAG_PARENT),
             "start_time": r.info.start_time, "end_time": r.info.end_time,
-            "test_correct": tags.get(TAG_TEST_CORRECT),    # per-image test correctness (contract)
+            "test_correct": correct_from_tags(tags),    # per-image test correctness (contract)
         }
         row.update(params)
         row.update({k: float(v) for k, v in metrics.items()})

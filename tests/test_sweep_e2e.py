@@ -185,6 +185,14 @@ def test_report_on_the_real_sweep(finished_sweep):
     assert code == 0
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["escaped"] in ("yes", "no", "undecided")
+    assert verdict["outcome"] in ("yes", "no", "undecided", "inconclusive", "to confirm")
+    # the real path of the protocol: every trial scored at its best-val epoch (no "last epoch" note), and
+    # the accuracy tests pair the two sides image by image from the logged correctness tags
+    assert not any("scored at their last epoch" in n for n in verdict["notes"]), verdict["notes"]
+    tests = [ch["test"] for c in verdict["configurations"] for ch in c["checks"]
+             if ch["name"] == "accuracy" and "test" in ch]
+    assert tests and all(t.get("test_set", "").startswith("paired over") for t in tests), tests
+    assert verdict["family"]["candidates"] == 1 and verdict["confirm"]["seeds_used"] == [0, 1]
     assert (out / "report.html").stat().st_size > 1000
     (parent,) = parents(client)
     names = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
