@@ -351,6 +351,15 @@ def test_confirm_runs_the_chosen_configuration_through_the_tuner(store, tmp_path
     check_confirmation(MlflowClient(store["uri"]), "explo", "explo-confirm", set(section["seeds_used"]),
                        section["ranked"][0]["params"])
     assert (folder / "ray_results" / "explo-confirm").is_dir()
+    # both verdicts show the link: the confirmation names its exploration, the exploration its confirmation
+    from analysis.load import load_sweep
+    from analysis.report import _link_text
+    from analysis.verdict import compute_verdict
+    conf = compute_verdict(load_sweep("capsweep", store["uri"], "explo-confirm", progress=False))
+    explo = compute_verdict(load_sweep("capsweep", store["uri"], "explo", progress=False))
+    assert conf["confirm"]["confirms"] == "explo" and conf["confirm"]["command"] is None
+    assert "confirms the exploration 'explo'" in _link_text(conf)
+    assert explo["confirmed_by"] == ["explo-confirm"] and "Confirmed by: explo-confirm" in _link_text(explo)
 
 
 @pytest.mark.slow
