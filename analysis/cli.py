@@ -166,9 +166,11 @@ def _init_store(tracking_uri: Optional[str]) -> None:
     """Migrate an existing SQLite store under its lock before reading it (sweeps/store_init.py:
     stdlib and filelock only); a missing one is left to load_sweep's one-line refusal."""
     from analysis.load import resolve_tracking_uri
-    from sweeps.store_init import StoreInitError, init_store
+    from sweeps.store_init import StoreInitError, check_store, init_store
     try:
-        init_store(resolve_tracking_uri(tracking_uri), create=False)
+        uri = resolve_tracking_uri(tracking_uri)
+        if init_store(uri, create=False):
+            check_store(uri)      # a server that does not answer: one line within seconds
     except StoreInitError as e:
         raise AnalysisError(str(e)) from None
 

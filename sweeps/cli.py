@@ -62,28 +62,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         splits, model, device = train.prepare(cfg)       # data and shape errors before training
     except _input_errors() as e:
         return _err(str(e))
+    live = None
+    if args.save:      # the store checked and the run opened before training (sweeps/train_run.py)
+        from sweeps.train_run import TrainRun, TrainRunError
+        try:
+            live = TrainRun.open(args.tracking_uri, args.experiment, cfg, splits, device)
+        except TrainRunError as e:
+            return _err(str(e))
     from capsmodels import networks
     print(f"capsweep train: {cfg.model.preset}/{cfg.model.arch} depth={cfg.model.depth} "
           f"routing={cfg.model.routing}x{cfg.model.iterations} on {cfg.data.name} "
           f"({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test), "
           f"{networks.count_parameters(model):,} parameters, device {device}", file=sys.stderr)
 
-    history: list[dict] = []          # every epoch's metrics, for --save
-
     def report(metrics: dict) -> None:
-        history.append(dict(metrics))
         print(_format_epoch(metrics), flush=True)
+        if live is not None:
+            live.epoch(metrics)             # in MLflow as it ends, like a sweep's trial
 
     try:
         final = train.fit(cfg, report, prepared=(splits, model, device))
     except KeyboardInterrupt:
+        if live is not None:
+            live.interrupt()
         return _err("interrupted", EXIT_INTERRUPTED)
     print(_format_final(final))
-    if args.save:                      # an MLflow run with the model (sweeps/models.py)
-        from sweeps.models import save_train
-        run_id, model_id = save_train(args.tracking_uri, args.experiment, cfg, history, model, splits, device)
-        print(f"saved: MLflow run {run_id} in experiment {args.experiment!r}, model models:/{model_id}; "
-              f"evaluate it with: capsweep eval {run_id}" + _uri_flag(args.tracking_uri))
+    if live is not None:               # the model and the run's end (sweeps/train_run.py)
+        try:
+            model_id = live.finish(model, runcfg.to_dict(cfg), splits.in_shape, final)
+        except TrainRunError as e:
+            return _err(str(e), EXIT_FAILED)
+        print(f"saved: MLflow run {live.run_id} in experiment {args.experiment!r}, model models:/{model_id}; "
+              f"evaluate it with: capsweep eval {live.run_id}" + _uri_flag(args.tracking_uri))
     return 0 if final.get("status") != "diverged" else EXIT_FAILED
 
 
@@ -133,6 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from sweeps import runner, store_init, tracking
         if isinstance(e, (runner.SweepRefused, tracking.TrackingUnavailable, store_init.StoreInitError)):
             return _err(str(e))
+        disk = _disk_error(e)
+        if disk:             # a full or read-only disk mid-sweep (Tune's state, a trial's files, the journal)
+            return _err(disk + "; free space or fix the folder, then continue with: " + _resume_command(args),
+                        EXIT_FAILED)
         raise
     counts = {}
     for s in result.statuses.values():
@@ -150,6 +164,20 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _disk_error(e: BaseException) -> Optional[str]:
+    """One line for a disk that refuses writes (full, read-only, over quota) anywhere in the error's
+    chain (Ray Tune wraps it), naming the file; None for anything else."""
+    import errno
+    seen: Optional[BaseException] = e
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1)):
+            return f"{seen.filename or 'a file'}: {seen.strerror}"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _resume_command(args: argparse.Namespace) -> str:

@@ -140,9 +140,11 @@ def cmd_eval(args) -> int:
     refused = refused_override(args.overrides)     # the model's own keys: also before MLflow work
     if refused:
         return _err(refused)
-    from sweeps.store_init import StoreInitError
+    from sweeps.store_init import StoreInitError, check_store
     try:
         client = models.open_store(args.tracking_uri)
+        if client is not None:
+            check_store(args.tracking_uri)     # a server that does not answer: one line, not a hang
     except StoreInitError as e:
         return _err(str(e))
     if client is None:

@@ -70,10 +70,11 @@ class Sweep:
 def open_client(uri: str):
     """An MlflowClient on an existing store (created/migrated under its lock, sweeps/store_init.py);
     a SQLite file that does not exist is bad input, not a new empty store."""
-    from sweeps.store_init import StoreInitError, init_store
+    from sweeps.store_init import StoreInitError, check_store, init_store
     try:
         if not init_store(uri, create=False):
             raise InspectError(f"--tracking-uri: no MLflow store at {uri} (run a sweep first, or pass --tracking-uri)")
+        check_store(uri)      # a server that does not answer: one line within STORE_TIMEOUT_S, not a hang
     except StoreInitError as e:
         raise InspectError(str(e)) from None
     from mlflow.tracking import MlflowClient

@@ -190,7 +190,7 @@ def log_model(client, tracking_uri: str, experiment_id: str, run_id: str, net: t
     return model.model_id
 
 
-# ---- one run outside a sweep (capsweep train --save, capsweep eval --log) ----------------------------
+# ---- one run outside a sweep (capsweep train --save: sweeps/train_run.py; capsweep eval --log) -------------
 RUN_TRAIN = "train"                  # capsweep.role of a `capsweep train --save` run
 
 
@@ -225,34 +225,6 @@ def log_run(client, experiment_id: str, name: str, params: dict, history: list[d
     if datasets:
         log_datasets(client, rid, datasets)
     return rid
-
-
-def save_train(tracking_uri: str, experiment: str, cfg, history: list[dict], net: torch.nn.Module,
-               splits, device: torch.device) -> tuple[str, str]:
-    """`capsweep train --save`: one MLflow run (params, per-epoch metrics, datasets, the device used)
-    with the trained model, as a sweep's trial gets. Returns (run id, model id)."""
-    from capsmodels import config as runcfg
-    from capsmodels.contract import TAG_COMMIT, TAG_ROLE, TAG_STATUS
-    from sweeps.provenance import dataset_inputs, git_commit
-    from sweeps.run_writer import DEVICE_PARAM, end_tags, get_or_create_experiment, run_name
-    from sweeps.sysmetrics import describe_device
-    client = open_store(tracking_uri, create=True)
-    experiment_id = get_or_create_experiment(client, experiment)
-    config = runcfg.to_dict(cfg)
-    params = runcfg.flatten(config)
-    params[DEVICE_PARAM], device_name = describe_device(device)
-    status = str(history[-1].get("status", ""))
-    # the stop reason and the best epoch's test correctness, as a sweep's trial run has them
-    tags = {TAG_ROLE: RUN_TRAIN, TAG_STATUS: status, TAG_DEVICE_NAME: device_name,
-            **end_tags(status, history[-1])}
-    if git_commit():
-        tags[TAG_COMMIT] = git_commit()
-    data = {"train": splits.train.tensors, "val": splits.val.tensors, "test": splits.test.tensors}
-    run_id = log_run(client, experiment_id, f"train-{run_name(params, ())}", params, history, tags,
-                     dataset_inputs(cfg.data.name, data))
-    model_id = log_model(client, tracking_uri, experiment_id, run_id, net, config, splits.in_shape, {})
-    client.set_terminated(run_id, "FINISHED")
-    return run_id, model_id
 
 
 # ---- loading (capsweep eval) ----------------------------------------------------------------------

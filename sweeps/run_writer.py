@@ -144,6 +144,51 @@ def transient(e: BaseException) -> bool:
     return isinstance(e, (OSError, ConnectionError, TimeoutError, socket.timeout))
 
 
+FULL_DISK_S = 120.0      # a full store disk is waited for this long (someone may free space), then the sweep stops
+
+
+def disk_full(e: BaseException) -> bool:
+    """The store (its database or artifact folder) is out of space: errno ENOSPC anywhere in the error's
+    chain, or the database's own words for it (SQLite, PostgreSQL, MySQL), also as a server passes them on."""
+    import errno
+    seen: Optional[BaseException] = e
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    return any(w in text for w in ("disk is full", "No space left on device", "could not extend file",
+                                   "Disk quota exceeded", "The table is full"))
+
+
+def store_trouble(tracking_uri: str, full_disk_s: float = FULL_DISK_S):
+    """The write queue's `explain` for this store: a full disk is named (the SQLite file's folder and its
+    free space, the artifact file, or the server's word) and waited for `full_disk_s`, not 15 minutes."""
+    from analysis.redact import redact
+    from sweeps.store_init import sqlite_path
+
+    def explain(e: BaseException) -> Optional[tuple[str, float]]:
+        if not disk_full(e):
+            return None
+        import shutil
+        db = sqlite_path(tracking_uri)
+        where = getattr(e, "filename", None)
+        if where:
+            where = f"writing {where}"
+        elif db is not None:
+            try:
+                free = shutil.disk_usage(db.parent).free / 1e6
+                where = f"{db.parent}: {free:.1f} MB free"
+            except OSError:
+                where = str(db.parent)
+        else:
+            where = f"the server says: {redact(' '.join(str(e).split())[:120])}"
+        return f"the store's disk is full ({where})", full_disk_s
+    return explain
+
+
 def param_str(v: Any) -> str:
     s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     return s[:6000]

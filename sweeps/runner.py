@@ -112,14 +112,16 @@ def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optiona
     """Checks that refuse a sweep before anything starts. Returns (client, experiment id, parent, exp dir).
     An existing SQLite store is created/migrated under its lock first (sweeps/store_init.py)."""
     exp_dir = storage.join(storage_dir(spec), spec.name)
+    check_writable(storage_dir(spec))
     uri = spec.mlflow.tracking_uri
     sqlite_path = _sqlite_path(uri)
     if sqlite_path is not None and sqlite_path.exists():
         _init_store(uri)
-    client = MlflowClient(uri) if sqlite_path is None or sqlite_path.exists() else None
-    if sqlite_path is None:
+    if sqlite_path is None:      # before any client: a missing database driver fails in its constructor
         tracking.check_reachable(uri)
-    elif not os.access(sqlite_path.parent if sqlite_path.parent.exists() else Path.cwd(), os.W_OK):
+    client = MlflowClient(uri) if sqlite_path is None or sqlite_path.exists() else None
+    if sqlite_path is not None and not os.access(
+            sqlite_path.parent if sqlite_path.parent.exists() else Path.cwd(), os.W_OK):
         raise SweepRefused(f"mlflow.tracking_uri: cannot write {sqlite_path}")
     exp = client.get_experiment_by_name(spec.mlflow.experiment) if client else None
     parent = tracking.find_parent(client, exp.experiment_id, spec.name) if exp else None
@@ -143,6 +145,27 @@ def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optiona
             raise SweepRefused(f"storage_path: {exp_dir} already holds a Ray experiment named {spec.name!r}; "
                                "use --resume to continue it, or name=<new name>")
     return client, (exp.experiment_id if exp else ""), parent, exp_dir
+
+
+def check_writable(root: str) -> None:
+    """storage_path must take files (a read-only mount, a full disk, no permission): one line before
+    anything starts. A probe file is written and removed in the nearest folder that exists, so a
+    refused sweep leaves no folder behind. Object stores (s3://, ...) are left to Ray Tune."""
+    import errno
+    import tempfile
+    if storage.scheme(root) not in (None, "file"):
+        return
+    folder = Path(storage.local_dir(root))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:      # 1 MiB: an empty file fits on a full disk, a trial's state (tens of MB) does not
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".capsweep-write-check-") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+    except OSError as e:
+        why = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the disk",
+               errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
+        raise SweepRefused(f"storage_path: cannot write {root} ({why} at {folder})") from None
 
 
 _NO_STATE = ("--resume: sweep {name!r} has trial runs in MLflow but no Ray Tune state in {exp_dir}; "
@@ -385,6 +408,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     The environment is set for the sweep only, and the user's settings win: Tune's classic progress
     table (our columns), and MLflow calls that fail fast (1 retry, 20 s) instead of blocking Tune's
     event loop for minutes inside one call, since the logger buffers and retries itself."""
+    import logging
+    # MLflow logs every SQLite OperationalError (a full disk, a lock) with its traceback; the write
+    # queue reports it in one line and retries, so the driver's stderr keeps to that line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     with scoped_environ({"RAY_AIR_NEW_OUTPUT": "0"}, override=False), \
             mlflow_http_env(max_retries=1, timeout_s=20, override=False):
         return _run_sweep(spec, resume, address, num_cpus, verbose, keep_state, trust)

@@ -31,6 +31,7 @@ WAIT_S = 0.5                    # first wait between them; grows linearly (0.5, 
 LOCK_TIMEOUT_S = 300.0          # another capsweep process migrating a large store can take a while
 QUIET_S = 10.0                  # an unfinished schema unchanged this long: its creator is gone
 MAX_WAIT_S = 180.0              # at most this long for another process's schema creation
+STORE_TIMEOUT_S = 10.0          # check_store: a store that has not answered by then is refused
 
 
 class StoreInitError(RuntimeError):
@@ -145,6 +146,56 @@ def _open(uri: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
     MlflowClient(uri).search_experiments(max_results=1)
+
+
+def check_store(uri: str, timeout_s: float = STORE_TIMEOUT_S, flag: str = "--tracking-uri") -> None:
+    """One line (StoreInitError) within about `timeout_s` when the store at `uri` cannot be read: a
+    server or database that does not answer (MLflow's own HTTP client retries for minutes, and a
+    database connection waits for the OS's TCP timeout), a database URI whose Python driver is not
+    installed. The probe runs in a thread that is given up on at the deadline, so no call can hold the
+    command past it."""
+    import os
+    import threading
+    from analysis.redact import redact_uri
+    shown = redact_uri(uri)
+    outcome: dict = {}
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s)))}
+    saved = {k: os.environ.get(k) for k in env}
+
+    def probe() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+            MlflowClient(uri).search_experiments(max_results=1)
+            outcome["ok"] = True
+        except BaseException as e:  # noqa: BLE001 - every failure is reported in one line below
+            outcome["error"] = e
+
+    os.environ.update(env)
+    try:
+        worker = threading.Thread(target=probe, name="capsweep-store-check", daemon=True)
+        worker.start()
+        worker.join(timeout_s + 2.0)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if outcome.get("ok"):
+        return
+    e = outcome.get("error")
+    if e is None or "timed out" in str(e).lower() or "timeout" in type(e).__name__.lower():
+        raise StoreInitError(f"{flag}: the MLflow store at {shown} did not answer within {timeout_s:.0f} s; "
+                             "is the server or database up and the address right?")
+    if isinstance(e, ImportError) or "No module named" in str(e):
+        module = getattr(e, "name", None) or (str(e).split("'")[1] if "'" in str(e) else str(e))
+        raise StoreInitError(f"{flag}: {shown} needs the Python driver {module!r}, which is not installed "
+                             "(for PostgreSQL: pip install 'psycopg[binary]', as capsweep's cluster extra does)")
+    text = str(e)
+    reason = next((w for w in ("Connection refused", "Name or service not known", "No route to host",
+                               "Temporary failure in name resolution", "Network is unreachable") if w in text),
+                  None) or redact_uri(_one_line(e, 200))
+    raise StoreInitError(f"{flag}: cannot read the MLflow store at {shown} ({reason})")
 
 
 def _one_line(e: Optional[BaseException], limit: int = 240) -> str:

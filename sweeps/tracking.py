@@ -38,14 +38,15 @@ from typing import Any, Iterable, Optional
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from analysis.mlflowio import mlflow_http_env, search_all
+from analysis.mlflowio import search_all
+from analysis.redact import redact
 from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, RUN_PARENT, RUNNING,
                                  STOPPED, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
                                  TAG_TRIAL)
 from sweeps import models, storage, tune_guard
 from sweeps.provenance import git_commit, standard_tags
 from sweeps.run_writer import (DEVICE_PARAM, RunWriter, end_tags, get_or_create_experiment, numeric_metrics,
-                               run_name, transient)
+                               run_name, store_trouble, transient)
 from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentEnd, ParentInterrupt, ParentTags,
                                 Record, Reopen, Start, Tag, TrackingUnavailable, WriteQueue, queued)
 
@@ -57,14 +58,15 @@ __all__ = ["MlflowSweepLogger", "TrackingUnavailable", "check_reachable", "child
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, before any training, when the tracking store cannot be used."""
+    """Fail fast, before any training, when the tracking store cannot be used: one line within about
+    `timeout_s` (sweeps/store_init.py, check_store), also for a database that does not answer or whose
+    driver is missing."""
+    from sweeps.store_init import StoreInitError, check_store
     try:
-        with mlflow_http_env(max_retries=0, timeout_s=timeout_s, override=True):
-            MlflowClient(tracking_uri).search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
-        raise TrackingUnavailable(
-            f"mlflow.tracking_uri: cannot reach {tracking_uri} ({' '.join(str(e).split())[:160]}); "
-            "start the tracking server or fix the URI") from None
+        check_store(tracking_uri, timeout_s, flag="mlflow.tracking_uri")
+    except StoreInitError as e:
+        hint = "" if "driver" in str(e) else "; start the tracking server or fix the URI"
+        raise TrackingUnavailable(f"{e}{hint}") from None
 
 
 def find_parent(client: MlflowClient, experiment_id: str, sweep: str):
@@ -112,7 +114,8 @@ class MlflowSweepLogger(Callback):
         self.commit = git_commit()
         self.writer = RunWriter(self.client, experiment_id, parent_run_id, sweep, self.commit, tracking_uri, trust)
         self.queue = WriteQueue(self._apply, transient, self.experiment_dir / PENDING_FILE,
-                                f"MLflow at {tracking_uri}", max_outage_s, max_pending, on_reject=_log_rejected)
+                                f"MLflow at {redact(tracking_uri)}", max_outage_s, max_pending, on_reject=_log_rejected,
+                                explain=store_trouble(tracking_uri))
         self.run_ids = self.writer.run_ids          # trial id -> run id
         self.last_step = self.writer.last_step      # trial id -> last epoch MLflow has
         self.statuses: dict[str, str] = {}

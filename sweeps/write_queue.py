@@ -201,8 +201,14 @@ class WriteQueue:
 
     def __init__(self, apply: Callable[[Record], None], transient: Callable[[BaseException], bool],
                  spool_path: Path, where: str, max_outage_s: float = 900.0, max_pending: int = 200_000,
-                 on_reject: Optional[Callable[[Record, BaseException], None]] = None):
+                 on_reject: Optional[Callable[[Record, BaseException], None]] = None,
+                 explain: Optional[Callable[[BaseException], Optional[tuple[str, float]]]] = None):
+        """explain(e): for a transient error that is not an outage (a full disk), what to call it and
+        how long to wait for it before stopping, instead of "unreachable" and `max_outage_s`."""
         self.apply = apply
+        self.explain = explain
+        self.why: Optional[str] = None
+        self.limit_s = max_outage_s
         self.transient = transient
         self.spool_path = Path(spool_path)
         self.journal = Journal(self.spool_path)
@@ -245,8 +251,11 @@ class WriteQueue:
                     raise
                 if self.outage_since is None:
                     self.outage_since = now
-                    print(f"capsweep: {self.where} is unreachable; buffering {len(self.records)} writes "
-                          f"(kept in {self.spool_path}) and retrying", flush=True)
+                    found = self.explain(e) if self.explain else None
+                    self.why, self.limit_s = found if found else (None, self.max_outage_s)
+                    what = f"{self.where}: {self.why}" if self.why else f"{self.where} is unreachable"
+                    print(f"capsweep: {what}; buffering {len(self.records)} writes (kept in {self.spool_path}) "
+                          f"and retrying for up to {self.limit_s:.0f} s", flush=True)
                 self.next_try = now + self.backoff
                 self.backoff = min(self.backoff * 2, 60.0)
                 self._check_bounds(now)
@@ -258,17 +267,19 @@ class WriteQueue:
         if self.outage_since is not None:
             print(f"capsweep: {self.where} is back; buffered writes delivered", flush=True)
         self.outage_since, self.backoff = None, 1.0
+        self.why, self.limit_s = None, self.max_outage_s
         return True
 
     def _check_bounds(self, now: float) -> None:
         if self.outage_since is None:
             return
-        if now - self.outage_since > self.max_outage_s or len(self.records) > self.max_pending:
-            n = len(self.records)
+        if now - self.outage_since > self.limit_s or len(self.records) > self.max_pending:
+            n, why = len(self.records), self.why
             path = self.spool()
+            what = f"{self.where}: {why}" if why else f"{self.where} unreachable"
             raise TrackingUnavailable(
-                f"{self.where} unreachable for {now - self.outage_since:.0f}s; "
-                f"{n} pending writes saved to {path}; run again with --resume once it is back")
+                f"{what} for {now - self.outage_since:.0f}s; {n} pending writes saved to {path}; "
+                + ("free space, then run again with --resume" if why else "run again with --resume once it is back"))
 
     def spool(self) -> Path:
         """The records are in the journal already: let go of them here (the next driver replays them)."""
@@ -289,7 +300,7 @@ class WriteQueue:
 
     def drain(self) -> None:
         """Block until every record is delivered; raise after `max_outage_s` (the journal keeps them)."""
-        deadline = time.monotonic() + self.max_outage_s
+        deadline = time.monotonic() + (self.limit_s if self.why else self.max_outage_s)
         while self.records:
             if self.flush(force=True):
                 break

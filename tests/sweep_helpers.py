@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -108,3 +109,13 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "cond
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def unanswered_address():
+    """A port that takes connections and never speaks: `ray.init(address=...)` there waits (Ray keeps
+    retrying its GCS connection), so a driver is certain to be between its parent run and Tune."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"127.0.0.1:{s.getsockname()[1]}"

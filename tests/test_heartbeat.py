@@ -15,6 +15,12 @@ from capsmodels.contract import (FAILED, FINISHED, HEARTBEAT_STALE_S, INTERRUPTE
 from sweeps.cli import main
 from tests.test_analysis import capsnet_metrics, log_trial, start_sweep
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """MLflow puts a new experiment's artifacts in ./mlruns of the working folder: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 NOW = 1_800_000_000.0
 
 

@@ -3,7 +3,6 @@ away mid-sweep, a second driver on the same sweep, a corrupt dataset file. Each 
 message or a completed sweep, never with lost or duplicated results."""
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import signal
@@ -18,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.sweep_helpers import (background_sweep, capsweep_cmd, children, env_for_subprocess, parents, run,
-                                 wait_for, write_spec)
+                                 unanswered_address, wait_for, write_spec)
 
 
 def free_port() -> int:
@@ -169,16 +168,6 @@ def test_corrupt_dataset_file_is_named_before_ray_starts(tmp_path):
     assert len(err) == 1 and "train-images-idx3-ubyte" in err[0], proc.stderr
     assert not (tmp_path / "ray_results").exists()
     assert not (tmp_path / "mlflow.db").exists() or not children(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"))
-
-
-@contextlib.contextmanager
-def unanswered_address():
-    """A port that takes connections and never speaks: `ray.init(address=...)` there waits (Ray keeps
-    retrying its GCS connection), so a driver is certain to be between its parent run and Tune."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(64)
-        yield f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def test_driver_killed_at_start_up_resumes_from_its_spec(tmp_path):

@@ -27,6 +27,12 @@ from sweeps.cli import main
 from tests.sweep_helpers import TINY_BASE
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """MLflow puts a new experiment's artifacts in ./mlruns of the working folder: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def payload(kind: str, marker: Path) -> bytes:
     """The bytes of a file that runs `touch marker` when fully unpickled."""
     class P:
@@ -59,7 +65,12 @@ def shared(tmp_path_factory):
     from sweeps import models
     work = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{work}/mlflow.db"
-    client = models.open_store(uri, create=True)
+    here = os.getcwd()
+    os.chdir(work)          # the Default experiment's artifacts: ./mlruns of the folder that creates the store
+    try:
+        client = models.open_store(uri, create=True)
+    finally:
+        os.chdir(here)
     exp = client.create_experiment("capsweep", artifact_location=str(work / "artifacts"))
     return uri, client, exp
 
@@ -143,22 +154,15 @@ def test_a_payload_in_a_logged_models_weights_runs_nothing(store, capsys, kind):
 # ---- a model in MLflow's pickle format (capsweep before this version) -------------------------------
 def _log_legacy(tmp_path, client, uri, exp, net, config) -> tuple[str, str]:
     """A model as capsweep logged it before: mlflow.pytorch with pickle serialization."""
-    import mlflow
     import mlflow.pytorch
     from sweeps.models import ScoresNet
     run_id = client.create_run(exp, run_name="legacy").info.run_id
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    before = mlflow.get_tracking_uri()
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
+    from analysis.mlflowio import scoped_environ
+    with scoped_environ({"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": exp}, override=True):   # fluent API
         info = mlflow.pytorch.log_model(ScoresNet(net), name="model", run_id=run_id, extra_files=[str(cfg)],
                                         serialization_format="pickle", pip_requirements=["torch"])
-    finally:
-        mlflow.set_tracking_uri(before)
-        if env_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
     client.set_tag(run_id, "capsweep.model_id", info.model_id)
     return run_id, info.model_id
 
