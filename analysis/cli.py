@@ -21,6 +21,7 @@ import sys
 from typing import NoReturn, Optional
 
 from analysis.errors import AnalysisError, one_line
+from analysis.redact import redact
 from analysis.mlflowio import mlflow_http_env
 from capsmodels.contract import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRACKING_URI_ENV
 
@@ -149,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             _quiet_mlflow()
             return _run(args)
     except AnalysisError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -157,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:  # MLflow/network/disk errors: one line, the traceback only on request
         if os.environ.get("CAPSWEEP_DEBUG"):
             raise
-        print(f"{PROG}: error: {type(e).__name__}: {one_line(e)} (set CAPSWEEP_DEBUG=1 for the traceback)",
+        print(f"{PROG}: error: {type(e).__name__}: {redact(one_line(e))} (set CAPSWEEP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
 
@@ -195,17 +196,21 @@ def _run(args: argparse.Namespace) -> int:
             raise AnalysisError(f"--reference {args.reference!r} is the sweep being reported; name another")
         reference = load_sweep(args.experiment, args.tracking_uri, args.reference, history_keys=())
     for note in data.notes:
-        print(f"{PROG}: note: {note}", file=sys.stderr)
+        print(f"{PROG}: note: {redact(note)}", file=sys.stderr)
     annotated = annotate(data)
     select = None if args.select is None else [k for k in args.select.split(",") if k]
     unknown = [k for k in select or [] if k not in annotated[2]]
     if unknown:
         raise AnalysisError(f"--select: {', '.join(unknown)} is not swept in sweep {data.sweep!r}; choose among "
                             f"{', '.join(annotated[2]) or '(no swept param)'}")
-    verdict = compute_verdict(data, th, annotated, reference, select)
+    # what the report shows and verdict.json records: the store's URI without its userinfo (the real one
+    # stays in `data`, which logs the report to the store)
+    import dataclasses
+    shown = dataclasses.replace(data, tracking_uri=redact(data.tracking_uri), notes=[redact(n) for n in data.notes])
+    verdict = compute_verdict(shown, th, annotated, reference, select)
     out = args.out or default_out_dir(data.sweep)
     try:
-        paths = write_report(data, verdict, out, annotated)
+        paths = write_report(shown, verdict, out, annotated)
     except OSError as e:
         print(f"{PROG}: error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
         return 1

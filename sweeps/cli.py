@@ -36,8 +36,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _err(msg: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"capsweep: error: {msg}", file=sys.stderr)
+    from analysis.redact import redact
+    print(f"capsweep: error: {redact(msg)}", file=sys.stderr)     # a URI's password never reaches the screen
     return code
+
+
+def _shown(uri: str) -> str:
+    """A URI as capsweep prints it: its userinfo (user:password) masked (analysis/redact.py)."""
+    from analysis.redact import redact
+    return redact(uri)
 
 
 def _input_errors():
@@ -153,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         counts[s] = counts.get(s, 0) + 1
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     print(f"\ncapsweep: sweep {result.name!r}: {result.trials} trials ({summary})")
-    print(f"  MLflow: experiment {result.experiment!r} at {result.tracking_uri}, parent run {result.parent_run_id}")
+    print(f"  MLflow: experiment {result.experiment!r} at {_shown(result.tracking_uri)}, parent run {result.parent_run_id}")
     from sweeps.storage import join
     print(f"  Ray Tune state: {join(result.storage, result.name)}")
     print(f"  open the MLflow UI:  {_ui_command(result.tracking_uri)}")
@@ -181,21 +188,21 @@ def _disk_error(e: BaseException) -> Optional[str]:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    return " ".join(map(shlex.quote, ["capsweep", "run", args.spec, *args.overrides, "--resume"]))
+    return _shown(" ".join(map(shlex.quote, ["capsweep", "run", args.spec, *args.overrides, "--resume"])))
 
 
 def _dry_run(spec) -> int:
     """--dry-run: the resolved spec and the trial count; nothing starts, nothing is written."""
     from sweeps.spec import describe_trials, storage_dir, to_yaml
-    print(to_yaml(spec), end="")
-    print(f"# {describe_trials(spec)}; Ray Tune state in {storage_dir(spec)}; "
-          f"MLflow {spec.mlflow.tracking_uri} experiment {spec.mlflow.experiment!r}")
+    print(_shown(to_yaml(spec)), end="")
+    print(f"# {describe_trials(spec)}; Ray Tune state in {_shown(storage_dir(spec))}; "
+          f"MLflow {_shown(spec.mlflow.tracking_uri)} experiment {spec.mlflow.experiment!r}")
     return 0
 
 
 def _uri_flag(uri: str) -> str:
     from capsmodels.contract import DEFAULT_TRACKING_URI
-    return "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(uri)}"
+    return "" if uri == DEFAULT_TRACKING_URI else f" --tracking-uri {shlex.quote(_shown(uri))}"
 
 
 def _experiment_flag(name: str) -> str:
@@ -207,7 +214,7 @@ def _ui_command(uri: str) -> str:
     from capsmodels.contract import DEFAULT_TRACKING_URI
     if uri == DEFAULT_TRACKING_URI:
         return "capsweep ui   (or: mlflow ui, in this folder)"
-    return f"capsweep ui --tracking-uri {shlex.quote(uri)}"
+    return f"capsweep ui --tracking-uri {shlex.quote(_shown(uri))}"
 
 
 # ---- validate -----------------------------------------------------------------------------------
@@ -265,7 +272,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         job_id = submit.submit(args.spec, args.overrides, spec, address=args.address,
                                working_dir=args.working_dir, extra_env=args.env, resume=args.resume,
-                               trust=args.trust)
+                               trust=args.trust, allow_secret_env=args.allow_secret_env)
     except submit.SubmitError as e:
         return _err(str(e))
     print(f"capsweep: submitted sweep {spec.name!r} as Ray job {job_id}")
@@ -349,11 +356,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
               "read and change runs (see README, 'Security')", file=sys.stderr)
     base = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     address = ui_url(base, _experiment_id(uri, args.experiment))
-    print(f"capsweep: starting the MLflow UI for {uri} (often 20-60 s) ...", file=sys.stderr, flush=True)
+    print(f"capsweep: starting the MLflow UI for {_shown(uri)} (often 20-60 s) ...", file=sys.stderr, flush=True)
     check = f"http://127.0.0.1:{args.port}" if args.host in ("0.0.0.0", "::") else base   # a wildcard: ask loopback
 
     def ready() -> None:
-        print(f"capsweep: MLflow UI on {address} for {uri} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        print(f"capsweep: MLflow UI on {address} for {_shown(uri)} (Ctrl-C stops it)", file=sys.stderr, flush=True)
 
     try:
         return ui.serve(cmd, check, ready)
@@ -616,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                    or "http://127.0.0.1:8265", help="Ray dashboard/jobs address (default http://127.0.0.1:8265)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     s.add_argument("--trust", action="store_true", help=_TRUST_HELP)
+    s.add_argument("--allow-secret-env", action="store_true",
+                   help="submit even with secret-looking --env names or a URI with a password (readable in "
+                        "`ray job list`)")
     s.add_argument("--working-dir", default=None,
                    help="ship this folder as the job's working dir (default: the capsweep checkout when run from one)")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -723,6 +733,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [o for o in getattr(args, "overrides", []) if "=" not in o]
     if bad:
         return _err(f"override: {bad[0]!r} is not key=value")
+    import os
+    # MLflow prints "View run ... at: <tracking URI>" when a run ends on a server store (the URI's
+    # password with it); the commands say where their runs are themselves
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         return args.func(args)
     except KeyboardInterrupt:      # Ctrl-C at any moment: one line, exit 130

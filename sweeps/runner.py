@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from analysis.mlflowio import mlflow_http_env, scoped_environ
+from analysis.redact import redact
 from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
@@ -332,7 +333,7 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
     if spec.select:          # tuned on validation by the verdict (analysis reads it back)
         params["sweep.select"] = ",".join(spec.select)
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
-    client.log_text(rid, to_yaml(spec), "spec.yaml")
+    client.log_text(rid, redact(to_yaml(spec)), "spec.yaml")      # the URI's password is not the run's
     return rid
 
 
@@ -412,7 +413,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     # MLflow logs every SQLite OperationalError (a full disk, a lock) with its traceback; the write
     # queue reports it in one line and retries, so the driver's stderr keeps to that line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    with scoped_environ({"RAY_AIR_NEW_OUTPUT": "0"}, override=False), \
+    # MLflow prints "View run ... at: <tracking URI>" at each run's end on a server store: a line per trial,
+    # with the URI's password if it has one
+    with scoped_environ({"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"},
+                        override=False), \
             mlflow_http_env(max_retries=1, timeout_s=20, override=False):
         return _run_sweep(spec, resume, address, num_cpus, verbose, keep_state, trust)
 

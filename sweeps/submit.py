@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -122,13 +123,52 @@ def _concurrency_override(spec: SweepSpec, address: str, wd: Optional[Path]) -> 
     return [f"max_concurrent={n}"]
 
 
+# names of environment variables that hold secrets (matched anywhere in the name, any case)
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY",
+                         re.IGNORECASE)
+
+
+def secret_exposures(extra_env: list[str], overrides: list[str], spec_text: str) -> list[str]:
+    """What a Ray job would publish: the job's environment and entrypoint (and so the overrides and the
+    spec, which travels with it) are readable by anyone who can list jobs (`ray job list`, the
+    dashboard). Secret-looking variable names, and URIs with a user and password in them."""
+    from analysis.redact import redact
+    found = []
+    for item in extra_env:
+        name, _, value = item.partition("=")
+        if SECRET_NAME.search(name):
+            found.append(f"--env {name}")
+        elif redact(value) != value:
+            found.append(f"--env {name} (a URI with a password)")
+    found += [f"override {o.split('=', 1)[0]} (a URI with a password)" for o in overrides if redact(o) != o]
+    if redact(spec_text) != spec_text:
+        found.append("the spec file (a URI with a password)")
+    return found
+
+
+def check_secrets(extra_env: list[str], overrides: list[str], spec_path: Path, allow: bool) -> None:
+    """Refuse to publish secrets in a job unless --allow-secret-env; with it, warn."""
+    found = secret_exposures(extra_env, overrides, spec_path.read_text(errors="replace"))
+    if not found:
+        return
+    where = "; ".join(found)
+    if not allow:
+        raise SubmitError(f"{where}: looks like a secret, and a Ray job's environment and entrypoint are readable by "
+                          "anyone who can list jobs (ray job list, the dashboard); give the head node's driver its "
+                          "credentials instead (MLFLOW_TRACKING_USERNAME/PASSWORD in its environment, or "
+                          "~/.mlflow/credentials; README, 'Security'), or pass --allow-secret-env")
+    print(f"capsweep: warning: {where}: published in the Ray job, readable by anyone who can list jobs "
+          "(--allow-secret-env given)", file=sys.stderr)
+
+
 def submit(spec_arg: str, overrides: list[str], spec: SweepSpec, address: str,
            working_dir: Optional[str] = None, extra_env: Optional[list[str]] = None,
-           resume: bool = False, trust: bool = False) -> str:
+           resume: bool = False, trust: bool = False, allow_secret_env: bool = False) -> str:
     from ray.job_submission import JobSubmissionClient
     from sweeps.provenance import git_commit
     check_cluster_ready(spec)
     path = resolve_spec_path(spec_arg)
+    check_secrets(list(extra_env or []), list(overrides), path, allow_secret_env)
     env = {}
     commit = git_commit()
     if commit:

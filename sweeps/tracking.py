@@ -364,7 +364,7 @@ class MlflowSweepLogger(Callback):
 
 
 def _log_rejected(rec: Record, e: BaseException) -> None:
-    log.warning("MLflow rejected %s: %s", type(rec).__name__, e)
+    log.warning("MLflow rejected %s: %s", type(rec).__name__, redact(str(e)))
 
 
 def _results(trial_dir: Optional[Path], trial=None) -> list[dict]:
