@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -371,9 +372,34 @@ def init_ray(address: Optional[str], num_cpus: Optional[int]) -> bool:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
+        _warn_if_local_ray_is_open()
+        token = local_token_path()
+        had_token = token is None or token.exists()
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        if not had_token and token.exists():
+            os.chmod(token, 0o600)       # Ray writes it with the umask's mode; the token is the key to this Ray
     return True
+
+
+def local_token_path() -> Optional[Path]:
+    """The file of the token that guards a local Ray (Ray 2.60: RAY_AUTH_TOKEN_PATH, else
+    ~/.ray/auth_token; None when the token is given in RAY_AUTH_TOKEN itself)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def _warn_if_local_ray_is_open() -> None:
+    """The local Ray's processes (gcs_server, raylet, workers) listen on every interface of this machine:
+    Ray 2.60 turns a 127.0.0.1 node address into the machine's own and binds its gRPC servers to all
+    interfaces. What guards them is Ray's token authentication, on by default for a new local Ray; a user
+    who turned it off (RAY_AUTH_MODE=disabled) is told what that leaves open."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        print(f"capsweep: warning: RAY_AUTH_MODE={mode}: the local Ray listens on all of this machine's network "
+              "interfaces, and without its token anyone who reaches its ports can run code here (README, "
+              "'Security'); unset RAY_AUTH_MODE to keep token authentication on", file=sys.stderr, flush=True)
 
 
 class _TokenAuthNotice(logging.Filter):
