@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import NoReturn, Optional
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the depth-0 reference trials from this other sweep of the same experiment "
                         "(matched on the shared params) instead of the sweep's own")
     p.add_argument("--out", default=None, help="output folder (default: reports/<sweep>)")
+    p.add_argument("--ui-url", default=None, metavar="URL",
+                   help="the MLflow UI's address (as `capsweep ui` prints it, e.g. http://127.0.0.1:5000): the "
+                        "report links each MLflow run id to its page (default: only when the store is an http(s) "
+                        "tracking server, which serves the UI itself)")
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help=f"level of every one-sided test and bound, in (0, 0.5) (default {d.alpha})")
     p.add_argument("--acc-margin", type=float, default=d.acc_margin,
@@ -118,6 +123,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--num-classes: {a.num_classes} is not allowed; must be >= 2")
     if not a.experiment:
         p.error("--experiment: must not be empty")
+    if a.ui_url is not None and not re.match(r"^https?://[^/\s]+", a.ui_url):
+        p.error(f"--ui-url: {a.ui_url!r} is not allowed; give the UI's http(s) address, e.g. http://127.0.0.1:5000")
     if a.reference is not None and (not a.reference or a.reference == a.sweep):
         p.error(f"--reference: {a.reference!r} is not allowed; must name another sweep of the experiment")
 
@@ -141,6 +148,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as e:  # argparse printed usage + error (2) or --help (0)
         return int(e.code) if isinstance(e.code, int) else 2
     import warnings
+    from analysis.progress import Status
+    status = Status(PROG)      # a status line on a terminal: the store, the verdict and the figures take seconds
+    status("opening the store")
     try:
         # a tracking server that does not answer fails the report in seconds, not after minutes of
         # MLflow's own retries; the user's settings win, and the block restores the environment (main()
@@ -148,14 +158,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         with warnings.catch_warnings(), mlflow_http_env(max_retries=2, timeout_s=30, override=False):
             warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
             _quiet_mlflow()
-            return _run(args)
+            return _run(args, status)
     except AnalysisError as e:
+        status.done()
         print(f"{PROG}: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        status.done()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # MLflow/network/disk errors: one line, the traceback only on request
+        status.done()
         if os.environ.get("CAPSWEEP_DEBUG"):
             raise
         print(f"{PROG}: error: {type(e).__name__}: {redact(one_line(e))} (set CAPSWEEP_DEBUG=1 for the traceback)",
@@ -176,7 +189,7 @@ def _init_store(tracking_uri: Optional[str]) -> None:
         raise AnalysisError(str(e)) from None
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, status=None) -> int:
     from analysis.load import load_sweep
     from analysis.report import default_out_dir, log_report, write_report
     from analysis.verdict import Thresholds, annotate, compute_verdict
@@ -188,15 +201,16 @@ def _run(args: argparse.Namespace) -> int:
     for flag, why in IGNORED.items():
         if getattr(args, flag.lstrip("-")) is not None:
             print(f"{PROG}: note: {flag} is ignored: {why}", file=sys.stderr)
+    say = status or (lambda what: None)
     _init_store(args.tracking_uri)
+    say(f"reading sweep {args.sweep!r}" if args.sweep else "reading the most recent sweep")
     data = load_sweep(args.experiment, args.tracking_uri, args.sweep)
     reference = None
     if args.reference:
         if args.reference == data.sweep:
             raise AnalysisError(f"--reference {args.reference!r} is the sweep being reported; name another")
         reference = load_sweep(args.experiment, args.tracking_uri, args.reference, history_keys=())
-    for note in data.notes:
-        print(f"{PROG}: note: {redact(note)}", file=sys.stderr)
+    say(f"deciding the verdict ({len(data.trials)} trials)")
     annotated = annotate(data)
     select = None if args.select is None else [k for k in args.select.split(",") if k]
     unknown = [k for k in select or [] if k not in annotated[2]]
@@ -210,10 +224,16 @@ def _run(args: argparse.Namespace) -> int:
     verdict = compute_verdict(shown, th, annotated, reference, select)
     out = args.out or default_out_dir(data.sweep)
     try:
-        paths = write_report(shown, verdict, out, annotated)
+        paths = write_report(shown, verdict, out, annotated, ui_url=args.ui_url, progress=say)
     except OSError as e:
+        if status is not None:
+            status.done()
         print(f"{PROG}: error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
         return 1
+    if status is not None:
+        status.done()
+    for note in data.notes:
+        print(f"{PROG}: note: {redact(note)}", file=sys.stderr)
     print(f"escaped: {verdict['escaped']} -- {verdict['answer']}")
     if verdict.get("confirm", {}).get("command") and verdict.get("outcome") != "yes":
         print(f"next: {verdict['confirm']['command']}   (re-runs them on fresh seeds; docs/PROBES.md)")

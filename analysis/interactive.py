@@ -23,6 +23,7 @@ import pandas as pd
 from analysis.verdict import factor_kind
 
 BAD, MID, GOOD, NA = (215, 48, 39), (254, 224, 144), (69, 117, 180), "#bbbbbb"
+PC_MIN_SCALE = 0.75   # the parallel-coordinates chart is never drawn smaller than this share of its size
 LOG_SPAN = 50.0   # a positive numeric axis spanning more than this factor is drawn on log10
 
 CSS = """
@@ -33,6 +34,7 @@ svg .pl{fill:none;stroke-width:1.4;stroke-opacity:.75} svg .pl:hover{stroke-widt
 svg .pl.off{stroke-opacity:.05} svg .brush{fill:transparent;cursor:ns-resize} svg .sel{fill:#3366cc;fill-opacity:.15}
 svg circle.pt{stroke:#fff;stroke-width:.8} svg circle.pt.hl{stroke:#000;stroke-width:2.5}
 svg .grid{stroke:#eee} .chart-ctl{font-size:.85em;margin:.2em 0}
+svg text.tick{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round} .pcwrap{overflow-x:auto}
 """
 
 SCRIPT = """
@@ -108,13 +110,37 @@ def scale_of(values: pd.Series) -> Scale:
         if log:
             ticks = [(pos(10.0 ** e), f"1e{e}") for e in range(math.ceil(a), math.floor(b) + 1)]
         else:
-            ticks = [(pos(v), _g(v)) for v in (np.linspace(lo, hi, 5) if hi > lo else [lo])]
+            ticks = [(pos(v), _g(v)) for v in tick_values(x.tolist())]
         return Scale("log" if log else "numeric", pos, ticks)
     levels = sorted(s.astype(str).unique(), key=lambda v: (v.lower() not in ("false", "true"), v))
     n = len(levels)
     where = {v: (0.5 if n == 1 else i / (n - 1)) for i, v in enumerate(levels)}
     return Scale("categorical", lambda v: None if v is None or v != v else where.get(str(v)),
                  [(where[v], v) for v in levels])
+
+
+MAX_LEVEL_TICKS = 6
+
+
+def tick_values(values: Sequence[float], n: int = 5) -> list[float]:
+    """Where a linear axis over `values` gets its labels. A few levels (a swept param: depth 0, 1;
+    iterations 1, 3): those levels, nothing in between (depth 0.25 means nothing). More: about n
+    "nice" values (1, 2, 2.5 or 5 times a power of ten) inside the range, whole numbers only when every
+    value is whole."""
+    distinct = sorted(set(float(v) for v in values))
+    if len(distinct) <= MAX_LEVEL_TICKS:
+        return distinct
+    lo, hi = distinct[0], distinct[-1]
+    whole = all(v.is_integer() for v in distinct)
+    mag = 10.0 ** math.floor(math.log10((hi - lo) / (n - 1)))
+    steps = [m * mag * f for f in (0.1, 1, 10) for m in ((1, 2, 5) if whole else (1, 2, 2.5, 5))]
+    steps = [st for st in steps if not whole or (st >= 1 and float(st).is_integer())]
+
+    def ticks(step: float) -> list[float]:
+        k0, k1 = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+        return [round(k * step, 12) for k in range(k0, k1 + 1)]
+    # the step whose tick count is nearest n (ties: the coarser step)
+    return ticks(min(steps, key=lambda st: (abs(len(ticks(st)) - n), -st)))
 
 
 def colour(t: Optional[float]) -> str:
@@ -153,7 +179,9 @@ def parallel_coordinates(df: pd.DataFrame, dims: Sequence[tuple[str, str]],
         opts = "".join(f"<option value='{k}'>{_t(label)}</option>" for k, (_, label, _) in enumerate(colour_by))
         out.append(f"<div class='chart-ctl'>colour: <select>{opts}</select> &nbsp;<span class='muted'>drag on an "
                    "axis to keep a range, click it to clear; hover a line for its trial</span></div>")
-    out.append(f"<svg viewBox='0 0 {W} {H}' role='img' aria-label='{_t(title)}'>")
+    # in a narrow window the chart keeps 3/4 of its drawn size (11 px text at 8 px) and scrolls in its box
+    out.append(f"<div class='pcwrap'><svg viewBox='0 0 {W} {H}' role='img' aria-label='{_t(title)}' "
+               f"style='min-width:{round(PC_MIN_SCALE * W)}px'>")
     # every row's height on every axis, one column at a time (no per-row frame access)
     positions = [[sc.pos(v) for v in df[c].tolist()] for (c, _), sc in zip(dims, scales)]
     ys = [[f"{y_of(p):.1f}" for p in pos] for pos in positions]
@@ -161,21 +189,24 @@ def parallel_coordinates(df: pd.DataFrame, dims: Sequence[tuple[str, str]],
         out.append(f"<line class='ax' x1='{x:.1f}' x2='{x:.1f}' y1='{top}' y2='{H - bottom}'/>")
         out.append(f"<text x='{x:.1f}' y='{14 if i % 2 == 0 else 30}' text-anchor='middle' font-weight='600'>"
                    f"{_t(label)}<title>{_t(col)}</title></text>")
-        for p, text in sc.ticks:
-            out.append(f"<text x='{x + 4:.1f}' y='{y_of(p) + 4:.1f}'>{_t(text)}</text>")
-        if None in positions[i]:                     # a row not logged or not set on this axis
-            out.append(f"<text x='{x + 4:.1f}' y='{y_of(None) + 4:.1f}' fill='#888'>n/a</text>")
     xs_text = [f"{x:.1f}" for x in xs]
     for r in range(len(df)):
         pts = " ".join(f"{x},{col[r]}" for x, col in zip(xs_text, ys))
         data_c = "|".join(cs[0][r] for cs in colours) or "#446"
         out.append(f"<polyline class='pl' points='{pts}' stroke='{data_c.split('|')[0]}' data-c='{data_c}'>"
                    f"<title>{_t(tips[r])}</title></polyline>")
+    # tick labels after the lines (SVG paints in document order), on a white halo (CSS text.tick): a line
+    # passes under a label, never through it
+    for i, (sc, x) in enumerate(zip(scales, xs)):
+        for p, text in sc.ticks:
+            out.append(f"<text class='tick' x='{x + 4:.1f}' y='{y_of(p) + 4:.1f}'>{_t(text)}</text>")
+        if None in positions[i]:                     # a row not logged or not set on this axis
+            out.append(f"<text class='tick' x='{x + 4:.1f}' y='{y_of(None) + 4:.1f}' fill='#888'>n/a</text>")
     for i, x in enumerate(xs):   # brushes above the lines, so a drag starts on the axis
         out.append(f"<rect class='sel' data-i='{i}' x='{x - 7:.1f}' y='{top}' width='14' height='0'/>"
                    f"<rect class='brush' data-i='{i}' x='{x - 9:.1f}' y='{top}' width='18' height='{ph}'/>")
     out.append(_legends(colour_by, colours, chart_id, W, H))
-    out.append(f"</svg><figcaption><b>{_t(title)}.</b> {_t(caption)}</figcaption></figure>")
+    out.append(f"</svg></div><figcaption><b>{_t(title)}.</b> {_t(caption)}</figcaption></figure>")
     return "\n".join(out)
 
 

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import re
 import sys
+import textwrap
 from typing import Optional
 
 import numpy as np
@@ -50,7 +51,10 @@ HIDDEN_ONLY = {"starved_worst", "dead_worst", "frozen_worst"}
 
 def _grid(n: int, width: float = 4.3, height: float = 3.3) -> tuple[Figure, list]:
     """n panels sharing one y axis (so panels compare at a glance), 2 or 3 to a row (4 beyond 6
-    panels, each smaller: the PNG's pixels, and so its drawing and encoding time, stay bounded)."""
+    panels, each smaller: the PNG's pixels, and so its drawing and encoding time, stay bounded). One
+    panel alone is drawn wider: a figure title is as long whatever the panels, and it must fit."""
+    if n == 1:
+        width = max(width, 6.2)
     ncols = 2 if n in (2, 4) else min(3 if n <= 6 else 4, n)
     nrows = math.ceil(n / ncols)
     many = n > 6
@@ -69,6 +73,17 @@ def _grid(n: int, width: float = 4.3, height: float = 3.3) -> tuple[Figure, list
     for ax in axes:
         ax.grid(True, alpha=0.3)
     return fig, axes
+
+
+CHAR_EM = 0.62     # the mean advance of a DejaVu Sans character, in ems (measured on our titles: ~0.55-0.6)
+
+
+def fit_text(text: str, inches: float, fontsize: float) -> str:
+    """`text` broken into lines that fit `inches` at `fontsize` points: matplotlib neither wraps nor
+    shrinks a title or an axis label, it cuts it at the figure's edge (a one-panel figure's title read
+    "adient reaching each capsule layer ... by lay")."""
+    chars = max(12, int(inches * 72 / (fontsize * CHAR_EM)))
+    return textwrap.fill(text, chars, break_on_hyphens=False)
 
 
 def _save(fig: Figure, out_dir: str, name: str) -> str:
@@ -222,11 +237,12 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
                                  dodge / 3, ls="--", hollow=True, seeds=seeds)
         if threshold:
             ax.axhline(threshold[0], color="grey", ls=":", lw=1)
-        ax.set_title(ptitle, fontsize=9)
+        ax.set_title(fit_text(ptitle, fig.get_figwidth() * ax.get_position().width, 9), fontsize=9)
         if fig.get_layout_engine() is not None or ax.get_subplotspec().is_last_row():
             ax.set_xlabel(name_x, fontsize=8)
         if fig.get_layout_engine() is not None or ax.get_subplotspec().is_first_col():
-            ax.set_ylabel(ylabel, fontsize=8)
+            panel_h = fig.get_figheight() * ax.get_position().height      # the label runs along the panel
+            ax.set_ylabel(fit_text(ylabel, panel_h, 8), fontsize=8)
         if ticks is not None:
             step = max(1, math.ceil(len(ticks) / 30))        # at most 30 labels on a categorical axis
             ax.set_xticks(positions[::step], ticks[::step])
@@ -243,7 +259,16 @@ def facet_plot(trials: pd.DataFrame, x: str, y: str, swept: list[str], alpha: fl
     if labels:
         fig.legend(handles, labels, loc="outside lower center" if fig.get_layout_engine() else "lower center",
                    fontsize=8, ncols=min(6, len(labels)))
-    fig.suptitle(title, fontsize=11)
+    suptitle = fit_text(title, fig.get_figwidth() - 0.3, 11)
+    fig.suptitle(suptitle, fontsize=11)
+    if fig.get_layout_engine() is None:        # fixed margins (many panels): make room for wrapped text
+        lines = lambda t: t.count("\n") + 1                        # noqa: E731
+        w, h = fig.get_figwidth(), fig.get_figheight()
+        ylines = max((lines(ax.get_ylabel()) for ax in axes if ax.get_ylabel()), default=1)
+        tlines = max((lines(ax.get_title()) for ax in axes if ax.get_title()), default=1)
+        fig.subplots_adjust(left=(0.5 + 0.14 * ylines) / w,
+                            top=1 - (0.3 + 0.18 * lines(suptitle) + 0.15 * tlines) / h,
+                            hspace=0.45 + 0.12 * (tlines - 1))
     n_range = f"{min(counts)}" if counts and min(counts) == max(counts) else \
         f"{min(counts)}-{max(counts)}" if counts else "0"
     level = f"{100 * (1 - 2 * alpha):g}%"
@@ -324,7 +349,7 @@ def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, ou
     ax.xaxis.get_major_locator().set_params(integer=True)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(fit_text(title, fig.get_figwidth() * ax.get_position().width, 10), fontsize=10)
     return {"file": _save(fig, out_dir, "training_curves.png"), "title": title,
             "caption": "Line: mean over the finished seeds of the configuration (count in the legend) per "
                        "epoch; shaded: min to max over those seeds."}

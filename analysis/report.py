@@ -29,9 +29,11 @@ import numpy as np
 import pandas as pd
 
 from analysis import interactive, plots, search_views
+from analysis.redact import redact
 from analysis.stats import t_interval
 from analysis.verdict import Thresholds, annotate, short_names, verdict_json
-from capsmodels.contract import CANDIDATE, CONTROL, FINISHED, REFERENCE, ROLE_KEY, TAG_COMMIT
+from capsmodels.contract import (CANDIDATE, CONTROL, FINISHED, REFERENCE, ROLE_KEY, TAG_COMMIT, TAG_VERSION_PREFIX,
+                                 VERSION_PACKAGES, installed_versions)
 
 # (figure key, column title, check whose outcome colours the cell, null figure)
 COLUMNS = [
@@ -87,6 +89,10 @@ figcaption{font-size:.85em;color:#555} .sig{font-weight:700} .muted{color:#777}
 td.err{overflow-wrap:anywhere;word-break:break-word;min-width:12em} .small{font-size:.85em} .runs{display:block;font-size:.85em;color:#555;margin-top:.2em;overflow-wrap:anywhere}
 tr.refruns td{border-top:none;font-size:.95em} table.repro th{width:16em} table.repro code{white-space:pre-wrap;
 overflow-wrap:anywhere} .nav a{color:#345}
+.wide{overflow-x:auto;margin:.5em 0} .wide>table{margin:0}
+.why-in{position:sticky;left:.3em;max-width:min(100%,calc(100vw - 7em))}
+.narrow{display:none} @media (max-width:1000px){.narrow{display:block}}
+@media (max-width:900px){body{padding:0 .6em} table{font-size:.75em}}
 """
 
 
@@ -185,18 +191,26 @@ def _link_text(verdict: dict) -> str:
     return ". ".join(parts)
 
 
-def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] = None) -> dict[str, str]:
+def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] = None,
+                 ui_url: Optional[str] = None, progress=None) -> dict[str, str]:
     """Write verdict.json, the figures, report.md and report.html into out_dir; return their paths.
-    annotated: `annotate(data)` when the caller has it already (it computed the verdict from it)."""
+    annotated: `annotate(data)` when the caller has it already (it computed the verdict from it).
+    ui_url: the MLflow UI's address (`capsweep report --ui-url`); with it, or on a store that is an http(s)
+    tracking server, MLflow run ids are links to their pages. progress: called with a few words before
+    each step that takes time (the CLI prints them)."""
+    say = progress or (lambda what: None)
     os.makedirs(out_dir, exist_ok=True)
     trials, _, swept = annotated or annotate(data)
+    say("drawing the figures")
     figures = plots.make_plots(trials, data.histories, verdict, out_dir, swept)
+    say("writing the interactive views and the documents")
     parent = parent_run_record(data)
     views = {"extra": extra_figures(trials, verdict["thresholds"]["alpha"]),
              "explore": explore_html(trials, swept, {c["id"]: c["label"] for c in verdict["configurations"]}),
              "search": search_view(data, trials, swept, {c["id"]: c["label"] for c in verdict["configurations"]},
                                    parent),
-             "repro": reproducibility(data, verdict, parent, out_dir)}
+             "repro": reproducibility(data, verdict, parent, out_dir, ui_url),
+             "ui": ui_base(data.tracking_uri, ui_url)}
     paths = {"verdict": os.path.join(out_dir, "verdict.json"),
              "markdown": os.path.join(out_dir, "report.md"),
              "html": os.path.join(out_dir, "report.html")}
@@ -282,10 +296,26 @@ def _with_extra(cfg: dict, extra: dict[str, dict[str, dict]]) -> dict:
 # Links to MLflow and reproducibility
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> Optional[str]:
-    """The MLflow UI page of a run when the store is a tracking server (http/https), else None."""
+    """The MLflow UI page of a run when `tracking_uri` is a tracking server or a UI (http/https), else None."""
     if not re.match(r"^https?://", tracking_uri or ""):
         return None
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def ui_base(tracking_uri: str, ui_url: Optional[str] = None) -> Optional[str]:
+    """Where the report's run links point: the UI address the user gave (`--ui-url`, e.g. what
+    `capsweep ui` prints), else the store itself when it is an http(s) tracking server (it serves the
+    UI), else None: a SQLite or file store has no pages to link, its run ids are printed."""
+    base = ui_url.split("#", 1)[0] if ui_url else tracking_uri if re.match(r"^https?://", tracking_uri or "") else None
+    # never a user or password in a link (the browser asks for them; analysis/redact.py masks the rest)
+    return re.sub(r"^(https?://)[^/@\s]+@", r"\1", base).rstrip("/") if base else None
+
+
+def _run_id_html(base: Optional[str], experiment_id: str, run_id: str, text: Optional[str] = None) -> str:
+    """A run id as a link to its page in the UI at `base`, else as code."""
+    url = run_url(base or "", experiment_id, run_id)
+    shown = f"<code>{_t(text or run_id)}</code>"
+    return f"<a href='{html.escape(url)}'>{shown}</a>" if url else shown
 
 
 def parent_run_record(data) -> dict:
@@ -303,22 +333,20 @@ def parent_run_record(data) -> dict:
         return {}
 
 
-REPORT_PACKAGES = ("capsweep", "torch", "ray", "mlflow", "optuna", "numpy", "pandas", "scipy")
+REPORT_PACKAGES = VERSION_PACKAGES
+package_versions = installed_versions      # the report's environment, as a sweep records its own at start
 
 
-def package_versions(names=REPORT_PACKAGES) -> dict[str, str]:
-    """Installed versions from package metadata (nothing is imported: analysis never imports torch)."""
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": sys.version.split()[0]}
-    for n in names:
-        try:
-            out[n] = version(n)
-        except PackageNotFoundError:
-            out[n] = "not installed"
-    return out
+def recorded_versions(tags: dict, params: dict) -> dict[str, str]:
+    """{package: version} the sweep's driver recorded at start (tags capsweep.version.<package>); a sweep
+    from before those tags: any parent tag or param whose name says version, under its own name."""
+    own = {k[len(TAG_VERSION_PREFIX):]: v for k, v in tags.items() if k.startswith(TAG_VERSION_PREFIX)}
+    if own:
+        return own
+    return {k: v for k, v in {**params, **tags}.items() if "version" in k.lower()}
 
 
-def report_command(verdict: dict, out_dir: str) -> str:
+def report_command(verdict: dict, out_dir: str, ui_url: Optional[str] = None) -> str:
     """A `capsweep report` command that rebuilds this report: the sweep, its store, the reference and
     every threshold that differs from the default."""
     argv = ["capsweep", "report", verdict["sweep"], "--experiment", verdict["experiment"],
@@ -333,6 +361,8 @@ def report_command(verdict: dict, out_dir: str) -> str:
             argv += [f"--{key.replace('_', '-')}", f"{th[key]:g}"]
     if th.get("num_classes_source") == "given":
         argv += ["--num-classes", str(th["num_classes"])]
+    if ui_url:
+        argv += ["--ui-url", redact(ui_url)]
     return shlex.join(argv + ["--out", out_dir])
 
 
@@ -346,7 +376,8 @@ def _invocation() -> Optional[str]:
     return None
 
 
-def reproducibility(data, verdict: dict, parent: dict, out_dir: str) -> list[tuple[str, str]]:
+def reproducibility(data, verdict: dict, parent: dict, out_dir: str,
+                    ui_url: Optional[str] = None) -> list[tuple[str, str]]:
     """(what, value) lines of the reproducibility block: the code (git commits of the parent and of the
     trials), the versions the sweep recorded (any parent tag/param naming a version), the versions of
     this report's environment, the sweep's settings and spec, and the commands."""
@@ -356,10 +387,13 @@ def reproducibility(data, verdict: dict, parent: dict, out_dir: str) -> list[tup
     lines = [("sweep git commit", tags.get(TAG_COMMIT) or tags.get("mlflow.source.git.commit") or
               "not recorded on the parent run"),
              ("trials' git commit(s)", ", ".join(f"{c} ({n} trial(s))" for c, n in commits.items()) or "not recorded")]
-    recorded = {k: v for k, v in {**params, **tags}.items() if "version" in k.lower()}
-    lines.append(("versions recorded by the sweep", ", ".join(f"{k}={v}" for k, v in sorted(recorded.items()))
-                  or "none recorded on the parent run"))
-    lines.append(("versions that wrote this report", ", ".join(f"{k} {v}" for k, v in package_versions().items())))
+    recorded = recorded_versions(tags, params)
+    lines.append(("versions the sweep ran with", ", ".join(f"{k} {v}" for k, v in recorded.items())
+                  or "none recorded on the parent run (a sweep from before capsweep recorded them)"))
+    here = package_versions()
+    differ = [k for k, v in here.items() if k in recorded and recorded[k] != v]
+    lines.append(("versions that wrote this report", ", ".join(f"{k} {v}" for k, v in here.items())
+                  + (f" (differ from the sweep's: {', '.join(differ)})" if differ else "")))
     settings = {k: v for k, v in params.items() if k.startswith("sweep.")}
     if settings:
         lines.append(("sweep settings (parent run params)", ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))))
@@ -370,7 +404,7 @@ def reproducibility(data, verdict: dict, parent: dict, out_dir: str) -> list[tup
         lines.append(("sweep spec", f"spec.yaml on parent run {data.parent_run_id}; replay: MLFLOW_TRACKING_URI="
                       f"{shlex.quote(data.tracking_uri)} mlflow artifacts download -r {data.parent_run_id} "
                       "-a spec.yaml -d . && capsweep run spec.yaml"))
-    lines.append(("report command", report_command(verdict, out_dir)))
+    lines.append(("report command", report_command(verdict, out_dir, ui_url)))
     invoked = _invocation()
     if invoked:
         lines.append(("invoked as", invoked))
@@ -382,14 +416,17 @@ def run_lookup(trials: pd.DataFrame) -> dict[str, tuple[str, str]]:
     return {r: (str(s), str(st)) for r, s, st in zip(trials["run_id"], trials["seed"], trials["status"])}
 
 
-def _runs_html(data, run_ids: list[str], lookup: Optional[dict[str, tuple[str, str]]] = None) -> str:
-    """The configuration's MLflow runs: links into the UI of a tracking server, else the run ids.
-    lookup: `run_lookup(data.trials)` when the caller lists many configurations."""
+def _runs_html(data, run_ids: list[str], lookup: Optional[dict[str, tuple[str, str]]] = None,
+               base: Optional[str] = None) -> str:
+    """The configuration's MLflow runs: links into the UI (`base`, default: the store when it is a
+    tracking server; ui_base), else the run ids. lookup: `run_lookup(data.trials)` when the caller lists
+    many configurations."""
     lookup = lookup if lookup is not None else run_lookup(data.trials)
+    base = base if base is not None else ui_base(data.tracking_uri)
     items = []
     for rid in run_ids:
         seed, status = lookup.get(rid, ("?", "?"))
-        url = run_url(data.tracking_uri, data.experiment_id, rid)
+        url = run_url(base or "", data.experiment_id, rid)
         what = f"seed {seed}" + ("" if status == FINISHED else f" ({status})")
         items.append(f"<a href='{html.escape(url)}'>{_t(what)}</a>" if url
                      else f"{_t(what)}: <code>{_t(rid)}</code>")
@@ -474,11 +511,11 @@ def search_html(view: dict) -> str:
             f"{len(obj)} objectives; dark: on the Pareto front of all {len(obj)} together ({int(t['pareto'].sum())} "
             f"of {len(t)}), grey: dominated. Hover a point to find it in the other panels."))
     front = t[t["pareto"]].sort_values(obj[0][0], ascending=obj[0][1] == "min")
-    parts.append("<table><tr><th>id</th><th>configuration</th><th>seeds</th>"
+    parts.append("<div class='wide'><table><tr><th>id</th><th>configuration</th><th>seeds</th>"
                  + "".join(f"<th>{_t(m)} ({mode})</th>" for m, mode in obj) + "</tr>")
     parts += [f"<tr><td>{_t(r['config_id'])}</td><td>{_t(r['label'])}</td><td class='num'>{int(r['n'])}</td>"
               + "".join(f"<td class='num'>{_n(r[m])}</td>" for m, _ in obj) + "</tr>" for _, r in front.iterrows()]
-    parts.append("</table>")
+    parts.append("</table></div>")
     bars = [interactive.bar_chart(imp, f"importance for {m} ({mode})")
             for (m, mode) in obj if (imp := view["importances"].get(m))]
     if bars:
@@ -522,6 +559,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
     columns = columns_for(extra)
     c = verdict["counts"]
     answer, instrument = _headline(verdict)
+    ui = views["ui"] if "ui" in views else ui_base(data.tracking_uri)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>capsweep report: {_t(verdict['sweep'])}</title>", f"<style>{CSS}{interactive.CSS}</style></head><body>",
@@ -534,7 +572,8 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
         *([f'<p class="test"><b>Confirmation.</b> {_tc(_link_text(verdict))}.</p>'] if _link_text(verdict) else []),
         f"<h1>capsweep report &mdash; sweep <code>{_t(verdict['sweep'])}</code></h1>",
         f"<p class='muted small'>Experiment <code>{_t(verdict['experiment'])}</code> at "
-        f"<code>{_t(verdict['tracking_uri'])}</code>; parent run <code>{_t(verdict['parent_run_id'])}</code>; "
+        f"<code>{_t(verdict['tracking_uri'])}</code>; parent run "
+        f"{_run_id_html(ui, data.experiment_id, verdict['parent_run_id']) if verdict['parent_run_id'] else '<code>None</code>'}; "
         f"references from {_t(verdict['reference_source'])}. "
         f"{c['trials']} trials: {_t(_status_text(c))}; {c['configurations']} configurations, "
         f"{c['candidates']} candidate(s), {c['controls']} control(s). Read in {data.load_seconds:.1f} s "
@@ -553,12 +592,18 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
                  "(votes permuted across inputs) below. n/a: the probe is not logged (never counted as evidence). "
                  "Under each row: the checks that did not pass; unfold for every check; then the configuration's "
                  "MLflow runs.</p>")
-    if run_url(data.tracking_uri, data.experiment_id, "x") is None:
+    if ui is None:
         parts.append(f"<p class='small'>Runs are listed by id: open the store with <code>capsweep ui --tracking-uri "
                      f"{_t(shlex.quote(data.tracking_uri))}</code>; a run's page is <code>#/experiments/"
-                     f"{_t(data.experiment_id)}/runs/&lt;run id&gt;</code> under the UI's address.</p>")
+                     f"{_t(data.experiment_id)}/runs/&lt;run id&gt;</code> under the UI's address (with "
+                     "<code>capsweep report --ui-url ADDRESS</code> the ids are links).</p>")
     ncols = 4 + len(columns)
-    parts.append("<table><tr><th>id</th><th>configuration</th><th>verdict</th><th>seeds</th>"
+    # a wide table scrolls inside its own box (the page never does); the reasons under a row stay
+    # within the window while it scrolls (.why-in: sticky, at most the window's width)
+    parts.append("<p class='narrow small muted'>In a narrow window the table scrolls sideways (its right-hand "
+                 "columns); the reasons under each row stay in view.</p>")
+    parts.append("<div class='wide'><table id='config-table'><tr><th>id</th><th>configuration</th><th>verdict</th>"
+                 "<th>seeds</th>"
                  + "".join(f"<th>{title}</th>" for _, title, _, _ in columns) + "</tr>")
     lookup = run_lookup(data.trials)
     for cfg in _sorted_configs(verdict):
@@ -578,9 +623,10 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
         parts.append(f"<tr class='{row_cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td>"
                      f"<td class='v {vcls}'>{_t(role + cfg['verdict'])}</td>"
                      f"<td class='num'>{cfg['n_seeds']}/{total}</td>{''.join(cells)}</tr>")
-        runs = _runs_html(data, cfg.get("run_ids", []), lookup)
+        runs = _runs_html(data, cfg.get("run_ids", []), lookup, ui or "")
         if not cfg["checks"]:
-            parts.append(f"<tr class='refruns'><td></td><td colspan='{ncols - 1}'>{runs}</td></tr>")
+            parts.append(f"<tr class='refruns'><td></td><td colspan='{ncols - 1}'><div class='why-in'>{runs}</div>"
+                         "</td></tr>")
         if cfg["checks"]:
             why = _why(cfg)
             shown = "".join(f"<li>{_t(ch['text'])}</li>" for ch in cfg["checks"] if ch["outcome"] != "pass")
@@ -590,9 +636,9 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
                         f"{ref.get('n_trials')} trial(s)") if ref.get("n_trials") else "no reference"
             head = f"<b>{_t(why)}</b><ul class='checks'>{shown}</ul>" if shown else ""
             summary = f"{'' if shown else '<b>every check passes</b>; '}all checks ({_t(ref_text)})"
-            parts.append(f"<tr class='why'><td></td><td colspan='{ncols - 1}'>{head}<details><summary>{summary}"
-                         f"</summary><ul class='checks'>{every}</ul></details>{runs}</td></tr>")
-    parts.append("</table>")
+            parts.append(f"<tr class='why'><td></td><td colspan='{ncols - 1}'><div class='why-in'>{head}<details>"
+                         f"<summary>{summary}</summary><ul class='checks'>{every}</ul></details>{runs}</div></td></tr>")
+    parts.append("</table></div>")
 
     parts.append("<h2>Thresholds and rules</h2><table><tr><th>parameter</th><th>meaning</th><th>value</th></tr>")
     for key, text in THRESHOLD_TEXT:
@@ -604,13 +650,13 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
 
     parts.append("<h2>Failed, diverged and unfinished trials</h2>")
     if verdict["failed_trials"]:
-        parts.append("<table><tr><th>trial</th><th>run id</th><th>seed</th><th>status</th>"
+        parts.append("<div class='wide'><table><tr><th>trial</th><th>run id</th><th>seed</th><th>status</th>"
                      "<th>configuration</th><th>error</th></tr>")
         for t in verdict["failed_trials"]:
-            parts.append(f"<tr><td>{_t(t['trial_id'])}</td><td><code>{_t(t['run_id'])}</code></td>"
+            parts.append(f"<tr><td>{_t(t['trial_id'])}</td><td>{_run_id_html(ui, data.experiment_id, t['run_id'])}</td>"
                          f"<td>{_t(t['seed'])}</td><td>{_t(t['status'])}</td>"
                          f"<td>{t['config_id']}: {_t(t['label'])}</td><td class='err'>{_t(t['error'])}</td></tr>")
-        parts.append("</table>")
+        parts.append("</table></div>")
     else:
         parts.append("<p>None: every trial finished.</p>")
 
@@ -650,7 +696,7 @@ def _trends_html(trends: list[dict], alpha: float) -> str:
         return "<p>No factor varied across CapsNet configurations.</p>"
     m = sum(t["p_value"] is not None for t in trends)
     rows = [f"<p class='small'>{_t(TRENDS_TEXT.format(m=m))} Bold: Holm-adjusted p &lt; {alpha:g}.</p>"
-            "<table><tr><th>factor</th><th>probe</th><th>test</th><th>statistic</th>"
+            "<div class='wide'><table><tr><th>factor</th><th>probe</th><th>test</th><th>statistic</th>"
             "<th>p</th><th>p (Holm)</th><th>configurations</th><th>levels</th><th>note</th></tr>"]
     for t in trends:
         sig = t["p_holm"] is not None and t["p_holm"] < alpha
@@ -659,7 +705,7 @@ def _trends_html(trends: list[dict], alpha: float) -> str:
                     f"<td>{t['test']}</td><td class='num'>{stat}</td><td class='num'>{_n(t['p_value'])}</td>"
                     f"<td class='num'>{_n(t['p_holm'])}</td><td class='num'>{t['n']}</td>"
                     f"<td class='num'>{t['levels']}</td><td>{_t(t['note'])}</td></tr>")
-    rows.append("</table>")
+    rows.append("</table></div>")
     return "\n".join(rows)
 
 

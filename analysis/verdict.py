@@ -61,7 +61,7 @@ import pandas as pd
 from analysis.stats import (FAIL, INCONCLUSIVE, PASS, Interval, bound_p, check_bound, finite, holm,
                             noninferiority, t_interval, split_sampling_variance, trend)
 from capsmodels.catalogue import SPLIT_SIZES
-from capsmodels.contract import (CANDIDATE, CONTROL, FINISHED, NUM_CLASSES, REFERENCE, RUNNING, STATUSES,
+from capsmodels.contract import (CANDIDATE, CNN_UNUSED_KEYS, CONTROL, FINISHED, NUM_CLASSES, REFERENCE, RUNNING, STATUSES,
                                  STOPPED, TAG_CONFIRMS, decode_correct)
 
 SEED_PARAM = "train.seed"
@@ -278,7 +278,9 @@ def assign_configs(trials: pd.DataFrame, param_cols: list[str]) -> tuple[pd.Seri
     labels = {}
     for k, cid in ids.items():
         d = dict(zip(cols, k))
-        labels[cid] = " ".join(f"{names[c]}={d[c]}" for c in swept) or "(single configuration)"
+        # a cnn's label leaves out what a cnn does not read (routing, iterations, ...: CNN_UNUSED_KEYS)
+        shown = [c for c in swept if not (d.get("model.arch") == "cnn" and c in CNN_UNUSED_KEYS)]
+        labels[cid] = " ".join(f"{names[c]}={d[c]}" for c in shown) or "(single configuration)"
     return keys.map(ids), labels, swept
 
 

@@ -25,6 +25,7 @@ TAG_TEST_CORRECT = "capsweep.test_correct"   # per-image test correctness at the
 TAG_CONFIRMS = "capsweep.confirms"    # on a confirmation sweep's parent: the exploration it confirms
 TAG_HEARTBEAT = "capsweep.heartbeat"  # on a parent: unix time (s) of its driver's last sign of life
 TAG_OPTUNA_JOURNAL = "capsweep.optuna_journal"   # on an Optuna sweep's parent: its study's journal file (driver's disk)
+TAG_VERSION_PREFIX = "capsweep.version."   # on a parent: capsweep.version.<package> = the driver's version at start
 TAG_PARENT = "mlflow.parentRunId"     # MLflow's own nesting tag
 TAG_RUN_NAME = "mlflow.runName"
 RUN_PARENT, RUN_TRIAL = "parent", "trial"     # values of TAG_ROLE
@@ -105,6 +106,15 @@ def resume_command(tags: dict, name: str) -> str:
     return f"capsweep run <the spec of {name!r}> --resume"
 
 
+# ---- run-config keys the cnn control does not read ----------------------------------------------------
+# `model.arch: cnn` (capsmodels/networks.py CNN) has no routing, squash, capsule init, decoder or capsule
+# remedies; a sweep's controls still carry the base config's values of these keys. Reports leave them out
+# of a cnn configuration's label ("arch=cnn depth=1", not "... iterations=3"). tests/test_networks.py
+# checks that changing any of them leaves a cnn's weights and outputs as they were.
+CNN_UNUSED_KEYS = tuple(f"model.{k}" for k in (
+    "routing", "iterations", "detach_inner", "bias", "squash", "init", "init_std", "init_scale", "init_target",
+    "bias_init", "decoder", "recon_weight", "out_dim", "residual", "residual_dist", "pose_norm"))
+
 # ---- trial roles (the sweep param ROLE_KEY; docs/PROBES.md, "Trial roles") ---------------------------
 ROLE_KEY = "trial.role"               # a param of every trial, not a run-config key
 CANDIDATE, REFERENCE, CONTROL = "candidate", "reference", "control"
@@ -184,3 +194,40 @@ def correct_from_tags(tags: dict) -> str | None:
     while isinstance(tags.get(f"{TAG_TEST_CORRECT}.{len(parts)}"), str):
         parts.append(tags[f"{TAG_TEST_CORRECT}.{len(parts)}"])
     return "".join(parts) or None
+
+
+# ---- the versions a sweep records (TAG_VERSION_PREFIX) and a report prints --------------------------------
+VERSION_PACKAGES = ("capsweep", "torch", "ray", "mlflow", "optuna", "numpy", "pandas", "scipy")
+
+
+def installed_versions(names: tuple = VERSION_PACKAGES) -> dict[str, str]:
+    """{'python': ..., package: version or 'not installed'} from package metadata: nothing is imported
+    (the analysis never imports torch)."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+# ---- log10 companions, for MLflow's charts --------------------------------------------------------
+# act_grad lives near 1e-14 in a starved network: MLflow's default charts draw it on a linear axis with
+# ticks "0 0 0". Where capsweep writes metrics to MLflow (sweeps/run_writer.py numeric_metrics: trials,
+# `train --save`, `eval --log`) each of these also goes as `log10_<name>` (`log10_act_grad/l3`, so the
+# UI groups them in a section of their own beside the raw one); a value <= 0 or not finite has none.
+# The raw metric stays the data: the analysis reads it, never the companion.
+LOG10_PREFIX = "log10_"
+LOG10_LAYER_METRICS = ("act_grad", "grad_norm", "grad_rms")      # per layer: log10_<name>/l<l>
+LOG10_SCALAR_METRICS = ("grad_ratio",)
+
+
+def log10_name(name: str) -> str | None:
+    """`log10_act_grad/l3` for `act_grad/l3` (a probe of tiny scale), else None."""
+    base, _, layer = name.partition("/l")
+    if (base in LOG10_LAYER_METRICS and layer.isdigit()) or (not layer and name in LOG10_SCALAR_METRICS):
+        return LOG10_PREFIX + name
+    return None

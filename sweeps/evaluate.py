@@ -140,27 +140,36 @@ def cmd_eval(args) -> int:
     refused = refused_override(args.overrides)     # the model's own keys: also before MLflow work
     if refused:
         return _err(refused)
+    from analysis.progress import Status
     from sweeps.store_init import StoreInitError, check_store
-    try:
-        client = models.open_store(args.tracking_uri)
-        if client is not None:
-            check_store(args.tracking_uri)     # a server that does not answer: one line, not a hang
-    except StoreInitError as e:
-        return _err(str(e))
-    if client is None:
-        return _err(f"--tracking-uri: no MLflow store at {args.tracking_uri}")
-    try:
-        model_uri, source = models.resolve(client, args.model)
-        net, config = models.load(args.tracking_uri, model_uri, trust=getattr(args, "trust", False))
-        cfg = eval_config(config, args.overrides)
-        metrics = measure(net.net, cfg)
-    except (models.ModelNotFound, models.UnsafeModel, runcfg.ConfigError) as e:
-        return _err(str(e))
-    except Exception as e:  # noqa: BLE001 - data errors (DataError) are bad input too
-        from capsmodels.store import DataError
-        if isinstance(e, DataError):
+    with Status("capsweep eval") as status:     # a status line on a terminal: this takes seconds
+        status("opening the store")
+        try:
+            client = models.open_store(args.tracking_uri)
+            if client is not None:
+                check_store(args.tracking_uri)     # a server that does not answer: one line, not a hang
+        except StoreInitError as e:
+            status.done()
             return _err(str(e))
-        raise
+        if client is None:
+            status.done()
+            return _err(f"--tracking-uri: no MLflow store at {args.tracking_uri}")
+        try:
+            status(f"loading the model {args.model}")
+            model_uri, source = models.resolve(client, args.model)
+            net, config = models.load(args.tracking_uri, model_uri, trust=getattr(args, "trust", False))
+            cfg = eval_config(config, args.overrides)
+            status(f"measuring it on {cfg.data.name}")
+            metrics = measure(net.net, cfg)
+        except (models.ModelNotFound, models.UnsafeModel, runcfg.ConfigError) as e:
+            status.done()
+            return _err(str(e))
+        except Exception as e:  # noqa: BLE001 - data errors (DataError) are bad input too
+            status.done()
+            from capsmodels.store import DataError
+            if isinstance(e, DataError):
+                return _err(str(e))
+            raise
     print(f"capsweep eval: {model_uri}" + (f" (run {source})" if source else "") + f" on {cfg.data.name}"
           + (f", test_transform {cfg.data.test_transform}" if cfg.data.test_transform != "none" else ""))
     for k in sorted(metrics):

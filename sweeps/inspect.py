@@ -114,7 +114,7 @@ def find_sweep(client, name: str, experiment: str) -> Sweep:
 
 
 def trial_rows(client, sweep: Sweep) -> list[dict]:
-    """One dict per trial run: run_id, trial_id, status, role, seed, params (every logged param,
+    """One dict per trial run: run_id, run_name (as the MLflow UI lists it), trial_id, status, role, seed, params (every logged param,
     the flattened trial config) and metrics (each metric's last logged value)."""
     from analysis.mlflowio import search_all
     runs = search_all(client, sweep.experiment_id,
@@ -122,7 +122,7 @@ def trial_rows(client, sweep: Sweep) -> list[dict]:
     rows = []
     for r in runs:
         tags = r.data.tags
-        rows.append({"run_id": r.info.run_id, "trial_id": tags.get(TAG_TRIAL, ""),
+        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name or "", "trial_id": tags.get(TAG_TRIAL, ""),
                      "status": tags.get(TAG_STATUS, RUNNING), "role": r.data.params.get(ROLE_KEY, CANDIDATE),
                      "seed": tags.get(TAG_SEED, ""), "params": dict(r.data.params),
                      "metrics": dict(r.data.metrics)})
@@ -306,8 +306,9 @@ def status_lines(sweep: Sweep) -> list[str]:
     if best:
         m, value, row = best
         where = ", ".join(f"{k}={row['params'].get(k)}" for k in sweep.space)
-        lines.append(f"  best so far: {m}={value:.4g} (trial {row['trial_id']}, {row['status']}, seed {row['seed']}"
-                     + (f"; {where}" if where else "") + ")")
+        # named as the MLflow UI lists it (the run name); Tune's trial id last, for Ray's logs
+        lines.append(f"  best so far: {m}={value:.4g} (run {row['run_name'] or row['run_id']}, {row['status']}, "
+                     f"seed {row['seed']}" + (f"; {where}" if where else "") + f"; Tune trial {row['trial_id']})")
     return lines
 
 

@@ -13,6 +13,7 @@ the device it used (`Lineage`), where the config may say `auto`.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import time
 from typing import Any, Iterable, Optional
@@ -24,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from capsmodels.contract import (EPOCH_METRIC, FAILED, ROLE_KEY, FINISHED, INTERRUPTED, REPORT_STOP_REASON,
                                  REPORT_TEST_CORRECT, RUN_TRIAL, RUNNING, STOP_SCHEDULER, STOPPED, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_RUN_NAME, TAG_SEED, TAG_STATUS,
-                                 TAG_STOP_REASON, TAG_SWEEP, TAG_TRIAL, correct_tags)
+                                 TAG_STOP_REASON, TAG_SWEEP, TAG_TRIAL, correct_tags, log10_name)
 from sweeps import models
 from sweeps.provenance import DATA_CONTEXT, SPLIT_ROWS, standard_tags
 from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentEnd, ParentInterrupt, ParentTags,
@@ -100,6 +101,9 @@ def numeric_metrics(result: dict) -> dict[str, float]:
         if k in ("pid", "done", "iterations_since_restore", "timesteps_total", "episodes_total"):
             continue
         out[k] = float(v)    # NaN is data (0/0 grad_ratio of a network with no gradient at all)
+        companion = log10_name(k)         # tiny probes chart in MLflow's UI on their log10 too (contract)
+        if companion and math.isfinite(out[k]) and out[k] > 0:
+            out[companion] = math.log10(out[k])
     return out
 
 

@@ -25,7 +25,7 @@ from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
                                  TAG_CONFIRMS, TAG_HEARTBEAT, TAG_OPTUNA_JOURNAL, TAG_ROLE, TAG_RUN_NAME,
-                                 TAG_STATUS, TAG_SWEEP)
+                                 TAG_STATUS, TAG_SWEEP, TAG_VERSION_PREFIX, installed_versions)
 from sweeps import extras, search, storage, store_init, tracking, tune_guard
 from sweeps.heartbeat import Heartbeat, beat_value
 from sweeps.provenance import git_commit
@@ -317,13 +317,16 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
         tags[TAG_COMMIT] = commit
     if spec.confirms:        # a confirmation names its exploration (`capsweep confirm`); reports show it
         tags[TAG_CONFIRMS] = spec.confirms
+    # the driver's package versions at the start (the report's reproducibility block shows them)
+    tags.update({TAG_VERSION_PREFIX + k: v for k, v in installed_versions().items()})
     if spec.search.algorithm == "optuna":     # where `capsweep dashboard` finds the study (sweeps/dashboard.py)
         tags[TAG_OPTUNA_JOURNAL] = str(journal_file(spec).resolve())
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     rid = run.info.run_id
     claim_name(client, experiment_id, spec, rid)
     metrics, modes = objectives(spec)
-    params = {"sweep.search": spec.search.algorithm, "sweep.sampler": spec.search.sampler,
+    params = {"sweep.search": spec.search.algorithm,
+              **({"sweep.sampler": spec.search.sampler} if spec.search.sampler else {}),   # optuna's only
               "sweep.metric": ",".join(metrics), "sweep.mode": ",".join(modes),
               "sweep.num_samples": spec.num_samples, "sweep.seeds": ",".join(map(str, spec.seeds)),
               "sweep.scheduler": spec.scheduler.name, "sweep.trials": total_trials(spec),

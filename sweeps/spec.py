@@ -62,7 +62,10 @@ class SpecError(ValueError):
 @dataclass
 class SearchSpec:
     algorithm: str = "grid"     # grid | random | optuna
-    sampler: str = "tpe"        # optuna sampler: tpe | cmaes | nsga2 (several objectives) | random
+    # optuna's sampler: tpe (its default) | cmaes | nsga2 (several objectives) | random; grid and random
+    # searches sample no Optuna study, so they have none (null: a sampler given to them is dropped, and
+    # neither the parent run nor --dry-run shows one)
+    sampler: Optional[str] = None
     seed: int = 0               # the searcher's own seed (trial seeds are `seeds`)
 
 
@@ -301,8 +304,12 @@ def validate(spec: SweepSpec) -> SweepSpec:
               "not starting with '.' or '-'), it names the Ray experiment folder and the MLflow parent run")
     if spec.search.algorithm not in ALGORITHMS:
         _fail(f"search.algorithm: {spec.search.algorithm!r} is not allowed; choose one of {', '.join(ALGORITHMS)}")
-    if spec.search.sampler not in SAMPLERS:
+    if spec.search.sampler is not None and spec.search.sampler not in SAMPLERS:
         _fail(f"search.sampler: {spec.search.sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
+    if spec.search.algorithm != "optuna":
+        spec.search.sampler = None          # grid and random search sample no Optuna study
+    elif spec.search.sampler is None:
+        spec.search.sampler = "tpe"
     if spec.scheduler.name not in SCHEDULERS:
         _fail(f"scheduler.name: {spec.scheduler.name!r} is not allowed; choose one of {', '.join(SCHEDULERS)}")
     if spec.num_samples < 1:

@@ -123,6 +123,8 @@ class MlflowSweepLogger(Callback):
         self.retries: dict[str, int] = {}
         self.guard: Optional[tune_guard.TuneStateGuard] = None   # set by the runner (not pickled)
         self._reconciled = False
+        self._t0 = time.monotonic()          # this driver's start, for the overall progress line
+        self._ended_here = 0                 # trials this driver saw end (the pace of the estimate)
         self._load_existing()
 
     def __getstate__(self) -> dict:
@@ -274,24 +276,41 @@ class MlflowSweepLogger(Callback):
             self._put(Tag(tid, TAG_RETRIES, str(self.retries[tid])))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._finish(trial, None)
+        if self._finish(trial, None):
+            self._progress(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         tune_guard.forget_pickled_error(trial)
-        self._finish(trial, _error_text(trial))
+        if self._finish(trial, _error_text(trial)):
+            self._progress(trials)
 
-    def _finish(self, trial, error: Optional[str]) -> None:
+    def _progress(self, trials: list) -> None:
+        """The overall line beside Ray Tune's table: trials ended of planned, by status, the estimate of
+        what is left (analysis/progress.py)."""
+        from analysis.progress import sweep_line
+        self._ended_here += 1
+        counts: dict[str, int] = {}
+        for tid in self.ended:
+            counts[self.statuses[tid]] = counts.get(self.statuses[tid], 0) + 1
+        # Tune marks the trial that just ended as terminated only after its callbacks: it is not running
+        running = sum(1 for t in trials if getattr(t, "status", "") == "RUNNING" and t.trial_id not in self.ended)
+        total = max(self.expected_trials, len(trials), len(self.ended))
+        print(sweep_line(len(self.ended), total, counts, running, time.monotonic() - self._t0, self._ended_here),
+              flush=True)
+
+    def _finish(self, trial, error: Optional[str]) -> bool:
+        """Close the trial's run with its final status; True when this call did (not a re-report)."""
         tid = trial.trial_id
         if tid in self.ended:
             # Tune saves its experiment state every few seconds, so after a driver crash it can
             # restore a trial that had already finished: the trial re-reports its final epoch from its
             # state file without training, and its MLflow run, closed before the crash, stays as it was
-            return
+            return False
         if tid not in self.run_ids:
             self._ensure_run(trial)
         last = trial.last_result or {}
         if self.interrupted and not error and last.get("status") not in ENDED:
-            return          # Ctrl-C: the trial continues on --resume (close() marks it interrupted)
+            return False    # Ctrl-C: the trial continues on --resume (close() marks it interrupted)
         if error:
             status = FAILED
         elif last.get("status") == DIVERGED or self.statuses.get(tid) == DIVERGED:
@@ -306,6 +325,7 @@ class MlflowSweepLogger(Callback):
         state_path, model_dir = self._paths(tid)
         self._put(Model(tid, model_dir, state_path, self.keep_state, log=status != FAILED))
         self._put(End(tid, status, error, end_tags(status, last)))
+        return True
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
         self._reconcile_once(trials)

@@ -56,7 +56,7 @@ def _parent(c: MlflowClient, eid: str, name: str, metric: str, mode: str, trials
 
 
 def _trial(c, eid, parent, sweep, tid, depth, lr, seed, role, status, metrics: dict) -> None:
-    rid = c.create_run(eid, tags={TAG_ROLE: RUN_TRIAL, TAG_SWEEP: sweep, TAG_TRIAL: tid, TAG_SEED: str(seed),
+    rid = c.create_run(eid, run_name=f"d{depth}-s{seed}-{tid}", tags={TAG_ROLE: RUN_TRIAL, TAG_SWEEP: sweep, TAG_TRIAL: tid, TAG_SEED: str(seed),
                                   TAG_STATUS: status, TAG_PARENT: parent}).info.run_id
     c.log_batch(rid, params=[Param("model.depth", str(depth)), Param("train.lr", str(lr)),
                              Param("train.seed", str(seed)), Param(ROLE_KEY, role)],
@@ -108,8 +108,10 @@ def test_status_counts_and_best_so_far(store, capsys):
     # ended = 4 finished + 1 failed of 7 planned; 6 runs exist, so 1 not started
     assert lines[0] == "sweep 'alpha' (experiment 'capsweep'): running, 5/7 trials ended"
     assert lines[1] == "  trials: 4 finished, 1 failed, 1 running, 1 not started"
-    # the best candidate so far is the running t6 (0.97); the reference's 0.95 does not count
-    assert lines[2].startswith("  best so far: val_acc=0.97 (trial t6, running, seed 0; model.depth=3, train.lr=0.01")
+    # the best candidate so far is the running t6 (0.97); the reference's 0.95 does not count. It is named
+    # by its run name, as the MLflow UI lists it; Tune's trial id last
+    assert lines[2] == ("  best so far: val_acc=0.97 (run d3-s0-t6, running, seed 0; model.depth=3, train.lr=0.01; "
+                        "Tune trial t6)")
 
 
 # ---- export --------------------------------------------------------------------------------------

@@ -150,3 +150,17 @@ def test_data_and_evaluation_overrides_act(saved, capsys):
     acc = ev.data.metrics["test_acc"]
     assert abs(acc * 60 - round(acc * 60)) < 1e-6, acc           # k correct of 60 images
     assert f"{acc:.6g}" in out and ev.info.run_id in out
+
+
+def test_eval_says_what_it_does_while_it_works(saved, capsys, monkeypatch):
+    """The status line (analysis/progress.py; on a terminal, or with CAPSWEEP_PROGRESS=1): the store, the
+    model, the data; erased before the figures are printed."""
+    work, uri, client, run = saved
+    monkeypatch.setenv("CAPSWEEP_PROGRESS", "1")
+    assert main(["eval", run.info.run_id, "--tracking-uri", uri]) == 0
+    out, err = capsys.readouterr()
+    steps = [s.split(" ... ")[0] for s in err.split("\r\x1b[K") if s]
+    assert list(dict.fromkeys(steps)) == ["capsweep eval: opening the store",
+                                          f"capsweep eval: loading the model {run.info.run_id}",
+                                          "capsweep eval: measuring it on digits"]
+    assert err.endswith("\r\x1b[K") and out.startswith("capsweep eval: models:/")

@@ -273,3 +273,32 @@ def test_config_load_errors_are_one_line(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:
         load(path, overrides)
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# another valid value of each key a cnn does not read (capsmodels/contract.py CNN_UNUSED_KEYS)
+OTHER_VALUE = {"routing": "em", "iterations": 1, "detach_inner": True, "bias": True, "squash": "exp",
+               "init": "fan", "init_std": 0.05, "init_scale": 2.0, "init_target": 0.5, "bias_init": 0.3,
+               "decoder": False, "recon_weight": 0.1, "out_dim": 6, "residual": True, "residual_dist": 1,
+               "pose_norm": True}
+
+
+@pytest.mark.parametrize("key", sorted(OTHER_VALUE))
+def test_the_keys_a_cnn_does_not_read_leave_it_as_it_was(key):
+    """What reports leave out of a cnn control's label (CNN_UNUSED_KEYS) changes nothing in a cnn: the
+    same seed builds the same weights and the same outputs; a key the cnn reads (num_caps) does change it."""
+    from capsmodels.contract import CNN_UNUSED_KEYS
+    assert sorted(k.split(".", 1)[1] for k in CNN_UNUSED_KEYS) == sorted(OTHER_VALUE)
+    x = torch.rand(3, *MNIST, generator=torch.Generator().manual_seed(0))
+
+    def built(**kw):
+        torch.manual_seed(7)
+        net = build(model_cfg("tiny", arch="cnn", depth=2, **kw), MNIST, 10).eval()
+        with torch.no_grad():
+            return net.state_dict(), net(x).scores
+    (w0, s0), (w1, s1) = built(), built(**{key: OTHER_VALUE[key]})
+    base = model_cfg("tiny", arch="cnn", depth=2)
+    assert getattr(base, key) != OTHER_VALUE[key]          # the value does differ from the built one
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert torch.equal(s0, s1)
+    _, s2 = built(num_caps=6)
+    assert s2.shape == s0.shape and not torch.equal(s2, s0)

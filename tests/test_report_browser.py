@@ -228,8 +228,7 @@ const cls = e => e.tagName.toLowerCase() + '.' + (e.getAttribute('class') || '')
 const wide = [...document.querySelectorAll('body *')].filter(e => {
   const r = e.getBoundingClientRect(); return r.width > 0 && (r.right > vw + 0.5 || r.left < -0.5 || r.width > vw);
 }).map(e => cls(e) + ' ' + Math.round(e.getBoundingClientRect().width));
-const cfgTable = document.getElementById('configurations').nextElementSibling;
-let t = cfgTable; while (t && t.tagName !== 'TABLE') t = t.nextElementSibling;
+const t = document.getElementById('config-table');
 const rows = [...t.querySelectorAll('tr')].map(r => [r.getAttribute('class') || 'head', Math.round(r.getBoundingClientRect().height)]);
 const charts = [...document.querySelectorAll('figure.chart svg')].map(s => {const r = s.getBoundingClientRect(); return [Math.round(r.width), Math.round(r.height)];});
 const lines = [...document.querySelectorAll('figure.pc .pl')];

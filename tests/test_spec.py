@@ -155,3 +155,42 @@ def test_train_command_bad_values(workdir, capsys):
 def test_train_kernel_does_not_fit_input(workdir, capsys):
     code, err = run_cli(["train", "model.preset=tiny", "data.name=digits", "model.conv_kernel=9"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "model." in err, err
+
+
+def test_only_an_optuna_search_has_a_sampler(capsys):
+    """A grid or random search samples no Optuna study: its sampler is none (it used to be the default,
+    tpe, logged on the parent run and shown by --dry-run); an Optuna search without one gets tpe; a
+    wrong name is refused whatever the algorithm."""
+    import yaml
+    from sweeps.spec import SpecError
+    assert load_spec("smoke").search.sampler is None
+    assert load_spec("smoke", ["search.sampler=tpe"]).search.sampler is None
+    assert load_spec("smoke", ["search.algorithm=random"]).search.sampler is None
+    assert load_spec("hunt").search.sampler == "nsga2"
+    assert load_spec("smoke", ["search.algorithm=optuna"]).search.sampler == "tpe"
+    with pytest.raises(SpecError, match="search.sampler: 'magic' is not allowed"):
+        load_spec("smoke", ["search.sampler=magic"])
+    assert cli.main(["run", "smoke", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["search"] == {"algorithm": "grid", "sampler": None, "seed": 0}
+    assert "tpe" not in out
+
+
+def test_metrics_to_mlflow_carry_log10_companions_of_the_tiny_probes():
+    """sweeps/run_writer.py numeric_metrics, where every metric goes to MLflow: log10_<name> beside
+    act_grad/grad_norm/grad_rms per layer and grad_ratio, nothing for a value <= 0 or NaN, nothing for
+    other metrics or for the best-epoch copies."""
+    import math
+    from capsmodels.contract import LOG10_LAYER_METRICS, LOG10_SCALAR_METRICS, log10_name
+    from sweeps.run_writer import numeric_metrics
+    got = numeric_metrics({"act_grad/l1": 1e-14, "grad_norm/l0": 0.0, "grad_ratio": 2e-3, "best/act_grad/l1": 1e-14,
+                           "test_acc": 0.5, "act_grad/l2": float("nan"), "act_grad_min": 1e-3, "grad_rms/l10": 3.0,
+                           "epoch": 4, "training_iteration": 5})
+    companions = {k: v for k, v in got.items() if k.startswith("log10_")}
+    assert companions.keys() == {"log10_act_grad/l1", "log10_grad_ratio", "log10_grad_rms/l10"}
+    assert companions["log10_act_grad/l1"] == pytest.approx(-14.0, abs=1e-12)
+    assert companions["log10_grad_ratio"] == pytest.approx(math.log10(2e-3), abs=1e-12)
+    assert companions["log10_grad_rms/l10"] == pytest.approx(math.log10(3.0), abs=1e-12)
+    assert got["act_grad/l1"] == 1e-14 and "epoch" not in got
+    assert set(LOG10_LAYER_METRICS) == {"act_grad", "grad_norm", "grad_rms"} and LOG10_SCALAR_METRICS == ("grad_ratio",)
+    assert log10_name("act_grad/lx") is None and log10_name("grad_ratio/l1") is None

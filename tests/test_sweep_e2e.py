@@ -8,6 +8,7 @@ trial that raises retried then marked failed while the sweep completes.
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import numpy as np
@@ -66,6 +67,38 @@ def test_sweep_logs_one_child_run_per_trial(finished_sweep):
         assert r.data.tags["capsweep.trial_id"]
         assert r.data.params["data.name"] == "digits"
         assert r.data.params["model.routing"] == "dynamic"
+
+
+def test_run_prints_an_overall_line_as_each_trial_ends(finished_sweep):
+    """Beside Ray Tune's table: `k/8 trials ended` once per trial, in order, with the time spent and,
+    until the last, an estimate of what is left (analysis/progress.py sweep_line)."""
+    work, client, proc = finished_sweep
+    lines = [l for l in proc.stdout.splitlines() if re.match(r"capsweep: \d+/8 trials ended", l)]
+    assert [int(re.match(r"capsweep: (\d+)/8", l).group(1)) for l in lines] == list(range(1, 9)), lines
+    assert all(" elapsed" in l for l in lines)
+    assert all(", about " in l and l.endswith(" left") for l in lines[:-1])
+    assert lines[-1].startswith("capsweep: 8/8 trials ended (8 finished), 0 running; ")
+
+
+def test_tiny_probes_also_go_to_mlflow_as_log10_companions(finished_sweep):
+    """act_grad (1e-14 in a starved network) charts as "0 0 0" on MLflow's linear axes: every epoch also
+    logs log10_act_grad/l{l}, log10_grad_norm/l{l}, log10_grad_rms/l{l} and log10_grad_ratio, equal to
+    the log10 of the raw value logged at that epoch (contract LOG10_*)."""
+    import math
+    work, client, _ = finished_sweep
+    run = next(r for r in children(client) if r.data.params["model.depth"] == "1"
+               and r.data.params["model.arch"] == "capsnet")
+    names = set(run.data.metrics)
+    for base in ("act_grad", "grad_norm", "grad_rms"):
+        for layer in range(3):                          # depth 1: primaries, one hidden layer, class layer
+            assert f"log10_{base}/l{layer}" in names, (base, layer)
+    assert "log10_grad_ratio" in names
+    for name in ("act_grad/l1", "grad_norm/l0", "grad_ratio"):
+        raw = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "log10_" + name)}
+        assert sorted(logged) == sorted(k for k, v in raw.items() if v > 0) and logged
+        for step, v in logged.items():
+            assert abs(v - math.log10(raw[step])) < 1e-12, (name, step)
 
 
 def test_models_logged_and_trial_state_removed(finished_sweep):
