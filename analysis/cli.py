@@ -204,12 +204,14 @@ def _run(args: argparse.Namespace, status=None) -> int:
     say = status or (lambda what: None)
     _init_store(args.tracking_uri)
     say(f"reading sweep {args.sweep!r}" if args.sweep else "reading the most recent sweep")
-    data = load_sweep(args.experiment, args.tracking_uri, args.sweep)
+    # on a terminal the status line says what happens; load_sweep's own counters would write over it
+    counters = False if getattr(status, "enabled", False) else None
+    data = load_sweep(args.experiment, args.tracking_uri, args.sweep, progress=counters)
     reference = None
     if args.reference:
         if args.reference == data.sweep:
             raise AnalysisError(f"--reference {args.reference!r} is the sweep being reported; name another")
-        reference = load_sweep(args.experiment, args.tracking_uri, args.reference, history_keys=())
+        reference = load_sweep(args.experiment, args.tracking_uri, args.reference, history_keys=(), progress=counters)
     say(f"deciding the verdict ({len(data.trials)} trials)")
     annotated = annotate(data)
     select = None if args.select is None else [k for k in args.select.split(",") if k]
