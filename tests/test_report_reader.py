@@ -273,3 +273,15 @@ def test_the_page_reads_at_800_and_1400_px(smoke, tmp_path, width):
     assert got["links"] == len(smoke["data"].trials) + 1             # every run and the parent
     shot = browser_helpers.screenshot(binary, page, tmp_path / f"report-{width}.png", width, 2400)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_link_bases_never_carry_a_user_or_password():
+    from analysis.report import report_command, ui_base
+    assert ui_base("sqlite:///mlflow.db") is None
+    assert ui_base("sqlite:///mlflow.db", "http://alice:S3cret@head:5000/#/experiments/1") == "http://head:5000"
+    assert ui_base("https://alice:S3cret@head/") == "https://head"
+    v = {"sweep": "s", "experiment": "capsweep", "tracking_uri": "sqlite:///m.db", "thresholds": {}}
+    from analysis.verdict import Thresholds
+    from dataclasses import asdict
+    v["thresholds"] = {**asdict(Thresholds()), "num_classes_source": "data"}
+    assert "S3cret" not in report_command(v, "out", "http://alice:S3cret@head:5000")
