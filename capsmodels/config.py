@@ -30,6 +30,7 @@ PRIMARY_NORMS = ("squash", "layernorm", "batchnorm")   # model.primary_norm (cap
 SCHEDULES = ("sequential", "concurrent")     # model.schedule (capsmodels.networks.CapsNet)
 ARCHS = ("capsnet", "cnn")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILES = ("none", "default", "reduce-overhead")   # train.compile (capsmodels.fast.COMPILE_MODES)
 TEST_TRANSFORMS = ("none", "affine")   # data.test_transform (capsmodels.transforms.TRANSFORMS)
 
 
@@ -128,6 +129,12 @@ class TrainConfig:
     grad_window: int = 10             # K: grad norms averaged over the last K steps of an epoch
     dead_tau: float = 0.01            # a capsule is dead when max_x a_j(x) < tau
     progress: bool = False            # tqdm bar per epoch (capsweep train turns it on)
+    check_every: int = 0              # steps between the host's reads of the loss sum for a non-finite
+                                      # loss (0 = once, at the epoch's end): no wait for the GPU per step;
+                                      # a diverged run is rewound and replayed, so it reports as if checked
+                                      # every step (capsmodels.train)
+    compile: str = "none"             # none | default | reduce-overhead: the training step through
+                                      # torch.compile (reduce-overhead: CUDA graphs too; capsmodels.fast)
 
 
 @dataclass
@@ -220,6 +227,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _at_least("train.max_steps_per_epoch", t.max_steps_per_epoch, 0)
     _at_least("train.eval_batch", t.eval_batch, 2)
     _at_least("train.grad_window", t.grad_window, 1)
+    _at_least("train.check_every", t.check_every, 0, " (steps between checks for a non-finite loss; 0 = each epoch's end)")
+    _choice("train.compile", t.compile, COMPILES)
     if not 0 < t.dead_tau < 1:
         raise ConfigError(f"train.dead_tau: {t.dead_tau!r} is not allowed; must be in (0, 1)")
     return cfg

@@ -375,6 +375,14 @@ class GradTracker:
     def reset(self) -> None:
         self.window.clear()
 
+    def steps(self) -> list:
+        """The recorded steps (a copy: the loop's rewind, capsmodels.train.Snapshot, keeps it)."""
+        return list(self.window)
+
+    def restore(self, steps: list) -> None:
+        self.window.clear()
+        self.window.extend(steps)
+
 
 # ----------------------------------------------------------------------------------------------------
 # the evaluation pass

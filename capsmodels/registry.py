@@ -156,8 +156,17 @@ def unregister_routing(name: str) -> None:
     _FAMILIES.pop(name, None)
 
 
+_BUILTINS_LOADED = False
+
+
 def _builtins() -> None:
-    importlib.import_module("capsmodels.routing")    # registers the built-in families (once)
+    """Import the built-in families once. The flag, not importlib's own cache, says so: a layer looks
+    its family up in every forward, and torch.compile (train.compile) traces a flag's read but cannot
+    trace an import."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        importlib.import_module("capsmodels.routing")    # registers the built-in families
+        _BUILTINS_LOADED = True
 
 
 def routing_names() -> tuple[str, ...]:

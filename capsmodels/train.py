@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from capsmodels import config as cfgmod
-from capsmodels import init, losses, networks, parts, probes, transforms
+from capsmodels import fast, init, losses, networks, parts, probes, transforms
 from capsmodels.augment import shift_augment
 from capsmodels.contract import (BEST_EPOCH, BEST_EXCLUDED, DIVERGED, ENDED, FINISHED, REPORT_STOP_REASON,
                                  REPORT_TEST_CORRECT, RUNNING, STOP_DIVERGED, STOP_EPOCHS, STOP_PATIENCE, TEST_N,
@@ -189,9 +189,7 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         start_epoch = int(state["epoch"]) + 1
 
     x_train, y_train = splits.train.tensors
-    x_eval, y_eval = (v.to(device) for v in fixed_batch(splits.val, t.eval_batch, t.seed))
-    truth = eval_truth(splits, cfg)
-    test_tf = transformed_test(splits, cfg)
+    ev = EvalSet.of(cfg, splits, device)
     tracker = probes.GradTracker(model.layer_weights(), t.grad_window)
     n = len(y_train)
     steps = math.ceil(n / t.batch_size)
@@ -208,6 +206,8 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         best.restore(model)
         return metrics
 
+    step_fn = fast.training_step(model, recon_w, t.compile)
+    window = t.check_every or steps
     for epoch in range(start_epoch, t.epochs):
         model.train()
         tracker.reset()
@@ -215,34 +215,51 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         base_lrs = [g["lr"] for g in opt.param_groups]      # this epoch's lr after the decay
         t0 = time.perf_counter()
         # running sums stay on the device: reading them every step would wait for the GPU each time
-        seen, diverged = 0, False
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
+        sums = Sums.zeros(device)
         bar = _progress(steps, epoch, t) if t.progress else None
-        for step in range(steps):
-            if epoch * steps < warm:                        # an epoch the warmup reaches into
-                for g, lr in zip(opt.param_groups, base_lrs):
-                    g["lr"] = lr * min(1.0, (epoch * steps + step + 1) / warm)
-            idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
-            x, y = x_train[idx], y_train[idx]
-            if cfg.data.augment:
-                x = shift_augment(x, 2, generator=gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = model(x, y)
-            loss, _ = losses.total_loss(out, x, y, recon_w)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            tracker.record()
-            opt.step()
-            seen += len(y)
-            loss_sum += loss.detach().double() * len(y)
-            correct += (out.scores.detach().argmax(-1) == y).sum()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.3f}")
+
+        def run(first: int, last: int, careful: bool) -> bool:
+            """Steps first..last-1; True when `careful` (a host check of every loss, before its
+            update: today's rule) stops at a non-finite loss, whose step then changes nothing."""
+            for step in range(first, last):
+                if epoch * steps < warm:                    # an epoch the warmup reaches into
+                    for g, lr in zip(opt.param_groups, base_lrs):
+                        g["lr"] = lr * min(1.0, (epoch * steps + step + 1) / warm)
+                idx = perm[step * t.batch_size:(step + 1) * t.batch_size]
+                x, y = x_train[idx], y_train[idx]
+                if cfg.data.augment:
+                    x = shift_augment(x, 2, generator=gen)
+                x, y = to_device(x, device), to_device(y, device)
+                loss, scores = step_fn(x, y)
+                if careful and not torch.isfinite(loss):
+                    return True
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                tracker.record()
+                opt.step()
+                sums.add(loss, scores, y)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(sums.loss) / sums.seen:.4f}", acc=f"{int(sums.correct) / sums.seen:.3f}")
+            return False
+
+        diverged = False
+        for first in range(0, steps, window):
+            # No host wait per step: the loss sum (float64, on the device) turns non-finite with the
+            # first non-finite loss, and one read per window of `train.check_every` steps (default:
+            # the epoch) sees it. Then the window is rewound to its start and replayed with the
+            # per-step check, so a diverged run stops, reports and checkpoints exactly as if every
+            # step had been checked (bit for bit on the CPU).
+            last = min(first + window, steps)
+            snap = Snapshot.take(model, opt, gen, tracker, sums, device)
+            run(first, last, careful=False)
+            if not torch.isfinite(sums.loss):
+                sums = snap.restore(model, opt, gen, tracker, device)
+                if bar is not None:
+                    bar.n = first
+                diverged = run(first, last, careful=True)
+                if diverged:
+                    break
         if bar is not None:
             bar.close()
         if device.type == "cuda":
@@ -253,30 +270,12 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         if not diverged and (epoch + 1) * steps > warm:     # an epoch with a step past the warmup decays
             sched.step()
 
+        seen = sums.seen
         metrics = {"epoch": epoch,
-                   "train_loss": float(loss_sum) / seen if seen else float("nan"),
-                   "train_acc": int(correct) / seen if seen else float("nan")}
+                   "train_loss": float(sums.loss) / seen if seen else float("nan"),
+                   "train_acc": int(sums.correct) / seen if seen else float("nan")}
         metrics.update(tracker.summary())
-        test_correct = None
-        if not diverged:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(model, splits.val, device, recon_w)
-            metrics["test_loss"], test_correct = evaluate_each(model, splits.test, device, recon_w)
-            metrics["test_acc"] = float(test_correct.sum()) / max(len(test_correct), 1)
-            if test_tf is not None:
-                metrics["test_acc_transformed"] = evaluate(model, test_tf, device, recon_w)[1]
-            diverged = not all(math.isfinite(metrics[k]) for k in ("val_loss", "test_loss"))
-        if not diverged:
-            metrics.update(probes.evaluation_probes(model, x_eval, y_eval, t.dead_tau, recon_w, truth))
-        metrics["images_per_s"] = seen / train_time if train_time > 0 else 0.0
-        metrics["peak_mem_mb"] = peak_memory_mb(device)
-        metrics["time_s"] = train_time
-        metrics[TEST_N] = len(splits.test)
-        if not diverged:
-            best.update(epoch, metrics, model, test_correct)
-        best.annotate(metrics)
-        metrics["status"], reason = _end_status(diverged, best, epoch, t)
-        if reason:
-            metrics[REPORT_STOP_REASON] = reason
+        close_epoch(metrics, epoch, model, ev, best, diverged, seen, train_time)
         _end_epoch(report, checkpoint, metrics, lambda: _state(model, opt, sched, gen, epoch, metrics, best))
         if metrics["status"] != RUNNING:
             break
@@ -284,9 +283,123 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
     return metrics
 
 
+@dataclass
+class EvalSet:
+    """What an epoch is evaluated on: the splits, the probe batch D (on the device) with its parse tree
+    (`parts`), the transformed test split, and the settings the figures depend on."""
+    splits: Splits
+    device: torch.device
+    recon_weight: float
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor
+    truth: Optional[probes.Truth]
+    test_tf: Optional[torch.utils.data.TensorDataset]
+    train: cfgmod.TrainConfig
+
+    @classmethod
+    def of(cls, cfg: cfgmod.RunConfig, splits: Splits, device: torch.device) -> "EvalSet":
+        t = cfg.train
+        x_eval, y_eval = (v.to(device) for v in fixed_batch(splits.val, t.eval_batch, t.seed))
+        recon_w = cfg.model.recon_weight if cfg.model.decoder else 0.0
+        return cls(splits, device, recon_w, x_eval, y_eval, eval_truth(splits, cfg), transformed_test(splits, cfg), t)
+
+
+def close_epoch(metrics: dict, epoch: int, model: torch.nn.Module, ev: EvalSet, best: "Best", diverged: bool,
+                seen: int, train_time: float) -> None:
+    """An epoch's report after its training steps, in place: `metrics` holds the training figures; this
+    adds the evaluation (val, test, transformed test), the probes on D, throughput and memory, the
+    best-so-far and the status. A diverged epoch (its training, or a non-finite val/test loss) is not
+    evaluated further. One function for `fit` and the seed-batched `capsmodels.seeds.fit_seeds`, so a
+    seed's report is built the same way in both."""
+    device, recon_w, t = ev.device, ev.recon_weight, ev.train
+    test_correct = None
+    if not diverged:
+        metrics["val_loss"], metrics["val_acc"] = evaluate(model, ev.splits.val, device, recon_w)
+        metrics["test_loss"], test_correct = evaluate_each(model, ev.splits.test, device, recon_w)
+        metrics["test_acc"] = float(test_correct.sum()) / max(len(test_correct), 1)
+        if ev.test_tf is not None:
+            metrics["test_acc_transformed"] = evaluate(model, ev.test_tf, device, recon_w)[1]
+        diverged = not all(math.isfinite(metrics[k]) for k in ("val_loss", "test_loss"))
+    if not diverged:
+        metrics.update(probes.evaluation_probes(model, ev.x_eval, ev.y_eval, t.dead_tau, recon_w, ev.truth))
+    metrics["images_per_s"] = seen / train_time if train_time > 0 else 0.0
+    metrics["peak_mem_mb"] = peak_memory_mb(device)
+    metrics["time_s"] = train_time
+    metrics[TEST_N] = len(ev.splits.test)
+    if not diverged:
+        best.update(epoch, metrics, model, test_correct)
+    best.annotate(metrics)
+    metrics["status"], reason = _end_status(diverged, best, epoch, t)
+    if reason:
+        metrics[REPORT_STOP_REASON] = reason
+
+
 def warmup_steps(warmup_epochs: float, steps: int) -> int:
     """W: the number of warmup steps, ceil(warmup_epochs * steps per epoch); 0 for no warmup."""
     return math.ceil(warmup_epochs * steps) if warmup_epochs > 0 else 0
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch to the training device. For CUDA it is first copied to pinned (page-locked) host memory,
+    so that the non-blocking copy really is asynchronous (from pageable memory the copy waits); torch's
+    caching host allocator keeps the pinned block until the copy has read it."""
+    if device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+@dataclass
+class Sums:
+    """One epoch's running sums: images seen (host int), the loss sum (float64) and the correct count
+    on the device, so that adding a step to them reads nothing back."""
+    seen: int
+    loss: torch.Tensor
+    correct: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "Sums":
+        return cls(0, torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.int64, device=device))
+
+    def add(self, loss: torch.Tensor, scores: torch.Tensor, y: torch.Tensor) -> None:
+        self.seen += len(y)
+        self.loss += loss.detach().double() * len(y)
+        self.correct += (scores.argmax(-1) == y).sum()
+
+    def clone(self) -> "Sums":
+        return Sums(self.seen, self.loss.clone(), self.correct.clone())
+
+
+@dataclass
+class Snapshot:
+    """The training state at the start of a check window (train.check_every): what a window is rewound
+    to when its loss sum turns out non-finite. Copies on the device: no host wait to take it."""
+    model: dict
+    optimizer: dict
+    generator: torch.Tensor
+    rng: torch.Tensor
+    cuda_rng: Optional[torch.Tensor]
+    grads: list
+    sums: Sums
+
+    @classmethod
+    def take(cls, model, opt, gen, tracker, sums: Sums, device: torch.device) -> "Snapshot":
+        import copy
+        return cls({k: v.detach().clone() for k, v in model.state_dict().items()},
+                   copy.deepcopy(opt.state_dict()), gen.get_state(), torch.get_rng_state(),
+                   torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                   tracker.steps(), sums.clone())
+
+    def restore(self, model, opt, gen, tracker, device: torch.device) -> Sums:
+        """Everything back as it was at `take`; returns the window's starting sums."""
+        model.load_state_dict(self.model)
+        opt.load_state_dict(self.optimizer)
+        gen.set_state(self.generator)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, device)
+        tracker.restore(self.grads)
+        return self.sums.clone()
 
 
 def _end_status(diverged: bool, best: "Best", epoch: int, t: cfgmod.TrainConfig) -> tuple[str, Optional[str]]:

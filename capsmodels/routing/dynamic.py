@@ -24,11 +24,11 @@ from capsmodels.registry import RouteOptions, Routed, register_routing
 # ----------------------------------------------------------------------------------------------------
 
 def _squash_vjp(s: torch.Tensor, gv: torch.Tensor, kind: str) -> torch.Tensor:
-    """dL/ds given dL/dv for v = squash(s); s is small (B, J, D), so autograd on it is cheap."""
-    with torch.enable_grad():
-        s_ = s.detach().requires_grad_(True)
-        (gs,) = torch.autograd.grad(squash(s_, kind=kind), s_, gv)
-    return gs
+    """dL/ds given dL/dv for v = squash(s); s is small (B, J, D), so autograd on it is cheap.
+    torch.func.vjp rather than torch.autograd.grad: the same backward graph, and it composes with
+    vmap (seed batching) and torch.compile, which cannot trace a nested autograd.grad."""
+    _, pullback = torch.func.vjp(lambda s_: squash(s_, kind=kind), s)
+    return pullback(gv)[0]
 
 
 class _DynamicRouting(torch.autograd.Function):
@@ -37,38 +37,51 @@ class _DynamicRouting(torch.autograd.Function):
     In this layout every routing pass is one batched vector-matrix product over (b, j):
       s_j = sum_i c_ij u_ij       -> bmm((B*J, 1, I), (B*J, I, D))
       a_ij = <u_ij, v_j>          -> bmm((B*J, 1, D), (B*J, D, I))  (u transposed: a strided view, fast)
-    Outputs: v (B, J, D), c (B, J, I) final couplings, s (B, J, D) the squash input (bias included).
+    Outputs: v (B, J, D), c (B, J, I) final couplings, s (B, J, D) the squash input (bias included),
+    then the earlier iterations' c, s, v (R - 1 of each): the backward's saved intermediates, returned
+    because a Function that composes with torch.func (forward without ctx, `setup_context`) can save
+    only its inputs and outputs. `generate_vmap_rule`: vmap runs forward and backward per sample, so
+    the seed-batched training (capsmodels.seeds) routes each seed's model with this same code.
     """
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, uT, bias, iterations: int, detach_inner: bool, kind: str):
+    def forward(uT, bias, iterations: int, detach_inner: bool, kind: str):
         B, J, I, D = uT.shape
-        U = uT.view(B * J, I, D)
+        U = uT.reshape(B * J, I, D)
         b = uT.new_zeros(B, J, I)                                   # routing logits, start at 0
         cs, ss, vs = [], [], []
         for r in range(iterations):
             c = torch.softmax(b, dim=1)                             # over parents j
-            s = torch.bmm(c.view(B * J, 1, I), U).view(B, J, D)
+            s = torch.bmm(c.reshape(B * J, 1, I), U).reshape(B, J, D)
             if bias is not None:
                 s = s + bias
             v = squash(s, kind=kind)
             cs.append(c), ss.append(s), vs.append(v)
             if r < iterations - 1:                                  # agreement update between iterations
-                a = torch.bmm(v.view(B * J, 1, D), U.transpose(1, 2)).view(B, J, I)
+                a = torch.bmm(v.reshape(B * J, 1, D), U.transpose(1, 2)).reshape(B, J, I)
                 b = b + a
+        return (v, c, s, *cs[:-1], *ss[:-1], *vs[:-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        uT, bias, iterations, detach_inner, kind = inputs
+        R = iterations
+        v, c, s, rest = output[0], output[1], output[2], output[3:]
+        cs, ss, vs = [*rest[:R - 1], c], [*rest[R - 1:2 * (R - 1)], s], [*rest[2 * (R - 1):], v]
         ctx.save_for_backward(uT, *cs, *ss, *vs)
         ctx.iterations, ctx.detach_inner, ctx.kind = iterations, detach_inner, kind
         ctx.has_bias = bias is not None
-        return v, c, s
+        ctx.mark_non_differentiable(*rest)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gv_out, gc_out, gs_out):
+    def backward(ctx, gv_out, gc_out, gs_out, *_intermediates):
         R = ctx.iterations
         uT, *rest = ctx.saved_tensors
         cs, ss, vs = rest[:R], rest[R:2 * R], rest[2 * R:]
         B, J, I, D = uT.shape
-        U = uT.view(B * J, I, D)
+        U = uT.reshape(B * J, I, D)
         need_u = ctx.needs_input_grad[0]
         need_bias = ctx.has_bias and ctx.needs_input_grad[1]
         # detach_inner: u_hat gets gradient only from the last iteration's s = sum_i c_ij u_ij; the chain
@@ -82,7 +95,7 @@ class _DynamicRouting(torch.autograd.Function):
                 gv = gv_out if gv_out is not None else torch.zeros_like(vs[r])
             else:                                                   # b^{r+1} = b^r + <u, v^r>
                 ga = gb_next
-                gv = torch.bmm(ga.reshape(B * J, 1, I), U).view(B, J, D)
+                gv = torch.bmm(ga.reshape(B * J, 1, I), U).reshape(B, J, D)
                 if need_u and not ctx.detach_inner:
                     c_terms.append(ga), g_terms.append(vs[r])
             gs = _squash_vjp(ss[r], gv, ctx.kind)
@@ -94,7 +107,7 @@ class _DynamicRouting(torch.autograd.Function):
                 c_terms.append(cs[r]), g_terms.append(gs)
             if r == 0 or not walk_chain:                            # b^0 = 0 is a constant
                 break
-            gc = torch.bmm(gs.reshape(B * J, 1, D), U.transpose(1, 2)).view(B, J, I)
+            gc = torch.bmm(gs.reshape(B * J, 1, D), U.transpose(1, 2)).reshape(B, J, I)
             if r == R - 1 and gc_out is not None:
                 gc = gc + gc_out
             c = cs[r]
@@ -103,12 +116,12 @@ class _DynamicRouting(torch.autograd.Function):
         gu = None
         if need_u:
             T = len(c_terms)
-            C = torch.stack(c_terms, dim=2).view(B * J, T, I).transpose(1, 2)   # (B*J, I, T)
-            G = torch.stack(g_terms, dim=2).view(B * J, T, D)
+            C = torch.stack(c_terms, dim=2).reshape(B * J, T, I).transpose(1, 2)   # (B*J, I, T)
+            G = torch.stack(g_terms, dim=2).reshape(B * J, T, D)
             # one write of the big gradient. (Writing it straight into the (I, B, J, D) layout of the
             # GEMM that made u_hat, via a strided out=, saves a copy when the machine is idle but takes
             # a per-matrix slow path that is 100x slower when other processes compete for the cores.)
-            gu = torch.bmm(C, G).view(B, J, I, D)
+            gu = torch.bmm(C, G).reshape(B, J, I, D)
         return gu, gbias, None, None, None
 
 
@@ -123,7 +136,7 @@ def dynamic_routing_full(u_hat: torch.Tensor, iterations: int, bias: Optional[to
     if iterations < 1:
         raise ValueError(f"iterations: {iterations} is not allowed; must be >= 1")
     uT = u_hat.permute(0, 2, 1, 3).contiguous()                     # (B, J, I, D); free if laid out so
-    v, c, s = _DynamicRouting.apply(uT, bias, int(iterations), bool(detach_inner), squash_kind)
+    v, c, s, *_ = _DynamicRouting.apply(uT, bias, int(iterations), bool(detach_inner), squash_kind)
     return v, c.transpose(1, 2), s
 
 
