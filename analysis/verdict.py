@@ -3,8 +3,9 @@
 Definitions (every probe, every check, the special cases): docs/PROBES.md, "The verdict". In short:
 
 Trials are grouped into configurations by all their params except the seed and bookkeeping
-(`train.device`, `train.threads`, `train.progress`, `data.root`, `data.download`, `trial.*` (the runner's
-`trial.role` included), `sweep.*`). Roles come from arch and depth, never from `trial.role`:
+(`train.device`, `train.threads`, `train.progress`, `train.check_every`, `train.compile`, `data.root`,
+`data.download`, `trial.*` (the runner's `trial.role` included), `sweep.*`). Roles come from arch and
+depth, never from `trial.role`:
   candidate  CapsNet, depth >= 1            reference  depth 0 (CapsNet; depth-0 cnn for the controls)
   control    `model.arch=cnn`, depth >= 1: a healthy network that must pass the same checks
 Per finished trial the probes are read at its best-validation epoch (the `best/<name>` metrics the
@@ -65,8 +66,9 @@ from capsmodels.contract import (CANDIDATE, CNN_UNUSED_KEYS, CONTROL, FINISHED, 
                                  STOPPED, TAG_CONFIRMS, decode_correct)
 
 SEED_PARAM = "train.seed"
-NON_CONFIG_PARAMS = {SEED_PARAM, "train.device", "train.threads", "train.progress", "data.root",
-                     "data.download"}
+# how a trial ran, not what it trained: train.check_every changes nothing, train.compile only rounding
+NON_CONFIG_PARAMS = {SEED_PARAM, "train.device", "train.threads", "train.progress", "train.check_every",
+                     "train.compile", "data.root", "data.download"}
 NON_CONFIG_PREFIXES = ("trial.", "sweep.")  # bookkeeping the runner adds (trial.role, trial.config_id)
 HIDDEN_SHAPE_PARAMS = {"model.num_caps", "model.caps_dim"}
 MATCH_EXCLUDED = {"model.depth", "model.arch"} | HIDDEN_SHAPE_PARAMS

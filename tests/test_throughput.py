@@ -6,13 +6,19 @@
 6. seed batching (capsmodels.seeds): each seed of a batched fit against the same seed trained alone."""
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 from capsmodels import config as runcfg
 from capsmodels import fast, networks
-from capsmodels.train import fit, prepare
+from capsmodels.datasets import RawData
+from capsmodels.seeds import fit_seeds
+from capsmodels.splits import make_splits
+from capsmodels.train import fit
 from tests.test_train import RAW, cfg, stable
 
 # lr 5e11 overflows the weights within a few steps: a real divergence, not an injected NaN
@@ -186,3 +192,87 @@ def collect_reports(config: dict) -> list:
     reports = []
     fit(config, lambda m: reports.append(stable(m)), data=RAW)
     return reports
+
+
+# ----------------------------------------------------------------------------------------------------
+# lever 6: seed batching
+# ----------------------------------------------------------------------------------------------------
+
+SEEDS = [7, 8]
+LOSS_REL, PROBE_REL = 1e-5, 2e-3      # measured at most 2e-7 and 4e-4 (self-routing with BatchNorm)
+
+
+def alone_and_batched(config: dict, data=RAW) -> tuple[list, list]:
+    """Per seed: the reports of `fit` with that seed, and those of one batched `fit_seeds`."""
+    alone = []
+    for s in SEEDS:
+        c = {k: dict(v) for k, v in config.items()}
+        c["train"]["seed"] = s
+        reports = []
+        fit(c, lambda m: reports.append(stable(m)), data=data)
+        alone.append(reports)
+    batched = [[] for _ in SEEDS]
+    fit_seeds(config, SEEDS, lambda i, m: batched[i].append(stable(m)), data=data)
+    return alone, batched
+
+
+def assert_same_run(alone: list, batched: list) -> None:
+    """The same epochs, statuses, keys, per-image test correctness and accuracies; losses and probes
+    within float32 rounding's spread (the batched kernels sum in another order)."""
+    assert [m["status"] for m in batched] == [m["status"] for m in alone]
+    for a, b in zip(alone, batched):
+        assert set(a) == set(b)
+        for k, v in a.items():
+            if k.endswith(("_acc", "frac", "frac_max")) or not isinstance(v, float):
+                assert b[k] == v, k
+            elif v == v:                                    # NaN (a diverged epoch's train figures) aside
+                rel = LOSS_REL if "loss" in k else PROBE_REL
+                assert b[k] == pytest.approx(v, rel=rel, abs=1e-30), k
+
+
+@pytest.mark.parametrize("model", [{}, {"routing": "self", "primary_norm": "batchnorm"}])
+def test_each_seed_of_a_batched_fit_is_that_seed_trained_alone(model):
+    alone, batched = alone_and_batched(cfg(**model))
+    for a, b in zip(alone, batched):
+        assert len(a) == len(b) == 2
+        assert_same_run(a, b)
+    assert alone[0][-1]["val_loss"] != alone[1][-1]["val_loss"]     # two seeds, two runs
+
+
+def test_seeds_stop_on_their_own_patience_in_a_batched_fit():
+    c = cfg(depth=0)
+    c["data"]["augment"] = False
+    c["train"].update({"epochs": 6, "patience": 2, "max_steps_per_epoch": 4, "lr": 0.05})
+    alone, batched = alone_and_batched(c)
+    assert sorted(len(a) for a in alone) != [6, 6]                  # patience stops a seed early
+    for a, b in zip(alone, batched):
+        assert len(a) == len(b)
+        assert_same_run(a, b)
+
+
+def poisoned_for(sick: int, healthy: int) -> RawData:
+    """RAW with one training image made NaN: one that seed `sick` trains on and seed `healthy` never
+    sees (neither its training nor its validation split). Which raw images a seed's splits take depends
+    on the labels and the seed only, so they are read off splits of images that carry their index."""
+    data = runcfg.from_dict(cfg()).data
+    x = RAW.x_train.astype(np.float32)
+    index = np.broadcast_to(np.arange(len(x), dtype=np.float32)[:, None, None, None], x.shape).copy()
+    coded = replace(RAW, x_train=index * 2.0 - 1.0)               # splits map v to (v + 1) / 2 = index
+    def taken(seed, part):
+        return set(getattr(make_splits(coded, data, seed), part).tensors[0][:, 0, 0, 0].round().long().tolist())
+    pick = min(taken(sick, "train") - taken(healthy, "train") - taken(healthy, "val"))
+    x = x / 255.0 * 2.0 - 1.0
+    x[pick] = np.nan
+    return replace(RAW, x_train=x)
+
+
+def test_a_seed_that_diverges_stops_alone_and_the_others_train_on():
+    """Seed 7 meets a NaN image in its first epoch (its loss there is NaN whatever the rounding);
+    seed 8 never sees it. Batched, seed 7 reports what it reports alone (diverged, the figures of its
+    steps before) and seed 8 trains its two epochs as alone."""
+    data = poisoned_for(7, 8)
+    alone, batched = alone_and_batched(cfg(), data)
+    assert [m["status"] for m in alone[0]] == ["diverged"]
+    assert [m["status"] for m in alone[1]] == ["running", "finished"]
+    for a, b in zip(alone, batched):
+        assert_same_run(a, b)
