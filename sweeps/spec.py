@@ -154,6 +154,8 @@ def load_spec(spec: str, overrides: Optional[list[str]] = None) -> SweepSpec:
         _fail(f"spec {path}: cannot be read as YAML: {_one_line(e)}")
     if not isinstance(file_cfg, DictConfig):
         _fail(f"spec {path}: must be a mapping of fields, got {type(file_cfg).__name__}")
+    if not file_cfg:        # an empty file would run a default sweep nobody asked for
+        _fail(f"spec {path}: is empty; a spec names at least its base config and space (see sweeps/configs/)")
     try:
         cli_cfg = OmegaConf.from_dotlist(list(overrides or []))
     except Exception as e:
@@ -234,6 +236,8 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
         if key and "." not in key:
             return f"{key}: unknown field; allowed: {allowed}"
         return f"{key}: unknown field" + (f" of {top}" if top else "")
+    if "Incompatible value 'None'" in msg and key:      # `key=` or `key= ` on the command line, `key:` in YAML
+        return f"{key}: empty; give it a value (or leave the key out for its default)"
     if key:
         return f"{key}: {msg}"
     return msg

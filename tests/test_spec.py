@@ -112,6 +112,11 @@ BAD_SPECS = [
     ("fractional-gpu-above-one", GOOD + "resources: {gpu: 1.5}\n", [], ["resources.gpu"]),
     ("override-not-key-value", GOOD, ["oops"], ["key=value"]),
     ("not-yaml", "name: [unclosed\n", [], ["YAML"]),
+    # issue 18: an empty file would run a default sweep; a blank value read as YAML null
+    ("empty-file", "", [], ["is empty"]),
+    ("comment-only-file", "# nothing yet\n", [], ["is empty"]),
+    ("blank-experiment", GOOD, ["mlflow.experiment= "], ["mlflow.experiment: empty"]),
+    ("blank-name", GOOD, ["name="], ["name: empty"]),
     # digits are 8x8: a 9x9 primary kernel leaves no position; caught before Ray, naming the field
     ("network-does-not-fit-input", _with(DEPTH, "model.primary_kernel: {grid: [3, 9]}"), [],
      ["space.model.primary_kernel: value 9", "digits"]),

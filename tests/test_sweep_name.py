@@ -54,6 +54,22 @@ def test_of_two_parents_created_before_either_looked_one_keeps_the_name(store_an
     assert [r.info.run_id for r in _active_parents(client, exp)] == [b]
 
 
+def test_a_sweep_refused_after_taking_its_lock_leaves_no_storage_folder(tmp_path):
+    """Issue 18 ("a refused run leaves ray_results/ behind"): what acquire_lock made goes again."""
+    from sweeps import runner
+    root = str(tmp_path / "ray_results")
+    lock = runner.acquire_lock(root, "cc")
+    assert (tmp_path / "ray_results" / ".cc.lock").exists()
+    lock.release()
+    runner.discard_lock_folder(root, lock)
+    assert not (tmp_path / "ray_results").exists()
+    lock = runner.acquire_lock(root, "cc")
+    (tmp_path / "ray_results" / "other").mkdir()           # a folder in use keeps what is not ours
+    lock.release()
+    runner.discard_lock_folder(root, lock)
+    assert sorted(p.name for p in (tmp_path / "ray_results").iterdir()) == ["other"]
+
+
 @pytest.mark.slow     # two real drivers (~1-2 min); the default run checks the claim on a real store above
 def test_two_drivers_of_one_name_from_two_folders_leave_one_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -77,3 +93,6 @@ def test_two_drivers_of_one_name_from_two_folders_leave_one_parent(tmp_path):
         if code == 2:
             assert len(err.strip().splitlines()) == 1 and "name: " in err, err
     assert len(children(client, sweep="cc")) == codes.count(0)
+    for side, code in zip(("a", "b"), codes):
+        if code == 2:                                    # the refused driver left no storage folder
+            assert not (tmp_path / side / "ray_results").exists()
