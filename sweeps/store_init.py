@@ -32,6 +32,17 @@ LOCK_TIMEOUT_S = 300.0          # another capsweep process migrating a large sto
 QUIET_S = 10.0                  # an unfinished schema unchanged this long: its creator is gone
 MAX_WAIT_S = 180.0              # at most this long for another process's schema creation
 STORE_TIMEOUT_S = 10.0          # check_store: a store that has not answered by then is refused
+STORE_TIMEOUT_ENV = "CAPSWEEP_STORE_TIMEOUT"   # seconds, to wait longer for a slow link (or less)
+
+
+def store_timeout_s() -> float:
+    """STORE_TIMEOUT_S, or $CAPSWEEP_STORE_TIMEOUT when set to a positive number."""
+    import os
+    try:
+        value = float(os.environ.get(STORE_TIMEOUT_ENV, ""))
+    except ValueError:
+        return STORE_TIMEOUT_S
+    return value if value > 0 else STORE_TIMEOUT_S
 
 
 class StoreInitError(RuntimeError):
@@ -148,7 +159,7 @@ def _open(uri: str) -> None:
     MlflowClient(uri).search_experiments(max_results=1)
 
 
-def check_store(uri: str, timeout_s: float = STORE_TIMEOUT_S, flag: str = "--tracking-uri") -> None:
+def check_store(uri: str, timeout_s: Optional[float] = None, flag: str = "--tracking-uri") -> None:
     """One line (StoreInitError) within about `timeout_s` when the store at `uri` cannot be read: a
     server or database that does not answer (MLflow's own HTTP client retries for minutes, and a
     database connection waits for the OS's TCP timeout), a database URI whose Python driver is not
@@ -158,6 +169,7 @@ def check_store(uri: str, timeout_s: float = STORE_TIMEOUT_S, flag: str = "--tra
     import threading
     from analysis.redact import redact_uri
     shown = redact_uri(uri)
+    timeout_s = store_timeout_s() if timeout_s is None else timeout_s
     outcome: dict = {}
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s)))}
     saved = {k: os.environ.get(k) for k in env}

@@ -57,7 +57,7 @@ __all__ = ["MlflowSweepLogger", "TrackingUnavailable", "check_reachable", "child
            "get_or_create_experiment"]
 
 
-def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+def check_reachable(tracking_uri: str, timeout_s: Optional[float] = None) -> None:
     """Fail fast, before any training, when the tracking store cannot be used: one line within about
     `timeout_s` (sweeps/store_init.py, check_store), also for a database that does not answer or whose
     driver is missing."""

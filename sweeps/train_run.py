@@ -5,7 +5,7 @@ folder, a missing database driver) must cost one line before the training, not t
 Why live: the run shows in the MLflow UI while it trains, each epoch as it ends, like a sweep's trials.
 An epoch whose write fails (the server went away mid-training) is kept and sent with the next one;
 at the end what is still unsent, the model and the run's end are written, or the command says in one
-line what the run lacks. Each write is bounded (one retry, STORE_TIMEOUT_S), so nothing hangs.
+line what the run lacks. Each write is bounded (one retry, store_timeout_s()), so nothing hangs.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from analysis.mlflowio import mlflow_http_env
 from sweeps.models import RUN_TRAIN, TAG_DEVICE_NAME, log_model, open_store
-from sweeps.store_init import STORE_TIMEOUT_S, StoreInitError, check_store
+from sweeps.store_init import StoreInitError, check_store, store_timeout_s
 
 
 class TrainRunError(RuntimeError):
@@ -40,7 +40,7 @@ class TrainRun:
         from sweeps.run_writer import DEVICE_PARAM, get_or_create_experiment, run_name
         from sweeps.sysmetrics import describe_device
         try:
-            with mlflow_http_env(max_retries=1, timeout_s=STORE_TIMEOUT_S, override=False):
+            with mlflow_http_env(max_retries=1, timeout_s=store_timeout_s(), override=False):
                 client = open_store(tracking_uri, create=True)
                 check_store(tracking_uri)
                 experiment_id = get_or_create_experiment(client, experiment)
@@ -72,7 +72,7 @@ class TrainRun:
 
         from capsmodels.contract import EPOCH_METRIC
         from sweeps.run_writer import MAX_BATCH, numeric_metrics
-        with mlflow_http_env(max_retries=1, timeout_s=STORE_TIMEOUT_S, override=False):
+        with mlflow_http_env(max_retries=1, timeout_s=store_timeout_s(), override=False):
             while self.pending:
                 m = self.pending[0]
                 step, ts = int(m.get("epoch", 0)), int(time.time() * 1000)
@@ -103,7 +103,7 @@ class TrainRun:
         status = str(final.get("status", ""))
         try:
             self._flush()
-            with mlflow_http_env(max_retries=1, timeout_s=STORE_TIMEOUT_S, override=False):
+            with mlflow_http_env(max_retries=1, timeout_s=store_timeout_s(), override=False):
                 model_id = log_model(self.client, self.uri, self.experiment_id, self.run_id, net, config, in_shape, {})
                 tags = {TAG_STATUS: status, **end_tags(status, final)}
                 self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
