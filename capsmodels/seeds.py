@@ -75,20 +75,8 @@ def fit_seeds(config: cfgmod.RunConfig | dict, seeds: Sequence[int], report: Opt
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # the stack: params[name] (S, ...) leaves that Adam updates; buffers (BatchNorm's statistics) alike
-    params, buffers = stack_module_state(models)
-    base = copy.deepcopy(models[0]).to("meta")          # the architecture, for functional_call
-    recon_w = cfg.model.recon_weight if cfg.model.decoder else 0.0
-
-    def one(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = functional_call(base, (p, b), (x, y))
-        loss, _ = losses.total_loss(out, x, y, recon_w)
-        return loss, out.scores.detach()
-
-    step_fn = vmap(one)
-    if t.compile != "none":
-        step_fn = torch.compile(step_fn, mode=t.compile, fullgraph=True)
-
+    params, buffers, step_fn = stacked_step(models, cfg.model.recon_weight if cfg.model.decoder else 0.0,
+                                            t.compile)
     opt = torch.optim.Adam(list(params.values()), lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=t.lr_decay)
     gens = [torch.Generator().manual_seed(c.train.seed) for c in cfgs]
@@ -165,6 +153,30 @@ def fit_seeds(config: cfgmod.RunConfig | dict, seeds: Sequence[int], report: Opt
     for model, best in zip(models, bests):
         best.restore(model)
     return last
+
+
+def stacked_step(models: Sequence[torch.nn.Module], recon_weight: float, compile: str = "none"
+                 ) -> tuple[dict, dict, Callable]:
+    """The stack of `models` (one architecture, S sets of weights) and its batched training step.
+
+    Returns (params, buffers, step): params[name] (S, ...) new leaf tensors for the optimiser, buffers
+    (BatchNorm's statistics) stacked alike, and step(params, buffers, x (S, B, ...), y (S, B)) ->
+    (loss (S,), scores (S, B, K) detached): each seed's forward and training loss on its own batch.
+    Seed s's loss depends on its slice alone, so the gradient of loss.sum() is each seed's own.
+    compile: train.compile, applied to the batched step as `capsmodels.fast` applies it to one model's.
+    """
+    params, buffers = stack_module_state(list(models))
+    base = copy.deepcopy(models[0]).to("meta")          # the architecture, for functional_call
+
+    def one(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = functional_call(base, (p, b), (x, y))
+        loss, _ = losses.total_loss(out, x, y, recon_weight)
+        return loss, out.scores.detach()
+
+    step = vmap(one)
+    if compile != "none":
+        step = torch.compile(step, mode=compile, fullgraph=True)
+    return params, buffers, step
 
 
 def _layer_weight_names(model: torch.nn.Module) -> list[str]:
