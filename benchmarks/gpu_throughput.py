@@ -3,6 +3,7 @@
     python benchmarks/gpu_throughput.py [--device cuda|cpu] [--quick] [--json PATH]
 
 Issue 22: a 30-epoch `small` trial on Fashion-MNIST leaves an H200 almost idle, bound by kernel launches.
+The model is `small` at depth 3 with dynamic routing (--depth), as benchmarks/results/gpu_families_h200_d3.json.
 The rows (docs/PROBES.md, "Throughput"):
   baseline        today's loop as it was: a host read of every loss (`if not torch.isfinite(loss)`),
                   each batch copied from pageable memory, fp32, eager, one model per process
@@ -302,7 +303,7 @@ def trials_per_gpu(args, device: torch.device) -> list[dict]:
     out = []
     for k in args.trials_per_gpu:
         cmd = [sys.executable, __file__, "--device", device.type, "--worker", "--batch", str(args.batch),
-               "--threads", str(args.threads),
+               "--threads", str(args.threads), "--depth", str(args.depth),
                "--seeds", str(args.seeds), "--steps", str(args.steps), "--warmup", str(args.warmup)]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
         results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
@@ -314,7 +315,7 @@ def trials_per_gpu(args, device: torch.device) -> list[dict]:
 
 def worker(args, device: torch.device) -> None:
     """One process of the trials-per-GPU measurement: the `all` row alone; prints one JSON line."""
-    cfg = from_dict({"model": {"preset": "small"}})
+    cfg = from_dict({"model": {"preset": "small", "depth": args.depth}})
     data, _ = load_images(max(4096, args.batch * args.seeds * 4), 1000)
     tr = Trainer("all", cfg, data, device, args.seeds, args.batch)
     for _ in range(args.warmup):
@@ -327,7 +328,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="CI size: batch 64, 2 seeds, 3 timed steps per row")
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="per model (default 128; --quick 64)")
+    ap.add_argument("--depth", type=int, default=3, help="hidden capsule layers of `small` (3: the H200 figure's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds batched in seed_batch and all")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (and as many of its baseline)")
     ap.add_argument("--warmup", type=int, default=None)
@@ -357,7 +359,7 @@ def main(argv=None) -> int:
         worker(args, device)
         return 0
     rows = args.rows.split(",") if args.rows else (CUDA_ROWS if cuda else CPU_ROWS)
-    cfg = from_dict({"model": {"preset": "small"}})
+    cfg = from_dict({"model": {"preset": "small", "depth": args.depth}})
     need = args.batch * args.seeds * (args.warmup + args.steps + 2)
     data, source = load_images(max(need, 1024), 1000 if args.quick else 2000)
     t_start = time.perf_counter()
@@ -380,9 +382,9 @@ def main(argv=None) -> int:
     best = max((r for r in results if r["row"] != "aa_noise"), key=lambda r: r["trials_per_hour_vs_common_baseline"])
     multi = trials_per_gpu(args, device) if cuda and not args.quick and args.trials_per_gpu else []
     out = {
-        "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name(device) if cuda else cpu_name(),
         "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "data": source, "preset": "small",
+        "cpu_count": os.cpu_count(), "data": source, "preset": "small", "depth": args.depth, "routing": "dynamic",
         "args": {k: v for k, v in vars(args).items() if k != "worker"},
         "timing": ("wall-clock seconds per step" if cuda else
                    f"process CPU seconds per step with {torch.get_num_threads()} thread(s): the rate of "
@@ -401,6 +403,17 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def table(out: dict) -> str:
