@@ -159,6 +159,9 @@ def _open(uri: str) -> None:
     MlflowClient(uri).search_experiments(max_results=1)
 
 
+_DATABASES = ("postgresql", "mysql", "mssql")   # server databases; sqlite needs no connection
+
+
 def check_store(uri: str, timeout_s: Optional[float] = None, flag: str = "--tracking-uri") -> None:
     """One line (StoreInitError) within about `timeout_s` when the store at `uri` cannot be read: a
     server or database that does not answer (MLflow's own HTTP client retries for minutes, and a
@@ -176,6 +179,16 @@ def check_store(uri: str, timeout_s: Optional[float] = None, flag: str = "--trac
 
     def probe() -> None:
         try:
+            if "://" in uri and uri.split("://", 1)[0].split("+")[0] in _DATABASES:
+                # one connection first: MLflow's own open retries a refused database 10 times over
+                # ~100 s, logging a warning each time, so the real reason would never reach the user
+                import sqlalchemy
+                from mlflow.store.db.utils import create_sqlalchemy_engine
+                engine = create_sqlalchemy_engine(uri)
+                try:
+                    sqlalchemy.inspect(engine)
+                finally:
+                    engine.dispose()
             from mlflow.tracking import MlflowClient
             MlflowClient(uri).search_experiments(max_results=1)
             outcome["ok"] = True

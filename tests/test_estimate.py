@@ -105,7 +105,9 @@ def _kept_bytes(cfg: cfgmod.RunConfig) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x, y)
-        (out.scores.sum() + (out.recon.sum() if out.recon is not None else 0)).backward()
+    # the backward runs outside the hooks: what it saves is not kept between steps, and dynamic
+    # routing's backward takes the squash VJP with torch.func, which refuses active saved-tensor hooks
+    (out.scores.sum() + (out.recon.sum() if out.recon is not None else 0)).backward()
     return 16 * networks.count_parameters(model) + sum(saved.values())
 
 
