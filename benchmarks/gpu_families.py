@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from capsmodels.config import from_dict  # noqa: E402
 from capsmodels.losses import total_loss  # noqa: E402
 from capsmodels.networks import build  # noqa: E402
-from capsmodels.registry import routing_names  # noqa: E402
+from capsmodels.routing import routing_names  # noqa: E402
 
 IN_SHAPE, CLASSES = (1, 28, 28), 10
 REMEDIES = {"none": {}, "residual": {"residual": True}, "pose_norm": {"pose_norm": True},

@@ -19,9 +19,9 @@ from typing import Any, Optional, Sequence
 
 from capsmodels.catalogue import DATASETS  # noqa: F401 - re-exported: the allowed data.name values
 from capsmodels.presets import PRESETS
-from capsmodels.registry import get_routing, routing_names
+from capsmodels import registry
+from capsmodels.registry import SQUASHES  # noqa: F401 - re-exported: the allowed model.squash values
 
-SQUASHES = ("sabour", "exp", "tanh")
 # std, fan, data: capsweep's own; tsai, mazzia, hahn: the routing families' authors' W inits
 # (capsmodels.layers.init_weights), which model.family_defaults: published chooses
 INITS = ("std", "fan", "data", "tsai", "mazzia", "hahn")
@@ -34,9 +34,23 @@ COMPILES = ("none", "default", "reduce-overhead")   # train.compile (capsmodels.
 TEST_TRANSFORMS = ("none", "affine")   # data.test_transform (capsmodels.transforms.TRANSFORMS)
 
 
+def routing_names() -> tuple[str, ...]:
+    """The allowed `model.routing` values: the registry's families once the package that assembles them
+    (`capsmodels.routing`) is imported. Imported here, on the first question, not when this module is:
+    `import capsmodels.config` stays free of torch, and the schema names no family."""
+    import capsmodels.routing  # noqa: F401 - registers the built-in families
+    return registry.routing_names()
+
+
+def get_routing(name: str) -> registry.RoutingFamily:
+    """The registered family `name` (after the built-ins are in; see routing_names)."""
+    import capsmodels.routing  # noqa: F401
+    return registry.get_routing(name)
+
+
 def __getattr__(name: str):
-    """`ROUTINGS`: the registered routing families (capsmodels.registry), asked for when read, so
-    importing this module does not import the families (and torch)."""
+    """`ROUTINGS`: the registered routing families, asked for when read, so importing this module does
+    not import the families (and torch)."""
     if name == "ROUTINGS":
         return routing_names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

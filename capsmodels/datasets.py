@@ -18,7 +18,6 @@ drawn with seed 0, independent of the run seed, so every run of a sweep is teste
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,35 +28,11 @@ from capsmodels.catalogue import CLASSES, DATASETS, SIGN_SIZE
 from capsmodels.config import DataConfig
 from capsmodels.formats import (NORB_INT, NORB_UBYTE, FormatError, read_cifar_batch, read_csv_gz,
                                 read_idx, read_norb, read_svhn_mat)
-from capsmodels.splits import FIXED_SEED, Splits, make_splits, quota, stratified
+from capsmodels.splits import FIXED_SEED, RawData, Splits, make_splits, quota, stratified  # noqa: F401 - RawData re-exported
 from capsmodels.store import DataError, fail
 
 FIXED_TEST = {"mnist5k": 1000, "digits": 360}   # stratified, seed FIXED_SEED, for sets without a test split
 SMALLNORB_FACTOR = 3     # 96x96 -> 32x32 by 3x3 area averaging (as the CapsNet papers' 32x32 inputs)
-
-
-@dataclass
-class RawData:
-    """The official train/test split as loaded from disk.
-
-    x_*: uint8 (N, H, W, C) images; for the synthetic `sign` task float32 (N, 8, 8, 1) in [-1, 1].
-    y_*: int64 (N,) class indices in [0, num_classes).
-    """
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    classes: list
-    roles_train: Optional[np.ndarray] = None   # `parts` only: int8 (N, H, W) role per pixel, -1 background
-    roles_test: Optional[np.ndarray] = None    # (capsmodels.parts: the true parse tree of each image)
-
-    @property
-    def in_shape(self) -> tuple[int, int, int]:
-        """(C, H, W): the input a network for this dataset must fit."""
-        _, h, w, c = self.x_train.shape
-        return c, h, w
 
 
 # ---------------------------------------------------------------------------------------------

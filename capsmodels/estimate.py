@@ -75,7 +75,7 @@ def input_shape(cfg: RunConfig) -> tuple[int, int, int]:
 def _family_params(routing: str, n_in: int, n_out: int, d_out: int) -> int:
     """The routing family's own learned parameters per layer (per parent, and per child where the
     family has them), counted on the meta device: no memory, whatever the sizes."""
-    from capsmodels.registry import get_routing
+    from capsmodels.routing import get_routing
     family = get_routing(routing)
     per_parent, per_child = family.params, getattr(family, "child_params", None)
     if per_parent is None and per_child is None:

@@ -1,8 +1,8 @@
 """Norms and squash non-linearities of capsules: the functions every capsule module shares.
 
-Below routing and layers in the import chain (config <- functional <- routing <- layers <- networks),
+Below routing and layers in the import chain (registry <- functional <- routing <- layers <- networks),
 so the routing algorithms and the layers take the squash from here and neither imports the other's
-internals. No parameters, no state: plain functions of tensors (and `squash_length` of a float).
+internals. The kinds' names are the registry's (`SQUASHES`), which the schema checks too. No parameters, no state: plain functions of tensors (and `squash_length` of a float).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from capsmodels.config import SQUASHES
+from capsmodels.registry import SQUASHES
 
 
 def safe_norm(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:

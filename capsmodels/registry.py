@@ -21,20 +21,22 @@ none of them changes when a family is added:
     @register_routing("mine", doc="...")
     def mine(u_hat, a_in, layer, opts): ...
 
-Import order (why this module is dependency-free): `capsmodels.config` is the bottom of the chain
-config <- functional <- routing <- layers <- networks and must not import torch, yet its validation
-needs the family names. So the registry lives here, standard library only; the built-in families
-(`capsmodels.routing.dynamic`, `.em`, `.uniform`, `.attention`, `.selfrouting`, `.efficient`) register themselves when the package
-`capsmodels.routing` is imported (by `capsmodels.layers` at import time), and every lookup here imports
-that package first (`_builtins`), so asking for the names from the config alone also finds them. The
-import happens on the first lookup, not when config is imported: `import capsmodels.config` stays free
-of torch. A family defined elsewhere (a test, a user's module) is valid once its module has run.
+Layering (timm's): this module is the lowest layer of the models and knows no model. Standard library
+only, it imports nothing of capsmodels; the schema (`capsmodels.config`) validates through it without
+importing torch. The built-in families (`capsmodels.routing.dynamic`, `.em`, `.uniform`, `.attention`,
+`.selfrouting`, `.efficient`) register themselves where the package is assembled: importing
+`capsmodels.routing` (which `capsmodels.layers` does, and `capsmodels.config` on its first lookup of a
+name). A family defined elsewhere (a test, a user's module) is valid once its module has run. The
+squash kinds (`SQUASHES`) are named here too, beside the families: the schema checks `model.squash`
+against them and `capsmodels.functional` implements them, and neither imports the other.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
+
+
+SQUASHES = ("sabour", "exp", "tanh")      # model.squash: the kinds capsmodels.functional.squash computes
 
 
 class Routed(NamedTuple):
@@ -156,28 +158,14 @@ def unregister_routing(name: str) -> None:
     _FAMILIES.pop(name, None)
 
 
-_BUILTINS_LOADED = False
-
-
-def _builtins() -> None:
-    """Import the built-in families once. The flag, not importlib's own cache, says so: a layer looks
-    its family up in every forward, and torch.compile (train.compile) traces a flag's read but cannot
-    trace an import."""
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        importlib.import_module("capsmodels.routing")    # registers the built-in families
-        _BUILTINS_LOADED = True
-
-
 def routing_names() -> tuple[str, ...]:
-    """The allowed `model.routing` values, in registration order (built-ins first)."""
-    _builtins()
+    """The registered `model.routing` values, in registration order (the built-ins first, once
+    `capsmodels.routing` is imported: ask `capsmodels.routing.routing_names` for the assembled table)."""
     return tuple(_FAMILIES)
 
 
 def get_routing(name: str) -> RoutingFamily:
     """The family registered as `name`; ValueError (one line, listing the allowed names) otherwise."""
-    _builtins()
     if name not in _FAMILIES:
         raise ValueError(f"routing {name!r} is not allowed; choose one of {', '.join(_FAMILIES)}")
     return _FAMILIES[name]

@@ -1,5 +1,8 @@
 """Seeded, class-stratified train/val/test splits of a dataset, as tensors ready for training.
 
+`RawData` (what `capsmodels.datasets.load_raw` decodes) is defined here, below the loaders: the splits
+read it and the loaders build it, so neither module imports the other's caller.
+
 `make_splits(raw, cfg, seed)` -> `Splits`: train and val drawn from the official training split
 (never overlapping), the official test split or a fixed stratified subset of it, all float32 NCHW
 tensors in [0, 1]. Every draw is vectorised (no loop over images) and each class gets its share
@@ -8,7 +11,7 @@ within one image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,10 +20,31 @@ from torch.utils.data import TensorDataset
 from capsmodels.config import DataConfig
 from capsmodels.store import fail
 
-if TYPE_CHECKING:                      # datasets imports this module (for the stratified draws)
-    from capsmodels.datasets import RawData
-
 FIXED_SEED = 0           # the seed of every fixed test split, independent of the run seed
+
+
+@dataclass
+class RawData:
+    """The official train/test split as loaded from disk.
+
+    x_*: uint8 (N, H, W, C) images; for the synthetic `sign` task float32 (N, 8, 8, 1) in [-1, 1].
+    y_*: int64 (N,) class indices in [0, num_classes).
+    """
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    classes: list
+    roles_train: Optional[np.ndarray] = None   # `parts` only: int8 (N, H, W) role per pixel, -1 background
+    roles_test: Optional[np.ndarray] = None    # (capsmodels.parts: the true parse tree of each image)
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        """(C, H, W): the input a network for this dataset must fit."""
+        _, h, w, c = self.x_train.shape
+        return c, h, w
 
 
 @dataclass

@@ -30,7 +30,8 @@ from typing import Iterator, Optional
 from capsmodels import config as runcfg
 from capsmodels import estimate as est
 from capsmodels.catalogue import SPLIT_SIZES
-from sweeps.spec import SpecError, SweepSpec, probe_values, resolve_trial, total_trials
+from sweeps.extras import total_trials
+from sweeps.schema import SpecError, SweepSpec, probe_values, resolve_trial
 
 MAX_COMBINATIONS = 512
 DEFAULT_GPU_GB = 24.0            # NVIDIA A10G (cluster.yaml's g5 workers), when no GPU is visible here

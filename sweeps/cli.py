@@ -506,8 +506,11 @@ def _version() -> str:
 
 # ---- eval (sweeps/evaluate.py) ------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from sweeps.evaluate import cmd_eval
-    return cmd_eval(args)
+    from sweeps.evaluate import EvalError, cmd_eval
+    try:
+        return cmd_eval(args)
+    except EvalError as e:
+        return _err(str(e))
 
 
 # ---- report -------------------------------------------------------------------------------------

@@ -116,44 +116,45 @@ def log_eval(client, experiment_id: str, source_run_id: Optional[str], model_uri
     from mlflow.entities import LoggedModelInput
 
     from capsmodels.contract import TAG_ROLE
-    from sweeps import models
+    from sweeps.run_writer import log_run
     name = "eval"
     if source_run_id:
         name = f"eval-{client.get_run(source_run_id).info.run_name}"
     tags = {TAG_ROLE: RUN_EVAL, TAG_EVAL_OF: source_run_id or "", "capsweep.model_uri": model_uri,
             "capsweep.eval_overrides": " ".join(overrides)}
-    run_id = models.log_run(client, experiment_id, name, runcfg.flatten(runcfg.to_dict(cfg)), [metrics], tags)
+    run_id = log_run(client, experiment_id, name, runcfg.flatten(runcfg.to_dict(cfg)), [metrics], tags)
     if model_uri.startswith("models:/") and "/" not in model_uri[len("models:/"):]:
         client.log_inputs(run_id, models=[LoggedModelInput(model_uri[len("models:/"):])])
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
+class EvalError(ValueError):
+    """Bad input to `capsweep eval` (a key, a store, a model that is not there): one line, exit 2."""
+
+
 def cmd_eval(args) -> int:
-    """Body of `capsweep eval` (sweeps/cli.py): 0 done, 2 bad input (one line)."""
-    from sweeps.cli import _err
+    """Body of `capsweep eval` (sweeps/cli.py): 0 done; EvalError (bad input, one line) otherwise."""
     from sweeps import models
     try:
         runcfg.load(None, args.overrides)          # a bad key or value: one line before MLflow work
     except runcfg.ConfigError as e:
-        return _err(str(e))
+        raise EvalError(str(e)) from None
     refused = refused_override(args.overrides)     # the model's own keys: also before MLflow work
     if refused:
-        return _err(refused)
+        raise EvalError(refused)
     from analysis.progress import Status
     from sweeps.store_init import StoreInitError, check_store
-    with Status("capsweep eval") as status:     # a status line on a terminal: this takes seconds
+    with Status("capsweep eval") as status:     # a status line on a terminal: this takes seconds; erased on leaving
         status("opening the store")
         try:
             client = models.open_store(args.tracking_uri)
             if client is not None:
                 check_store(args.tracking_uri)     # a server that does not answer: one line, not a hang
         except StoreInitError as e:
-            status.done()
-            return _err(str(e))
+            raise EvalError(str(e)) from None
         if client is None:
-            status.done()
-            return _err(f"--tracking-uri: no MLflow store at {args.tracking_uri}")
+            raise EvalError(f"--tracking-uri: no MLflow store at {args.tracking_uri}")
         try:
             status(f"loading the model {args.model}")
             model_uri, source = models.resolve(client, args.model)
@@ -162,13 +163,11 @@ def cmd_eval(args) -> int:
             status(f"measuring it on {cfg.data.name}")
             metrics = measure(net.net, cfg)
         except (models.ModelNotFound, models.UnsafeModel, runcfg.ConfigError) as e:
-            status.done()
-            return _err(str(e))
+            raise EvalError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - data errors (DataError) are bad input too
-            status.done()
             from capsmodels.store import DataError
             if isinstance(e, DataError):
-                return _err(str(e))
+                raise EvalError(str(e)) from None
             raise
     print(f"capsweep eval: {model_uri}" + (f" (run {source})" if source else "") + f" on {cfg.data.name}"
           + (f", test_transform {cfg.data.test_transform}" if cfg.data.test_transform != "none" else ""))

@@ -35,7 +35,8 @@ from typing import Iterable, Union
 
 from capsmodels import config as runcfg
 from capsmodels.contract import CANDIDATE, CONTROL, REFERENCE, ROLE_KEY
-from sweeps.spec import SEED_KEY, SpecError, SweepSpec, resolve_trial
+from sweeps.schema import SEED_KEY, SpecError, SweepSpec, candidate_trials, resolve_trial
+
 UNMATCHED = ("model.depth", "model.arch", "model.num_caps", "model.caps_dim")
 MAX_LEVEL_COMBOS = 8
 MAX_CONTROL_DEPTHS = 12
@@ -167,3 +168,15 @@ def check(spec: SweepSpec) -> None:
                 where = ", ".join(f"{k}={v}" for k, v in p.items())
                 raise SpecError(f"{field}: the added {kind} trial ({where}) is invalid: {e}; "
                                 f"set {field}: false or fix base") from None
+
+
+def trial_counts(spec: SweepSpec) -> dict:
+    """{candidate, reference, control}: trials per role (this module adds the last two)."""
+    roles = [p[ROLE_KEY] for p in extra_trials(spec)]
+    return {CANDIDATE: candidate_trials(spec), REFERENCE: roles.count(REFERENCE),
+            CONTROL: roles.count(CONTROL)}
+
+
+def total_trials(spec: SweepSpec) -> int:
+    """How many trials (MLflow child runs) the sweep will have when it completes, extras included."""
+    return sum(trial_counts(spec).values())

@@ -203,30 +203,6 @@ def open_store(uri: str, create: bool = False):
     return MlflowClient(uri) if init_store(uri, create=create) else None
 
 
-def log_run(client, experiment_id: str, name: str, params: dict, history: list[dict], tags: dict,
-            datasets: Optional[list] = None) -> str:
-    """A run with the standard tags, `params` (None left out), each metrics dict of `history` at its
-    `epoch` as the step, and the datasets; left open (the caller adds the model and ends it)."""
-    import time
-
-    from mlflow.entities import Metric
-
-    from sweeps.provenance import git_commit, standard_tags
-    from sweeps.run_writer import MAX_BATCH, log_datasets, numeric_metrics, run_params
-    commit = git_commit()
-    run = client.create_run(experiment_id, run_name=name, tags={**standard_tags(commit), **tags})
-    rid = run.info.run_id
-    client.log_batch(rid, params=run_params(params))
-    ts = int(time.time() * 1000)
-    items = [Metric(k, v, ts, int(m.get("epoch", 0))) for m in history for k, v in numeric_metrics(m).items()]
-    items += [Metric("epoch", float(m["epoch"]), ts, int(m["epoch"])) for m in history if "epoch" in m]
-    for i in range(0, len(items), MAX_BATCH):
-        client.log_batch(rid, metrics=items[i:i + MAX_BATCH])
-    if datasets:
-        log_datasets(client, rid, datasets)
-    return rid
-
-
 # ---- loading (capsweep eval) ----------------------------------------------------------------------
 def resolve(client, ref: str) -> tuple[str, Optional[str]]:
     """(model URI, source run id) of a run id, `runs:/<id>`, `models:/<model id>` or a registered

@@ -27,7 +27,7 @@ from capsmodels.contract import (EPOCH_METRIC, FAILED, ROLE_KEY, FINISHED, INTER
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_RUN_NAME, TAG_SEED, TAG_STATUS,
                                  TAG_STOP_REASON, TAG_SWEEP, TAG_TRIAL, correct_tags, log10_name)
 from sweeps import models
-from sweeps.provenance import DATA_CONTEXT, SPLIT_ROWS, standard_tags
+from sweeps.provenance import DATA_CONTEXT, SPLIT_ROWS, git_commit, standard_tags
 from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentEnd, ParentInterrupt, ParentTags,
                                 Record, Reopen, Start, Tag)
 
@@ -196,6 +196,25 @@ def store_trouble(tracking_uri: str, full_disk_s: float = FULL_DISK_S):
 def param_str(v: Any) -> str:
     s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     return s[:6000]
+
+
+# ---- one run outside a sweep (capsweep train --save: sweeps/train_run.py; capsweep eval --log) ---------
+def log_run(client, experiment_id: str, name: str, params: dict, history: list[dict], tags: dict,
+            datasets: Optional[list] = None) -> str:
+    """A run with the standard tags, `params` (None left out), each metrics dict of `history` at its
+    `epoch` as the step, and the datasets; left open (the caller adds the model and ends it)."""
+    commit = git_commit()
+    run = client.create_run(experiment_id, run_name=name, tags={**standard_tags(commit), **tags})
+    rid = run.info.run_id
+    client.log_batch(rid, params=run_params(params))
+    ts = int(time.time() * 1000)
+    items = [Metric(k, v, ts, int(m.get("epoch", 0))) for m in history for k, v in numeric_metrics(m).items()]
+    items += [Metric("epoch", float(m["epoch"]), ts, int(m["epoch"])) for m in history if "epoch" in m]
+    for i in range(0, len(items), MAX_BATCH):
+        client.log_batch(rid, metrics=items[i:i + MAX_BATCH])
+    if datasets:
+        log_datasets(client, rid, datasets)
+    return rid
 
 
 class RunWriter:

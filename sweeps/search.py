@@ -26,7 +26,7 @@ from ray.tune.search import BasicVariantGenerator, Repeater, Searcher
 
 from sweeps import extras
 from capsmodels.contract import ROLE_KEY
-from sweeps.spec import KEEP_BASE, SEED_KEY, SweepSpec, objectives, resolve_trial
+from sweeps.schema import KEEP_BASE, SEED_KEY, SweepSpec, objectives, resolve_trial
 
 log = logging.getLogger("capsweep.search")
 

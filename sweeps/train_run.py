@@ -35,9 +35,8 @@ class TrainRun:
         from analysis.redact import redact
         from capsmodels import config as runcfg
         from capsmodels.contract import TAG_COMMIT, TAG_ROLE, TAG_STATUS, RUNNING
-        from sweeps.models import log_run
         from sweeps.provenance import dataset_inputs, git_commit
-        from sweeps.run_writer import DEVICE_PARAM, get_or_create_experiment, run_name
+        from sweeps.run_writer import DEVICE_PARAM, get_or_create_experiment, log_run, run_name
         from sweeps.sysmetrics import describe_device
         try:
             with mlflow_http_env(max_retries=1, timeout_s=store_timeout_s(), override=False):

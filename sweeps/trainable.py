@@ -40,7 +40,7 @@ from capsmodels.train import fit, prepare
 from sweeps import models, storage
 from sweeps.provenance import dataset_inputs
 from sweeps.sysmetrics import SystemSampler, describe_device
-from sweeps.spec import resolve_trial
+from sweeps.schema import resolve_trial
 
 from capsmodels.contract import ENDED  # a state whose epoch ended the run: nothing left to train
 from capsmodels.contract import INJECT_FAILURE_ENV as FAIL_ENV  # tests: "key=value" makes matching trials raise

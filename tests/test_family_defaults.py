@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from capsmodels import config as runcfg
 from capsmodels import networks, probes
-from capsmodels.registry import get_routing, routing_names
+from capsmodels.routing import get_routing, routing_names
 from capsmodels.train import fit
 from tests.test_train import RAW, cfg, stable
 

@@ -10,7 +10,7 @@ import torch
 from capsmodels import probes
 from capsmodels.config import ConfigError, from_dict
 from capsmodels.layers import CapsuleLayer
-from capsmodels.registry import get_routing, routing_names
+from capsmodels.routing import get_routing, routing_names
 from capsmodels.routing import attention_activation, attention_routing, efficient_routing, self_routing
 
 NEW = ("attention", "self", "efficient")

@@ -1,0 +1,142 @@
+"""The import graph of capsmodels, sweeps and analysis, read from the source (ast), checked against the
+layering README's "What moved" describes: no import circle, and each package imports only what it may.
+
+Every import counts, wherever it is written: at the top, inside a function (a lazy import is still a
+dependency), under `if TYPE_CHECKING:`, and `importlib.import_module("a.literal")`.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("capsmodels", "sweeps", "analysis")
+
+
+def _modules(root: Path = ROOT) -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            parts = list(f.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = f
+    return out
+
+
+def _imported(f: Path, name: str) -> set[str]:
+    """Every module name `f` (module `name`) imports, as written (absolute; relative ones resolved)."""
+    base = name.split(".") if f.name == "__init__.py" else name.split(".")[:-1]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)     # `from pkg import module`
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == \
+                "import_module" and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            out.add(node.args[0].value)
+    return out
+
+
+def import_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(edges between the project's modules, the top-level names each module imports)."""
+    mods = _modules(root)
+
+    def own(name: str):
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges, tops = {}, {}
+    for name, f in mods.items():
+        names = _imported(f, name)
+        edges[name] = {t for n in names if (t := own(n)) and t != name}
+        tops[name] = {n.split(".")[0] for n in names}
+    return edges, tops
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): each holds a circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
+
+
+def test_the_cycle_finder_finds_a_circle_and_nothing_else():
+    """The finder itself, on a made-up graph: a -> b -> c -> a is one circle, d -> a is none."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_graph_sees_lazy_typing_and_importlib_imports(tmp_path):
+    """A circle hidden in a function, under TYPE_CHECKING or behind importlib is still found."""
+    pkg = tmp_path / "capsmodels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from capsmodels import b\n")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from capsmodels.c import X\n")
+    (pkg / "c.py").write_text("import importlib\nimportlib.import_module('capsmodels.a')\n")
+    for other in ("sweeps", "analysis"):
+        (tmp_path / other).mkdir()
+    edges, _ = import_graph(tmp_path)
+    assert cycles(edges) == [["capsmodels.a", "capsmodels.b", "capsmodels.c"]]
+
+
+def test_no_import_circles(graph):
+    edges, _ = graph
+    assert len(edges) > 60          # the whole project was read
+    assert cycles(edges) == []
+
+
+def test_analysis_never_imports_sweeps_or_torch(graph):
+    edges, tops = graph
+    bad = sorted((m, t) for m, ts in edges.items() if m.startswith("analysis") for t in ts if t.startswith("sweeps"))
+    assert bad == []
+    assert sorted(m for m, ts in tops.items() if m.startswith("analysis") and ts & {"torch", "ray"}) == []
+
+
+def test_capsmodels_never_imports_ray_mlflow_or_the_other_packages(graph):
+    edges, tops = graph
+    assert sorted(m for m, ts in tops.items() if m.startswith("capsmodels") and ts & {"ray", "mlflow", "optuna"}) == []
+    assert sorted((m, t) for m, ts in edges.items() if m.startswith("capsmodels") for t in ts
+                  if not t.startswith("capsmodels")) == []
