@@ -8,10 +8,14 @@ docs/PROBES.md, "The verdict".) Modules, one job each:
   verdict  per-configuration probes, the three-way checks, controls, trends -> a JSON-able dict
   plots    matplotlib figures (Agg) for the report
   report   report.html (self-contained), report.md, verdict.json; artifacts on the parent run
-  cli      `capsweep report ...` / `python -m analysis ...`
-  mlflowio paginated run search and scoped MLFLOW_HTTP_* settings (shared with sweeps)
+  store    the one way to a tracking store, shared with sweeps: which store a command means, the SQLite
+           file, creating it under its lock, checking it answers, every page of a search, scoped settings
+  mlflowio direct reads of a SQL store's tables, for the report at scale
+  inspect  `capsweep ls / status / compare / export`, and what `confirm` and `dashboard` read
+  cli      `capsweep report ...` / `python -m analysis ...`, and the read-only commands `capsweep` dispatches
 
 Depends on mlflow, pandas, numpy, scipy and matplotlib, and of capsmodels only on its dependency-free
-contract and catalogue (the names sweeps write, the datasets' class counts): never torch or ray, so a
-laptop can analyse a cluster's sweep without the training stack.
+contract, catalogue and progress line (the names sweeps write, the datasets' class counts): never torch
+or ray, so a laptop can analyse a cluster's sweep without the training stack; and never on sweeps (the
+writer builds on the reader, not the other way round).
 """

@@ -1,4 +1,6 @@
-"""`capsweep report`: read a sweep from MLflow, decide the verdict, write the report, log it to MLflow.
+"""`capsweep report`: read a sweep from MLflow, decide the verdict, write the report, log it to MLflow;
+and the other commands of `capsweep` that only read a store (ls, status, compare, export: bodies in
+analysis/inspect.py), which the capsweep parser (sweeps/cli.py) dispatches here.
 
     capsweep report [SWEEP] [--experiment NAME] [--tracking-uri URI] [--reference SWEEP] [--out DIR]
                     [--alpha A] [--acc-margin D] [--grad-margin DECADES] [--grad-ratio-min X] [--grad-ratio-max X]
@@ -22,8 +24,9 @@ import sys
 from typing import NoReturn, Optional
 
 from analysis.errors import AnalysisError, one_line
-from analysis.redact import redact
-from analysis.mlflowio import mlflow_http_env
+from analysis.inspect import InspectError  # noqa: F401 - the read-only commands' bad input (the sweeps CLI catches it)
+from capsmodels.contract import redact
+from analysis.store import mlflow_http_env
 from capsmodels.contract import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRACKING_URI_ENV
 
 PROG = "capsweep report"
@@ -148,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as e:  # argparse printed usage + error (2) or --help (0)
         return int(e.code) if isinstance(e.code, int) else 2
     import warnings
-    from analysis.progress import Status
+    from capsmodels.progress import Status
     status = Status(PROG)      # a status line on a terminal: the store, the verdict and the figures take seconds
     status("opening the store")
     try:
@@ -177,14 +180,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _init_store(tracking_uri: Optional[str]) -> None:
-    """Migrate an existing SQLite store under its lock before reading it (sweeps/store_init.py:
-    stdlib and filelock only); a missing one is left to load_sweep's one-line refusal."""
-    from analysis.load import resolve_tracking_uri
-    from sweeps.store_init import StoreInitError, check_store, init_store
+    """Migrate an existing SQLite store under its lock before reading it (analysis/store.py); a missing
+    one is left to load_sweep's one-line refusal."""
+    from analysis.store import StoreInitError, open_client, resolve_tracking_uri
     try:
-        uri = resolve_tracking_uri(tracking_uri)
-        if init_store(uri, create=False):
-            check_store(uri)      # a server that does not answer: one line within seconds
+        open_client(resolve_tracking_uri(tracking_uri))      # a server that does not answer: one line within seconds
     except StoreInitError as e:
         raise AnalysisError(str(e)) from None
 
@@ -253,6 +253,75 @@ def _run(args: argparse.Namespace, status=None) -> int:
         return 1
     print(f"logged to MLflow: {logged}" if logged else "not logged to MLflow: the sweep has no parent run")
     return 0
+
+
+# ---- the commands of `capsweep` that only read a store ------------------------------------------------
+def err(msg: str, code: int = 2) -> int:
+    """`capsweep: error: <msg>` on one line (a URI's password masked), returning the exit code."""
+    print(f"capsweep: error: {redact(msg)}", file=sys.stderr)
+    return code
+
+
+def reader(uri: str):
+    """What `capsweep confirm` and `capsweep dashboard` read of the store at `uri`
+    (analysis/inspect.py, StoreReader); InspectError when there is no store or it does not answer."""
+    from analysis.inspect import StoreReader
+    return StoreReader(uri)
+
+
+# ---- ls / status / compare / export (analysis/inspect.py), dispatched by the capsweep parser (sweeps/cli.py) ----
+def _inspect(body) -> int:
+    """Run an inspect body: InspectError is bad input (exit 2); MLflow errors one line (exit 1)."""
+    import os
+    from analysis import inspect as si
+    try:
+        return body(si) or 0
+    except si.InspectError as e:
+        return err(str(e))
+    except Exception as e:  # noqa: BLE001 - a store that fails while reading: one line
+        if os.environ.get("CAPSWEEP_DEBUG"):
+            raise
+        return err(f"{type(e).__name__}: {' '.join(str(e).split())[:300]} (set CAPSWEEP_DEBUG=1 for the "
+                    "traceback)", 1)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    def body(si):
+        client = si.open_client(args.tracking_uri)
+        print("\n".join(si.ls_lines(client, args.experiment)))
+        for note in si.ls_notes(client, args.experiment):
+            print(note, file=sys.stderr)
+    return _inspect(body)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def body(si):
+        print("\n".join(si.status_lines(si.find_sweep(si.open_client(args.tracking_uri), args.sweep,
+                                                        args.experiment))))
+    return _inspect(body)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.a == args.b:
+        return err(f"compare: {args.a!r} twice; name two different sweeps")
+
+    def body(si):
+        client = si.open_client(args.tracking_uri)
+        both = []
+        for name in (args.a, args.b):
+            sweep = si.find_sweep(client, name, args.experiment)
+            both.append((sweep, *si.verdict_of(client, sweep, args.tracking_uri)))
+        print("\n".join(si.compare_lines(*both)))
+    return _inspect(body)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    def body(si):
+        sweep = si.find_sweep(si.open_client(args.tracking_uri), args.sweep, args.experiment)
+        where = si.write_export(sweep, args.csv)
+        if where != "stdout":
+            print(f"capsweep: {len(sweep.trials)} trials of sweep {sweep.name!r} written to {where}", file=sys.stderr)
+    return _inspect(body)
 
 
 if __name__ == "__main__":

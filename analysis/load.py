@@ -18,7 +18,6 @@ Final metrics are each metric's latest value on the run (no history call needed)
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,11 +27,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError, one_line
-from analysis.mlflowio import search_all, search_tagged, sql_engine, sql_metric_histories
-from capsmodels.contract import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, FAILED, FINISHED, GRAD_PROBES,
+from analysis.mlflowio import search_tagged, sql_engine, sql_metric_histories
+from analysis.store import missing_store, resolve_tracking_uri, search_all
+from capsmodels.contract import (DEFAULT_EXPERIMENT, FAILED, FINISHED, GRAD_PROBES,
                                  INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
-                                 TAG_TRIAL, TRACKING_URI_ENV, layer_metric, TAG_CONFIRMS, HEARTBEAT_STALE_S,
+                                 TAG_TRIAL, layer_metric, TAG_CONFIRMS, HEARTBEAT_STALE_S,
                                  correct_from_tags, heartbeat_age, resume_command, sweep_state)
 
 DEFAULT_HISTORY_KEYS = ("val_acc", "test_acc", "grad_ratio")
@@ -79,24 +79,10 @@ class SweepData:
         return h.pivot_table(index="step", columns="run_id", values="value", aggfunc="last")
 
 
-def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
-    """None -> $MLFLOW_TRACKING_URI, else MLflow's own default `sqlite:///mlflow.db` (the sweeps' default)."""
-    return tracking_uri or os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
-
-
 def check_store_exists(tracking_uri: str) -> None:
-    """Opening a missing sqlite file (or folder store) with MLflow silently creates an empty store;
-    refuse instead, so a typo in the path gives a clear message rather than 'experiment not found'."""
-    path = None
-    if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
-        if path in ("", ":memory:"):
-            return
-    elif tracking_uri.startswith("file:"):
-        path = tracking_uri[len("file://"):] if tracking_uri.startswith("file://") else tracking_uri[5:]
-    elif "://" not in tracking_uri:
-        path = tracking_uri
-    if path is not None and not os.path.exists(path):
+    """A store named by a path that does not exist is refused (analysis/store.py, missing_store)."""
+    path = missing_store(tracking_uri)
+    if path is not None:
         raise AnalysisError(f"tracking store {path} does not exist (from tracking URI {tracking_uri}); "
                             "run a sweep first or pass --tracking-uri")
 

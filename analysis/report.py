@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import interactive, plots, search_views
-from analysis.redact import redact
+from capsmodels.contract import redact
 from analysis.staging import staged_dir
 from analysis.stats import t_interval
 from analysis.verdict import Thresholds, annotate, short_names, verdict_json
@@ -308,7 +308,7 @@ def ui_base(tracking_uri: str, ui_url: Optional[str] = None) -> Optional[str]:
     `capsweep ui` prints), else the store itself when it is an http(s) tracking server (it serves the
     UI), else None: a SQLite or file store has no pages to link, its run ids are printed."""
     base = ui_url.split("#", 1)[0] if ui_url else tracking_uri if re.match(r"^https?://", tracking_uri or "") else None
-    # never a user or password in a link (the browser asks for them; analysis/redact.py masks the rest)
+    # never a user or password in a link (the browser asks for them; capsmodels/contract.py, redact masks the rest)
     return re.sub(r"^(https?://)[^/@\s]+@", r"\1", base).rstrip("/") if base else None
 
 

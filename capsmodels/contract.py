@@ -8,6 +8,8 @@ fresh interpreter. Metric definitions: docs/PROBES.md.
 """
 from __future__ import annotations
 
+import re
+
 from capsmodels.catalogue import DATASETS, NUM_CLASSES
 
 __all__ = ["DATASETS", "NUM_CLASSES"]     # re-exported: the class counts live in capsmodels.catalogue
@@ -126,6 +128,21 @@ GIT_COMMIT_ENV = "CAPSWEEP_GIT_COMMIT"           # set by `capsweep submit`: a s
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"         # MLflow's own convention, read when a spec names no store
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"     # MLflow's own default store, in the working folder
 DEFAULT_EXPERIMENT = "capsweep"
+
+# ---- secrets out of what capsweep prints and logs: the userinfo of URIs (`http://alice:S3cretPw@host`) ------
+# A tracking URI may carry a user and password (MLflow accepts them in the URI, and so do database URIs),
+# and capsweep prints URIs in its messages and records commands and specs in MLflow (the parent's
+# `spec.yaml`, `mlflow.source.name`). Every such place passes the text through `redact`; what reaches the
+# store and the screen is `http://***@host`.
+MASK = "***"
+# scheme://userinfo@ : userinfo stops at the first '@' (RFC 3986 forbids a raw '@' in it), and has no
+# '/', whitespace or quote before it
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"<>]+)@")
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo of every URI in it replaced by ***."""
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", str(text))
 
 # ---- metrics every trial reports (docs/PROBES.md) -----------------------------------------------------
 # test_acc_transformed: only when data.test_transform != none; tree_recovery, tree_direction, tree_concentration

@@ -9,7 +9,10 @@ smoke`, `status smoke`, `confirm smoke`; `--sweep NAME` is the same), and the st
 
 Exit codes (every subcommand): 0 done; 2 bad input or a refused start (one line on stderr naming the
 field, nothing started); 1 a sweep or report that failed while running; 130 interrupted (resume with
---resume). The bodies of ls/status/compare/export are in sweeps/inspect.py.
+--resume). The read-only commands (report, ls, status, compare, export) are the analysis side's
+(analysis/cli.py): this parser dispatches to them, and hands `confirm` and `dashboard` what they read
+of a store through it (analysis/inspect.py, StoreReader). sweeps imports nothing else of analysis but
+its store module (analysis/store.py).
 Heavy imports (torch, ray, mlflow) happen inside the subcommands, so `capsweep --help` and the
 validation errors come back at once.
 """
@@ -36,14 +39,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _err(msg: str, code: int = EXIT_BAD_INPUT) -> int:
-    from analysis.redact import redact
-    print(f"capsweep: error: {redact(msg)}", file=sys.stderr)     # a URI's password never reaches the screen
-    return code
+    from analysis.cli import err
+    return err(msg, code)
 
 
 def _shown(uri: str) -> str:
-    """A URI as capsweep prints it: its userinfo (user:password) masked (analysis/redact.py)."""
-    from analysis.redact import redact
+    """A URI as capsweep prints it: its userinfo (user:password) masked (capsmodels/contract.py, redact)."""
+    from capsmodels.contract import redact
     return redact(uri)
 
 
@@ -147,8 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except _input_errors() as e:
         return _err(str(e))
     except Exception as e:  # refusals and tracking errors are one line; the rest is a real failure
-        from sweeps import runner, store_init, tracking
-        if isinstance(e, (runner.SweepRefused, tracking.TrackingUnavailable, store_init.StoreInitError)):
+        from analysis.store import StoreInitError
+        from sweeps import runner, tracking
+        if isinstance(e, (runner.SweepRefused, tracking.TrackingUnavailable, StoreInitError)):
             return _err(str(e))
         disk = _disk_error(e)
         if disk:             # a full or read-only disk mid-sweep (Tune's state, a trial's files, the journal)
@@ -286,11 +289,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_confirm(args: argparse.Namespace) -> int:
     """Plan the confirmation (reads the store only), write its spec, then `run` it here or `submit` it
     (--address) exactly as those commands run a spec file."""
+    from analysis import cli as reading
     from sweeps import confirm
-    from sweeps import inspect as si
     try:
-        client = si.open_client(args.tracking_uri)
-        plan = confirm.plan(client, args.tracking_uri, args.sweep, args.experiment, top=args.top,
+        plan = confirm.plan(reading.reader(args.tracking_uri), args.sweep, args.experiment, top=args.top,
                             seeds=args.seeds, overrides=args.overrides, name=args.name)
         refused = _over_budget(plan.spec, args.yes)
         if refused:
@@ -298,7 +300,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         if args.address:     # what `submit` would refuse, refused before the spec file is written
             from sweeps.submit import check_cluster_ready
             check_cluster_ready(plan.spec)
-    except (*_input_errors(), confirm.ConfirmError, si.InspectError) as e:
+    except (*_input_errors(), confirm.ConfirmError, reading.InspectError) as e:
         return _err(str(e))
     except RuntimeError as e:
         from sweeps.submit import SubmitError
@@ -344,7 +346,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     problem = ui.port_problem(args.host, args.port)     # before the store is touched: a one-line refusal
     if problem:
         return _err(problem)
-    from sweeps.store_init import StoreInitError, init_store
+    from analysis.store import StoreInitError, init_store
     try:
         init_store(uri)     # create/migrate the store under its lock before the UI opens it
     except StoreInitError as e:
@@ -371,8 +373,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 # ---- dashboard (sweeps/dashboard.py) -------------------------------------------------------------
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """optuna-dashboard on the sweep's Optuna study, read-only, served and stopped as `capsweep ui` is."""
+    from analysis import cli as reading
     from sweeps import dashboard as dash
-    from sweeps import inspect as si
     from sweeps import ui
     missing = dash.extra_missing()
     if missing:
@@ -381,17 +383,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if problem:
         return _err(problem)
 
-    def find(si_):
-        client = si_.open_client(args.tracking_uri)
-        sweep = next((s for s in reversed(si_.sweeps(client, args.experiment)) if s.name == args.sweep), None)
-        if sweep is None:
-            si_.find_sweep(client, args.sweep, args.experiment)      # its one-line "not found, sweeps there: ..."
-        path = dash.journal_path(client, sweep)
-        return path, dash.study_id(path, sweep.name)
-
     try:
-        path, study = find(si)
-    except (si.InspectError, dash.DashboardError) as e:
+        reader = reading.reader(args.tracking_uri)
+        sweep = reader.latest(args.sweep, args.experiment)      # unknown: its one-line "not found, sweeps there: ..."
+        path = dash.journal_path(reader, sweep)
+        study = dash.study_id(path, sweep.name)
+    except (reading.InspectError, dash.DashboardError) as e:
         return _err(str(e))
     if args.host not in ("127.0.0.1", "localhost"):
         print(f"capsweep: warning: the Optuna dashboard will listen on {args.host}: anyone who can reach it "
@@ -430,61 +427,6 @@ def _experiment_id(uri: str, name: str) -> Optional[str]:
         return exp.experiment_id if exp is not None else None
     except Exception:  # noqa: BLE001 - the UI still starts; only the printed address is less precise
         return None
-
-
-# ---- ls / status / compare / export (sweeps/inspect.py) -------------------------------------------
-def _inspect(body) -> int:
-    """Run an inspect body: InspectError is bad input (exit 2); MLflow errors one line (exit 1)."""
-    import os
-    from sweeps import inspect as si
-    try:
-        return body(si) or 0
-    except si.InspectError as e:
-        return _err(str(e))
-    except Exception as e:  # noqa: BLE001 - a store that fails while reading: one line
-        if os.environ.get("CAPSWEEP_DEBUG"):
-            raise
-        return _err(f"{type(e).__name__}: {' '.join(str(e).split())[:300]} (set CAPSWEEP_DEBUG=1 for the "
-                    "traceback)", EXIT_FAILED)
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    def body(si):
-        client = si.open_client(args.tracking_uri)
-        print("\n".join(si.ls_lines(client, args.experiment)))
-        for note in si.ls_notes(client, args.experiment):
-            print(note, file=sys.stderr)
-    return _inspect(body)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    def body(si):
-        print("\n".join(si.status_lines(si.find_sweep(si.open_client(args.tracking_uri), args.sweep,
-                                                        args.experiment))))
-    return _inspect(body)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    if args.a == args.b:
-        return _err(f"compare: {args.a!r} twice; name two different sweeps")
-
-    def body(si):
-        client = si.open_client(args.tracking_uri)
-        both = []
-        for name in (args.a, args.b):
-            sweep = si.find_sweep(client, name, args.experiment)
-            both.append((sweep, *si.verdict_of(client, sweep, args.tracking_uri)))
-        print("\n".join(si.compare_lines(*both)))
-    return _inspect(body)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    def body(si):
-        sweep = si.find_sweep(si.open_client(args.tracking_uri), args.sweep, args.experiment)
-        where = si.write_export(sweep, args.csv)
-        if where != "stdout":
-            print(f"capsweep: {len(sweep.trials)} trials of sweep {sweep.name!r} written to {where}", file=sys.stderr)
-    return _inspect(body)
 
 
 def _store_flags(p: argparse.ArgumentParser, experiment: Optional[str]) -> None:
@@ -578,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     import os
     from capsmodels.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV
     from capsmodels.contract import DEFAULT_EXPERIMENT
+
+    from analysis import cli as reading      # the read-only commands' bodies (ls, status, compare, export)
     p = _Parser(prog="capsweep", description="CapsNet sweeps with Ray Tune, Optuna and MLflow")
     p.add_argument("--version", action="version", version=f"capsweep {_version()}",
                    help="print capsweep's version and exit")
@@ -677,25 +621,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="the sweeps in a store: state, trial counts by status, verdict if reported")
     _store_flags(ls, None)
-    ls.set_defaults(func=cmd_ls)
+    ls.set_defaults(func=reading.cmd_ls)
 
     st = sub.add_parser("status", help="progress of a running or submitted sweep: trials by state, best so far")
     _sweep_arg(st, "the sweep's name")
     _store_flags(st, DEFAULT_EXPERIMENT)
-    st.set_defaults(func=cmd_status)
+    st.set_defaults(func=reading.cmd_status)
 
     cp = sub.add_parser("compare", help="two sweeps' verdicts and key probes side by side")
     cp.add_argument("a", help="first sweep's name")
     cp.add_argument("b", help="second sweep's name")
     _store_flags(cp, DEFAULT_EXPERIMENT)
-    cp.set_defaults(func=cmd_compare)
+    cp.set_defaults(func=reading.cmd_compare)
 
     ex = sub.add_parser("export", help="the trial table of a sweep (params and final metrics) as CSV")
     _sweep_arg(ex, "the sweep's name")
     ex.add_argument("--csv", nargs="?", const="-", default="-", metavar="PATH",
                     help="write CSV to PATH (default, or '-': stdout)")
     _store_flags(ex, DEFAULT_EXPERIMENT)
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=reading.cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate a logged model (test accuracy and the probes) without training")
     ev.add_argument("model", metavar="RUN_ID_OR_MODEL_URI", help="a run id, runs:/<run id> or models:/<model id>")

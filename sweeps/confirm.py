@@ -22,6 +22,10 @@ read, rerun and resumed like any other (`capsweep run confirm/<name>.yaml --resu
   `key=value` overrides.
 Every refusal (no such sweep, nothing to confirm, --top < 1, --seeds < 2, a name taken) is a
 ConfirmError or InspectError line before anything is written.
+
+What it reads of the store (the exploration, its logged spec, its verdict's confirm section, the names
+taken) comes through a reader the CLI hands it (analysis/inspect.py, StoreReader): the reading is the
+analysis side's, the spec this module writes is the sweeps side's.
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ import yaml
 from omegaconf import OmegaConf
 
 from capsmodels import config as runcfg
-from sweeps import inspect as si
 from sweeps.run_writer import param_str
 from sweeps.spec import NAME_RE, SpecError, SweepSpec, from_config, resolve_trial, storage_dir, to_yaml
 
@@ -60,24 +63,28 @@ class Plan:
     seeds_used: list[int]       # every seed of the exploration
 
 
-def plan(client, uri: str, exploration: str, experiment: str, top: Optional[int] = None,
+SPEC_PATH = "spec.yaml"             # the resolved spec on every parent run (sweeps/runner.py, create_parent)
+
+
+def plan(reader, exploration: str, experiment: str, top: Optional[int] = None,
          seeds: Optional[int] = None, overrides: Optional[list[str]] = None, name: Optional[str] = None,
          out_dir: Path = CONFIRM_DIR) -> Plan:
-    """The confirmation of sweep `exploration` of `experiment` in the store `client` reads (at `uri`).
-    top / seeds: None takes the verdict's defaults. Reads only; writes nothing."""
+    """The confirmation of sweep `exploration` of `experiment`, read through `reader` (the store's
+    analysis/inspect.py StoreReader). top / seeds: None takes the verdict's defaults. Reads only;
+    writes nothing."""
     for flag, value, low, why in (("--top", top, 1, "confirm at least 1 candidate"),
                                   ("--seeds", seeds, MIN_SEEDS, "a seed-to-seed variance needs at least 2")):
         if value is not None and value < low:
             raise ConfirmError(f"{flag}: {value} is not allowed; {why}")
     if name is not None and not NAME_RE.match(name):
         raise ConfirmError(f"--name: {name!r} is not allowed; use letters, digits, '_', '-', '.' (at most 100)")
-    sweep = si.find_sweep(client, exploration, experiment)
-    text = si.logged_spec(client, sweep)
+    sweep = reader.find(exploration, experiment)
+    text = reader.spec_text(sweep)
     if text is None:
-        raise ConfirmError(f"sweep {exploration!r} has no {si.SPEC_PATH} on its parent run "
+        raise ConfirmError(f"sweep {exploration!r} has no {SPEC_PATH} on its parent run "
                            f"({sweep.parent.info.run_id}); its spec cannot be taken over")
     explored = yaml.safe_load(text) or {}
-    section = si.confirm_section(sweep, uri)
+    section = reader.confirm_section(sweep)
     ranked = list(section.get("ranked") or [])
     if not ranked:
         raise ConfirmError(f"sweep {exploration!r}: no candidate configuration to confirm (every candidate "
@@ -106,7 +113,7 @@ def plan(client, uri: str, exploration: str, experiment: str, top: Optional[int]
     named = name is not None or OmegaConf.select(cli, "name") is not None
     spec = from_config(OmegaConf.merge(OmegaConf.create(raw), cli), origin=f"confirmation of {exploration}")
     _check(spec, exploration, used)
-    taken = _taken_names(client, spec)
+    taken = reader.sweep_names(spec.mlflow.experiment)
     if named:
         why = _taken(spec, taken, out_dir)
         if why:
@@ -164,14 +171,6 @@ def _check(spec: SweepSpec, exploration: str, used: list[int]) -> None:
     if reused:
         raise ConfirmError(f"seeds: {reused} were used by sweep {exploration!r}; a confirmation runs on fresh "
                            "seeds only")
-
-
-def _taken_names(client, spec: SweepSpec) -> set[str]:
-    """The sweep names of the confirmation's experiment in the store read here."""
-    try:
-        return {s.name for s in si.sweeps(client, spec.mlflow.experiment)}
-    except si.InspectError:        # no such experiment yet: every name is free
-        return set()
 
 
 def _taken(spec: SweepSpec, names: set[str], out_dir: Path) -> Optional[str]:

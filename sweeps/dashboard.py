@@ -119,10 +119,10 @@ def extra_missing() -> Optional[str]:
     return None
 
 
-def journal_path(client, sweep) -> Path:
-    """The sweep's Optuna journal on this machine (module docstring), or DashboardError."""
+def journal_path(reader, sweep) -> Path:
+    """The sweep's Optuna journal on this machine (module docstring), or DashboardError. `reader` reads
+    the sweep's logged spec when its parent does not name the journal (analysis/inspect.py, StoreReader)."""
     from capsmodels.contract import TAG_OPTUNA_JOURNAL
-    from sweeps import inspect as si
     search = sweep.params.get("sweep.search")
     if search and search != "optuna":
         raise DashboardError(f"sweep {sweep.name!r} searched with {search}: it has no Optuna study "
@@ -132,7 +132,7 @@ def journal_path(client, sweep) -> Path:
         path = Path(tagged)
     else:
         from sweeps.spec import SpecError, journal_file, load_spec
-        text = si.logged_spec(client, sweep)
+        text = reader.spec_text(sweep)
         if text is None:
             raise DashboardError(f"sweep {sweep.name!r}: its parent run records neither its Optuna journal nor "
                                  "its spec; nothing says where the study is")

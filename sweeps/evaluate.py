@@ -143,14 +143,12 @@ def cmd_eval(args) -> int:
     refused = refused_override(args.overrides)     # the model's own keys: also before MLflow work
     if refused:
         raise EvalError(refused)
-    from analysis.progress import Status
-    from sweeps.store_init import StoreInitError, check_store
+    from capsmodels.progress import Status
+    from analysis.store import StoreInitError, open_client
     with Status("capsweep eval") as status:     # a status line on a terminal: this takes seconds; erased on leaving
         status("opening the store")
         try:
-            client = models.open_store(args.tracking_uri)
-            if client is not None:
-                check_store(args.tracking_uri)     # a server that does not answer: one line, not a hang
+            client = open_client(args.tracking_uri)     # checked: a server that does not answer is one line
         except StoreInitError as e:
             raise EvalError(str(e)) from None
         if client is None:

@@ -194,15 +194,6 @@ def log_model(client, tracking_uri: str, experiment_id: str, run_id: str, net: t
 RUN_TRAIN = "train"                  # capsweep.role of a `capsweep train --save` run
 
 
-def open_store(uri: str, create: bool = False):
-    """An MlflowClient on `uri`, the SQLite store created/migrated under its lock (sweeps/store_init.py)
-    when `create`; None when it is a SQLite file that does not exist and `create` is False."""
-    from mlflow.tracking import MlflowClient
-
-    from sweeps.store_init import init_store
-    return MlflowClient(uri) if init_store(uri, create=create) else None
-
-
 # ---- loading (capsweep eval) ----------------------------------------------------------------------
 def resolve(client, ref: str) -> tuple[str, Optional[str]]:
     """(model URI, source run id) of a run id, `runs:/<id>`, `models:/<model id>` or a registered
@@ -237,7 +228,7 @@ def load(tracking_uri: str, model_uri: str, trust: bool = False) -> tuple[Scores
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from analysis.mlflowio import scoped_environ
+    from analysis.store import scoped_environ
     client = MlflowClient(tracking_uri)
     rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else model_uri
     try:

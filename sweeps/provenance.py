@@ -46,7 +46,7 @@ SPLIT_ROWS = "capsweep.rows"               # input tag: the split's number of ex
 def source_name(argv: Optional[list] = None) -> str:
     """The command that made the run, as typed: `capsweep run smoke --num-cpus 2` (also when it ran as
     `python -m sweeps.cli`)."""
-    from analysis.redact import redact       # `mlflow.tracking_uri=http://user:password@host` stays out
+    from capsmodels.contract import redact       # `mlflow.tracking_uri=http://user:password@host` stays out
     argv = list(sys.argv if argv is None else argv)
     return redact(" ".join(["capsweep", *argv[1:]]))[:500]
 

@@ -170,8 +170,8 @@ def disk_full(e: BaseException) -> bool:
 def store_trouble(tracking_uri: str, full_disk_s: float = FULL_DISK_S):
     """The write queue's `explain` for this store: a full disk is named (the SQLite file's folder and its
     free space, the artifact file, or the server's word) and waited for `full_disk_s`, not 15 minutes."""
-    from analysis.redact import redact
-    from sweeps.store_init import sqlite_path
+    from analysis.store import sqlite_path
+    from capsmodels.contract import redact
 
     def explain(e: BaseException) -> Optional[tuple[str, float]]:
         if not disk_full(e):

@@ -19,14 +19,14 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from analysis.mlflowio import mlflow_http_env, scoped_environ
-from analysis.redact import redact
+from analysis.store import (StoreInitError, child_runs, init_store, mlflow_http_env, scoped_environ,
+                            sqlite_path)
 from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
                                  TAG_CONFIRMS, TAG_HEARTBEAT, TAG_OPTUNA_JOURNAL, TAG_ROLE, TAG_RUN_NAME,
-                                 TAG_STATUS, TAG_SWEEP, TAG_VERSION_PREFIX, installed_versions)
-from sweeps import extras, search, storage, store_init, tracking, tune_guard
+                                 TAG_STATUS, TAG_SWEEP, TAG_VERSION_PREFIX, installed_versions, redact)
+from sweeps import extras, search, storage, tracking, tune_guard
 from sweeps.heartbeat import Heartbeat, beat_value
 from sweeps.provenance import git_commit
 from sweeps.spec import (OPTUNA_JOURNAL, SEED_KEY, SpecError, SweepSpec, journal_file, objectives, probe_values,
@@ -112,19 +112,19 @@ class _TrialParams:
 
 def preflight(spec: SweepSpec, resume: bool) -> tuple[MlflowClient, str, Optional[Any], str]:
     """Checks that refuse a sweep before anything starts. Returns (client, experiment id, parent, exp dir).
-    An existing SQLite store is created/migrated under its lock first (sweeps/store_init.py)."""
+    An existing SQLite store is created/migrated under its lock first (analysis/store.py)."""
     exp_dir = storage.join(storage_dir(spec), spec.name)
     check_writable(storage_dir(spec))
     uri = spec.mlflow.tracking_uri
-    sqlite_path = _sqlite_path(uri)
-    if sqlite_path is not None and sqlite_path.exists():
+    db = sqlite_path(uri)
+    if db is not None and db.exists():
         _init_store(uri)
-    if sqlite_path is None:      # before any client: a missing database driver fails in its constructor
+    if db is None:      # before any client: a missing database driver fails in its constructor
         tracking.check_reachable(uri)
-    client = MlflowClient(uri) if sqlite_path is None or sqlite_path.exists() else None
-    if sqlite_path is not None and not os.access(
-            sqlite_path.parent if sqlite_path.parent.exists() else Path.cwd(), os.W_OK):
-        raise SweepRefused(f"mlflow.tracking_uri: cannot write {sqlite_path}")
+    client = MlflowClient(uri) if db is None or db.exists() else None
+    if db is not None and not os.access(
+            db.parent if db.parent.exists() else Path.cwd(), os.W_OK):
+        raise SweepRefused(f"mlflow.tracking_uri: cannot write {db}")
     exp = client.get_experiment_by_name(spec.mlflow.experiment) if client else None
     parent = tracking.find_parent(client, exp.experiment_id, spec.name) if exp else None
     client = client or _LazyClient(uri)
@@ -178,7 +178,7 @@ def _trial_runs(client, parent) -> tuple[list, list]:
     """(runs that logged an epoch, runs that did not) among the parent's trial runs."""
     if parent is None:
         return [], []
-    runs = tracking.child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    runs = child_runs(client, parent.info.experiment_id, parent.info.run_id)
     started = [r for r in runs if "epoch" in r.data.metrics]
     return started, [r for r in runs if "epoch" not in r.data.metrics]
 
@@ -256,13 +256,10 @@ def check_trial_files(exp_dir: str) -> None:
                                + storage.TRUST_HINT)
 
 
-_sqlite_path = store_init.sqlite_path     # the file of a sqlite:/// URI, else None
-
-
 def _init_store(uri: str) -> None:
     try:
-        store_init.init_store(uri)
-    except store_init.StoreInitError as e:
+        init_store(uri)
+    except StoreInitError as e:
         raise SweepRefused(str(e)) from None
 
 
@@ -655,11 +652,11 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
 
 def _log_best(client, parent_id: str, spec: SweepSpec) -> None:
     """The best configuration (one objective) or the Pareto set (several) on the parent run:
-    `best.json`, tags `capsweep.best.*` and metrics `best.<metric>` (sweeps/inspect.py)."""
-    from sweeps import inspect as sweep_inspect
+    `best.json`, tags `capsweep.best.*` and metrics `best.<metric>` (sweeps/best.py)."""
+    from sweeps import best as sweep_best
     metrics, modes = objectives(spec)
     try:
-        best = sweep_inspect.log_best(client, parent_id, searched_keys(spec), metrics, modes)
+        best = sweep_best.log_best(client, parent_id, searched_keys(spec), metrics, modes)
     except Exception as e:  # noqa: BLE001 - the sweep is done; a failed summary must not hide that
         print(f"capsweep: warning: the best configuration was not logged: {' '.join(str(e).split())[:200]}")
         return

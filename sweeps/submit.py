@@ -132,7 +132,7 @@ def secret_exposures(extra_env: list[str], overrides: list[str], spec_text: str)
     """What a Ray job would publish: the job's environment and entrypoint (and so the overrides and the
     spec, which travels with it) are readable by anyone who can list jobs (`ray job list`, the
     dashboard). Secret-looking variable names, and URIs with a user and password in them."""
-    from analysis.redact import redact
+    from capsmodels.contract import redact
     found = []
     for item in extra_env:
         name, _, value = item.partition("=")

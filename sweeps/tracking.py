@@ -38,11 +38,10 @@ from typing import Any, Iterable, Optional
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from analysis.mlflowio import search_all
-from analysis.redact import redact
+from analysis.store import StoreInitError, check_store, child_runs
 from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, RUN_PARENT, RUNNING,
-                                 STOPPED, TAG_PARENT, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
-                                 TAG_TRIAL)
+                                 STOPPED, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
+                                 TAG_TRIAL, redact)
 from sweeps import models, storage, tune_guard
 from sweeps.provenance import git_commit, standard_tags
 from sweeps.run_writer import (DEVICE_PARAM, RunWriter, end_tags, get_or_create_experiment, numeric_metrics,
@@ -53,15 +52,14 @@ from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentE
 log = logging.getLogger("capsweep.tracking")
 
 PENDING_FILE = "mlflow_pending.jsonl"
-__all__ = ["MlflowSweepLogger", "TrackingUnavailable", "check_reachable", "child_runs", "find_parent",
+__all__ = ["MlflowSweepLogger", "TrackingUnavailable", "check_reachable", "find_parent",
            "get_or_create_experiment"]
 
 
 def check_reachable(tracking_uri: str, timeout_s: Optional[float] = None) -> None:
     """Fail fast, before any training, when the tracking store cannot be used: one line within about
-    `timeout_s` (sweeps/store_init.py, check_store), also for a database that does not answer or whose
+    `timeout_s` (analysis/store.py, check_store), also for a database that does not answer or whose
     driver is missing."""
-    from sweeps.store_init import StoreInitError, check_store
     try:
         check_store(tracking_uri, timeout_s, flag="mlflow.tracking_uri")
     except StoreInitError as e:
@@ -74,10 +72,6 @@ def find_parent(client: MlflowClient, experiment_id: str, sweep: str):
                               f"tags.`{TAG_ROLE}` = '{RUN_PARENT}' and tags.`{TAG_SWEEP}` = '{sweep}'",
                               max_results=10)
     return runs[0] if runs else None
-
-
-def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
-    return search_all(client, experiment_id, f"tags.`{TAG_PARENT}` = '{parent_id}'")
 
 
 class MlflowSweepLogger(Callback):
@@ -286,8 +280,8 @@ class MlflowSweepLogger(Callback):
 
     def _progress(self, trials: list) -> None:
         """The overall line beside Ray Tune's table: trials ended of planned, by status, the estimate of
-        what is left (analysis/progress.py)."""
-        from analysis.progress import sweep_line
+        what is left (capsmodels/progress.py)."""
+        from capsmodels.progress import sweep_line
         self._ended_here += 1
         counts: dict[str, int] = {}
         for tid in self.ended:

@@ -13,9 +13,8 @@ import time
 
 import torch
 
-from analysis.mlflowio import mlflow_http_env
-from sweeps.models import RUN_TRAIN, TAG_DEVICE_NAME, log_model, open_store
-from sweeps.store_init import StoreInitError, check_store, store_timeout_s
+from analysis.store import StoreInitError, mlflow_http_env, open_client, store_timeout_s
+from sweeps.models import RUN_TRAIN, TAG_DEVICE_NAME, log_model
 
 
 class TrainRunError(RuntimeError):
@@ -32,7 +31,7 @@ class TrainRun:
         """Check the store and create the run with its params, tags and datasets. TrainRunError."""
         from mlflow.exceptions import MlflowException
 
-        from analysis.redact import redact
+        from capsmodels.contract import redact
         from capsmodels import config as runcfg
         from capsmodels.contract import TAG_COMMIT, TAG_ROLE, TAG_STATUS, RUNNING
         from sweeps.provenance import dataset_inputs, git_commit
@@ -40,8 +39,7 @@ class TrainRun:
         from sweeps.sysmetrics import describe_device
         try:
             with mlflow_http_env(max_retries=1, timeout_s=store_timeout_s(), override=False):
-                client = open_store(tracking_uri, create=True)
-                check_store(tracking_uri)
+                client = open_client(tracking_uri, create=True)      # checked: one line if it does not answer
                 experiment_id = get_or_create_experiment(client, experiment)
                 params = runcfg.flatten(runcfg.to_dict(cfg))
                 params[DEVICE_PARAM], device_name = describe_device(device)
@@ -96,7 +94,7 @@ class TrainRun:
         correctness, as a sweep's trial run: run_writer.end_tags), the run's end. Returns the model id."""
         from mlflow.entities import RunTag
 
-        from analysis.redact import redact
+        from capsmodels.contract import redact
         from capsmodels.contract import TAG_STATUS
         from sweeps.run_writer import end_tags
         status = str(final.get("status", ""))

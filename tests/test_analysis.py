@@ -703,7 +703,7 @@ def test_contract_and_analysis_import_neither_ray_mlflow_nor_torch():
     import subprocess
     import sys
     code = ("import sys, capsmodels.contract, analysis, analysis.load, analysis.verdict, analysis.report, "
-            "analysis.cli, analysis.mlflowio\n"
+            "analysis.cli, analysis.mlflowio, analysis.store, analysis.inspect\n"
             "print(sorted(m for m in ('ray', 'mlflow', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "MPLBACKEND": "Agg"})
@@ -722,7 +722,7 @@ def test_every_catalogued_dataset_has_its_class_count_in_the_verdict():
 
 
 def test_mlflow_http_env_is_scoped_and_the_users_setting_wins(monkeypatch):
-    from analysis.mlflowio import mlflow_http_env
+    from analysis.store import mlflow_http_env
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
     with mlflow_http_env(max_retries=2, timeout_s=30):
@@ -738,7 +738,7 @@ def test_mlflow_http_env_is_scoped_and_the_users_setting_wins(monkeypatch):
 
 
 def test_search_all_reads_every_page(tmp_path):
-    from analysis import mlflowio
+    from analysis import store as mlflowio
     client = MlflowClient(f"sqlite:///{tmp_path / 'pages.db'}")
     exp = client.create_experiment("pages")
     for i in range(8):           # 4 of sweep p, 4 of q

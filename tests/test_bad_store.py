@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sweeps.cli import main
-from sweeps.store_init import STORE_TIMEOUT_S
+from analysis.store import STORE_TIMEOUT_S
 from tests.disk_helpers import fill, read_only, small_disk
 from tests.sweep_helpers import TINY_BASE, unanswered_address, write_spec
 
@@ -93,7 +93,7 @@ def test_train_save_opens_its_run_before_training_and_logs_each_epoch_as_it_ends
 def test_train_save_on_a_read_only_store_is_refused_before_training(tmp_path, run_yaml, capsys):
     store = tmp_path / "store"
     store.mkdir()
-    from sweeps.models import open_store
+    from analysis.store import open_client as open_store
     open_store(f"sqlite:///{store}/mlflow.db", create=True)
     with read_only(store):
         code = main(["train", str(run_yaml), "--save", "--quiet", "--tracking-uri", f"sqlite:///{store}/mlflow.db"])
@@ -107,7 +107,7 @@ def test_a_full_store_disk_is_named_and_stops_in_the_stated_time_then_replays(tm
     the disk, not an unreachable server; the queue stops after the stated wait (here 1 s for the test;
     FULL_DISK_S = 120 s in a sweep); freeing space and a new queue deliver everything."""
     from mlflow.entities import Metric  # noqa: F401 - the writer's records carry MLflow metrics
-    from sweeps.models import open_store
+    from analysis.store import open_client as open_store
     from sweeps.run_writer import RunWriter, store_trouble, transient
     from sweeps.write_queue import Metrics, Start, TrackingUnavailable, WriteQueue
     with small_disk(tmp_path / "disk", "3m") as disk:

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from capsmodels.contract import (ROLE_KEY, RUN_PARENT, RUN_TRIAL, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS,
                                  TAG_SWEEP, TAG_TRIAL)
 from sweeps import cli
-from sweeps import inspect as si
+from analysis import inspect as si
+from sweeps import best as sweep_best
 
 SPACE = "model.depth,train.lr"
 # sweep alpha (one objective, val_acc max; 7 trials planned): (trial, depth, lr, seed, role, status, val_acc)
@@ -158,13 +159,13 @@ def test_pareto_mask_against_a_brute_force_reference():
         modes = ["max", "min", "max"]
         s = v * np.array([1, -1, 1])
         brute = [not any((s[j] >= s[i]).all() and (s[j] > s[i]).any() for j in range(len(s))) for i in range(len(s))]
-        assert si.pareto_mask(v.tolist(), modes) == brute
-    assert si.pareto_mask([[1.0, math.nan], [0.0, 0.0]], ["max", "max"]) == [False, True]
+        assert sweep_best.pareto_mask(v.tolist(), modes) == brute
+    assert sweep_best.pareto_mask([[1.0, math.nan], [0.0, 0.0]], ["max", "max"]) == [False, True]
 
 
 def test_log_best_single_objective(store):
     c, pid = store["client"], store["parents"]["alpha"]
-    best = si.log_best(c, pid, ["model.depth", "train.lr"], ["val_acc"], ["max"])
+    best = sweep_best.log_best(c, pid, ["model.depth", "train.lr"], ["val_acc"], ["max"])
     # finished candidates only: (1, 0.01) mean 0.7; (2, 0.01) 0.9 (its failed seed left out)
     assert [(b["params"], b["values"]) for b in best] == [({"model.depth": "2", "train.lr": "0.01"}, {"val_acc": 0.9})]
     run = c.get_run(pid)
@@ -175,7 +176,7 @@ def test_log_best_single_objective(store):
 
 def test_log_best_pareto_set(store):
     c, pid = store["client"], store["parents"]["beta"]
-    best = si.log_best(c, pid, ["model.depth", "train.lr"], ["val_acc", "grad_ratio"], ["max", "max"])
+    best = sweep_best.log_best(c, pid, ["model.depth", "train.lr"], ["val_acc", "grad_ratio"], ["max", "max"])
     assert [b["params"]["model.depth"] for b in best] == ["1", "2"]           # A then B, by val_acc
     doc = _artifact_json(c, pid, "best.json")
     assert doc["kind"] == "pareto" and [b["values"] for b in doc["best"]] == \

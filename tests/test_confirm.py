@@ -24,7 +24,7 @@ from capsmodels import config as runcfg
 from capsmodels.contract import (CANDIDATE, CONTROL, REFERENCE, ROLE_KEY, RUN_TRIAL, TAG_CONFIRMS, TAG_PARENT,
                                  TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP, TAG_TRIAL)
 from sweeps import cli, confirm, extras, search
-from sweeps import inspect as si
+from analysis import inspect as si
 from sweeps.run_writer import param_str, run_params
 from sweeps.spec import SpecError, describe_trials, from_config, resolve_trial, trial_counts
 from tests.sweep_helpers import capsweep_cmd, children, env_for_subprocess, parents, run

@@ -64,11 +64,11 @@ def test_the_parent_run_records_where_the_study_is(store):
 
 def test_a_sweep_from_before_the_tag_is_found_through_its_logged_spec(store, monkeypatch):
     """No tag: the spec.yaml on the parent run gives storage_path and name (absolute here)."""
-    from sweeps import inspect as si
-    client = store["client"]
-    sweep = next(s for s in si.sweeps(client, "capsweep") if s.name == "hunt-a")
+    from analysis.inspect import StoreReader
+    reader = StoreReader(store["uri"])
+    sweep = reader.latest("hunt-a", "capsweep")
     del sweep.parent.data.tags["capsweep.optuna_journal"]       # as an older capsweep wrote it
-    assert dashboard.journal_path(client, sweep) == journal_file(store["spec"])
+    assert dashboard.journal_path(reader, sweep) == journal_file(store["spec"])
     assert dashboard.study_id(journal_file(store["spec"]), "hunt-a") == 0
 
 

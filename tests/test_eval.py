@@ -27,7 +27,7 @@ def saved(tmp_path_factory):
     cfg = work / "run.yaml"
     cfg.write_text(yaml.safe_dump(base))
     uri = f"sqlite:///{work}/mlflow.db"
-    from sweeps.models import open_store
+    from analysis.store import open_client as open_store
     open_store(uri, create=True).create_experiment("capsweep", artifact_location=str(work / "artifacts"))
     code = main(["train", str(cfg), "--quiet", "--save", "--tracking-uri", uri])
     assert code == 0
@@ -153,7 +153,7 @@ def test_data_and_evaluation_overrides_act(saved, capsys):
 
 
 def test_eval_says_what_it_does_while_it_works(saved, capsys, monkeypatch):
-    """The status line (analysis/progress.py; on a terminal, or with CAPSWEEP_PROGRESS=1): the store, the
+    """The status line (capsmodels/progress.py; on a terminal, or with CAPSWEEP_PROGRESS=1): the store, the
     model, the data; erased before the figures are printed."""
     work, uri, client, run = saved
     monkeypatch.setenv("CAPSWEEP_PROGRESS", "1")

@@ -48,7 +48,7 @@ def test_resume_command_is_the_starting_command_with_resume():
 def dead_sweep(tmp_path):
     """A parent tagged running with one finished and one running trial, as a driver SIGKILLed 120 s
     ago leaves them."""
-    from sweeps.models import open_store
+    from analysis.store import open_client as open_store
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = open_store(uri, create=True)
     exp = client.create_experiment("capsweep")
@@ -94,7 +94,7 @@ def test_the_report_says_the_sweep_is_interrupted(dead_sweep):
 
 def test_the_driver_heartbeat_renews_the_tag_until_it_stops(tmp_path):
     from sweeps.heartbeat import Heartbeat
-    from sweeps.models import open_store
+    from analysis.store import open_client as open_store
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = open_store(uri, create=True)
     run_id = client.create_run(client.create_experiment("e")).info.run_id

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from analysis import plots
 from analysis.interactive import tick_values
 from analysis.load import load_sweep
-from analysis.progress import Status, duration, sweep_line
+from capsmodels.progress import Status, duration, sweep_line
 from analysis.report import write_report
 from analysis.verdict import annotate, compute_verdict
 from sweeps.runner import create_parent

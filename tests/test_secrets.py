@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from analysis.redact import redact
+from capsmodels.contract import redact
 from sweeps.cli import main
 from tests.sweep_helpers import capsweep_cmd, env_for_subprocess, parents, run, write_spec
 
@@ -48,7 +48,7 @@ def test_the_command_recorded_on_runs_has_no_password():
 
 def test_the_parent_spec_artifact_has_no_password(tmp_path):
     from sweeps import runner
-    from sweeps.models import open_store
+    from analysis.store import open_client as open_store
     from sweeps.spec import load_spec
     client = open_store(f"sqlite:///{tmp_path}/mlflow.db", create=True)
     exp = client.create_experiment("capsweep", artifact_location=str(tmp_path / "art"))

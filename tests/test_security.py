@@ -23,6 +23,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from analysis.store import open_client
 from sweeps.cli import main
 from tests.sweep_helpers import TINY_BASE
 
@@ -68,7 +69,7 @@ def shared(tmp_path_factory):
     here = os.getcwd()
     os.chdir(work)          # the Default experiment's artifacts: ./mlruns of the folder that creates the store
     try:
-        client = models.open_store(uri, create=True)
+        client = open_client(uri, create=True)
     finally:
         os.chdir(here)
     exp = client.create_experiment("capsweep", artifact_location=str(work / "artifacts"))
@@ -159,7 +160,7 @@ def _log_legacy(tmp_path, client, uri, exp, net, config) -> tuple[str, str]:
     run_id = client.create_run(exp, run_name="legacy").info.run_id
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    from analysis.mlflowio import scoped_environ
+    from analysis.store import scoped_environ
     with scoped_environ({"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": exp}, override=True):   # fluent API
         info = mlflow.pytorch.log_model(ScoresNet(net), name="model", run_id=run_id, extra_files=[str(cfg)],
                                         serialization_format="pickle", pip_requirements=["torch"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.store_init import StoreInitError, init_store, lock_path, sqlite_path
+from analysis.store import StoreInitError, init_store, lock_path, sqlite_path
 from tests.sweep_helpers import capsweep_cmd, env_for_subprocess, wait_for, write_spec
 
 def _port() -> int:

@@ -71,7 +71,7 @@ def test_sweep_logs_one_child_run_per_trial(finished_sweep):
 
 def test_run_prints_an_overall_line_as_each_trial_ends(finished_sweep):
     """Beside Ray Tune's table: `k/8 trials ended` once per trial, in order, with the time spent and,
-    until the last, an estimate of what is left (analysis/progress.py sweep_line)."""
+    until the last, an estimate of what is left (capsmodels/progress.py sweep_line)."""
     work, client, proc = finished_sweep
     lines = [l for l in proc.stdout.splitlines() if re.match(r"capsweep: \d+/8 trials ended", l)]
     assert [int(re.match(r"capsweep: (\d+)/8", l).group(1)) for l in lines] == list(range(1, 9)), lines

@@ -14,7 +14,7 @@ from tests.sweep_helpers import capsweep_cmd, children, env_for_subprocess, pare
 
 @pytest.fixture()
 def store_and_spec(tmp_path):
-    from sweeps.models import open_store
+    from analysis.store import open_client as open_store
     from sweeps.spec import load_spec
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = open_store(uri, create=True)
@@ -73,7 +73,7 @@ def test_a_sweep_refused_after_taking_its_lock_leaves_no_storage_folder(tmp_path
 @pytest.mark.slow     # two real drivers (~1-2 min); the default run checks the claim on a real store above
 def test_two_drivers_of_one_name_from_two_folders_leave_one_parent(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    from sweeps.models import open_store
+    from analysis.store import open_client as open_store
     open_store(uri, create=True)
     procs = []
     for side in ("a", "b"):

@@ -31,7 +31,7 @@ def mlflow_trials(tracking_uri: str, experiment: str) -> list[dict]:
     """Each trial run, by start time: trial id, start and end (epoch seconds), `time_s` per epoch."""
     from mlflow.tracking import MlflowClient
 
-    from analysis.mlflowio import search_all
+    from analysis.store import search_all
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

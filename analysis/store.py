@@ -1,4 +1,14 @@
-"""Create and migrate a local SQLite MLflow store once, under one file lock, before anything uses it.
+"""The one way to a tracking store, for the writer (sweeps) and the reader (analysis) alike.
+
+What both sides need of a store lives here and only here: which store a command means
+(`resolve_tracking_uri`: the flag, else $MLFLOW_TRACKING_URI, else MLflow's own default), the file of a
+SQLite store (`sqlite_path`), creating and migrating it under its lock (`init_store`), checking that a
+store answers in a stated time (`check_store`), a client on an existing store (`open_client`), every page
+of a run search (`search_all`), a sweep's trial runs as rows (`trial_rows`), and scoped MLFLOW_HTTP_*
+settings (`scoped_environ`, `mlflow_http_env`). sweeps imports nothing else of analysis (its CLI aside,
+which dispatches the read-only commands); analysis never imports sweeps.
+
+Creating and migrating a local SQLite store once, under one file lock, before anything uses it.
 
 Why: MLflow creates a fresh SQLite store in whichever process opens it first (tables, then alembic's
 migrations, then the default experiment). Two processes doing that at once (`capsweep run` and
@@ -16,14 +26,20 @@ match one row ... 0 found", "table ... already exists", a duplicate default expe
   wait (bounded), since the other process finishes the schema and our re-open finds it complete.
 Any failure left is one line (`StoreInitError`), never a traceback.
 
-Imports: the standard library and filelock only at module level (analysis imports this module and
-must not pull in torch or ray); mlflow inside the functions.
+Imports: the standard library only at module level (importing analysis pulls in neither torch, ray nor
+mlflow); filelock and mlflow inside the functions.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Mapping, Optional
+
+from capsmodels.contract import (CANDIDATE, DEFAULT_TRACKING_URI, ROLE_KEY, RUN_TRIAL, RUNNING, TAG_PARENT,
+                                 TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_TRIAL, TRACKING_URI_ENV, redact)
 
 LOCK_SUFFIX = ".lock"           # <db>.lock beside the store
 ATTEMPTS = 10                   # opens tried while another process creates the schema
@@ -35,9 +51,16 @@ STORE_TIMEOUT_S = 10.0          # check_store: a store that has not answered by 
 STORE_TIMEOUT_ENV = "CAPSWEEP_STORE_TIMEOUT"   # seconds, to wait longer for a slow link (or less)
 
 
+def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
+    """The store a command means: the URI given, else $MLFLOW_TRACKING_URI, else MLflow's own default
+    `sqlite:///mlflow.db` in the working folder (capsmodels.contract.DEFAULT_TRACKING_URI). The one place
+    this rule is written: the spec's `mlflow.tracking_uri`, every command's --tracking-uri and the
+    report resolve through it."""
+    return tracking_uri or os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
+
+
 def store_timeout_s() -> float:
     """STORE_TIMEOUT_S, or $CAPSWEEP_STORE_TIMEOUT when set to a positive number."""
-    import os
     try:
         value = float(os.environ.get(STORE_TIMEOUT_ENV, ""))
     except ValueError:
@@ -58,6 +81,23 @@ def sqlite_path(uri: str) -> Optional[Path]:
     if raw in ("", ":memory:"):
         return None
     return Path(raw).expanduser().resolve()
+
+
+def missing_store(uri: str) -> Optional[str]:
+    """The path of a file store named by `uri` that does not exist (a sqlite file, a `file:` folder, a
+    bare path), else None. Opening one with MLflow silently creates an empty store, so a reader refuses
+    it instead: a typo in the path gives a clear message rather than 'experiment not found'."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        if path in ("", ":memory:"):
+            return None
+    elif uri.startswith("file:"):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri[5:]
+    elif "://" not in uri:
+        path = uri
+    else:
+        return None
+    return None if os.path.exists(path) else path
 
 
 def lock_path(db: Path) -> Path:
@@ -168,10 +208,8 @@ def check_store(uri: str, timeout_s: Optional[float] = None, flag: str = "--trac
     database connection waits for the OS's TCP timeout), a database URI whose Python driver is not
     installed. The probe runs in a thread that is given up on at the deadline, so no call can hold the
     command past it."""
-    import os
     import threading
-    from analysis.redact import redact_uri
-    shown = redact_uri(uri)
+    shown = redact(uri)
     timeout_s = store_timeout_s() if timeout_s is None else timeout_s
     outcome: dict = {}
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s)))}
@@ -219,10 +257,101 @@ def check_store(uri: str, timeout_s: Optional[float] = None, flag: str = "--trac
     text = str(e)
     reason = next((w for w in ("Connection refused", "Name or service not known", "No route to host",
                                "Temporary failure in name resolution", "Network is unreachable") if w in text),
-                  None) or redact_uri(_one_line(e, 200))
+                  None) or redact(_one_line(e, 200))
     raise StoreInitError(f"{flag}: cannot read the MLflow store at {shown} ({reason})")
 
 
 def _one_line(e: Optional[BaseException], limit: int = 240) -> str:
     msg = " ".join(str(e).split())
     return msg[:limit] + ("..." if len(msg) > limit else "")
+
+
+def open_client(uri: str, create: bool = False, check: bool = True):
+    """An MlflowClient on the store at `uri`, its SQLite file created/migrated under its lock first;
+    None when it is a SQLite file that does not exist and `create` is False (a reader must not create an
+    empty store). check: the store must answer within store_timeout_s() (StoreInitError otherwise)."""
+    from mlflow.tracking import MlflowClient
+    if not init_store(uri, create=create):
+        return None
+    if check:
+        check_store(uri)
+    return MlflowClient(uri)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading runs and scoping MLflow's HTTP settings
+
+PAGE = 1000     # runs per search_runs page: MLflow's REST cap is 50,000, but big pages cost server memory
+
+
+def search_all(client, experiment_id: str, filter_string: str = "", progress: bool = False,
+               what: str = "runs") -> list:
+    """All active runs of `experiment_id` matching `filter_string`, page by page. `progress`: a
+    counter on stderr (`loading <what>: N`)."""
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=PAGE,
+                                  page_token=token)
+        out.extend(page)
+        if progress:
+            print(f"\rloading {what}: {len(out)}", end="", file=sys.stderr, flush=True)
+        token = page.token
+        if not token:
+            break
+    if progress:
+        print(file=sys.stderr)
+    return out
+
+
+@contextmanager
+def scoped_environ(values: Mapping[str, str], override: bool = True) -> Iterator[None]:
+    """Set environment variables for the `with` block and restore them after, so a caller that runs
+    inside another program (tests, the sweeps CLI calling the report) leaves its environment as it was.
+    override=False: a variable the user set already wins."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if override or k not in os.environ:
+            os.environ[k] = str(v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def mlflow_http_env(max_retries: int, timeout_s: float, override: bool = False):
+    """MLflow's HTTP client retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7 with exponential
+    backoff) and waits (MLFLOW_HTTP_REQUEST_TIMEOUT, default 120 s) for minutes inside one call; the
+    sweep logger buffers and retries itself and the report should fail in seconds, so each sets its
+    own bounds for its block. MLflow reads both at every request."""
+    return scoped_environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(max_retries)),
+                           "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}, override=override)
+
+
+def quote(s: Optional[str]) -> str:
+    """Escape a value for an MLflow filter string literal."""
+    return (s or "").replace("\\", "\\\\").replace("'", "\\'")
+
+
+def child_runs(client, experiment_id: str, parent_id: str, trials_only: bool = False) -> list:
+    """Every active run nested under the parent run `parent_id` (trials_only: those tagged as a sweep's
+    trial), all pages."""
+    flt = f"tags.`{TAG_PARENT}` = '{parent_id}'"
+    return search_all(client, experiment_id, flt + (f" and tags.`{TAG_ROLE}` = '{RUN_TRIAL}'" if trials_only else ""))
+
+
+def trial_rows(client, experiment_id: str, parent_id: str) -> list[dict]:
+    """One dict per trial run of the sweep whose parent is `parent_id`: run_id, run_name (as the MLflow
+    UI lists it), trial_id, status, role, seed, params (every logged param, the flattened trial config)
+    and metrics (each metric's last logged value); sorted by trial id."""
+    rows = []
+    for r in child_runs(client, experiment_id, parent_id, trials_only=True):
+        tags = r.data.tags
+        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name or "", "trial_id": tags.get(TAG_TRIAL, ""),
+                     "status": tags.get(TAG_STATUS, RUNNING), "role": r.data.params.get(ROLE_KEY, CANDIDATE),
+                     "seed": tags.get(TAG_SEED, ""), "params": dict(r.data.params),
+                     "metrics": dict(r.data.metrics)})
+    return sorted(rows, key=lambda row: row["trial_id"])

@@ -1,14 +1,11 @@
-"""Read sweeps back from an MLflow store: `capsweep ls`, `status`, `export`, `compare`, and the best
-configuration(s) the runner logs on a sweep's parent run at its end.
+"""Read sweeps back from an MLflow store: `capsweep ls`, `status`, `export`, `compare`, and the read side
+of `capsweep confirm` and `capsweep dashboard` (the exploration, its logged spec, its verdict).
 
 Everything here reads what the runner wrote (tags and params of capsmodels/contract.py; the parent's
-`sweep.*` params, sweeps/runner.py `create_parent`; `report/verdict.json` after `capsweep report`),
-so it works the same on a local SQLite store and on a cluster's MLflow server while a submitted
-sweep runs. No Ray, no torch: these commands answer in seconds.
-
-A configuration is a candidate trial's values of the sweep's space keys (`sweep.space`); its score
-for objective m is the mean over its seeds of each trial's last logged m, the number Optuna was told
-(sweeps/search.py, SeedRepeater). Several objectives: the Pareto set of those means.
+`sweep.*` params; `report/verdict.json` after `capsweep report`), so it works the same on a local
+SQLite store and on a cluster's MLflow server while a submitted sweep runs. No Ray, no torch: these
+commands answer in seconds. The best configuration(s) the runner logs at a sweep's end are the
+writer's (sweeps/best.py).
 """
 from __future__ import annotations
 
@@ -23,11 +20,9 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from capsmodels.contract import (CANDIDATE, FAILED, FINISHED, HEARTBEAT_STALE_S, INTERRUPTED, ROLE_KEY,
-                                 RUN_PARENT, RUN_TRIAL, RUNNING, STATUSES, TAG_PARENT, TAG_ROLE, TAG_SEED,
-                                 TAG_STATUS, TAG_SWEEP, TAG_TRIAL, heartbeat_age, resume_command, sweep_state)
+                                 RUN_PARENT, RUNNING, STATUSES, TAG_ROLE, TAG_STATUS, TAG_SWEEP, heartbeat_age,
+                                 resume_command, sweep_state)
 
-BEST_FILE = "best.json"
-BEST_TAG = "capsweep.best"          # capsweep.best.<space key> = value (single objective only)
 VERDICT_PATH = "report/verdict.json"
 SPEC_PATH = "spec.yaml"             # the resolved spec, on every parent run (sweeps/runner.py)
 STATES = ("running", FINISHED, FAILED, INTERRUPTED)
@@ -68,17 +63,17 @@ class Sweep:
 
 # ---- store access ---------------------------------------------------------------------------------
 def open_client(uri: str):
-    """An MlflowClient on an existing store (created/migrated under its lock, sweeps/store_init.py);
-    a SQLite file that does not exist is bad input, not a new empty store."""
-    from sweeps.store_init import StoreInitError, check_store, init_store
+    """An MlflowClient on an existing store (created/migrated under its lock, analysis/store.py); a SQLite
+    file that does not exist is bad input, not a new empty store; a server that does not answer is one
+    line within store_timeout_s(), not a hang."""
+    from analysis.store import StoreInitError, open_client as open_store
     try:
-        if not init_store(uri, create=False):
-            raise InspectError(f"--tracking-uri: no MLflow store at {uri} (run a sweep first, or pass --tracking-uri)")
-        check_store(uri)      # a server that does not answer: one line within STORE_TIMEOUT_S, not a hang
+        client = open_store(uri)
     except StoreInitError as e:
         raise InspectError(str(e)) from None
-    from mlflow.tracking import MlflowClient
-    return MlflowClient(uri)
+    if client is None:
+        raise InspectError(f"--tracking-uri: no MLflow store at {uri} (run a sweep first, or pass --tracking-uri)")
+    return client
 
 
 def _experiments(client, experiment: Optional[str]) -> list:
@@ -93,7 +88,7 @@ def _experiments(client, experiment: Optional[str]) -> list:
 
 def sweeps(client, experiment: Optional[str] = None) -> list[Sweep]:
     """Every sweep (parent run) of the experiment (None: of every experiment), oldest first."""
-    from analysis.mlflowio import search_all
+    from analysis.store import search_all
     out = []
     for exp in _experiments(client, experiment):
         for run in search_all(client, exp.experiment_id, f"tags.`{TAG_ROLE}` = '{RUN_PARENT}'"):
@@ -114,19 +109,9 @@ def find_sweep(client, name: str, experiment: str) -> Sweep:
 
 
 def trial_rows(client, sweep: Sweep) -> list[dict]:
-    """One dict per trial run: run_id, run_name (as the MLflow UI lists it), trial_id, status, role, seed, params (every logged param,
-    the flattened trial config) and metrics (each metric's last logged value)."""
-    from analysis.mlflowio import search_all
-    runs = search_all(client, sweep.experiment_id,
-                      f"tags.`{TAG_PARENT}` = '{sweep.parent.info.run_id}' and tags.`{TAG_ROLE}` = '{RUN_TRIAL}'")
-    rows = []
-    for r in runs:
-        tags = r.data.tags
-        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name or "", "trial_id": tags.get(TAG_TRIAL, ""),
-                     "status": tags.get(TAG_STATUS, RUNNING), "role": r.data.params.get(ROLE_KEY, CANDIDATE),
-                     "seed": tags.get(TAG_SEED, ""), "params": dict(r.data.params),
-                     "metrics": dict(r.data.metrics)})
-    return sorted(rows, key=lambda row: row["trial_id"])
+    """The sweep's trial runs as rows (analysis/store.py, trial_rows)."""
+    from analysis.store import trial_rows as rows
+    return rows(client, sweep.experiment_id, sweep.parent.info.run_id)
 
 
 def state(sweep: Sweep, now: Optional[float] = None) -> str:
@@ -172,85 +157,11 @@ def logged_verdict(client, sweep: Sweep) -> Optional[dict]:
         return None
     if VERDICT_PATH not in names:
         return None
-    from analysis.mlflowio import scoped_environ
+    from analysis.store import scoped_environ
     with tempfile.TemporaryDirectory() as tmp, \
             scoped_environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):   # stderr: our one line
         path = client.download_artifacts(sweep.parent.info.run_id, VERDICT_PATH, tmp)
         return json.loads(Path(path).read_text())
-
-
-# ---- best configurations --------------------------------------------------------------------------
-def pareto_mask(values: list[list[float]], modes: list[str]) -> list[bool]:
-    """True for the rows no other row dominates (at least as good in every objective, better in one).
-    values: (n, k) with NaN allowed (a NaN row is never on the front)."""
-    import numpy as np
-    v = np.asarray(values, dtype=float).reshape(len(values), len(modes))
-    v = v * np.array([1.0 if m == "max" else -1.0 for m in modes])      # all maximised
-    ok = ~np.isnan(v).any(axis=1)
-    # dominated[i, j]: row j dominates row i, all pairs at once: (n, n, k) comparisons
-    ge = (v[None, :, :] >= v[:, None, :]).all(axis=2)
-    gt = (v[None, :, :] > v[:, None, :]).any(axis=2)
-    dominated = (ge & gt & ok[None, :]).any(axis=1)
-    return list(ok & ~dominated)
-
-
-def configurations(rows: list[dict], keys: list[str], metrics: list[str]) -> list[dict]:
-    """Candidate configurations with their seed means over finished trials:
-    [{params: {key: value}, seeds: [...], values: {metric: mean}, run_ids: [...]}]."""
-    groups: dict[tuple, dict] = {}
-    for row in rows:
-        if row["role"] != CANDIDATE or row["status"] != FINISHED:
-            continue
-        params = {k: row["params"].get(k) for k in keys}
-        g = groups.setdefault(tuple(params.items()), {"params": params, "seeds": [], "run_ids": [],
-                                                      "scores": {m: [] for m in metrics}})
-        g["seeds"].append(row["seed"])
-        g["run_ids"].append(row["run_id"])
-        for m in metrics:
-            x = row["metrics"].get(m)
-            if x is not None and math.isfinite(x):
-                g["scores"][m].append(float(x))
-    out = []
-    for g in groups.values():
-        values = {m: (sum(s) / len(s) if s else math.nan) for m, s in g.pop("scores").items()}
-        out.append({**g, "values": values})
-    return out
-
-
-def best_configurations(rows: list[dict], keys: list[str], metrics: list[str], modes: list[str]) -> list[dict]:
-    """One objective: the configuration with the best seed mean (ties: the first). Several: the
-    Pareto set of the seed means, sorted by the first objective."""
-    configs = [c for c in configurations(rows, keys, metrics) if all(math.isfinite(c["values"][m]) for m in metrics)]
-    if not configs:
-        return []
-    if len(metrics) == 1:
-        sign = 1.0 if modes[0] == "max" else -1.0
-        return [max(configs, key=lambda c: sign * c["values"][metrics[0]])]
-    keep = pareto_mask([[c["values"][m] for m in metrics] for c in configs], modes)
-    front = [c for c, k in zip(configs, keep) if k]
-    return sorted(front, key=lambda c: c["values"][metrics[0]], reverse=modes[0] == "max")
-
-
-def log_best(client, parent_id: str, keys: list[str], metrics: list[str], modes: list[str]) -> list[dict]:
-    """Compute the best configuration(s) of a finished sweep and log them on its parent run:
-    `best.json` ({objectives, modes, best: [...]}), metrics `best.<metric>` and, for one objective,
-    tags `capsweep.best.<key>` (tags: a resumed sweep may log them again)."""
-    import time
-    from mlflow.entities import Metric, RunTag
-    parent = client.get_run(parent_id)
-    sweep = Sweep(parent.data.tags.get(TAG_SWEEP, ""), "", parent.info.experiment_id, parent)
-    sweep.trials = trial_rows(client, sweep)
-    best = best_configurations(sweep.trials, keys, metrics, modes)
-    doc = {"objectives": metrics, "modes": modes, "kind": "best" if len(metrics) == 1 else "pareto",
-           "best": best}
-    client.log_text(parent_id, json.dumps(doc, indent=2, default=str), BEST_FILE)
-    now = int(time.time() * 1000)
-    if best:
-        tags = [RunTag(f"{BEST_TAG}.{k}", str(v)) for k, v in best[0]["params"].items()] if len(best) == 1 else []
-        tags.append(RunTag(f"{BEST_TAG}.count", str(len(best))))
-        ms = [Metric(f"best.{m}", best[0]["values"][m], now, 0) for m in metrics] if len(best) == 1 else []
-        client.log_batch(parent_id, metrics=ms, tags=tags)
-    return best
 
 
 # ---- the commands' bodies -------------------------------------------------------------------------
@@ -353,7 +264,7 @@ def logged_spec(client, sweep: Sweep) -> Optional[str]:
         return None
     if SPEC_PATH not in names:
         return None
-    from analysis.mlflowio import scoped_environ
+    from analysis.store import scoped_environ
     with tempfile.TemporaryDirectory() as tmp, \
             scoped_environ({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
         return Path(client.download_artifacts(sweep.parent.info.run_id, SPEC_PATH, tmp)).read_text()
@@ -430,3 +341,37 @@ def write_export(sweep: Sweep, path: Optional[str]) -> str:
     except OSError as e:
         raise InspectError(f"--csv: cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+# ---- the read side of `capsweep confirm` and `capsweep dashboard` ----------------------------------------
+class StoreReader:
+    """What the writer's commands read of a store before they write (sweeps/confirm.py plans a
+    confirmation from an exploration; sweeps/dashboard.py finds an Optuna sweep's journal): handed to
+    them by the CLI (analysis/cli.py, `reader`), so sweeps reads sweeps back through analysis without
+    importing it. Each method raises InspectError (one line) for bad input."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.client = open_client(uri)
+
+    def find(self, name: str, experiment: str) -> Sweep:
+        """The most recent sweep of that name, with its trial rows."""
+        return find_sweep(self.client, name, experiment)
+
+    def latest(self, name: str, experiment: str) -> Sweep:
+        """The most recent sweep of that name, without reading its trials."""
+        sweep = next((s for s in reversed(sweeps(self.client, experiment)) if s.name == name), None)
+        return sweep if sweep is not None else find_sweep(self.client, name, experiment)   # its one-line refusal
+
+    def spec_text(self, sweep: Sweep) -> Optional[str]:
+        return logged_spec(self.client, sweep)
+
+    def confirm_section(self, sweep: Sweep) -> dict:
+        return confirm_section(sweep, self.uri)
+
+    def sweep_names(self, experiment: str) -> set[str]:
+        """The sweep names of an experiment (none when it does not exist yet)."""
+        try:
+            return {s.name for s in sweeps(self.client, experiment)}
+        except InspectError:
+            return set()
