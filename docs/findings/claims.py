@@ -94,6 +94,50 @@ def accuracy_check(r, sel) -> str:
     return f"[{row['check.accuracy.lo']:+.3f}, {row['check.accuracy.hi']:+.3f}]"
 
 
+@claim()
+def holm_level(r, sel) -> Num:
+    """The level the most promising candidate's p-value must be under for the sweep to say yes: Holm's
+    first step, alpha / the number of candidates in the family (verdict.json `family`)."""
+    fam = r.raw.get("family") or {}
+    if not fam.get("candidates"):
+        raise ClaimError(f"{r.name}: verdict.json has no family of candidates")
+    return Num(float(fam["alpha"]) / int(fam["candidates"]), ".2g")
+
+
+@claim()
+def plan(r, field: str, sel) -> object:
+    """A field of the report's confirmation plan (verdict.json `confirm`): `seeds` (fresh seeds per
+    configuration), `top` (how many candidates), `command`; `ids` the ranked candidates it re-runs."""
+    p = r.raw.get("confirm") or {}
+    if field == "ids":
+        return join([c["id"] for c in (p.get("ranked") or [])[: int(p.get("top") or 0)]] or ["none"])
+    if field not in p:
+        raise ClaimError(f"{r.name}: the confirmation plan has no {field!r}")
+    v = p[field]
+    return Num(v, "d") if isinstance(v, int) else str(v)
+
+
+@claim()
+def configs_table(r, sel) -> str:
+    """The selected configurations as the report's first table reads them, in id order: verdict,
+    test accuracy (mean over finished seeds), the accuracy check's difference to the matched depth-0
+    reference with its Welch bounds, grad_ratio, the gradient floor (smallest act_grad over the routed
+    layers) and the worst hidden layer's starved and dead fractions."""
+    rows = select(r, sel).sort_values("id")
+    lines = ["| id | configuration | verdict | test acc | Δ acc vs ref [Welch bounds] | grad ratio "
+             "| min act_grad | starved | dead |", "|" + "---|" * 9]
+    for _, row in rows.iterrows():
+        label = " ".join(t for t in str(row["label"]).split() if not t.startswith("arch=capsnet"))
+        diff = row.get("check.accuracy.diff")
+        delta = ("n/a" if diff is None or diff != diff else
+                 f"{diff:+.3f} [{row['check.accuracy.lo']:+.3f}, {row['check.accuracy.hi']:+.3f}]")
+        cells = [row["id"], label, str(row["verdict"]), f"{row['test_acc']:.3f}", delta,
+                 lib.fmt(row["grad_ratio"], "sci2"), lib.fmt(row["act_grad_min"], "sci2"),
+                 lib.fmt(row.get("starved_worst"), ".2g"), lib.fmt(row.get("dead_worst"), ".2g")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tables rendered whole
 

@@ -1,12 +1,20 @@
-# The findings runs of docs/FINDINGS.md, from the repository root (2 CPU cores; about 1.5 hours together
-# on an otherwise idle machine). The specs are in this folder; the sweeps add their own cnn controls.
+# The findings runs of docs/FINDINGS.md, from the repository root, on 2 CPU cores (Fashion-MNIST from
+# Debian's dataset-fashion-mnist). Each report folder keeps the spec it was made from (spec.yaml); the
+# specs here are the ones to run next. The sweeps add their own cnn controls.
+#
+# Under the convergence protocol (docs/PROBES.md, "Which epoch"); about 2.5 hours on 2 idle cores:
 capsweep run docs/findings/findings-depth.yaml --num-cpus 2
 capsweep run docs/findings/findings-bias.yaml --num-cpus 2
-capsweep report --experiment capsweep --sweep findings-depth --out docs/findings/depth
-capsweep report --experiment capsweep --sweep findings-bias --reference findings-depth --out docs/findings/bias
-# issue #11: the parse-tree sweep on the generated `parts` dataset and the remedies sweep (about 1 hour
-# together on 2 shared cores).
+capsweep report findings-depth --out docs/findings/depth
+capsweep report findings-bias --reference findings-depth --out docs/findings/bias
+# the candidate findings-depth flags, on 12 fresh seeds (48 trials, about 1.5 hours on 2 cores):
+capsweep confirm findings-depth --top 1 --num-cpus 2
+capsweep report findings-depth-confirm --out docs/findings/confirm
+#
+# Not re-run under this protocol (their reports are the earlier instrument's, commit 61739c6):
 capsweep run docs/findings/findings-parse-tree.yaml --num-cpus 2
 capsweep run docs/findings/findings-remedies.yaml --num-cpus 2
-capsweep report --experiment capsweep --sweep findings-parse-tree --out docs/findings/parse_tree
-capsweep report --experiment capsweep --sweep findings-remedies --out docs/findings/remedies
+capsweep report findings-parse-tree --out docs/findings/parse_tree
+capsweep report findings-remedies --out docs/findings/remedies
+#
+# Then: python docs/findings/claims.py   (renders docs/FINDINGS.md from the reports)

@@ -138,10 +138,11 @@ def _config_row(c: dict, extra: dict[str, dict]) -> dict:
 
 
 def load_spec(name: str, sweep: Optional[str], root: Path = FINDINGS_DIR) -> dict:
-    """The sweep spec committed beside the report (root/<sweep>.yaml, else root/findings-<name>.yaml),
-    {} when there is none."""
+    """The sweep spec the report was made from: root/<name>/spec.yaml (a report keeps its own spec, so
+    a spec edited for the next run cannot change what an old report's claims read), else the one
+    committed beside it (root/<sweep>.yaml, root/findings-<name>.yaml); {} when there is none."""
     import yaml                       # a project dependency (pyproject), like numpy and pandas
-    for cand in ([f"{sweep}.yaml"] if sweep else []) + [f"findings-{name.replace('_', '-')}.yaml"]:
+    for cand in [f"{name}/spec.yaml"] + ([f"{sweep}.yaml"] if sweep else []) + [f"findings-{name.replace('_', '-')}.yaml"]:
         path = root / cand
         if path.is_file():
             return yaml.safe_load(path.read_text()) or {}
