@@ -11,23 +11,24 @@ SWEEP (or `--sweep SWEEP`, the same): the sweep to report, by default the experi
 Also `python -m analysis ...`. Exit codes, as every capsweep subcommand: 0 report written; 2 bad input
 or bad arguments (one line on stderr: missing store, experiment or sweep, no finished trial, runs
 without the probes, a flag out of range); 1 a failure while running (the store fails mid-read, the
-report cannot be written or logged).
+report cannot be written or logged); 130 interrupted. Both CLIs run their commands through
+capsmodels/command.py (one-line errors, the exit code a CapsweepError carries, CAPSWEEP_DEBUG).
 The rules the flags set: docs/PROBES.md, "The verdict".
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
-from typing import NoReturn, Optional
+from typing import Optional
 
-from analysis.errors import AnalysisError, one_line
-from analysis.inspect import InspectError  # noqa: F401 - the read-only commands' bad input (the sweeps CLI catches it)
-from capsmodels.contract import redact
+from analysis.errors import AnalysisError
+from analysis.inspect import InspectError  # noqa: F401 - the read-only commands' bad input (a CapsweepError)
 from analysis.store import mlflow_http_env
-from capsmodels.contract import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRACKING_URI_ENV
+from capsmodels.command import OneLineParser, fail, one_line_failures, parsed, run_command
+from capsmodels.contract import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRACKING_URI_ENV, redact
+from capsmodels.errors import EXIT_FAILED, CapsweepError
 
 PROG = "capsweep report"
 REPLACED = {"--acc-tolerance": "--acc-margin (a non-inferiority margin)",
@@ -36,18 +37,10 @@ IGNORED = {"--bootstrap": "the verdict uses t bounds, not a bootstrap",
            "--seed": "the verdict uses t bounds, not a bootstrap"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`capsweep report: error: ...`, exit 2), not usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{PROG}: error: {one_line(message)} (see {PROG} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from analysis.verdict import Thresholds
     d = Thresholds()
-    p = _Parser(prog=PROG, description="Decide whether any CapsNet configuration of a sweep escapes "
+    p = OneLineParser(prog=PROG, description="Decide whether any CapsNet configuration of a sweep escapes "
                 "vanishing gradients and capsule starvation, and write the report. A candidate (CapsNet, "
                 "depth >= 1) escapes when every check passes at level --alpha: accuracy and gradient floor "
                 "non-inferior to the matched depth-0 CapsNet (Welch one-sided test with a margin), grad_ratio, "
@@ -101,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
     """Range checks argparse types cannot express; each error is one line, exit 2. Also the one sweep
-    name of the positional and --sweep."""
+    name of the positional and --sweep. Returns `a`."""
     if a.sweep is not None and a.sweep_opt is not None and a.sweep != a.sweep_opt:
         p.error(f"sweep: named twice ({a.sweep!r} and --sweep {a.sweep_opt!r}); name it once")
     a.sweep = a.sweep if a.sweep is not None else a.sweep_opt
@@ -130,6 +123,7 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--ui-url: {a.ui_url!r} is not allowed; give the UI's http(s) address, e.g. http://127.0.0.1:5000")
     if a.reference is not None and (not a.reference or a.reference == a.sweep):
         p.error(f"--reference: {a.reference!r} is not allowed; must name another sweep of the experiment")
+    return a
 
 
 def _quiet_mlflow() -> None:
@@ -143,18 +137,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for old, new in REPLACED.items():
         if any(a == old or a.startswith(old + "=") for a in argv):
-            print(f"{PROG}: error: {old} was replaced by {new} (see {PROG} --help)", file=sys.stderr)
-            return 2
-    try:
-        args = parser.parse_args(argv)
-        _check(parser, args)
-    except SystemExit as e:  # argparse printed usage + error (2) or --help (0)
-        return int(e.code) if isinstance(e.code, int) else 2
+            return fail(PROG, f"{old} was replaced by {new} (see {PROG} --help)")
+    args = parsed(lambda: _check(parser, parser.parse_args(argv)))
+    if isinstance(args, int):       # argparse's one-line error (2) or --help (0)
+        return args
+    # MLflow/network/disk errors are one line too, the traceback only with CAPSWEEP_DEBUG
+    return run_command(PROG, lambda: _report(args), failures_as_line=True)
+
+
+def _report(args: argparse.Namespace) -> int:
     import warnings
     from capsmodels.progress import Status
-    status = Status(PROG)      # a status line on a terminal: the store, the verdict and the figures take seconds
-    status("opening the store")
-    try:
+    # a status line on a terminal: the store, the verdict and the figures take seconds (erased on the way
+    # out, before an error's line)
+    with Status(PROG) as status:
+        status("opening the store")
         # a tracking server that does not answer fails the report in seconds, not after minutes of
         # MLflow's own retries; the user's settings win, and the block restores the environment (main()
         # may run inside another program: the sweeps CLI, tests)
@@ -162,31 +159,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             warnings.simplefilter("ignore")  # library deprecation noise is not the user's business
             _quiet_mlflow()
             return _run(args, status)
-    except AnalysisError as e:
-        status.done()
-        print(f"{PROG}: error: {redact(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        status.done()
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # MLflow/network/disk errors: one line, the traceback only on request
-        status.done()
-        if os.environ.get("CAPSWEEP_DEBUG"):
-            raise
-        print(f"{PROG}: error: {type(e).__name__}: {redact(one_line(e))} (set CAPSWEEP_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
 
 
 def _init_store(tracking_uri: Optional[str]) -> None:
     """Migrate an existing SQLite store under its lock before reading it (analysis/store.py); a missing
-    one is left to load_sweep's one-line refusal."""
-    from analysis.store import StoreInitError, open_client, resolve_tracking_uri
-    try:
-        open_client(resolve_tracking_uri(tracking_uri))      # a server that does not answer: one line within seconds
-    except StoreInitError as e:
-        raise AnalysisError(str(e)) from None
+    one is left to load_sweep's one-line refusal. StoreInitError (one line, exit 2) otherwise."""
+    from analysis.store import open_client, resolve_tracking_uri
+    open_client(resolve_tracking_uri(tracking_uri))      # a server that does not answer: one line within seconds
 
 
 def _run(args: argparse.Namespace, status=None) -> int:
@@ -228,10 +207,7 @@ def _run(args: argparse.Namespace, status=None) -> int:
     try:
         paths = write_report(shown, verdict, out, annotated, ui_url=args.ui_url, progress=say)
     except OSError as e:
-        if status is not None:
-            status.done()
-        print(f"{PROG}: error: cannot write the report to {out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise CapsweepError(f"cannot write the report to {out}: {e.strerror or e}", exit_code=EXIT_FAILED) from None
     if status is not None:
         status.done()
     for note in data.notes:
@@ -243,25 +219,15 @@ def _run(args: argparse.Namespace, status=None) -> int:
     print(f"report: {paths['html']} (also report.md, verdict.json in {out})")
     if args.no_log_artifacts:
         return 0
-    try:                    # the report is written either way: say where, then whether MLflow has it
+    # the report is written either way: say where, then whether MLflow has it (an artifact store that
+    # refuses or is away: one line, exit 1)
+    with one_line_failures(f"the report is in {out} but was not logged to MLflow: ", hint=False):
         logged = log_report(data, out)
-    except Exception as e:  # noqa: BLE001 - an artifact store that refuses or is away
-        if os.environ.get("CAPSWEEP_DEBUG"):
-            raise
-        print(f"{PROG}: error: the report is in {out} but was not logged to MLflow: "
-              f"{type(e).__name__}: {one_line(e)}", file=sys.stderr)
-        return 1
     print(f"logged to MLflow: {logged}" if logged else "not logged to MLflow: the sweep has no parent run")
     return 0
 
 
 # ---- the commands of `capsweep` that only read a store ------------------------------------------------
-def err(msg: str, code: int = 2) -> int:
-    """`capsweep: error: <msg>` on one line (a URI's password masked), returning the exit code."""
-    print(f"capsweep: error: {redact(msg)}", file=sys.stderr)
-    return code
-
-
 def reader(uri: str):
     """What `capsweep confirm` and `capsweep dashboard` read of the store at `uri`
     (analysis/inspect.py, StoreReader); InspectError when there is no store or it does not answer."""
@@ -269,59 +235,49 @@ def reader(uri: str):
     return StoreReader(uri)
 
 
-# ---- ls / status / compare / export (analysis/inspect.py), dispatched by the capsweep parser (sweeps/cli.py) ----
-def _inspect(body) -> int:
-    """Run an inspect body: InspectError is bad input (exit 2); MLflow errors one line (exit 1)."""
-    import os
-    from analysis import inspect as si
-    try:
-        return body(si) or 0
-    except si.InspectError as e:
-        return err(str(e))
-    except Exception as e:  # noqa: BLE001 - a store that fails while reading: one line
-        if os.environ.get("CAPSWEEP_DEBUG"):
-            raise
-        return err(f"{type(e).__name__}: {' '.join(str(e).split())[:300]} (set CAPSWEEP_DEBUG=1 for the "
-                    "traceback)", 1)
-
-
+# ---- ls / status / compare / export (analysis/inspect.py), dispatched by the capsweep parser (sweeps/cli.py),
+# which runs them (capsmodels/command.py): InspectError is bad input (exit 2); a store that fails while it is
+# read is one line (exit 1), the traceback only with CAPSWEEP_DEBUG
 def cmd_ls(args: argparse.Namespace) -> int:
-    def body(si):
+    from analysis import inspect as si
+    with one_line_failures():
         client = si.open_client(args.tracking_uri)
         print("\n".join(si.ls_lines(client, args.experiment)))
         for note in si.ls_notes(client, args.experiment):
             print(note, file=sys.stderr)
-    return _inspect(body)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    def body(si):
+    from analysis import inspect as si
+    with one_line_failures():
         print("\n".join(si.status_lines(si.find_sweep(si.open_client(args.tracking_uri), args.sweep,
                                                         args.experiment))))
-    return _inspect(body)
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from analysis import inspect as si
     if args.a == args.b:
-        return err(f"compare: {args.a!r} twice; name two different sweeps")
-
-    def body(si):
+        raise si.InspectError(f"compare: {args.a!r} twice; name two different sweeps")
+    with one_line_failures():
         client = si.open_client(args.tracking_uri)
         both = []
         for name in (args.a, args.b):
             sweep = si.find_sweep(client, name, args.experiment)
             both.append((sweep, *si.verdict_of(client, sweep, args.tracking_uri)))
         print("\n".join(si.compare_lines(*both)))
-    return _inspect(body)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    def body(si):
+    from analysis import inspect as si
+    with one_line_failures():
         sweep = si.find_sweep(si.open_client(args.tracking_uri), args.sweep, args.experiment)
         where = si.write_export(sweep, args.csv)
         if where != "stdout":
             print(f"capsweep: {len(sweep.trials)} trials of sweep {sweep.name!r} written to {where}", file=sys.stderr)
-    return _inspect(body)
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any, Optional, TextIO
 from capsmodels.contract import (CANDIDATE, FAILED, FINISHED, HEARTBEAT_STALE_S, INTERRUPTED, ROLE_KEY,
                                  RUN_PARENT, RUNNING, STATUSES, TAG_ROLE, TAG_STATUS, TAG_SWEEP, heartbeat_age,
                                  resume_command, sweep_state)
+from capsmodels.errors import CapsweepError
 
 VERDICT_PATH = "report/verdict.json"
 SPEC_PATH = "spec.yaml"             # the resolved spec, on every parent run (sweeps/runner.py)
@@ -29,7 +30,7 @@ STATES = ("running", FINISHED, FAILED, INTERRUPTED)
 KEY_PROBES = ("test_acc", "grad_ratio", "act_grad_min", "starved_worst", "dead_worst")
 
 
-class InspectError(ValueError):
+class InspectError(CapsweepError, ValueError):
     """Bad input (no store, no such sweep or experiment): one line naming it; exit 2."""
 
 

@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from analysis.errors import AnalysisError, one_line
+from analysis.errors import AnalysisError
+from capsmodels.errors import one_line
 from analysis.mlflowio import search_tagged, sql_engine, sql_metric_histories
 from analysis.store import missing_store, resolve_tracking_uri, search_all
 from capsmodels.contract import (DEFAULT_EXPERIMENT, FAILED, FINISHED, GRAD_PROBES,

@@ -40,6 +40,7 @@ from typing import Iterator, Mapping, Optional
 
 from capsmodels.contract import (CANDIDATE, DEFAULT_TRACKING_URI, ROLE_KEY, RUN_TRIAL, RUNNING, TAG_PARENT,
                                  TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_TRIAL, TRACKING_URI_ENV, redact)
+from capsmodels.errors import CapsweepError
 
 LOCK_SUFFIX = ".lock"           # <db>.lock beside the store
 ATTEMPTS = 10                   # opens tried while another process creates the schema
@@ -68,7 +69,7 @@ def store_timeout_s() -> float:
     return value if value > 0 else STORE_TIMEOUT_S
 
 
-class StoreInitError(RuntimeError):
+class StoreInitError(CapsweepError, RuntimeError):
     """The store could not be created or migrated. The message is one line naming the URI."""
 
 

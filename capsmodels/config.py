@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 from capsmodels.catalogue import DATASETS  # noqa: F401 - re-exported: the allowed data.name values
 from capsmodels.presets import PRESETS
 from capsmodels import registry
+from capsmodels.errors import CapsweepError
 from capsmodels.registry import SQUASHES  # noqa: F401 - re-exported: the allowed model.squash values
 
 # std, fan, data: capsweep's own; tsai, mazzia, hahn: the routing families' authors' W inits
@@ -56,7 +57,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ConfigError(ValueError):
+class ConfigError(CapsweepError, ValueError):
     """A config value that is not allowed. Its message is one line naming the field and what is allowed."""
 
 

@@ -18,11 +18,13 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+from capsmodels.errors import CapsweepError
+
 TIMEOUT_S = 30.0        # per socket operation, not for the whole file
 CHUNK = 1 << 20
 
 
-class FetchError(Exception):
+class FetchError(CapsweepError):
     """A download or extraction that failed; `str(e)` is a short reason for the user message."""
 
 

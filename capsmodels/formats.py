@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from capsmodels.errors import CapsweepError
 
-class FormatError(Exception):
+
+class FormatError(CapsweepError):
     """A data file that is missing, truncated or not in the expected format."""
 
     def __init__(self, path: Path | str, reason: str):

@@ -29,10 +29,11 @@ from typing import Callable
 import numpy as np
 from filelock import FileLock, Timeout as FileLockTimeout
 
+from capsmodels.errors import CapsweepError
 from capsmodels.fetch import ChecksumError, FetchError, download as fetch_url, extract_tar, file_hash
 
 
-class DataError(Exception):
+class DataError(CapsweepError):
     """A dataset that cannot be loaded. The message is one line: dataset, file/place, remedy."""
 
 

@@ -9,7 +9,8 @@ smoke`, `status smoke`, `confirm smoke`; `--sweep NAME` is the same), and the st
 
 Exit codes (every subcommand): 0 done; 2 bad input or a refused start (one line on stderr naming the
 field, nothing started); 1 a sweep or report that failed while running; 130 interrupted (resume with
---resume). The read-only commands (report, ls, status, compare, export) are the analysis side's
+--resume). Every command runs through capsmodels/command.py, as `capsweep report` does: an error for the
+user is a CapsweepError carrying its exit code (capsmodels/errors.py), printed as one line. The read-only commands (report, ls, status, compare, export) are the analysis side's
 (analysis/cli.py): this parser dispatches to them, and hands `confirm` and `dashboard` what they read
 of a store through it (analysis/inspect.py, StoreReader). sweeps imports nothing else of analysis but
 its store module (analysis/store.py).
@@ -23,24 +24,17 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
+from capsmodels.command import OneLineParser, fail, one_line_failures, parsed, run_command
 from capsmodels.contract import BEST_PREFIX, REPORT_TEST_CORRECT
+from capsmodels.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, CapsweepError
 
-EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`capsweep: error: ...`, exit 2), not usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
+PROG = "capsweep"
 
 
 def _err(msg: str, code: int = EXIT_BAD_INPUT) -> int:
-    from analysis.cli import err
-    return err(msg, code)
+    return fail(PROG, msg, code)
 
 
 def _shown(uri: str) -> str:
@@ -49,35 +43,22 @@ def _shown(uri: str) -> str:
     return redact(uri)
 
 
-def _input_errors():
-    from capsmodels.config import ConfigError
-    from capsmodels.store import DataError
-    from sweeps.spec import SpecError
-    return (ConfigError, DataError, SpecError)
-
-
 # ---- train --------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from capsmodels import config as runcfg
     if args.config and "=" in args.config and not Path(args.config).is_file():
         args.overrides = [args.config, *args.overrides]     # `capsweep train key=value ...`
         args.config = None
-    try:
-        cfg = runcfg.load(args.config, args.overrides)
-        from capsmodels import estimate
-        estimate.check(cfg)      # a network too large for the device: one line before anything is built
-        cfg.train.progress = not args.quiet
-        from capsmodels import train
-        splits, model, device = train.prepare(cfg)       # data and shape errors before training
-    except _input_errors() as e:
-        return _err(str(e))
+    cfg = runcfg.load(args.config, args.overrides)
+    from capsmodels import estimate
+    estimate.check(cfg)      # a network too large for the device: one line before anything is built
+    cfg.train.progress = not args.quiet
+    from capsmodels import train
+    splits, model, device = train.prepare(cfg)       # data and shape errors before training
     live = None
     if args.save:      # the store checked and the run opened before training (sweeps/train_run.py)
-        from sweeps.train_run import TrainRun, TrainRunError
-        try:
-            live = TrainRun.open(args.tracking_uri, args.experiment, cfg, splits, device)
-        except TrainRunError as e:
-            return _err(str(e))
+        from sweeps.train_run import TrainRun
+        live = TrainRun.open(args.tracking_uri, args.experiment, cfg, splits, device)
     from capsmodels import networks
     print(f"capsweep train: {cfg.model.preset}/{cfg.model.arch} depth={cfg.model.depth} "
           f"routing={cfg.model.routing}x{cfg.model.iterations} on {cfg.data.name} "
@@ -94,13 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if live is not None:
             live.interrupt()
-        return _err("interrupted", EXIT_INTERRUPTED)
+        raise
     print(_format_final(final))
-    if live is not None:               # the model and the run's end (sweeps/train_run.py)
-        try:
-            model_id = live.finish(model, runcfg.to_dict(cfg), splits.in_shape, final)
-        except TrainRunError as e:
-            return _err(str(e), EXIT_FAILED)
+    if live is not None:               # the model and the run's end (sweeps/train_run.py; exit 1 if it fails)
+        model_id = live.finish(model, runcfg.to_dict(cfg), splits.in_shape, final)
         print(f"saved: MLflow run {live.run_id} in experiment {args.experiment!r}, model models:/{model_id}; "
               f"evaluate it with: capsweep eval {live.run_id}" + _uri_flag(args.tracking_uri))
     return 0 if final.get("status") != "diverged" else EXIT_FAILED
@@ -141,22 +119,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return _dry_run(spec)
         print(f"capsweep: sweep {spec.name!r}: {describe_trials(spec)}", flush=True)
-        from sweeps import runner, tracking
+        from sweeps import runner
         result = runner.run_sweep(spec, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
                                   verbose=args.verbose, keep_state=args.keep_state, trust=args.trust)
     except KeyboardInterrupt:      # Ctrl-C before Tune took over (Tune handles it during the sweep)
-        return _err("interrupted; continue the sweep with: " + _resume_command(args), EXIT_INTERRUPTED)
-    except _input_errors() as e:
-        return _err(str(e))
-    except Exception as e:  # refusals and tracking errors are one line; the rest is a real failure
-        from analysis.store import StoreInitError
-        from sweeps import runner, tracking
-        if isinstance(e, (runner.SweepRefused, tracking.TrackingUnavailable, StoreInitError)):
-            return _err(str(e))
+        raise CapsweepError("interrupted; continue the sweep with: " + _resume_command(args),
+                            exit_code=EXIT_INTERRUPTED) from None
+    except CapsweepError:          # refusals, bad input, tracking errors: one line (the runner)
+        raise
+    except Exception as e:  # noqa: BLE001 - a full disk is one line; the rest is a real failure (traceback)
         disk = _disk_error(e)
         if disk:             # a full or read-only disk mid-sweep (Tune's state, a trial's files, the journal)
-            return _err(disk + "; free space or fix the folder, then continue with: " + _resume_command(args),
-                        EXIT_FAILED)
+            raise CapsweepError(disk + "; free space or fix the folder, then continue with: "
+                                + _resume_command(args), exit_code=EXIT_FAILED) from e
         raise
     counts = {}
     for s in result.statuses.values():
@@ -259,25 +234,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # ---- submit -------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
     from sweeps.spec import load_spec
-    try:
-        spec = load_spec(args.spec, args.overrides)     # validate here, not on the cluster
-        refused = _over_budget(spec, args.yes)
-        if refused:
-            return _err(refused)
-        if args.yes:     # confirmed here: the job's own `capsweep run` gets bounds that admit it
-            from sweeps import budget
-            args.overrides = [*args.overrides, *budget.admitting(spec)]
-        if args.dry_run:
-            return _dry_run(spec)
-    except _input_errors() as e:
-        return _err(str(e))
+    spec = load_spec(args.spec, args.overrides)     # validate here, not on the cluster
+    refused = _over_budget(spec, args.yes)
+    if refused:
+        return _err(refused)
+    if args.yes:     # confirmed here: the job's own `capsweep run` gets bounds that admit it
+        from sweeps import budget
+        args.overrides = [*args.overrides, *budget.admitting(spec)]
+    if args.dry_run:
+        return _dry_run(spec)
     from sweeps import submit
-    try:
-        job_id = submit.submit(args.spec, args.overrides, spec, address=args.address,
-                               working_dir=args.working_dir, extra_env=args.env, resume=args.resume,
-                               trust=args.trust, allow_secret_env=args.allow_secret_env)
-    except submit.SubmitError as e:
-        return _err(str(e))
+    job_id = submit.submit(args.spec, args.overrides, spec, address=args.address,
+                           working_dir=args.working_dir, extra_env=args.env, resume=args.resume,
+                           trust=args.trust, allow_secret_env=args.allow_secret_env)
     print(f"capsweep: submitted sweep {spec.name!r} as Ray job {job_id}")
     print(f"  follow its logs:  ray job logs --follow {job_id} --address {submit.job_address(args.address)}")
     print(f"  its status:       ray job status {job_id} --address {submit.job_address(args.address)}")
@@ -291,7 +260,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     (--address) exactly as those commands run a spec file."""
     from analysis import cli as reading
     from sweeps import confirm
-    try:
+    with one_line_failures():       # a store that fails while it is read: one line, exit 1
         plan = confirm.plan(reading.reader(args.tracking_uri), args.sweep, args.experiment, top=args.top,
                             seeds=args.seeds, overrides=args.overrides, name=args.name)
         refused = _over_budget(plan.spec, args.yes)
@@ -300,19 +269,6 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         if args.address:     # what `submit` would refuse, refused before the spec file is written
             from sweeps.submit import check_cluster_ready
             check_cluster_ready(plan.spec)
-    except (*_input_errors(), confirm.ConfirmError, reading.InspectError) as e:
-        return _err(str(e))
-    except RuntimeError as e:
-        from sweeps.submit import SubmitError
-        if isinstance(e, SubmitError):
-            return _err(str(e))
-        raise
-    except Exception as e:  # noqa: BLE001 - a store that fails while reading: one line
-        import os
-        if os.environ.get("CAPSWEEP_DEBUG"):
-            raise
-        return _err(f"{type(e).__name__}: {' '.join(str(e).split())[:300]} (set CAPSWEEP_DEBUG=1 for the "
-                    "traceback)", EXIT_FAILED)
     print("\n".join(confirm.describe(plan)), flush=True)
     if args.dry_run:
         _dry_run(plan.spec)
@@ -346,11 +302,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     problem = ui.port_problem(args.host, args.port)     # before the store is touched: a one-line refusal
     if problem:
         return _err(problem)
-    from analysis.store import StoreInitError, init_store
-    try:
-        init_store(uri)     # create/migrate the store under its lock before the UI opens it
-    except StoreInitError as e:
-        return _err(str(e))
+    from analysis.store import init_store
+    init_store(uri)     # create/migrate the store under its lock before the UI opens it
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
     if args.host not in ("127.0.0.1", "localhost"):
@@ -364,10 +317,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"capsweep: MLflow UI on {address} for {_shown(uri)} (Ctrl-C stops it)", file=sys.stderr, flush=True)
 
-    try:
-        return ui.serve(cmd, check, ready)
-    except ui.UIError as e:
-        return _err(str(e), e.code)
+    return ui.serve(cmd, check, ready)       # ui.UIError: one line, its own code
 
 
 # ---- dashboard (sweeps/dashboard.py) -------------------------------------------------------------
@@ -383,13 +333,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if problem:
         return _err(problem)
 
-    try:
-        reader = reading.reader(args.tracking_uri)
-        sweep = reader.latest(args.sweep, args.experiment)      # unknown: its one-line "not found, sweeps there: ..."
-        path = dash.journal_path(reader, sweep)
-        study = dash.study_id(path, sweep.name)
-    except (reading.InspectError, dash.DashboardError) as e:
-        return _err(str(e))
+    reader = reading.reader(args.tracking_uri)
+    sweep = reader.latest(args.sweep, args.experiment)      # unknown: its one-line "not found, sweeps there: ..."
+    path = dash.journal_path(reader, sweep)
+    study = dash.study_id(path, sweep.name)
     if args.host not in ("127.0.0.1", "localhost"):
         print(f"capsweep: warning: the Optuna dashboard will listen on {args.host}: anyone who can reach it "
               "can read the study", file=sys.stderr)
@@ -401,11 +348,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         print(f"capsweep: Optuna dashboard on {base}/dashboard/studies/{study} for sweep {args.sweep!r} "
               "(read-only; Ctrl-C stops it)", file=sys.stderr, flush=True)
 
-    try:
-        return ui.serve(dash.server_command(path, args.host, args.port), check, ready,
-                        health_path=dash.HEALTH_PATH, what="optuna-dashboard")
-    except ui.UIError as e:
-        return _err(str(e), e.code)
+    return ui.serve(dash.server_command(path, args.host, args.port), check, ready,
+                    health_path=dash.HEALTH_PATH, what="optuna-dashboard")
 
 
 def ui_url(base: str, experiment_id: Optional[str]) -> str:
@@ -448,11 +392,8 @@ def _version() -> str:
 
 # ---- eval (sweeps/evaluate.py) ------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from sweeps.evaluate import EvalError, cmd_eval
-    try:
-        return cmd_eval(args)
-    except EvalError as e:
-        return _err(str(e))
+    from sweeps.evaluate import cmd_eval
+    return cmd_eval(args)       # EvalError: one line, exit 2
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -495,7 +436,7 @@ def hoist_globals(argv: list[str]) -> tuple[list[str], list[str]]:
         name, eq, value = argv[i].partition("=")
         if not eq:
             if i + 1 >= len(argv):
-                raise _GlobalError(f"argument {name}: expected one argument")
+                raise CapsweepError(f"argument {name}: expected one argument")
             value, i = argv[i + 1], i + 1
         hoisted.append((name, value))
         i += 1
@@ -508,10 +449,6 @@ def hoist_globals(argv: list[str]) -> tuple[list[str], list[str]]:
     return [command, *(x for n, v in hoisted for x in (n, v)), *tail], []
 
 
-class _GlobalError(ValueError):
-    pass
-
-
 _TRUST_HELP = ("with --resume: also load trial state files and Ray Tune state that capsweep cannot check "
                "(runs code from the storage folder; README, 'Security')")
 
@@ -522,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     from capsmodels.contract import DEFAULT_EXPERIMENT
 
     from analysis import cli as reading      # the read-only commands' bodies (ls, status, compare, export)
-    p = _Parser(prog="capsweep", description="CapsNet sweeps with Ray Tune, Optuna and MLflow")
+    p = OneLineParser(prog=PROG, description="CapsNet sweeps with Ray Tune, Optuna and MLflow")
     p.add_argument("--version", action="version", version=f"capsweep {_version()}",
                    help="print capsweep's version and exit")
     p.add_argument("--tracking-uri", dest="global_tracking_uri", metavar="URI",
@@ -530,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"mlflow.tracking_uri; default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
     p.add_argument("--experiment", dest="global_experiment", metavar="NAME",
                    help="MLflow experiment of the subcommand (before or after it; default: capsweep)")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     t = sub.add_parser("train", help="train one configuration with a progress bar")
     t.add_argument("config", nargs="?", help="run config YAML (model/data/train sections)")
@@ -657,22 +594,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        argv, spec_overrides = hoist_globals(argv)
-    except _GlobalError as e:
-        return _err(str(e))
+    return run_command(PROG, lambda: _dispatch(argv))
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The subcommand's arguments: one sweep name, key=value overrides also after the flags."""
+    args, extra = parser.parse_known_args(argv)
+    _resolve_sweep(parser, args)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]    # key=value after the flags: `confirm S --top 3 k=v`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _dispatch(argv: list[str]) -> int:
+    """Parse `argv` and run its subcommand (`report` is the analysis CLI's, with its own parser)."""
+    argv, spec_overrides = hoist_globals(argv)
     if argv and argv[0] == "report":
         return cmd_report(argv[1:])
     parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-        _resolve_sweep(parser, args)
-        if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
-            args.overrides = [*args.overrides, *extra]    # key=value after the flags: `confirm S --top 3 k=v`
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as e:     # one-line error (2), --help / --version (0)
-        return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
+    args = parsed(lambda: _parse(parser, argv))
+    if isinstance(args, int):       # one-line error (2), --help / --version (0)
+        return args
     if spec_overrides and args.command == "validate":
         args.specs = [*spec_overrides, *args.specs]
     elif spec_overrides:
@@ -684,10 +628,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # MLflow prints "View run ... at: <tracking URI>" when a run ends on a server store (the URI's
     # password with it); the commands say where their runs are themselves
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:      # Ctrl-C at any moment: one line, exit 130
-        return _err("interrupted", EXIT_INTERRUPTED)
+    return args.func(args)          # CapsweepError and Ctrl-C: one line and their code (run_command)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from capsmodels import config as runcfg
+from capsmodels.errors import CapsweepError
 from sweeps.run_writer import param_str
 from sweeps.spec import NAME_RE, SpecError, SweepSpec, from_config, resolve_trial, storage_dir, to_yaml
 
@@ -49,7 +50,7 @@ KEPT = ("base", "resources", "max_concurrent", "max_failures", "reuse_actors", "
         "budget")
 
 
-class ConfirmError(ValueError):
+class ConfirmError(CapsweepError, ValueError):
     """Why a confirmation cannot be planned. One line."""
 
 

@@ -24,16 +24,18 @@ from typing import Any, Optional
 
 from optuna.storages import BaseStorage
 
+from capsmodels.errors import CapsweepError
+
 HEALTH_PATH = "/api/meta"          # optuna-dashboard's cheapest JSON endpoint
 EXTRA_HINT = ("pip install -c sweeps/constraints.txt -e '.[dashboard]' (in the capsweep checkout), or "
               "pip install optuna-dashboard")
 
 
-class DashboardError(ValueError):
+class DashboardError(CapsweepError, ValueError):
     """The dashboard cannot open this sweep: one line, exit 2."""
 
 
-class ReadOnlyStudy(RuntimeError):
+class ReadOnlyStudy(CapsweepError, RuntimeError):
     """A write through the dashboard (delete a study, a note): refused, the journal is the sweep's."""
 
     def __init__(self):

@@ -31,6 +31,7 @@ from typing import Optional
 import yaml
 
 from capsmodels import config as runcfg
+from capsmodels.errors import CapsweepError
 
 TAG_EVAL_OF = "capsweep.eval_of"
 RUN_EVAL = "eval"                     # capsweep.role of an eval run
@@ -129,7 +130,7 @@ def log_eval(client, experiment_id: str, source_run_id: Optional[str], model_uri
     return run_id
 
 
-class EvalError(ValueError):
+class EvalError(CapsweepError, ValueError):
     """Bad input to `capsweep eval` (a key, a store, a model that is not there): one line, exit 2."""
 
 

@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from capsmodels.errors import CapsweepError
 from sweeps import storage
 
 MODELS_DIR = "trial_models"
@@ -51,11 +52,11 @@ TAG_MODEL_ID = "capsweep.model_id"   # on the run: the logged model's id (`capsw
 TAG_DEVICE_NAME = "capsweep.device_name"   # on the run: the hardware it trained on (the GPU's name)
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(CapsweepError, LookupError):
     """No run or logged model answers to what `capsweep eval` was given. One line."""
 
 
-class UnsafeModel(ValueError):
+class UnsafeModel(CapsweepError, ValueError):
     """A logged model that only a full unpickler can load (MLflow's pickle format, or weights that name
     code): refused in one line unless the user passes --trust."""
 

@@ -26,6 +26,7 @@ from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
                                  TAG_CONFIRMS, TAG_HEARTBEAT, TAG_OPTUNA_JOURNAL, TAG_ROLE, TAG_RUN_NAME,
                                  TAG_STATUS, TAG_SWEEP, TAG_VERSION_PREFIX, installed_versions, redact)
+from capsmodels.errors import CapsweepError
 from sweeps import extras, search, storage, tracking, tune_guard
 from sweeps.heartbeat import Heartbeat, beat_value
 from sweeps.provenance import git_commit
@@ -37,7 +38,7 @@ INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
 STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
 
 
-class SweepRefused(RuntimeError):
+class SweepRefused(CapsweepError, RuntimeError):
     """A sweep that must not start (name taken, nothing to resume, storage in use). One line."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from capsmodels import config as runcfg
 from capsmodels.contract import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from capsmodels.errors import CapsweepError
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "int", "logint")
 ALGORITHMS = ("grid", "random", "optuna")
@@ -25,7 +26,7 @@ KEEP_BASE = "__base__"         # a param value meaning "leave this key to the ba
 RUN_SECTIONS = ("model", "data", "train")
 
 
-class SpecError(ValueError):
+class SpecError(CapsweepError, ValueError):
     """A spec mistake: one line naming the field and what is allowed."""
 
 

@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from capsmodels.errors import CapsweepError
+
 URI_RE = re.compile(r"^([a-z][a-z0-9+.-]*)://")
 # the schemes pyarrow.fs.FileSystem.from_uri resolves, and so Ray Tune's storage_path accepts
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -120,7 +122,7 @@ def save_torch(path: str, obj) -> None:
     write_bytes(path, buf.getvalue())
 
 
-class UnsafeFile(ValueError):
+class UnsafeFile(CapsweepError, ValueError):
     """A file that only a full unpickler can load (it names code to run): refused, one line, unless the
     caller trusts it. The message says which file and how to load it anyway (`--trust`)."""
 

@@ -24,6 +24,7 @@ from typing import Optional
 import yaml
 
 from capsmodels.contract import GIT_COMMIT_ENV, TAG_SWEEP
+from capsmodels.errors import CapsweepError
 from sweeps.spec import SweepSpec, resolve_spec_path
 
 NODE_GROUP_LABEL = "ray.io/node-group"   # Ray labels a node with the launcher's node type (RAY_NODE_TYPE_NAME)
@@ -33,7 +34,7 @@ EXCLUDES = [".venv", ".git", "mlruns", "mlartifacts", "mlflow.db", "ray_results"
             ".pytest_cache", ".hypothesis", "docs/findings"]
 
 
-class SubmitError(RuntimeError):
+class SubmitError(CapsweepError, RuntimeError):
     """The cluster could not take the job. One line."""
 
 

@@ -13,12 +13,13 @@ import time
 
 import torch
 
+from capsmodels.errors import EXIT_FAILED, CapsweepError
 from analysis.store import StoreInitError, mlflow_http_env, open_client, store_timeout_s
 from sweeps.models import RUN_TRAIN, TAG_DEVICE_NAME, log_model
 
 
-class TrainRunError(RuntimeError):
-    """The run could not be opened (bad input: exit 2) or finished (exit 1). One line."""
+class TrainRunError(CapsweepError, RuntimeError):
+    """The run could not be opened (bad input: exit 2) or finished (exit 1, given where it is raised). One line."""
 
 
 class TrainRun:
@@ -110,4 +111,4 @@ class TrainRun:
             lacks = f"{len(self.pending)} epoch(s), " if self.pending else ""
             raise TrainRunError(f"MLflow at {redact(self.uri)} failed at the end of training "
                                 f"({redact(' '.join(str(e).split())[:160])}); run {self.run_id} lacks "
-                                f"{lacks}the model and its end") from None
+                                f"{lacks}the model and its end", exit_code=EXIT_FAILED) from None

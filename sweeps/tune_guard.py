@@ -28,13 +28,14 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from capsmodels.errors import CapsweepError
 from sweeps import storage
 
 TUNER_FILE = "tuner.pkl"
 _PREFIXES = (TUNER_FILE, "experiment_state-", "searcher-state-", "basic-variant-state-", "callback-states-")
 
 
-class UntrustedState(RuntimeError):
+class UntrustedState(CapsweepError, RuntimeError):
     """Ray Tune state that capsweep cannot vouch for. One line."""
 
 

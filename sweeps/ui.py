@@ -30,17 +30,23 @@ import urllib.request
 from collections import deque
 from typing import Callable, Optional
 
+from capsmodels.errors import CapsweepError, debug
+
 START_TIMEOUT_S = 300.0     # a busy 2-core machine took ~75 s to answer with MLflow's defaults
 GRACE_S = 15.0              # after SIGTERM, before SIGKILL
 DEFAULT_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-class UIError(RuntimeError):
+class UIError(CapsweepError, RuntimeError):
     """The UI did not start; `code` is the exit status (2 bad input, 1 the server failed). One line."""
 
     def __init__(self, msg: str, code: int):
-        super().__init__(msg)
-        self.code = code
+        super().__init__(msg, exit_code=code)
+
+    @property
+    def code(self) -> int:
+        """The exit status, as ui.serve's callers read it (the same as exit_code)."""
+        return self.exit_code
 
 
 def port_problem(host: str, port: int) -> Optional[str]:
@@ -145,7 +151,7 @@ def serve(cmd: list[str], base: str, on_ready: Callable[[], None], start_timeout
     env = {**DEFAULT_ENV, **(env if env is not None else os.environ)}
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-    out = _Output(proc.stdout, passthrough=bool(os.environ.get("CAPSWEEP_DEBUG")))
+    out = _Output(proc.stdout, passthrough=debug())
     stopped: list[int] = []
 
     def forward(signum, frame):    # noqa: ARG001 - signal handler signature

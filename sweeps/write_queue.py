@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from capsmodels.errors import CapsweepError
 
-class TrackingUnavailable(RuntimeError):
+
+class TrackingUnavailable(CapsweepError, RuntimeError):
     """The tracking server could not be reached (at start), or stayed away too long (mid-sweep)."""
 
 
