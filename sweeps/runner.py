@@ -585,6 +585,17 @@ def bind(logger: Any, sweep: str) -> BoundLogger:
     return BoundLogger(sweep)
 
 
+def sweep_logger(spec: SweepSpec, experiment_id: str, parent_id: str, exp_dir: str, expected: int,
+                 keep_state: bool = False, trust: bool = False) -> tracking.MlflowSweepLogger:
+    """The sweep's MLflow logger (sweeps/tracking.py), the one way this driver makes it: at the start,
+    and again after `fit` when Tune restored an older sweep's own pickled logger (it reads what MLflow
+    has of the sweep when it is made). Its write spool lives in the experiment's local folder."""
+    tp = _TrialParams(spec.base)
+    return tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
+                                      storage.local_dir(exp_dir), tp.params, tp.yaml, expected_trials=expected,
+                                      storage_root=exp_dir, keep_state=keep_state, trust=trust)
+
+
 def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str, resume, verbose,
           expected: int, keep_state: bool = False, own_ray: bool = True,
           trust: bool = False, guard: Optional[tune_guard.TuneStateGuard] = None,
@@ -595,12 +606,9 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
         tune.with_parameters(run_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu,
                              state_dir=storage.join(exp_dir, STATE_DIR), trust=trust),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    tp = _TrialParams(spec.base)
     local = storage.local_dir(exp_dir)     # the MLflow write spool, Optuna's journal
     local.mkdir(parents=True, exist_ok=True)
-    logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
-                                        local, tp.params, tp.yaml, expected_trials=expected,
-                                        storage_root=exp_dir, keep_state=keep_state, trust=trust)
+    logger = sweep_logger(spec, experiment_id, parent_id, exp_dir, expected, keep_state, trust)
     callback = bind(logger, spec.name)
     if resume:
         # the saved run config (callbacks: a BoundLogger for this sweep, progress reporter) is reused;
@@ -634,9 +642,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
     if spec.name not in _USED:
         # a sweep started before BoundLogger existed restores its own pickled MlflowSweepLogger: that
         # one wrote to MLflow, so read the trials' statuses back from there
-        logger = tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
-                                            local, tp.params, tp.yaml, expected_trials=expected,
-                                            storage_root=exp_dir, keep_state=keep_state, trust=trust)
+        logger = sweep_logger(spec, experiment_id, parent_id, exp_dir, expected, keep_state, trust)
     statuses = dict(logger.statuses)
     done = all(s in FINAL for s in statuses.values())
     if len(statuses) < expected or not done:

@@ -22,9 +22,11 @@ it used, its datasets) and logs it; when the trial ends, its model (sweeps/model
 epoch's weights), before the run is closed with the tags of how it ended (`end_tags`: the stop reason,
 the best epoch's per-image test correctness), and its state file is deleted unless `keep_state`.
 
-This module is the Tune side only: the queue (retries, spool) is sweeps/write_queue.py, the MLflow
-writes of each typed record sweeps/run_writer.py, the git commit and the standard tags
-sweeps/provenance.py, the model files sweeps/models.py.
+This module is the Tune side only: a thin callback that turns Tune's hooks into typed write records.
+What it decides about the trials (statuses, retries, run names, the parent's summary) is
+sweeps/trial_book.py; the queue (retries, spool) sweeps/write_queue.py; the MLflow writes of each
+typed record sweeps/run_writer.py; the git commit and the standard tags sweeps/provenance.py; the model
+files sweeps/models.py.
 """
 from __future__ import annotations
 
@@ -39,13 +41,13 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from analysis.store import StoreInitError, check_store, child_runs
-from capsmodels.contract import (DIVERGED, ENDED, FAILED, FINAL, FINISHED, INTERRUPTED, RUN_PARENT, RUNNING,
-                                 STOPPED, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP,
-                                 TAG_TRIAL, redact)
+from capsmodels.contract import (FAILED, FINISHED, RUN_PARENT, RUNNING, TAG_RETRIES, TAG_ROLE, TAG_RUN_NAME,
+                                 TAG_STATUS, TAG_SWEEP, TAG_TRIAL, redact)
 from sweeps import models, storage, tune_guard
 from sweeps.provenance import git_commit, standard_tags
 from sweeps.run_writer import (DEVICE_PARAM, RunWriter, end_tags, get_or_create_experiment, numeric_metrics,
                                run_name, store_trouble, transient)
+from sweeps.trial_book import TrialBook
 from sweeps.write_queue import (End, Interrupt, Lineage, Metrics, Model, ParentEnd, ParentInterrupt, ParentTags,
                                 Record, Reopen, Start, Tag, TrackingUnavailable, WriteQueue, queued)
 
@@ -75,7 +77,9 @@ def find_parent(client: MlflowClient, experiment_id: str, sweep: str):
 
 
 class MlflowSweepLogger(Callback):
-    """Ray Tune callback that mirrors a sweep into MLflow (see the module docstring)."""
+    """Ray Tune callback that mirrors a sweep into MLflow (see the module docstring): each hook asks the
+    trial book (`self.book`) what happened and queues the writes that follow. Made by the runner's one
+    factory (sweeps/runner.py, `sweep_logger`)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str,
                  experiment_dir: Path, trial_params: Any, trial_yaml: Any,
@@ -92,11 +96,8 @@ class MlflowSweepLogger(Callback):
         # the trials' files (sweeps/models.py): <storage_root>/trial_state, trial_models; a URI or a folder
         self.state_dir = storage.join(storage_root or str(experiment_dir), models.STATE_DIR)
         self.keep_state = keep_state
-        self.names: set[str] = set()         # run names taken in this sweep
-        self.lineage: set[str] = set()       # trials whose start (device, datasets) is logged
-        self.expected_trials = expected_trials
+        self.book = TrialBook(expected_trials=expected_trials)     # statuses, retries, names
         self.parent_closed = False
-        self.interrupted = False
         self.uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_id = parent_run_id
@@ -112,9 +113,6 @@ class MlflowSweepLogger(Callback):
                                 explain=store_trouble(tracking_uri))
         self.run_ids = self.writer.run_ids          # trial id -> run id
         self.last_step = self.writer.last_step      # trial id -> last epoch MLflow has
-        self.statuses: dict[str, str] = {}
-        self.ended: set[str] = set()          # trials whose run is closed with a final status
-        self.retries: dict[str, int] = {}
         self.guard: Optional[tune_guard.TuneStateGuard] = None   # set by the runner (not pickled)
         self._reconciled = False
         self._t0 = time.monotonic()          # this driver's start, for the overall progress line
@@ -126,6 +124,11 @@ class MlflowSweepLogger(Callback):
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state["_args"])
+
+    @property
+    def statuses(self) -> dict[str, str]:
+        """Trial id -> status, as the book has them (the runner reads them after `fit`)."""
+        return self.book.statuses
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
         """Experiment start (also after --resume): deliver writes an earlier driver spooled."""
@@ -145,7 +148,7 @@ class MlflowSweepLogger(Callback):
         ray_handler = signal.getsignal(signal.SIGINT)
 
         def handler(sig, frame):
-            self.interrupted = True
+            self.book.interrupted = True
             if callable(ray_handler):
                 ray_handler(sig, frame)
         signal.signal(signal.SIGINT, handler)
@@ -166,16 +169,12 @@ class MlflowSweepLogger(Callback):
             if not tid:
                 continue
             self.run_ids[tid] = run.info.run_id
-            self.names.add(run.data.tags.get(TAG_RUN_NAME, ""))
-            if DEVICE_PARAM in run.data.params:
-                self.lineage.add(tid)
             # the latest `epoch` value is the one at the largest step, and value == step
             epoch = run.data.metrics.get("epoch")
             self.last_step[tid] = int(epoch) if epoch is not None else -1
-            self.statuses[tid] = run.data.tags.get(TAG_STATUS, RUNNING)
-            if run.info.status != "RUNNING" and self.statuses[tid] in FINAL:
-                self.ended.add(tid)
-            self.retries[tid] = int(run.data.tags.get(TAG_RETRIES, "0"))
+            self.book.known(tid, run.data.tags.get(TAG_RUN_NAME, ""), run.data.tags.get(TAG_STATUS, RUNNING),
+                            closed=run.info.status != "RUNNING", retries=int(run.data.tags.get(TAG_RETRIES, "0")),
+                            lineage=DEVICE_PARAM in run.data.params)
 
     def backfill(self, trial_id: str, trial_dir: Optional[Path], trial=None) -> None:
         """Deliver epochs that Ray recorded (the trial's result.json, and its last result in Tune's
@@ -196,7 +195,7 @@ class MlflowSweepLogger(Callback):
         trials that Tune will not run again (it restores a TERMINATED trial as it was)."""
         for trial in trials:
             tid = trial.trial_id
-            if tid in self.ended and tid in self.run_ids:
+            if tid in self.book.ended and tid in self.run_ids:
                 self.backfill(tid, _trial_dir(trial), trial)
                 continue
             if self._has_run(tid) or trial.last_result or _results(_trial_dir(trial), trial):
@@ -219,21 +218,16 @@ class MlflowSweepLogger(Callback):
         return tid in self.run_ids or queued(self.queue, Start, tid) > 0
 
     def _ensure_run(self, trial) -> None:
+        """The trial's run exists (created, or reopened after an interruption) and has every epoch Tune
+        recorded."""
         tid = trial.trial_id
-        if not self._has_run(tid):
+        has_run = self._has_run(tid)
+        if not has_run:
             params, seed = self.trial_params(trial.config)
-            name = base = run_name(params, trial.config)
-            n = 1
-            while name in self.names:
-                n += 1
-                name = f"{base}-{n}"
-            self.names.add(name)
+            name = self.book.name(run_name(params, trial.config))
             self._put(Start(tid, name, params, seed, self.trial_yaml(trial.config)))
-        elif self.statuses.get(tid) == INTERRUPTED:
+        if self.book.start(tid) and has_run:
             self._put(Reopen(tid))
-        self.statuses.setdefault(tid, RUNNING)
-        if self.statuses[tid] == INTERRUPTED:
-            self.statuses[tid] = RUNNING
         self.backfill(tid, _trial_dir(trial), trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
@@ -244,20 +238,19 @@ class MlflowSweepLogger(Callback):
         self._log_lineage(trial.trial_id)
         self._put(Metrics(trial.trial_id, int(result["epoch"]), numeric_metrics(result),
                           int(time.time() * 1000)))
-        if result.get("status") == DIVERGED:
-            self.statuses[trial.trial_id] = DIVERGED
+        self.book.result(trial.trial_id, result)
 
     def _paths(self, tid: str) -> tuple[str, str]:
         return models.trial_paths(self.state_dir, tid)
 
     def _log_lineage(self, tid: str) -> None:
         """Once per trial: what it wrote at its start (device used, datasets), when it is there."""
-        if tid in self.lineage:
+        if tid in self.book.lineage:
             return
         info = models.read_json(self._paths(tid)[1], models.INFO_FILE)
         if info is None:
             return
-        self.lineage.add(tid)
+        self.book.lineage.add(tid)
         self._put(Lineage(tid, {DEVICE_PARAM: info["device"]}, {models.TAG_DEVICE_NAME: info["device_name"]},
                           info.get("datasets", [])))
 
@@ -265,9 +258,9 @@ class MlflowSweepLogger(Callback):
         """A trial raised and Tune will retry it (FailureConfig.max_failures): same run, count it."""
         tid = trial.trial_id
         tune_guard.forget_pickled_error(trial)
-        self.retries[tid] = self.retries.get(tid, 0) + 1
+        retries = self.book.retried(tid)
         if self._has_run(tid):
-            self._put(Tag(tid, TAG_RETRIES, str(self.retries[tid])))
+            self._put(Tag(tid, TAG_RETRIES, str(retries)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         if self._finish(trial, None):
@@ -283,19 +276,17 @@ class MlflowSweepLogger(Callback):
         what is left (capsmodels/progress.py)."""
         from capsmodels.progress import sweep_line
         self._ended_here += 1
-        counts: dict[str, int] = {}
-        for tid in self.ended:
-            counts[self.statuses[tid]] = counts.get(self.statuses[tid], 0) + 1
+        ended = self.book.ended
         # Tune marks the trial that just ended as terminated only after its callbacks: it is not running
-        running = sum(1 for t in trials if getattr(t, "status", "") == "RUNNING" and t.trial_id not in self.ended)
-        total = max(self.expected_trials, len(trials), len(self.ended))
-        print(sweep_line(len(self.ended), total, counts, running, time.monotonic() - self._t0, self._ended_here),
-              flush=True)
+        running = sum(1 for t in trials if getattr(t, "status", "") == "RUNNING" and t.trial_id not in ended)
+        total = max(self.book.expected_trials, len(trials), len(ended))
+        print(sweep_line(len(ended), total, self.book.ended_counts(), running, time.monotonic() - self._t0,
+                         self._ended_here), flush=True)
 
     def _finish(self, trial, error: Optional[str]) -> bool:
         """Close the trial's run with its final status; True when this call did (not a re-report)."""
         tid = trial.trial_id
-        if tid in self.ended:
+        if tid in self.book.ended:
             # Tune saves its experiment state every few seconds, so after a driver crash it can
             # restore a trial that had already finished: the trial re-reports its final epoch from its
             # state file without training, and its MLflow run, closed before the crash, stays as it was
@@ -303,18 +294,9 @@ class MlflowSweepLogger(Callback):
         if tid not in self.run_ids:
             self._ensure_run(trial)
         last = trial.last_result or {}
-        if self.interrupted and not error and last.get("status") not in ENDED:
+        status = self.book.final_status(tid, last, error)
+        if status is None:
             return False    # Ctrl-C: the trial continues on --resume (close() marks it interrupted)
-        if error:
-            status = FAILED
-        elif last.get("status") == DIVERGED or self.statuses.get(tid) == DIVERGED:
-            status = DIVERGED
-        elif last.get("status") == FINISHED:
-            status = FINISHED
-        else:
-            status = STOPPED    # ended early by the scheduler (ASHA)
-        self.statuses[tid] = status
-        self.ended.add(tid)
         self._log_lineage(tid)
         state_path, model_dir = self._paths(tid)
         self._put(Model(tid, model_dir, state_path, self.keep_state, log=status != FAILED))
@@ -348,31 +330,24 @@ class MlflowSweepLogger(Callback):
         Tune also ends the experiment on Ctrl-C; a sweep with trials not yet done (or never
         created) is closed as interrupted, so the parent is not claimed finished."""
         trials = list(trials)
-        if self.interrupted or any(t.status not in ("TERMINATED", "ERROR") for t in trials) or \
-                (self.expected_trials and len(trials) < self.expected_trials):
+        if self.book.stops_early(t.status for t in trials):
             interrupted = True
         for trial in trials:
             tid = trial.trial_id
-            if tid in self.run_ids and self.statuses.get(tid) in (None, RUNNING):
+            if tid in self.run_ids and self.book.is_open(tid):
                 if trial.status == "TERMINATED":
                     self._finish(trial, None)
                 elif trial.status == "ERROR":
                     self._finish(trial, _error_text(trial))
         if interrupted:
-            for tid, status in list(self.statuses.items()):
-                if status == RUNNING and self._has_run(tid):
-                    self.statuses[tid] = INTERRUPTED
-                    self._put(Interrupt(tid))
+            for tid in self.book.interrupt_running(self._has_run):
+                self._put(Interrupt(tid))
             if not self.parent_closed:
                 self._put(ParentInterrupt())
                 self.parent_closed = True
             self.queue.drain()
             return
-        counts = {s: sum(1 for v in self.statuses.values() if v == s)
-                  for s in FINAL}
-        summary = {f"trials_{k}": v for k, v in counts.items()}
-        summary["trials_total"] = len(self.run_ids) + queued(self.queue, Start)
-        self._put(ParentEnd(summary, FINISHED))
+        self._put(ParentEnd(self.book.summary(len(self.run_ids) + queued(self.queue, Start)), FINISHED))
         self.parent_closed = True
         self.queue.drain()
 
