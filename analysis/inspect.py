@@ -21,7 +21,7 @@ from typing import Any, Optional, TextIO
 
 from capsmodels.contract import (CANDIDATE, FAILED, FINISHED, HEARTBEAT_STALE_S, INTERRUPTED, ROLE_KEY,
                                  RUN_PARENT, RUNNING, STATUSES, TAG_ROLE, TAG_STATUS, TAG_SWEEP, heartbeat_age,
-                                 resume_command, sweep_state)
+                                 SweepParams, resume_command, sweep_state)
 from capsmodels.errors import CapsweepError
 
 VERDICT_PATH = "report/verdict.json"
@@ -47,19 +47,21 @@ class Sweep:
         return self.parent.data.params
 
     @property
+    def settings(self) -> SweepParams:
+        """The parent run's `sweep.*` params (capsmodels.contract.SweepParams)."""
+        return SweepParams.from_params(self.params)
+
+    @property
     def space(self) -> list[str]:
-        return [k for k in self.params.get("sweep.space", "").split(",") if k]
+        return self.settings.space
 
     @property
     def objectives(self) -> tuple[list[str], list[str]]:
-        metrics = [m for m in self.params.get("sweep.metric", "").split(",") if m]
-        modes = [m for m in self.params.get("sweep.mode", "").split(",") if m]
-        return metrics, modes
+        return self.settings.metrics, self.settings.modes
 
     @property
     def expected(self) -> Optional[int]:
-        v = self.params.get("sweep.trials")
-        return int(v) if v and v.isdigit() else None
+        return self.settings.trials
 
 
 # ---- store access ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from capsmodels.errors import one_line
 from analysis.mlflowio import search_tagged, sql_engine, sql_metric_histories
 from analysis.store import missing_store, resolve_tracking_uri, search_all
 from capsmodels.contract import (DEFAULT_EXPERIMENT, FAILED, FINISHED, GRAD_PROBES,
-                                 INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, TAG_COMMIT,
+                                 INCOMPLETE, INTERRUPTED, RUN_PARENT, RUN_TRIAL, RUNNING, SEED_KEY, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP,
                                  TAG_TRIAL, layer_metric, TAG_CONFIRMS, HEARTBEAT_STALE_S,
                                  correct_from_tags, heartbeat_age, resume_command, sweep_state)
@@ -220,7 +220,7 @@ def _trials_table(runs: list, sweep: str) -> tuple[pd.DataFrame, list[str], list
     rows, param_keys, metric_keys = [], set(), set()
     for r in runs:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
-        seed = tags.get(TAG_SEED, params.get("train.seed"))
+        seed = tags.get(TAG_SEED, params.get(SEED_KEY))
         row = {
             "run_id": r.info.run_id, "run_name": r.info.run_name, "sweep": sweep,
             "trial_id": tags.get(TAG_TRIAL, r.info.run_name),

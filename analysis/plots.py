@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
-import re
 import sys
 import textwrap
 from typing import Optional
@@ -29,13 +28,12 @@ from matplotlib.figure import Figure
 
 from analysis.stats import t_interval
 from analysis.verdict import factor_kind, short_names
-from capsmodels.contract import CANDIDATE, CONTROL
+from capsmodels.contract import CANDIDATE, CONTROL, parse_layer_metric
 
 DPI = 100
 DPI_MANY = 80           # figures of more than 6 panels: 2/3 of the pixels to draw and encode, text still legible
 MAX_PANELS = 12         # more panel combinations: the first 12 (by factor level) are drawn, the caption says so
 SEED_POINTS_MAX = 1500  # more finished trials in a figure: configuration means and intervals only, no seed points
-_ACT = re.compile(r"^act_grad/l(\d+)$")
 PROBE_AXES = {  # probe -> (axis label, bounds for clipping, title)
     "test_acc": ("test accuracy (fraction, last epoch)", (0.0, 1.0), "Test accuracy"),
     "grad_ratio": ("log10 grad_ratio (act_grad/l1 / act_grad/l{L})", None, "Gradient ratio (log10)"),
@@ -302,7 +300,8 @@ def plot_layer_profile(trials: pd.DataFrame, swept: list[str], alpha: float, out
     """log10 act_grad per capsule layer, one line per depth, one panel per combination of the other
     swept factors (architecture included)."""
     title = "Gradient reaching each capsule layer: log10 act_grad/l{l} by layer"
-    cols = sorted((c for c in trials.columns if _ACT.match(str(c))), key=lambda c: int(_ACT.match(c).group(1)))
+    act = {c: p[1] for c in trials.columns if (p := parse_layer_metric(c)) and p[0] == "act_grad"}
+    cols = sorted(act, key=act.get)
     df = trials[trials["status"] == "finished"]
     if not cols or df[cols].notna().sum().sum() == 0:
         return {"title": title, "skipped": "n/a: no finished trial logs act_grad/l*"}

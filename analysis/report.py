@@ -34,7 +34,8 @@ from analysis.staging import staged_dir
 from analysis.stats import t_interval
 from analysis.verdict import Thresholds, annotate, short_names, verdict_json
 from capsmodels.contract import (CANDIDATE, CONTROL, FINISHED, REFERENCE, ROLE_KEY, TAG_COMMIT, TAG_VERSION_PREFIX,
-                                 VERSION_PACKAGES, installed_versions)
+                                 SWEEP_PARAM_PREFIX, VERSION_PACKAGES, SweepParams, installed_versions,
+                                 parse_layer_metric)
 
 # (figure key, column title, check whose outcome colours the cell, null figure)
 COLUMNS = [
@@ -240,13 +241,13 @@ def log_report(data, out_dir: str, client=None) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------------
 # Probe columns that only some sweeps log
 
-# (key, column title, the column it sits after, per-trial metric: a name, or a per-layer pattern averaged
-# over routed layers l >= 1 as tree_score is); a column appears when some trial logs its metric
+# (key, column title, the column it sits after, per-trial metric: a scalar's name, or (name,) for a per-layer
+# metric averaged over routed layers l >= 1 as tree_score is); a column appears when some trial logs its metric
 EXTRA_COLUMNS = [
     ("test_acc_transformed", "test acc (transformed)", "test_acc", "test_acc_transformed"),
-    ("tree_recovery", "tree recovery", "tree_score", re.compile(r"^tree_recovery/l(\d+)$")),
-    ("tree_direction", "tree direction", "tree_recovery", re.compile(r"^tree_direction/l(\d+)$")),
-    ("tree_concentration", "tree concentration", "tree_direction", re.compile(r"^tree_concentration/l(\d+)$")),
+    ("tree_recovery", "tree recovery", "tree_score", ("tree_recovery",)),
+    ("tree_direction", "tree direction", "tree_recovery", ("tree_direction",)),
+    ("tree_concentration", "tree concentration", "tree_direction", ("tree_concentration",)),
 ]
 
 
@@ -254,7 +255,7 @@ def _trial_values(trials: pd.DataFrame, metric) -> Optional[pd.Series]:
     """One value per trial of a plain or per-layer metric (mean over l >= 1); None when nobody logs it."""
     if isinstance(metric, str):
         return trials[metric].astype(float) if metric in trials and trials[metric].notna().any() else None
-    cols = [c for c in trials.columns if (m := metric.match(str(c))) and int(m.group(1)) >= 1]
+    cols = [c for c in trials.columns if (p := parse_layer_metric(c)) and p[0] == metric[0] and p[1] >= 1]
     if not cols or not trials[cols].notna().any().any():
         return None
     return trials[cols].astype(float).mean(axis=1, skipna=True)
@@ -395,7 +396,7 @@ def reproducibility(data, verdict: dict, parent: dict, out_dir: str,
     differ = [k for k, v in here.items() if k in recorded and recorded[k] != v]
     lines.append(("versions that wrote this report", ", ".join(f"{k} {v}" for k, v in here.items())
                   + (f" (differ from the sweep's: {', '.join(differ)})" if differ else "")))
-    settings = {k: v for k, v in params.items() if k.startswith("sweep.")}
+    settings = {k: v for k, v in params.items() if k.startswith(SWEEP_PARAM_PREFIX)}
     if settings:
         lines.append(("sweep settings (parent run params)", ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))))
     for key in ("capsweep.command", "mlflow.source.name"):
@@ -469,8 +470,9 @@ def search_view(data, trials: pd.DataFrame, swept: list[str], labels: dict, pare
     """The Optuna views: {'skipped': why} or {'objectives', 'table' (one row per candidate configuration,
     seed means of the objectives, 'pareto'), 'importances' {metric: {param: share}}, 'params'}."""
     params = parent.get("params", {})
-    if params.get("sweep.search") != "optuna":
-        return {"skipped": f"search is {params.get('sweep.search') or 'not recorded'}, not optuna"}
+    search = SweepParams.from_params(params).search
+    if search != "optuna":
+        return {"skipped": f"search is {search or 'not recorded'}, not optuna"}
     objectives = search_views.objectives_of(params)
     if not objectives:
         return {"skipped": "the parent run records no sweep.metric / sweep.mode"}

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.verdict import factor_kind
+from capsmodels.contract import SweepParams
 
 _BLOCK = 256   # rows compared at once in pareto_mask: (block x n x k) booleans
 
@@ -24,8 +25,8 @@ _BLOCK = 256   # rows compared at once in pareto_mask: (block x n x k) booleans
 def objectives_of(params: dict) -> list[tuple[str, str]]:
     """[(metric, 'max'|'min'), ...] from the parent run's `sweep.metric` / `sweep.mode` params
     (sweeps/runner.py writes them comma-joined); [] when they are absent or do not pair up."""
-    metrics = [m for m in str(params.get("sweep.metric") or "").split(",") if m]
-    modes = [m for m in str(params.get("sweep.mode") or "").split(",") if m]
+    s = SweepParams.from_params(params)
+    metrics, modes = s.metrics, s.modes
     if not metrics or len(metrics) != len(modes) or not set(modes) <= {"max", "min"}:
         return []
     return list(zip(metrics, modes))

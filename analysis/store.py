@@ -73,15 +73,20 @@ class StoreInitError(CapsweepError, RuntimeError):
     """The store could not be created or migrated. The message is one line naming the URI."""
 
 
-def sqlite_path(uri: str) -> Optional[Path]:
-    """The file of a `sqlite:///PATH` URI (relative to the working folder), else None (servers,
-    databases and in-memory stores migrate themselves)."""
+def _sqlite_file(uri: str) -> Optional[str]:
+    """PATH of a `sqlite:///PATH` URI as written (its query string dropped), else None (another kind of
+    store, or SQLite in memory). The one place the SQLite form is parsed."""
     if not uri.startswith("sqlite:///"):
         return None
     raw = uri[len("sqlite:///"):].split("?", 1)[0]
-    if raw in ("", ":memory:"):
-        return None
-    return Path(raw).expanduser().resolve()
+    return None if raw in ("", ":memory:") else raw
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a `sqlite:///PATH` URI (relative to the working folder), else None (servers,
+    databases and in-memory stores migrate themselves)."""
+    raw = _sqlite_file(uri)
+    return Path(raw).expanduser().resolve() if raw is not None else None
 
 
 def missing_store(uri: str) -> Optional[str]:
@@ -89,8 +94,8 @@ def missing_store(uri: str) -> Optional[str]:
     bare path), else None. Opening one with MLflow silently creates an empty store, so a reader refuses
     it instead: a typo in the path gives a clear message rather than 'experiment not found'."""
     if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):].split("?", 1)[0]
-        if path in ("", ":memory:"):
+        path = _sqlite_file(uri)
+        if path is None:
             return None
     elif uri.startswith("file:"):
         path = uri[len("file://"):] if uri.startswith("file://") else uri[5:]

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -62,14 +61,14 @@ import pandas as pd
 from analysis.stats import (FAIL, INCONCLUSIVE, PASS, Interval, bound_p, check_bound, finite, holm,
                             noninferiority, t_interval, split_sampling_variance, trend)
 from capsmodels.catalogue import SPLIT_SIZES
-from capsmodels.contract import (CANDIDATE, CNN_UNUSED_KEYS, CONTROL, FINISHED, NUM_CLASSES, REFERENCE, RUNNING, STATUSES,
-                                 STOPPED, TAG_CONFIRMS, decode_correct)
+from capsmodels.contract import (CANDIDATE, CNN_UNUSED_KEYS, CONTROL, FINISHED, NUM_CLASSES, REFERENCE, RUNNING,
+                                 SEED_KEY, STATUSES, STOPPED, SWEEP_PARAM_PREFIX, TAG_CONFIRMS, SweepParams,
+                                 decode_correct, parse_layer_metric)
 
-SEED_PARAM = "train.seed"
 # how a trial ran, not what it trained: train.check_every changes nothing, train.compile only rounding
-NON_CONFIG_PARAMS = {SEED_PARAM, "train.device", "train.threads", "train.progress", "train.check_every",
+NON_CONFIG_PARAMS = {SEED_KEY, "train.device", "train.threads", "train.progress", "train.check_every",
                      "train.compile", "data.root", "data.download"}
-NON_CONFIG_PREFIXES = ("trial.", "sweep.")  # bookkeeping the runner adds (trial.role, trial.config_id)
+NON_CONFIG_PREFIXES = ("trial.", SWEEP_PARAM_PREFIX)  # bookkeeping the runner adds (trial.role, trial.config_id)
 HIDDEN_SHAPE_PARAMS = {"model.num_caps", "model.caps_dim"}
 MATCH_EXCLUDED = {"model.depth", "model.arch"} | HIDDEN_SHAPE_PARAMS
 # Per-trial probe columns (annotate) and what the report calls them. log10 columns are shown as 10^x.
@@ -93,7 +92,6 @@ FIGURES = PROBES + tuple(NULLS.values())
 # running fail the seeds check.
 STATUS_ORDER = STATUSES
 TINY = float(np.finfo(float).tiny)   # an exact 0 on a log10 axis: log10(2.2e-308) = -307.7
-_LAYER = re.compile(r"^(?P<name>[a-z_]+)/l(?P<l>\d+)$")
 
 
 @dataclass
@@ -118,9 +116,9 @@ def _layer_metrics(row: pd.Series, name: str) -> dict[int, float]:
     """{l: value} of the metrics `name/l{l}` the trial logs (NaN = not logged = absent)."""
     out = {}
     for col, v in row.items():
-        m = _LAYER.match(str(col))
-        if m and m.group("name") == name and v is not None and np.isfinite(v):
-            out[int(m.group("l"))] = float(v)
+        parsed = parse_layer_metric(col)
+        if parsed and parsed[0] == name and v is not None and np.isfinite(v):
+            out[parsed[1]] = float(v)
     return out
 
 
@@ -164,9 +162,9 @@ def trial_probes(trials: pd.DataFrame) -> pd.DataFrame:
     n = len(trials)
     layer_cols: dict[str, list[tuple[int, str]]] = {}
     for col in trials.columns:                      # frame order, as `_layer_metrics` iterates
-        m = _LAYER.match(str(col))
-        if m:
-            layer_cols.setdefault(m.group("name"), []).append((int(m.group("l")), col))
+        parsed = parse_layer_metric(col)
+        if parsed:
+            layer_cols.setdefault(parsed[0], []).append((parsed[1], col))
 
     def matrix(name: str) -> tuple[np.ndarray, np.ndarray]:
         """(values (n, k) with non-finite -> NaN, layer index of each column (k,))."""
@@ -346,7 +344,7 @@ def scored(trials: pd.DataFrame) -> pd.DataFrame:
         return out.assign(scored_at="last epoch")
     has_best = trials[best_cols].notna().any(axis=1).to_numpy()
     base = {str(c)[len(BEST_PREFIX):] for c in best_cols}
-    metric_like = [c for c in trials.columns if c in base or _LAYER.match(str(c)) or str(c) in _SCORED_SCALARS]
+    metric_like = [c for c in trials.columns if c in base or parse_layer_metric(c) or str(c) in _SCORED_SCALARS]
     replaced = {}
     for c in metric_like:
         if c in RUN_METRICS:
@@ -361,7 +359,7 @@ def scored(trials: pd.DataFrame) -> pd.DataFrame:
         [*trials.columns, "scored_at"]]
 
 
-# scalar metrics the verdict reads, replaced by their best/ copy (the per-layer ones match _LAYER)
+# scalar metrics the verdict reads, replaced by their best/ copy (the per-layer ones: parse_layer_metric)
 _SCORED_SCALARS = {"test_acc", "test_loss", "val_acc", "val_loss", "train_acc", "train_loss", "grad_ratio",
                    "test_acc_transformed", "dead_frac_max", "starved_frac_max", "frozen_frac_max"}
 
@@ -667,8 +665,7 @@ def _select_keys(data, select: Optional[list]) -> list[str]:
     """`select` as given, else the sweep's own (`select:` in its spec, logged as param sweep.select)."""
     if select is not None:
         return list(select)
-    raw = ((getattr(data, "parent_record", None) or {}).get("params") or {}).get("sweep.select") or ""
-    return [k for k in raw.split(",") if k]
+    return SweepParams.from_params((getattr(data, "parent_record", None) or {}).get("params") or {}).select
 
 
 def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[tuple] = None,
@@ -864,7 +861,7 @@ def _outcome(cands: list, escapes: list, nominal: list, undecided: list, instrum
 def _confirms(data) -> Optional[str]:
     """The exploration this sweep confirms (`capsweep confirm` tags its parent run), else None."""
     rec = getattr(data, "parent_record", None) or {}
-    return (rec.get("tags") or {}).get(TAG_CONFIRMS) or (rec.get("params") or {}).get("sweep.confirms") or None
+    return (rec.get("tags") or {}).get(TAG_CONFIRMS) or SweepParams.from_params(rec.get("params") or {}).confirms or None
 
 
 def _confirm_plan(data, trials: pd.DataFrame, cands: list, outcome: str, confirms: Optional[str]) -> dict:

@@ -9,6 +9,7 @@ fresh interpreter. Metric definitions: docs/PROBES.md.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 from capsmodels.catalogue import DATASETS, NUM_CLASSES
 
@@ -119,8 +120,71 @@ CNN_UNUSED_KEYS = tuple(f"model.{k}" for k in (
 
 # ---- trial roles (the sweep param ROLE_KEY; docs/PROBES.md, "Trial roles") ---------------------------
 ROLE_KEY = "trial.role"               # a param of every trial, not a run-config key
+SEED_KEY = "train.seed"               # the run-config key a sweep sets from its `seeds` (never searched over)
 CANDIDATE, REFERENCE, CONTROL = "candidate", "reference", "control"
 ROLES = (CANDIDATE, REFERENCE, CONTROL)
+
+# ---- the sweep's settings, as params of its parent run (`sweep.*`) --------------------------------------
+SWEEP_PARAM_PREFIX = "sweep."
+
+
+def _words(value) -> list[str]:
+    """A comma-joined param as its words ('' and None: none)."""
+    return [w for w in str(value or "").split(",") if w]
+
+
+def _whole(value) -> int | None:
+    """A param holding a count, or None when it is absent or not a whole number."""
+    text = str(value or "")
+    return int(text) if text.isdigit() else None
+
+
+@dataclass
+class SweepParams:
+    """The settings a sweep's parent run records as `sweep.*` params: written once by the runner when it
+    creates the parent (`to_params`), read back by `capsweep ls/status`, the report, the verdict's `select`
+    and `confirms`, `capsweep dashboard` and a resumed driver (`from_params`). Reading is lenient: a sweep
+    from an older capsweep (or another tool) lacks some of them, and an absent one reads as empty."""
+    search: str = ""                  # sweep.search: grid | random | optuna
+    sampler: str = ""                 # sweep.sampler: optuna's sampler (absent for grid and random)
+    metrics: list[str] = field(default_factory=list)   # sweep.metric, comma-joined (several: the objectives)
+    modes: list[str] = field(default_factory=list)     # sweep.mode, one per metric
+    num_samples: int | None = None    # sweep.num_samples
+    seeds: list[int] = field(default_factory=list)     # sweep.seeds
+    scheduler: str = ""               # sweep.scheduler: none | asha
+    trials: int | None = None         # sweep.trials: every trial planned, references and controls included
+    space: list[str] = field(default_factory=list)     # sweep.space: the keys that name a configuration
+    counts: dict[str, int] = field(default_factory=dict)    # sweep.<role>s: the trials planned per role (ROLES)
+    confirms: str = ""                # sweep.confirms: the exploration this sweep confirms
+    select: list[str] = field(default_factory=list)    # sweep.select: swept keys the verdict tunes on validation
+
+    def to_params(self) -> dict[str, str]:
+        """The params as MLflow holds them (strings), in the order the runner logs them."""
+        p = SWEEP_PARAM_PREFIX
+        out = {f"{p}search": self.search, **({f"{p}sampler": self.sampler} if self.sampler else {}),
+               f"{p}metric": ",".join(self.metrics), f"{p}mode": ",".join(self.modes),
+               f"{p}num_samples": self.num_samples, f"{p}seeds": ",".join(map(str, self.seeds)),
+               f"{p}scheduler": self.scheduler, f"{p}trials": self.trials, f"{p}space": ",".join(self.space),
+               **{f"{p}{role}s": n for role, n in self.counts.items()}}
+        if self.confirms:
+            out[f"{p}confirms"] = self.confirms
+        if self.select:
+            out[f"{p}select"] = ",".join(self.select)
+        return {k: str(v) for k, v in out.items()}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "SweepParams":
+        """The settings from a parent run's params (every key, or only the `sweep.*` ones)."""
+        def get(name: str):
+            return params.get(SWEEP_PARAM_PREFIX + name)
+        return cls(search=str(get("search") or ""), sampler=str(get("sampler") or ""), metrics=_words(get("metric")),
+                   modes=_words(get("mode")), num_samples=_whole(get("num_samples")),
+                   seeds=[int(s) for s in _words(get("seeds")) if s.lstrip("-").isdigit()],
+                   scheduler=str(get("scheduler") or ""),
+                   trials=_whole(get("trials")), space=_words(get("space")),
+                   counts={r: n for r in ROLES if (n := _whole(get(r + "s"))) is not None},
+                   confirms=str(get("confirms") or ""), select=_words(get("select")))
+
 
 # ---- the environment and the store -------------------------------------------------------------------
 INJECT_FAILURE_ENV = "CAPSWEEP_INJECT_FAILURE"   # tests: "key=value" makes matching trials raise
@@ -159,9 +223,20 @@ EPOCH_METRIC = "epoch"                # step = epoch; the value equals the step
 GRAD_PROBES = ("grad_norm", "act_grad")   # a capsweep trial logs one of these per layer
 
 
+_LAYER_METRIC = re.compile(r"(?P<name>[a-z_]+)/l(?P<l>\d+)")
+
+
 def layer_metric(name: str, layer: int | str) -> str:
-    """The logged name of a per-layer metric: `act_grad/l3` (layer may be '' for a prefix)."""
+    """The logged name of a per-layer metric: `act_grad/l3` (layer may be '' for a prefix). The one
+    place the form is written: the probes write through it, every reader parses with parse_layer_metric."""
     return f"{name}/l{layer}"
+
+
+def parse_layer_metric(key: str) -> tuple[str, int] | None:
+    """(name, layer) of a per-layer metric's logged name (`act_grad/l3` -> ('act_grad', 3)); None for any
+    other key (a scalar, a `best/` copy, a `log10_` companion)."""
+    m = _LAYER_METRIC.fullmatch(str(key))
+    return (m.group("name"), int(m.group("l"))) if m else None
 
 
 # ---- stopping and the best-validation epoch (train.patience; docs/PROBES.md, "Stopping and the best

@@ -28,6 +28,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from capsmodels.contract import layer_metric
+
 STARVED_REL = 1e-3        # starved: per-capsule act_grad < STARVED_REL x the class layer's median
 FROZEN_REL = 0.01         # frozen: std_x a_j(x) <= FROZEN_REL x mean_x a_j(x)
 NULL_SEED = 0             # the routing null's permutations (fixed: the same null every epoch)
@@ -236,7 +238,7 @@ def activation_stats(act: torch.Tensor, tau: float) -> tuple[float, float, float
 def _hidden_max(out: dict, name: str, n_layers: int) -> None:
     """out[name + '_max'] = max over the hidden layers l1..l{L-1} of out[name/l]; 0.0 without hidden
     layers (the depth-0 network has none to starve)."""
-    hidden = [out[f"{name}/l{l}"] for l in range(1, n_layers - 1) if f"{name}/l{l}" in out]
+    hidden = [out[layer_metric(name, l)] for l in range(1, n_layers - 1) if layer_metric(name, l) in out]
     out[f"{name}_max"] = max(hidden) if hidden else 0.0
 
 
@@ -260,9 +262,11 @@ def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None,
     out: dict[str, float] = {}
     for l, tr in enumerate(layers):
         act = tr.act.detach()
-        out[f"act_mean/l{l}"], out[f"dead_frac/l{l}"], out[f"frozen_frac/l{l}"] = activation_stats(act, tau)
+        mean_act, dead, frozen = activation_stats(act, tau)
+        out[layer_metric("act_mean", l)], out[layer_metric("dead_frac", l)] = mean_act, dead
+        out[layer_metric("frozen_frac", l)] = frozen
         if tr.gain is not None:
-            out[f"squash_gain/l{l}"] = float(tr.gain.detach().mean())
+            out[layer_metric("squash_gain", l)] = float(tr.gain.detach().mean())
     nulls = nulls or {}
     path = None                                  # (B, I0, J_l): primaries -> layer l, c^(1) ... c^(l)
     null_path = None                             # (B, I0, J_l): the same through the routing nulls
@@ -274,25 +278,25 @@ def trace_probes(layers: Sequence, tau: float, nulls: Optional[dict] = None,
             null_path = n_l if null_path is None else torch.bmm(null_path, n_l.to(null_path.dtype))
         if l == 0 or tr.coupling is None or not tr.routes:
             continue
-        if out[f"dead_frac/l{l - 1}"] == 1.0 or out[f"dead_frac/l{l}"] == 1.0:
+        if out[layer_metric("dead_frac", l - 1)] == 1.0 or out[layer_metric("dead_frac", l)] == 1.0:
             continue
         c = tr.coupling.detach()
         score = tree_score(c, layers[l - 1].act.detach())
         if score is None:
             continue
-        out[f"tree_score/l{l}"] = score
+        out[layer_metric("tree_score", l)] = score
         if truth is not None:
             recovered = tree_recovery(path, layers[0].act, truth)
             if recovered is not None:
-                out[f"tree_recovery/l{l}"] = recovered
+                out[layer_metric("tree_recovery", l)] = recovered
                 out.update(_tree_split(l, path, null_path, layers[0].act, truth, nulls))
-        out[f"routing_dynamics/l{l}"] = routing_dynamics(c)
+        out[layer_metric("routing_dynamics", l)] = routing_dynamics(c)
         if l in nulls:
             c_null, a_null = nulls[l][:2]
             null_score = tree_score(c_null, a_null)
             if null_score is not None:
-                out[f"tree_score_null/l{l}"] = null_score
-            out[f"routing_dynamics_null/l{l}"] = routing_dynamics(c_null)
+                out[layer_metric("tree_score_null", l)] = null_score
+            out[layer_metric("routing_dynamics_null", l)] = routing_dynamics(c_null)
     if len(layers) >= 2:
         _hidden_max(out, "dead_frac", len(layers))
         _hidden_max(out, "frozen_frac", len(layers))
@@ -315,7 +319,7 @@ def _tree_split(l: int, path: torch.Tensor, null_path: torch.Tensor, a0: torch.T
         _, a_null, idx = nulls[1]                # l1's null: child i of row x is input idx[x, i]'s
         vals["tree_concentration_null"] = tree_concentration(
             null_path, a_null, permute_children(on_part, idx.to(path.device)))
-    return {f"{name}/l{l}": v for name, v in vals.items() if v is not None}
+    return {layer_metric(name, l): v for name, v in vals.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,14 +335,14 @@ def gradient_probes(grads: Sequence[torch.Tensor]) -> dict[str, float]:
     act_grad/l1 / act_grad/l{L} (1.0 at depth 0, where l1 is the class layer; absent for 0/0).
     """
     per_cap = [torch.linalg.vector_norm(g.detach(), dim=-1, dtype=torch.float64).mean(0) for g in grads]
-    out = {f"act_grad/l{l}": float(p.mean()) for l, p in enumerate(per_cap)}
+    out = {layer_metric("act_grad", l): float(p.mean()) for l, p in enumerate(per_cap)}
     ref = float(torch.quantile(per_cap[-1], 0.5))
     if ref > 0:
         for l, p in enumerate(per_cap):
-            out[f"starved_frac/l{l}"] = float((p < STARVED_REL * ref).double().mean())
+            out[layer_metric("starved_frac", l)] = float((p < STARVED_REL * ref).double().mean())
         _hidden_max(out, "starved_frac", len(per_cap))
-    if len(per_cap) >= 2 and out[f"act_grad/l{len(per_cap) - 1}"] > 0:
-        out["grad_ratio"] = out["act_grad/l1"] / out[f"act_grad/l{len(per_cap) - 1}"]
+    if len(per_cap) >= 2 and out[layer_metric("act_grad", len(per_cap) - 1)] > 0:
+        out["grad_ratio"] = out[layer_metric("act_grad", 1)] / out[layer_metric("act_grad", len(per_cap) - 1)]
     return out
 
 
@@ -367,8 +371,8 @@ class GradTracker:
         if not self.window:
             return {}
         mean = torch.stack(list(self.window)).mean(0).tolist()
-        out = {f"grad_norm/l{l}": v for l, v in enumerate(mean)}
-        out.update({f"grad_rms/l{l}": v / math.sqrt(w.numel())
+        out = {layer_metric("grad_norm", l): v for l, v in enumerate(mean)}
+        out.update({layer_metric("grad_rms", l): v / math.sqrt(w.numel())
                     for l, (v, w) in enumerate(zip(mean, self.weights))})
         return out
 

@@ -35,7 +35,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from capsmodels import config as cfgmod
 from capsmodels import losses
 from capsmodels.augment import shift_augment
-from capsmodels.contract import RUNNING
+from capsmodels.contract import RUNNING, layer_metric
 from capsmodels.datasets import RawData, load_raw
 from capsmodels.train import Best, EvalSet, close_epoch, prepare, to_device, warmup_steps
 
@@ -229,8 +229,9 @@ class StackedGradTracker:
                 out.append({})
                 continue
             mean = buf[:k, :, s].mean(0).tolist()
-            d = {f"grad_norm/l{l}": v for l, v in enumerate(mean)}
-            d.update({f"grad_rms/l{l}": v / math.sqrt(w[0].numel()) for l, (v, w) in enumerate(zip(mean, self.weights))})
+            d = {layer_metric("grad_norm", l): v for l, v in enumerate(mean)}
+            d.update({layer_metric("grad_rms", l): v / math.sqrt(w[0].numel())
+                      for l, (v, w) in enumerate(zip(mean, self.weights))})
             out.append(d)
         return out
 

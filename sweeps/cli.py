@@ -374,9 +374,9 @@ def _experiment_id(uri: str, name: str) -> Optional[str]:
 
 
 def _store_flags(p: argparse.ArgumentParser, experiment: Optional[str]) -> None:
-    import os
+    from analysis.store import resolve_tracking_uri
     from capsmodels.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV
-    p.add_argument("--tracking-uri", default=os.environ.get(TRACKING_URI_ENV, DEFAULT_TRACKING_URI),
+    p.add_argument("--tracking-uri", default=resolve_tracking_uri(None),
                    help=f"MLflow tracking URI (default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
     p.add_argument("--experiment", default=experiment,
                    help=f"MLflow experiment (default: {experiment or 'every experiment of the store'})")
@@ -455,6 +455,7 @@ _TRUST_HELP = ("with --resume: also load trial state files and Ray Tune state th
 
 def build_parser() -> argparse.ArgumentParser:
     import os
+    from analysis.store import resolve_tracking_uri
     from capsmodels.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV
     from capsmodels.contract import DEFAULT_EXPERIMENT
 
@@ -542,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="open the MLflow UI on the sweep store (127.0.0.1)")
     u.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
                    help="experiment whose runs the printed address opens (default capsweep)")
-    u.add_argument("--tracking-uri", default=os.environ.get(TRACKING_URI_ENV, DEFAULT_TRACKING_URI),
+    u.add_argument("--tracking-uri", default=resolve_tracking_uri(None),
                    help=f"MLflow store to serve (default: ${TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI})")
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     u.add_argument("--port", type=int, default=5000, help="port (default 5000)")

@@ -124,8 +124,8 @@ def extra_missing() -> Optional[str]:
 def journal_path(reader, sweep) -> Path:
     """The sweep's Optuna journal on this machine (module docstring), or DashboardError. `reader` reads
     the sweep's logged spec when its parent does not name the journal (analysis/inspect.py, StoreReader)."""
-    from capsmodels.contract import TAG_OPTUNA_JOURNAL
-    search = sweep.params.get("sweep.search")
+    from capsmodels.contract import TAG_OPTUNA_JOURNAL, SweepParams
+    search = SweepParams.from_params(sweep.params).search
     if search and search != "optuna":
         raise DashboardError(f"sweep {sweep.name!r} searched with {search}: it has no Optuna study "
                              "(only search.algorithm: optuna sweeps have one)")

@@ -31,6 +31,7 @@ from typing import Optional
 import yaml
 
 from capsmodels import config as runcfg
+from capsmodels.contract import SEED_KEY
 from capsmodels.errors import CapsweepError
 
 TAG_EVAL_OF = "capsweep.eval_of"
@@ -48,7 +49,7 @@ def refused_override(overrides: list[str]) -> Optional[str]:
         key = o.split("=", 1)[0].strip()
         if key.startswith("data.") or key in EVAL_KEYS:
             continue
-        if key == "train.seed":
+        if key == SEED_KEY:
             why = ("the seed chose the validation split and the probe batch of the logged model; another seed "
                    "mixes its training images into them")
         elif key.startswith("model."):

@@ -41,7 +41,7 @@ from capsmodels.errors import CapsweepError
 from sweeps import storage
 
 MODELS_DIR = "trial_models"
-STATE_DIR = "trial_state"         # as sweeps/runner.py names it
+STATE_DIR = "trial_state"         # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch
 MODEL_NAME = "model"
 CONFIG_FILE, INFO_FILE, WEIGHTS_FILE, FINAL_FILE = "config.yaml", "trial.json", "model.pt", "final.json"
 FLAVOR = "capsweep"                  # the MLflow model's own flavour: weights + config (see the docstring)

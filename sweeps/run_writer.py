@@ -22,7 +22,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from capsmodels.contract import (EPOCH_METRIC, FAILED, ROLE_KEY, FINISHED, INTERRUPTED, REPORT_STOP_REASON,
+from capsmodels.contract import (EPOCH_METRIC, FAILED, ROLE_KEY, SEED_KEY, FINISHED, INTERRUPTED, REPORT_STOP_REASON,
                                  REPORT_TEST_CORRECT, RUN_TRIAL, RUNNING, STOP_SCHEDULER, STOPPED, TAG_COMMIT,
                                  TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_RUN_NAME, TAG_SEED, TAG_STATUS,
                                  TAG_STOP_REASON, TAG_SWEEP, TAG_TRIAL, correct_tags, log10_name)
@@ -59,9 +59,9 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 
 
 # run names: the axes of the paper first (depth, iterations, routing), then the other swept keys
-NAME_ABBREV = {"model.depth": "d", "model.iterations": "it", "train.seed": "s", "model.caps_dim": "cd",
+NAME_ABBREV = {"model.depth": "d", "model.iterations": "it", SEED_KEY: "s", "model.caps_dim": "cd",
                "model.num_caps": "nc", "data.train_size": "n", "train.lr": "lr"}
-NAME_FIXED = ("model.arch", "model.depth", "model.iterations", "model.routing", "train.seed", ROLE_KEY)
+NAME_FIXED = ("model.arch", "model.depth", "model.iterations", "model.routing", SEED_KEY, ROLE_KEY)
 
 
 def _name_part(key: str, value: Any) -> str:
@@ -86,7 +86,7 @@ def run_name(params: dict, swept: Iterable[str]) -> str:
     if not cnn:
         parts += [_name_part("model.iterations", params.get("model.iterations")), str(params.get("model.routing"))]
     parts += [_name_part(k, params.get(k)) for k in swept if k not in NAME_FIXED]
-    parts.append(_name_part("train.seed", params.get("train.seed")))
+    parts.append(_name_part(SEED_KEY, params.get(SEED_KEY)))
     return "-".join(parts)
 
 

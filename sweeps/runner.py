@@ -25,9 +25,10 @@ from capsmodels import config as runcfg
 from capsmodels import datasets as datamod
 from capsmodels.contract import (FINAL, INJECT_FAILURE_ENV, INTERRUPTED, ROLE_KEY, RUN_PARENT, RUNNING, TAG_COMMIT,
                                  TAG_CONFIRMS, TAG_HEARTBEAT, TAG_OPTUNA_JOURNAL, TAG_ROLE, TAG_RUN_NAME,
-                                 TAG_STATUS, TAG_SWEEP, TAG_VERSION_PREFIX, installed_versions, redact)
+                                 TAG_STATUS, TAG_SWEEP, TAG_VERSION_PREFIX, SweepParams, installed_versions,
+                                 redact)
 from capsmodels.errors import CapsweepError
-from sweeps import extras, search, storage, tracking, tune_guard
+from sweeps import extras, models, search, storage, tracking, tune_guard
 from sweeps.heartbeat import Heartbeat, beat_value
 from sweeps.provenance import git_commit
 from sweeps.spec import (OPTUNA_JOURNAL, SEED_KEY, SpecError, SweepSpec, journal_file, objectives, probe_values,
@@ -35,7 +36,6 @@ from sweeps.spec import (OPTUNA_JOURNAL, SEED_KEY, SpecError, SweepSpec, journal
 from sweeps.trainable import run_trial
 
 INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
-STATE_DIR = "trial_state"    # <storage>/<name>/trial_state/<trial id>.pt: each trial's last epoch (trainable.py)
 
 
 class SweepRefused(CapsweepError, RuntimeError):
@@ -245,9 +245,8 @@ def check_trial_files(exp_dir: str) -> None:
     """--resume reads every unfinished trial's state and weights: refuse, in one line and before Ray
     starts, when one of them is not plain weights (a planted pickle payload), instead of failing its
     trial later. The trial and the driver load them with weights_only anyway (storage.load_torch)."""
-    from sweeps import models
-    files = [storage.join(exp_dir, STATE_DIR, n) for n in storage.listdir(storage.join(exp_dir, STATE_DIR))
-             if n.endswith(".pt")]
+    state_dir = storage.join(exp_dir, models.STATE_DIR)
+    files = [storage.join(state_dir, n) for n in storage.listdir(state_dir) if n.endswith(".pt")]
     mdir = storage.join(exp_dir, models.MODELS_DIR)
     files += [storage.join(mdir, t, models.WEIGHTS_FILE) for t in storage.listdir(mdir)]
     for path in files:
@@ -322,21 +321,19 @@ def create_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec) -> 
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     rid = run.info.run_id
     claim_name(client, experiment_id, spec, rid)
-    metrics, modes = objectives(spec)
-    params = {"sweep.search": spec.search.algorithm,
-              **({"sweep.sampler": spec.search.sampler} if spec.search.sampler else {}),   # optuna's only
-              "sweep.metric": ",".join(metrics), "sweep.mode": ",".join(modes),
-              "sweep.num_samples": spec.num_samples, "sweep.seeds": ",".join(map(str, spec.seeds)),
-              "sweep.scheduler": spec.scheduler.name, "sweep.trials": total_trials(spec),
-              "sweep.space": ",".join(searched_keys(spec)),
-              **{f"sweep.{role}s": n for role, n in trial_counts(spec).items()}}
-    if spec.confirms:
-        params["sweep.confirms"] = spec.confirms
-    if spec.select:          # tuned on validation by the verdict (analysis reads it back)
-        params["sweep.select"] = ",".join(spec.select)
-    client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_batch(rid, params=[Param(k, v) for k, v in sweep_params(spec).to_params().items()])
     client.log_text(rid, redact(to_yaml(spec)), "spec.yaml")      # the URI's password is not the run's
     return rid
+
+
+def sweep_params(spec: SweepSpec) -> SweepParams:
+    """The settings the parent run records as `sweep.*` params (capsmodels.contract.SweepParams; the
+    analysis reads them back: the objectives, the space, the trials planned, `select`, `confirms`)."""
+    metrics, modes = objectives(spec)
+    return SweepParams(search=spec.search.algorithm, sampler=spec.search.sampler or "", metrics=list(metrics),
+                       modes=list(modes), num_samples=spec.num_samples, seeds=list(spec.seeds),
+                       scheduler=spec.scheduler.name, trials=total_trials(spec), space=list(searched_keys(spec)),
+                       counts=dict(trial_counts(spec)), confirms=spec.confirms or "", select=list(spec.select or []))
 
 
 def discard_lock_folder(root: str, lock: FileLock) -> None:
@@ -487,7 +484,7 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: Optional[str], num_cpus: 
                 parent_id = parent.info.run_id
                 # the size planned when the sweep started (Tune's restored search makes those trials, even
                 # if this code or the overrides would plan another, e.g. a sweep from before references)
-                expected = int(parent.data.params.get("sweep.trials") or expected)
+                expected = SweepParams.from_params(parent.data.params).trials or expected
                 client.update_run(parent_id, status="RUNNING")
                 client.set_tag(parent_id, TAG_STATUS, RUNNING)
             with Heartbeat(spec.mlflow.tracking_uri, parent_id):      # `ls` tells a dead driver
@@ -604,7 +601,7 @@ def _tune(spec, raws, client, experiment_id, parent_id, root: str, exp_dir: str,
     from ray import tune
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=spec.base, raws=raws, cpus=spec.resources.cpu,
-                             state_dir=storage.join(exp_dir, STATE_DIR), trust=trust),
+                             state_dir=storage.join(exp_dir, models.STATE_DIR), trust=trust),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     local = storage.local_dir(exp_dir)     # the MLflow write spool, Optuna's journal
     local.mkdir(parents=True, exist_ok=True)

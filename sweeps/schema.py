@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from capsmodels import config as runcfg
-from capsmodels.contract import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+from capsmodels.contract import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, SEED_KEY  # noqa: F401 - SEED_KEY re-exported
 from capsmodels.errors import CapsweepError
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "int", "logint")
@@ -21,7 +21,6 @@ SAMPLERS = ("tpe", "cmaes", "nsga2", "random")
 SCHEDULERS = ("none", "asha")
 MODES = ("min", "max")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-SEED_KEY = "train.seed"        # set from `seeds`, never searched over
 KEEP_BASE = "__base__"         # a param value meaning "leave this key to the base config"
 RUN_SECTIONS = ("model", "data", "train")
 

@@ -27,7 +27,6 @@ cluster allocation. YAML is read with OmegaConf (yaml.SafeLoader underneath: no 
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -37,7 +36,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capsmodels import config as runcfg
-from capsmodels.contract import LAYER_METRICS, SCALAR_METRICS, TRACKING_URI_ENV
+from analysis.store import resolve_tracking_uri
+from capsmodels.contract import LAYER_METRICS, SCALAR_METRICS, parse_layer_metric
 from sweeps import budget, extras
 from sweeps.extras import total_trials, trial_counts  # noqa: F401 - re-exported
 from sweeps.schema import (ALGORITHMS, KEEP_BASE, MODES, NAME_RE, RUN_SECTIONS, SAMPLERS,  # noqa: F401 - re-exported
@@ -79,10 +79,9 @@ def load_spec(spec: str, overrides: Optional[list[str]] = None) -> SweepSpec:
     except Exception as e:
         _fail(f"override: {_one_line(e)}; write overrides as key=value")
     merged = OmegaConf.merge(file_cfg, cli_cfg)
-    env_uri = os.environ.get(TRACKING_URI_ENV)
-    if env_uri and OmegaConf.select(merged, "mlflow.tracking_uri") is None:
-        # a spec that names no store follows MLflow's own convention: $MLFLOW_TRACKING_URI first
-        merged = OmegaConf.merge(merged, {"mlflow": {"tracking_uri": env_uri}})
+    if OmegaConf.select(merged, "mlflow.tracking_uri") is None:
+        # a spec that names no store follows MLflow's own convention: $MLFLOW_TRACKING_URI, else its default
+        merged = OmegaConf.merge(merged, {"mlflow": {"tracking_uri": resolve_tracking_uri(None)}})
     return from_config(merged, origin=str(path))
 
 
@@ -190,8 +189,8 @@ def _validate_select(spec: SweepSpec) -> None:
 def metric_allowed(name: str, max_layer: int) -> bool:
     if name in SCALAR_METRICS:
         return True
-    m = re.fullmatch(r"([a-z_]+)/l(\d+)", name)
-    return bool(m) and m.group(1) in LAYER_METRICS and int(m.group(2)) <= max_layer
+    parsed = parse_layer_metric(name)
+    return parsed is not None and parsed[0] in LAYER_METRICS and parsed[1] <= max_layer
 
 
 def validate(spec: SweepSpec) -> SweepSpec:
