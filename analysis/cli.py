@@ -41,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     from analysis.verdict import Thresholds
     d = Thresholds()
     p = OneLineParser(prog=PROG, description="Decide whether any CapsNet configuration of a sweep escapes "
-                "vanishing gradients and capsule starvation, and write the report. A candidate (CapsNet, "
-                "depth >= 1) escapes when every check passes at level --alpha: accuracy and gradient floor "
-                "non-inferior to the matched depth-0 CapsNet (Welch one-sided test with a margin), grad_ratio, "
-                "starved, dead and frozen fractions and accuracy against chance shown on the right side of "
-                "their thresholds by one-sided t bounds. Definitions: docs/PROBES.md.")
+                       "vanishing gradients and capsule starvation, and write the report. A candidate (CapsNet, "
+                       "depth >= 1) escapes when every check passes at level --alpha: accuracy and gradient floor "
+                       "non-inferior to the matched depth-0 CapsNet (Welch one-sided test with a margin), grad_ratio, "
+                       "starved, dead and frozen fractions and accuracy against chance shown on the right side of "
+                       "their thresholds by one-sided t bounds. Definitions: docs/PROBES.md.")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
                    help=f"MLflow experiment name (default: {DEFAULT_EXPERIMENT})")
     p.add_argument("--tracking-uri", default=None,
