@@ -781,6 +781,15 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
                   else "control undecided" if any(c["outcome"] != PASS for c in controls) else "validated")
     confirms = _confirms(data)
     outcome = _outcome(cands, escapes, nominal, undecided, instrument, confirms)
+    if outcome == "inconclusive":
+        # no configuration is called escaped while the control does not vouch for the checks: a
+        # family-wise pass is then what to confirm, as the answer says, not an escape in the table
+        for c in cands:
+            if c["escaped"]:
+                c["escaped"], c["verdict"] = False, TO_CONFIRM
+                c["reasons"] = ["passes every check and the sweep-wide test, but the healthy control does not "
+                                "pass the same checks: confirm it on fresh seeds beside a control that does"]
+        escapes = []
     escaped = outcome if outcome in ("yes", "no") else "undecided"
     confirm = _confirm_plan(data, trials, cands, outcome, confirms)
     few = sorted({c["id"] for c in cands + controls if 0 < c["n_seeds"] < 5})

@@ -438,9 +438,11 @@ def test_reference_from_another_sweep(store):
     ref = load_sweep("capsweep", store["uri"], "s1", progress=False, history_keys=())
     v = compute_verdict(deep, reference=ref)
     (c,) = v["configurations"]
-    # the candidate escapes (K = 1), but 'deep' has no cnn control: nothing shows its checks let a
-    # healthy deep network pass, so the sweep's answer is inconclusive, never yes
-    assert c["verdict"] == "escaped" and c["escaped"], c["reasons"]
+    # the candidate passes every check and the family step (K = 1), but 'deep' has no cnn control:
+    # nothing shows its checks let a healthy deep network pass, so the sweep's answer is inconclusive,
+    # never yes, and the candidate is what to confirm, not escaped
+    assert c["verdict"] == "to confirm" and not c["escaped"] and c["outcome"] == "pass", c["reasons"]
+    assert "healthy control does not pass" in c["reasons"][0] and v["escapes"] == []
     assert v["escaped"] == "undecided" and v["outcome"] == "inconclusive" and v["instrument"] == "no control"
     assert v["answer"].startswith("Inconclusive: the sweep has no healthy cnn control")
     # s1's depth-0 CapsNet is init=std, deep's candidate init=fan: matched on the rest, said so
