@@ -116,7 +116,7 @@ def test_corrected_claims_hold_against_the_raw_verdicts():
     col = [h.strip() for h in head].index("tree recovery")
     rows = [ln.split("|") for ln in md.split("\n") if re.match(r"\| c\d+ \|", ln) and "routing=self" in ln]
     vals = sorted(float(r[col].split()[0]) for r in rows)
-    assert f"{vals[0]:.3f}-{vals[-1]:.3f} for self-routing" in text
+    assert f"Self-routing partly builds the tree**: recovery {vals[0]:.3f}-{vals[-1]:.3f}" in text
 
 
 def test_reports_in_the_newer_verdict_format_still_render(tmp_path):

@@ -185,7 +185,8 @@ def remedies_table(r, routings: str, sel) -> str:
 def parse_tree_table(r, routings: str, sel) -> str:
     """Per routing family (columns, in the order given) at depth 0 and 3 of the parts sweep: test
     accuracy, tree_recovery (report.md's mean over the routed layers: at depth 0 the class layer
-    alone) and the accuracy on the affine-transformed test set; the largest tree_recovery of a row in
+    alone) and, where the report has them, its two halves tree_direction and tree_concentration, and
+    the accuracy on the affine-transformed test set; the largest tree_recovery of a row in
     bold, a configuration at chance marked collapsed."""
     fams = routings.split()
     depths = sorted({int(d) for d in r.configs.loc[r.configs["arch"] == "capsnet", "depth"]})
@@ -205,6 +206,11 @@ def parse_tree_table(r, routings: str, sel) -> str:
         what = "class layer" if d == 0 else "mean over the routed layers"
         cells = ["n/a" if v != v else (f"**{v:.3f}**" if v == best else f"{v:.3f}") for v in tr]
         lines.append(f"| depth {d}: tree_recovery ({what}) | " + " | ".join(cells) + " |")
+        for half in ("tree_direction", "tree_concentration"):      # its two halves, where logged
+            if half in r.configs.columns:
+                vals = [row_of[(d, f)][half] for f in fams]
+                lines.append(f"| depth {d}: {half} | " + " | ".join("n/a" if v != v else f"{v:.3f}" for v in vals)
+                             + " |")
     trans = [" / ".join(f"{row_of[(d, f)]['test_acc_transformed']:.2f}" for d in depths) for f in fams]
     lines.append("| test acc, affine-transformed test set (" + " / ".join(f"depth {d}" for d in depths)
                  + ") | " + " | ".join(trans) + " |")

@@ -7,14 +7,15 @@ capsweep run docs/findings/findings-depth.yaml --num-cpus 2
 capsweep run docs/findings/findings-bias.yaml --num-cpus 2
 capsweep report findings-depth --out docs/findings/depth
 capsweep report findings-bias --reference findings-depth --out docs/findings/bias
-# the candidate findings-depth flags, on 12 fresh seeds (48 trials, about 1.5 hours on 2 cores):
+# the candidate findings-depth flags, on 12 fresh seeds (48 trials, about 45 min on 2 cores):
 capsweep confirm findings-depth --top 1 --num-cpus 2
 capsweep report findings-depth-confirm --out docs/findings/confirm
-#
-# Not re-run under this protocol (their reports are the earlier instrument's, commit 61739c6):
+# the parse tree on the generated parts dataset (60 trials, about 35 min on 2 cores):
 capsweep run docs/findings/findings-parse-tree.yaml --num-cpus 2
-capsweep run docs/findings/findings-remedies.yaml --num-cpus 2
 capsweep report findings-parse-tree --out docs/findings/parse_tree
+#
+# Not re-run under this protocol (its report is the earlier instrument's, commit 61739c6):
+capsweep run docs/findings/findings-remedies.yaml --num-cpus 2
 capsweep report findings-remedies --out docs/findings/remedies
 #
 # Then: python docs/findings/claims.py   (renders docs/FINDINGS.md from the reports)
