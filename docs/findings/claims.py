@@ -118,6 +118,12 @@ def plan(r, field: str, sel) -> object:
 
 
 @claim()
+def verdict_of(r, sel) -> str:
+    """The verdict of the one selected configuration, as the report's table reads it."""
+    return str(one(r, sel)["verdict"])
+
+
+@claim()
 def configs_table(r, sel) -> str:
     """The selected configurations as the report's first table reads them, in id order: verdict,
     test accuracy (mean over finished seeds), the accuracy check's difference to the matched depth-0

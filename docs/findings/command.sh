@@ -13,6 +13,9 @@ capsweep report findings-depth-confirm --out docs/findings/confirm
 # the parse tree on the generated parts dataset (60 trials, about 35 min on 2 cores):
 capsweep run docs/findings/findings-parse-tree.yaml --num-cpus 2
 capsweep report findings-parse-tree --out docs/findings/parse_tree
+# the slice of the remedies that fits 2 CPU cores (30 trials, about 20 min):
+capsweep run docs/findings/findings-remedies-cpu.yaml --num-cpus 2
+capsweep report findings-remedies-cpu --out docs/findings/remedies_cpu
 #
 # Not re-run under this protocol (its report is the earlier instrument's, commit 61739c6):
 capsweep run docs/findings/findings-remedies.yaml --num-cpus 2
