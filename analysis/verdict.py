@@ -618,22 +618,28 @@ VERDICT_WORDS = {CANDIDATE: {PASS: "escaped", FAIL: "not escaped", INCONCLUSIVE:
 OUTCOMES = ("yes", "no", "undecided", "inconclusive", TO_CONFIRM)
 
 
-def family_step(cands: list[dict], alpha: float) -> None:
+def family_step(cands: list[dict], alpha: float, vouched: bool = True) -> None:
     """Holm's step-down over the K candidates' intersection-union p-values, in place: each gets
     `p_holm`; a candidate that passes every check escapes when p_holm <= alpha, and is otherwise
     'to confirm'. Holm holds the family-wise error at alpha under any dependence between candidates
     (a shared reference included): P(any candidate that truly does not escape is called escaped) <=
-    alpha, whatever K (tests/test_verdict_calibration.py simulates it at K = 40 and 400)."""
+    alpha, whatever K (tests/test_verdict_calibration.py simulates it at K = 40 and 400).
+    `vouched`: whether the healthy controls pass the same checks; while they do not, no candidate is
+    called escaped (a family-wise pass is then what to confirm, as the sweep's answer says)."""
     adjusted = holm([c["p_value"] for c in cands])
     for c, p in zip(cands, adjusted):
         c["p_holm"] = _plain(p)
         if c["outcome"] == PASS:
-            c["escaped"] = p is not None and p <= alpha
+            survives = p is not None and p <= alpha
+            c["escaped"] = survives and vouched
             c["verdict"] = VERDICT_WORDS[CANDIDATE][PASS if c["escaped"] else TO_CONFIRM]
-            if not c["escaped"]:
+            if not survives:
                 c["reasons"] = [f"passes its own test (p = {_f(c['p_value'])}) but not the sweep-wide one "
                                 f"(Holm over {len(cands)} candidates: p = {_f(p)} > {alpha:g}): confirm it "
                                 "on fresh seeds"]
+            elif not vouched:
+                c["reasons"] = ["passes every check and the sweep-wide test, but the healthy control does not "
+                                "pass the same checks: confirm it on fresh seeds beside a control that does"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -773,23 +779,14 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
 
     cands = [c for c in configs if c["role"] == CANDIDATE and c.get("selected", True)]
     controls = [c for c in configs if c["role"] == CONTROL and c.get("selected", True)]
-    family_step(cands, th.alpha)
+    instrument = ("no control" if not controls else "control failed" if any(c["outcome"] == FAIL for c in controls)
+                  else "control undecided" if any(c["outcome"] != PASS for c in controls) else "validated")
+    family_step(cands, th.alpha, vouched=instrument == "validated")
     escapes = [{"id": c["id"], "label": c["label"]} for c in cands if c["escaped"]]
     nominal = [c for c in cands if c["verdict"] == TO_CONFIRM]
     undecided = [c["id"] for c in cands if c["outcome"] == INCONCLUSIVE]
-    instrument = ("no control" if not controls else "control failed" if any(c["outcome"] == FAIL for c in controls)
-                  else "control undecided" if any(c["outcome"] != PASS for c in controls) else "validated")
     confirms = _confirms(data)
     outcome = _outcome(cands, escapes, nominal, undecided, instrument, confirms)
-    if outcome == "inconclusive":
-        # no configuration is called escaped while the control does not vouch for the checks: a
-        # family-wise pass is then what to confirm, as the answer says, not an escape in the table
-        for c in cands:
-            if c["escaped"]:
-                c["escaped"], c["verdict"] = False, TO_CONFIRM
-                c["reasons"] = ["passes every check and the sweep-wide test, but the healthy control does not "
-                                "pass the same checks: confirm it on fresh seeds beside a control that does"]
-        escapes = []
     escaped = outcome if outcome in ("yes", "no") else "undecided"
     confirm = _confirm_plan(data, trials, cands, outcome, confirms)
     few = sorted({c["id"] for c in cands + controls if 0 < c["n_seeds"] < 5})
