@@ -56,8 +56,7 @@ def fit_seeds(config: cfgmod.RunConfig | dict, seeds: Sequence[int], report: Opt
     config (seed_configs), when the caller ran it already; at the end each of those models holds its
     seed's best-val epoch's weights, as `fit` leaves its model.
     """
-    cfg = config if isinstance(config, cfgmod.RunConfig) else cfgmod.from_dict(config)
-    cfgmod.validate(cfg)
+    cfg = config if isinstance(config, cfgmod.RunConfig) else cfgmod.from_dict(config)   # validated once, where read
     if len(seeds) < 1 or len(set(seeds)) != len(seeds):
         raise cfgmod.ConfigError(f"seeds: {list(seeds)!r} is not allowed; give one or more distinct seeds")
     t = cfg.train

@@ -157,7 +157,9 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
         prepared: Optional[tuple[Splits, torch.nn.Module, torch.device]] = None) -> dict:
     """Train one configuration; call `report(metrics)` once per epoch; return the last metrics.
 
-    config: a RunConfig or a nested dict (validated here). data: the raw dataset when the caller has
+    config: a RunConfig as `config.from_dict`/`config.load` (or a sweep's trial, sweeps/schema.py) built
+    and validated it, taken as it is: a config is validated once, where it is read; or a nested dict,
+    which is built and validated here. data: the raw dataset when the caller has
     it already (a sweep shares one copy per node through Ray's object store). state: a checkpoint
     from an earlier `checkpoint` to continue from. checkpoint: called after each epoch, BEFORE that
     epoch's `report`, with a snapshot dict (model, optimizer, scheduler, generator, epoch, metrics), so
@@ -167,7 +169,6 @@ def fit(config: cfgmod.RunConfig | dict, report: Optional[Report] = None, *,
     A non-finite loss ends the run with `status: diverged` in the last report instead of raising.
     """
     cfg = config if isinstance(config, cfgmod.RunConfig) else cfgmod.from_dict(config)
-    cfgmod.validate(cfg)
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)

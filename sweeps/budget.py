@@ -31,7 +31,7 @@ from capsmodels import config as runcfg
 from capsmodels import estimate as est
 from capsmodels.catalogue import SPLIT_SIZES
 from sweeps.extras import total_trials
-from sweeps.schema import SpecError, SweepSpec, probe_values, resolve_trial
+from sweeps.schema import SpecError, SweepSpec, configs, probe_values
 
 MAX_COMBINATIONS = 512
 DEFAULT_GPU_GB = 24.0            # NVIDIA A10G (cluster.yaml's g5 workers), when no GPU is visible here
@@ -117,7 +117,7 @@ def combinations(spec: SweepSpec) -> tuple[list[dict], bool]:
 
 def _size_or_zero(spec: SweepSpec, params: dict) -> float:
     try:
-        e = est.estimate(resolve_trial(spec.base, params))
+        e = est.estimate(configs(spec).of(params))
         return float(e.peak_bytes) + e.params
     except runcfg.ConfigError:
         return 0.0
@@ -147,7 +147,7 @@ def check_sizes(spec: SweepSpec) -> None:
     bound, what = memory_bound(spec)
     for label, params in _configs(spec):
         try:
-            cfg = resolve_trial(spec.base, params)
+            cfg = configs(spec).of(params)
             problem = est.over_bound(est.estimate(cfg), bound, what, b.max_params)
         except runcfg.ConfigError as e:
             raise SpecError(f"{label} gives an invalid trial: {e}") from None
@@ -173,7 +173,7 @@ class Cost:
 
 def cost(spec: SweepSpec) -> Cost:
     combos, exact = combinations(spec)
-    hours = [trial_hours(spec, resolve_trial(spec.base, p)) for p in combos]
+    hours = [trial_hours(spec, configs(spec).of(p)) for p in combos]
     n = total_trials(spec)
     per_trial = sum(hours) / len(hours) if exact else max(hours)
     return Cost(trials=n, hours=n * per_trial, unit=device_share(spec)[2], exact=exact)

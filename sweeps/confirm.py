@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from capsmodels import config as runcfg
 from capsmodels.errors import CapsweepError
 from sweeps.run_writer import param_str
-from sweeps.spec import NAME_RE, SpecError, SweepSpec, from_config, resolve_trial, storage_dir, to_yaml
+from sweeps.spec import NAME_RE, SpecError, SweepSpec, TrialConfigs, from_config, storage_dir, to_yaml
 
 CONFIRM_DIR = Path("confirm")       # where the generated specs go, in the working folder
 SUFFIX = "-confirm"                 # <SWEEP>-confirm, then <SWEEP>-confirm2, ...
@@ -130,7 +130,7 @@ def plan(reader, exploration: str, experiment: str, top: Optional[int] = None,
 
 def typed_point(base: dict, params: dict, where: str) -> dict:
     """A configuration's logged params (strings) as typed values: each read as a `key=value` override
-    is (OmegaConf), the whole checked by the run-config schema (resolve_trial), and every value must
+    is (OmegaConf), the whole checked by the run-config schema (TrialConfigs), and every value must
     log as the same string again (sweeps/run_writer.param_str). Only the keys whose value differs from
     what the base gives are kept, when the base and those keys give back every value."""
     try:
@@ -138,9 +138,10 @@ def typed_point(base: dict, params: dict, where: str) -> dict:
             OmegaConf.from_dotlist([f"{k}={v}" for k, v in params.items()]), resolve=False))
     except Exception as e:  # noqa: BLE001 - a value OmegaConf's grammar cannot read
         raise ConfirmError(f"{where}: its logged params cannot be read back ({' '.join(str(e).split())[:200]})")
+    configs = TrialConfigs(base)
     try:
-        resolved = runcfg.flatten(runcfg.to_dict(resolve_trial(base, typed)))
-        defaults = runcfg.flatten(runcfg.to_dict(resolve_trial(base, {})))
+        resolved = configs.flat(typed)
+        defaults = configs.flat({})
     except runcfg.ConfigError as e:
         raise ConfirmError(f"{where}: its logged params are not a valid configuration of this capsweep ({e})")
     for key, text in params.items():
@@ -149,7 +150,7 @@ def typed_point(base: dict, params: dict, where: str) -> dict:
                                "it cannot be re-run exactly")
     diff = {k: resolved[k] for k in typed if resolved[k] != defaults.get(k)}
     diff = diff or {"model.depth": resolved["model.depth"]}   # the base config itself, named by its depth
-    if runcfg.flatten(runcfg.to_dict(resolve_trial(base, diff))) == resolved:
+    if configs.flat(diff) == resolved:
         return diff
     return {k: resolved[k] for k in typed}     # e.g. a preset whose values the point partly undoes
 

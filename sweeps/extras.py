@@ -35,7 +35,7 @@ from typing import Iterable, Union
 
 from capsmodels import config as runcfg
 from capsmodels.contract import CANDIDATE, CONTROL, REFERENCE, ROLE_KEY
-from sweeps.schema import SEED_KEY, SpecError, SweepSpec, candidate_trials, resolve_trial
+from sweeps.schema import SEED_KEY, SpecError, SweepSpec, candidate_trials, configs
 
 UNMATCHED = ("model.depth", "model.arch", "model.num_caps", "model.caps_dim")
 MAX_LEVEL_COMBOS = 8
@@ -56,10 +56,10 @@ def _crossed(spec: SweepSpec, key: str) -> bool:
 def depths(spec: SweepSpec) -> Union[range, list]:
     """Every depth a candidate can take (a range for int kinds: never listed before it is checked)."""
     if spec.points:
-        return sorted({resolve_trial(spec.base, p).model.depth for p in spec.points})
+        return sorted({configs(spec).of(p).model.depth for p in spec.points})
     kind, values = _entry(spec, "model.depth")
     if kind is None:
-        return [resolve_trial(spec.base, {}).model.depth]
+        return [configs(spec).base.model.depth]
     if kind in ("grid", "choice"):
         return sorted({int(v) for v in values})
     return range(int(values[0]), int(values[1]) + 1)
@@ -67,9 +67,9 @@ def depths(spec: SweepSpec) -> Union[range, list]:
 
 def _archs(spec: SweepSpec) -> list:
     if spec.points:
-        return sorted({resolve_trial(spec.base, p).model.arch for p in spec.points})
+        return sorted({configs(spec).of(p).model.arch for p in spec.points})
     kind, values = _entry(spec, "model.arch")
-    return list(values) if kind else [resolve_trial(spec.base, {}).model.arch]
+    return list(values) if kind else [configs(spec).base.model.arch]
 
 
 def reference_points(spec: SweepSpec) -> list[dict]:
@@ -113,7 +113,7 @@ def _point_references(spec: SweepSpec) -> list[dict]:
     """The depth-0 twin of each CapsNet point deeper than 0: its keys but UNMATCHED, at depth 0."""
     twins = []
     for p in spec.points:
-        model = resolve_trial(spec.base, p).model
+        model = configs(spec).of(p).model
         if model.arch == "capsnet" and model.depth > 0:
             twins.append({**{k: v for k, v in p.items() if k not in UNMATCHED},
                           "model.depth": 0, "model.arch": "capsnet"})
@@ -123,7 +123,7 @@ def _point_references(spec: SweepSpec) -> list[dict]:
 def _new_configs(spec: SweepSpec, added: list[dict]) -> list[dict]:
     """`added` without those whose trial config is one of the points' or an earlier one's."""
     def key(p: dict) -> str:
-        return repr(sorted(runcfg.flatten(runcfg.to_dict(resolve_trial(spec.base, p))).items()))
+        return repr(sorted(configs(spec).flat(p).items()))
     seen = {key(p) for p in spec.points}
     out = []
     for p in added:
@@ -148,7 +148,7 @@ def complete(spec: SweepSpec, point: dict, keys: Iterable[str]) -> dict:
     missing = [k for k in keys if k not in point]
     if not missing:
         return dict(point)
-    resolved = runcfg.flatten(runcfg.to_dict(resolve_trial(spec.base, point)))
+    resolved = configs(spec).flat(point)
     return {**point, **{k: resolved[k] for k in missing}}
 
 
@@ -163,7 +163,7 @@ def check(spec: SweepSpec) -> None:
                                 ("controls", CONTROL, control_points(spec))):
         for p in points:
             try:
-                resolve_trial(spec.base, p)
+                configs(spec).of(p)
             except runcfg.ConfigError as e:
                 where = ", ".join(f"{k}={v}" for k, v in p.items())
                 raise SpecError(f"{field}: the added {kind} trial ({where}) is invalid: {e}; "

@@ -32,7 +32,7 @@ from sweeps import extras, models, search, storage, tracking, tune_guard
 from sweeps.heartbeat import Heartbeat, beat_value
 from sweeps.provenance import git_commit
 from sweeps.spec import (OPTUNA_JOURNAL, SEED_KEY, SpecError, SweepSpec, journal_file, objectives, probe_values,
-                         resolve_trial, searched_keys, storage_dir, to_yaml, total_trials, trial_counts)
+                         configs, searched_keys, storage_dir, to_yaml, total_trials, trial_counts)
 from sweeps.trainable import run_trial
 
 INJECT_ENV = (INJECT_FAILURE_ENV,)     # passed on to the trials' workers
@@ -57,12 +57,12 @@ class SweepResult:
 
 def load_datasets(spec: SweepSpec) -> dict:
     """Load every dataset a trial can ask for once in the driver; Ray's object store shares them."""
-    data = resolve_trial(spec.base, {}).data
+    data = configs(spec).base.data
     names = [data.name]
     entry = spec.space.get("data.name")
     if entry:
         names += list(next(iter(entry.values())))
-    names += [resolve_trial(spec.base, p).data.name for p in spec.points]
+    names += [configs(spec).of(p).data.name for p in spec.points]
     return {name: datamod.load_raw(name, data.root, data.download, data.sign_samples)
             for name in dict.fromkeys(names)}
 
@@ -83,7 +83,7 @@ def check_shapes(spec: SweepSpec, raws: dict) -> None:
     added = extras.reference_points(spec) + extras.control_points(spec)
     own = spec.points or (dict(zip(keys, c)) for c in combos)
     for params in itertools.chain(own, added):
-        cfg = resolve_trial(spec.base, params)
+        cfg = configs(spec).of(params)
         try:
             networks.check_fits(cfg, raws[cfg.data.name].in_shape)
         except runcfg.ConfigError as e:
@@ -94,12 +94,12 @@ def check_shapes(spec: SweepSpec, raws: dict) -> None:
 class _TrialParams:
     """Picklable callables for the logger (Tune pickles callbacks into its experiment state)."""
 
-    def __init__(self, base: dict):
-        self.base = base
+    def __init__(self, spec: SweepSpec):
+        self.configs = configs(spec)
 
     def resolved(self, config: dict) -> dict:
         """The trial's full nested run config: base <- sampled params <- schema defaults."""
-        return runcfg.to_dict(resolve_trial(self.base, config))
+        return runcfg.to_dict(self.configs.of(config))
 
     def params(self, config: dict) -> tuple[dict, int]:
         """Flattened params (MLflow), with `trial.role`, and seed of one trial."""
@@ -587,7 +587,7 @@ def sweep_logger(spec: SweepSpec, experiment_id: str, parent_id: str, exp_dir: s
     """The sweep's MLflow logger (sweeps/tracking.py), the one way this driver makes it: at the start,
     and again after `fit` when Tune restored an older sweep's own pickled logger (it reads what MLflow
     has of the sweep when it is made). Its write spool lives in the experiment's local folder."""
-    tp = _TrialParams(spec.base)
+    tp = _TrialParams(spec)
     return tracking.MlflowSweepLogger(spec.mlflow.tracking_uri, experiment_id, parent_id, spec.name,
                                       storage.local_dir(exp_dir), tp.params, tp.yaml, expected_trials=expected,
                                       storage_root=exp_dir, keep_state=keep_state, trust=trust)

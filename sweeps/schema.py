@@ -7,6 +7,7 @@ imports it back. Callers read these names from `sweeps.spec`, which re-exports t
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -128,10 +129,65 @@ def searched_keys(spec: SweepSpec) -> list[str]:
     return differ + [k for k in keys if k not in differ]
 
 
+class TrialConfigs:
+    """The typed run configs of one sweep's trials, each built and validated once.
+
+    Why one object: validation, the added references and controls (extras.py), the size and cost
+    checks (budget.py), the datasets the driver loads and the logger's params (runner.py) all ask for
+    the same trials' configs. Each used to rebuild them from the raw base (14 calls to resolve_trial);
+    they now ask the spec's one TrialConfigs (`configs(spec)`), which resolves a params mapping the first
+    time and hands out copies after, so a reader that edits its copy changes no other reader's.
+    Picklable without what it built (Tune pickles the logger that holds one into its experiment
+    state); it keeps at most MAX_BUILT configs (a 10,000-trial sweep's logger sees one per trial)."""
+
+    MAX_BUILT = 4096
+
+    def __init__(self, base: dict):
+        self.raw = base
+        self._built: dict[str, runcfg.RunConfig] = {}
+
+    def __getstate__(self) -> dict:
+        return {"raw": self.raw}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["raw"])
+
+    def of(self, params: dict) -> runcfg.RunConfig:
+        """The run config of the trial these dotted params describe (base <- params <- defaults).
+        Raises ConfigError, every time it is asked, for params that give no valid config."""
+        key = repr(sorted(params.items(), key=lambda kv: kv[0]))
+        built = self._built.get(key)
+        if built is None:
+            if len(self._built) >= self.MAX_BUILT:
+                self._built.clear()
+            built = self._built[key] = resolve_trial(self.raw, params)
+        return copy.deepcopy(built)
+
+    @property
+    def base(self) -> runcfg.RunConfig:
+        """The base config as every trial starts from it (presets and defaults included)."""
+        return self.of({})
+
+    def flat(self, params: dict) -> dict:
+        """The trial's config as flattened dotted params (MLflow's params, a configuration's identity)."""
+        return runcfg.flatten(runcfg.to_dict(self.of(params)))
+
+
+def configs(spec: "SweepSpec") -> TrialConfigs:
+    """The spec's TrialConfigs, made on first use and kept on the spec (not a dataclass field: the spec's
+    YAML and equality ignore it). A spec whose base was edited since gets a new one."""
+    held = spec.__dict__.get("_trial_configs")
+    if held is None or held.raw != spec.base:
+        held = TrialConfigs(copy.deepcopy(spec.base))
+        spec.__dict__["_trial_configs"] = held
+    return held
+
+
 def resolve_trial(base: dict, params: dict) -> runcfg.RunConfig:
     """One trial's typed run config: the sweep's raw `base` <- its sampled dotted params <- presets
-    and schema defaults. The one way a trial config is built, so every reader (validation, the checks
-    before Ray, ASHA's max_t, the logger, the trial itself) sees the same defaults. Raises ConfigError."""
+    and schema defaults. The one way a trial config is built, so every reader sees the same defaults:
+    in the driver through the spec's TrialConfigs (`configs`), in a worker once at the trial's edge
+    (sweeps/trainable.py), which passes the typed config on to `fit`. Raises ConfigError."""
     return runcfg.from_dict(trial_config(base, params))
 
 
@@ -139,7 +195,6 @@ def trial_config(base: dict, params: dict) -> dict:
     """The raw nested run config of one trial: base <- sampled dotted params, before presets and
     defaults (resolve_trial). Params outside the run config (`trial.role`, Tune's
     `__trial_index__`) and KEEP_BASE values are left out."""
-    import copy
     out = copy.deepcopy(base)
     for key, value in params.items():
         sec, _, name = key.partition(".")

@@ -26,7 +26,7 @@ from ray.tune.search import BasicVariantGenerator, Repeater, Searcher
 
 from sweeps import extras
 from capsmodels.contract import ROLE_KEY
-from sweeps.schema import KEEP_BASE, SEED_KEY, SweepSpec, objectives, resolve_trial
+from sweeps.schema import KEEP_BASE, SEED_KEY, SweepSpec, configs, objectives
 
 log = logging.getLogger("capsweep.search")
 
@@ -244,7 +244,7 @@ def build(spec: SweepSpec, journal: Optional[str | Path] = None) -> tuple[dict, 
     metrics, modes = objectives(spec)
     scheduler = None
     if spec.scheduler.name == "asha":
-        epochs = resolve_trial(spec.base, {}).train.epochs      # presets and defaults included
+        epochs = configs(spec).base.train.epochs      # presets and defaults included
         scheduler = CandidateASHA(metric=metrics[0], mode=modes[0], time_attr="training_iteration",
                                   max_t=epochs, grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor)

@@ -43,7 +43,7 @@ from sweeps.extras import total_trials, trial_counts  # noqa: F401 - re-exported
 from sweeps.schema import (ALGORITHMS, KEEP_BASE, MODES, NAME_RE, RUN_SECTIONS, SAMPLERS,  # noqa: F401 - re-exported
                            SCHEDULERS, SEED_KEY, SPACE_KINDS, BudgetSpec, MlflowSpec, ResourcesSpec, SchedulerSpec,
                            SearchSpec, SpecError, SweepSpec, _fail, candidate_trials, grid_size, objectives,
-                           probe_values, resolve_trial, searched_keys, trial_config)
+                           TrialConfigs, configs, probe_values, resolve_trial, searched_keys, trial_config)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The spec's metric is checked against the metrics every trial reports (SCALAR_METRICS) and the
@@ -236,7 +236,7 @@ def validate(spec: SweepSpec) -> SweepSpec:
 
     if spec.confirms and not NAME_RE.match(spec.confirms):
         _fail(f"confirms: {spec.confirms!r} is not a sweep name; letters, digits, '_', '-', '.'")
-    base = _validate_base(spec.base)
+    base = _validate_base(spec)
     _validate_space(spec, base)
     point_depths = _validate_points(spec, base)
     _validate_select(spec)
@@ -271,9 +271,9 @@ def validate(spec: SweepSpec) -> SweepSpec:
     return spec
 
 
-def _validate_base(base: dict) -> runcfg.RunConfig:
+def _validate_base(spec: SweepSpec) -> runcfg.RunConfig:
     try:
-        return resolve_trial(base, {})
+        return configs(spec).base
     except runcfg.ConfigError as e:
         _fail(f"base.{e}")
 
@@ -307,10 +307,10 @@ def _validate_points(spec: SweepSpec, base: runcfg.RunConfig) -> tuple[int, ...]
         for key in point:
             _check_key(f"{where}.{key}", key, base_dict)
         try:
-            cfg = resolve_trial(spec.base, point)
+            cfg = configs(spec).of(point)
         except runcfg.ConfigError as e:
             _fail(f"{where}: gives an invalid trial: {e}")
-        same = repr(sorted(runcfg.flatten(runcfg.to_dict(cfg)).items()))
+        same = repr(sorted(configs(spec).flat(point).items()))
         if same in seen:
             _fail(f"{where}: the same configuration as points[{seen[same]}]; list each configuration once")
         seen[same] = i
@@ -344,7 +344,7 @@ def _validate_space(spec: SweepSpec, base: runcfg.RunConfig) -> None:
                 _fail(f"{where}.{kind}: int ranges need whole bounds, got [{lo}, {hi}]")
         for v in probe_values(kind, values):
             try:
-                resolve_trial(spec.base, {key: v})
+                configs(spec).of({key: v})
             except runcfg.ConfigError as e:
                 _fail(f"{where}: value {v!r} gives an invalid trial: {e}")
 

@@ -52,7 +52,7 @@ def run_trial(config: dict[str, Any], base: dict, raws: Optional[dict] = None, c
     driver loaded, by name (a dataset missing there is read from disk by `fit`); state_dir: where this
     sweep's trials keep their per-epoch state (None: nowhere, a retry starts from scratch); trust: the
     user's `--trust`, which lets a state file that names code be unpickled (storage.load_torch)."""
-    cfg = resolve_trial(base, config)
+    cfg = resolve_trial(base, config)      # the trial's edge: built and validated once, passed on typed
     config_yaml = yaml.safe_dump(runcfg.to_dict(cfg), sort_keys=False)     # as resolved, for the model
     raw = (raws or {}).get(cfg.data.name)
     cfg.train.progress = False

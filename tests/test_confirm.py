@@ -185,7 +185,7 @@ def write_exploration(client: MlflowClient, folder: Path, name: str, space: dict
     keys = list(spec.space)
     grid = [dict(zip(keys, combo)) for combo in itertools.product(*(e["grid"] for e in spec.space.values()))]
     configs = [{**p, "train.seed": s, ROLE_KEY: CANDIDATE} for p in grid for s in spec.seeds]
-    tp = _TrialParams(spec.base)
+    tp = _TrialParams(spec)
     for i, config in enumerate(configs + extras.extra_trials(spec)):
         params, seed = tp.params(config)
         cfg = resolve_trial(spec.base, config)
