@@ -1,6 +1,6 @@
 """The verdict's statistics as small pure functions (numpy/scipy only, no MLflow, no pandas), so every
 number can be checked against an independent derivation and every rule's error rates simulated
-(tests/test_verdict_calibration.py). Definitions: docs/PROBES.md, "The verdict".
+(tests/analysis/test_verdict_calibration.py). Definitions: docs/PROBES.md, "The verdict".
 
   t_interval        one-sided t bounds of a mean over seeds
   check_bound       three-way rule of a seed mean against a threshold (pass / fail / inconclusive)

@@ -80,7 +80,7 @@ BEST_PREFIX = "best/"      # the training loop's best-val-epoch copy of each met
 # metrics that describe the run rather than the network at an epoch: never replaced by a best/ copy
 RUN_METRICS = {"epoch", "best_epoch", "time_s", "images_per_s", "peak_mem_mb", "test_n"}
 CONFIRM_TOP = 3            # `capsweep confirm` defaults: the power simulation in
-CONFIRM_SEEDS = 12         # tests/test_verdict_family.py picks them (>= 80% at seed noise delta/2)
+CONFIRM_SEEDS = 12         # tests/analysis/test_verdict_family.py picks them (>= 80% at seed noise delta/2)
 CONFIRM_RANKED = 20        # candidates listed in verdict.json's confirm.ranked
 # The range of each bounded probe: the figures' bounds are clipped to it (the checks use the bounds as
 # computed; a t bound past 0 or 1 only says the interval is wide).
@@ -623,7 +623,7 @@ def family_step(cands: list[dict], alpha: float, vouched: bool = True) -> None:
     `p_holm`; a candidate that passes every check escapes when p_holm <= alpha, and is otherwise
     'to confirm'. Holm holds the family-wise error at alpha under any dependence between candidates
     (a shared reference included): P(any candidate that truly does not escape is called escaped) <=
-    alpha, whatever K (tests/test_verdict_calibration.py simulates it at K = 40 and 400).
+    alpha, whatever K (tests/analysis/test_verdict_calibration.py simulates it at K = 40 and 400).
     `vouched`: whether the healthy controls pass the same checks; while they do not, no candidate is
     called escaped (a family-wise pass is then what to confirm, as the sweep's answer says)."""
     adjusted = holm([c["p_value"] for c in cands])

@@ -4,7 +4,7 @@ and what a warm trial worker keeps on the GPU between trials.
     python benchmarks/gpu_families.py [--device cuda] [--preset small] [--depth 3] [--batch 128]
                                       [--steps 10] [--json results.json]
 
-Why: the families and remedies are tested on CPU (tests/test_routing_families.py, test_remedies.py);
+Why: the families and remedies are tested on CPU (tests/capsmodels/test_routing_families.py, test_remedies.py);
 a GPU user needs to know that the same code gives the same numbers on CUDA and what each family costs
 there, and the scale issue's warm workers need GPU memory released between trials.
 

@@ -6,7 +6,7 @@ For each configuration (presets x depths x routing families) one training step (
 reconstruction loss, backward, Adam) runs in a fresh subprocess, and prints:
   estimate   `estimate(cfg).train_bytes`, the closed form `budget.max_memory_gb` checks;
   kept       16 bytes per parameter + every storage autograd saves for the backward (exact, the
-             figure tests/test_estimate.py holds the estimate to);
+             figure tests/capsmodels/test_estimate.py holds the estimate to);
   peak       CUDA: torch.cuda.max_memory_allocated over the step (the allocator's exact high-water);
              CPU: the growth of the process's peak resident memory over the process before the
              model was built (depends on the CPU: oneDNN's convolution workspaces differ by machine).

@@ -7,11 +7,11 @@
 Prints figures; it is not a timed test. What it starts (and always tears down, by pid and temp dir,
 never with a global `ray stop`):
 - a Ray head (no CPUs, no GPUs: the driver's node) and --workers worker nodes on loopback, each a
-  `ray start --block` of its own temp dir and ports (the way tests/test_cluster.py starts its
+  `ray start --block` of its own temp dir and ports (the way tests/cluster/test_cluster.py starts its
   two-node cluster, with its port/process helpers), each worker declaring fake GPUs `--num-gpus 2`
   and --worker-cpus CPUs, so a trial's `resources.gpu: 0.25` is packed fractionally (train.device cpu:
   a trial given a fake GPU trains on the CPU);
-- for the `postgres` backend, Debian's PostgreSQL (tests/pg_helpers.py, as tests/conftest.py starts it,
+- for the `postgres` backend, Debian's PostgreSQL (tests/helpers/pg.py, as tests/conftest.py starts it,
   with cluster.yaml's max_connections) and an `mlflow server` on it (postgresql+psycopg, as cluster.yaml's
   head runs it); for `sqlite`, no server: the driver writes to the embedded default, a sqlite file.
 
@@ -73,11 +73,11 @@ class Parts:
     """Everything this benchmark starts, stopped in reverse on close() (by process group and temp dir)."""
 
     def __init__(self, work: Path):
-        from tests.sweep_helpers import env_for_subprocess
+        from tests.helpers.sweep import env_for_subprocess
         self.work = work
         self.tmp = Path(f"/tmp/cssc{os.getpid()}")      # short: Ray's unix sockets live under it
         self.tmp.mkdir(exist_ok=True)
-        token = self.tmp / "auth_token"           # Ray's token auth, as cluster.yaml (and tests/test_cluster.py)
+        token = self.tmp / "auth_token"           # Ray's token auth, as cluster.yaml (and tests/cluster/test_cluster.py)
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         self.env = env_for_subprocess(PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
@@ -99,8 +99,8 @@ class Parts:
                 "--disable-usage-stats", "--block"]
 
     def start_ray(self, workers: int, worker_cpus: int) -> str:
-        from tests.sweep_helpers import wait_for
-        from tests.test_cluster import _listening, _popen, _port_block
+        from tests.helpers.sweep import wait_for
+        from tests.cluster.test_cluster import _listening, _popen, _port_block
         b = _port_block(10 + NODE_PORTS * (workers + 1))
         gcs = b
         head = _popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--include-dashboard=false",
@@ -122,10 +122,10 @@ class Parts:
     def start_postgres_mlflow(self) -> str:
         """PostgreSQL as the tests start it, a database of this OS user, and `mlflow server` on it."""
         import getpass
-        from tests import pg_helpers
-        from tests.cluster_helpers import load_cluster, pg_max_connections
-        from tests.sweep_helpers import wait_for
-        from tests.test_cluster import _listening, _popen, _port_block
+        from tests.helpers import pg
+        from tests.helpers.cluster import load_cluster, pg_max_connections
+        from tests.helpers.sweep import wait_for
+        from tests.cluster.test_cluster import _listening, _popen, _port_block
         why = pg_helpers.ensure_debian_packages({"initdb": "postgresql", "psql": "postgresql-client"})
         if why:
             raise SystemExit(f"scale: {why}")
@@ -144,7 +144,7 @@ class Parts:
         return f"http://127.0.0.1:{port}"
 
     def close(self) -> None:
-        from tests.test_cluster import _pids_under, _signal_all
+        from tests.cluster.test_cluster import _pids_under, _signal_all
         _signal_all(self.groups, str(self.tmp), signal.SIGTERM)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (_pids_under(str(self.tmp)) or any(

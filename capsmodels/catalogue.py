@@ -42,7 +42,7 @@ IN_SHAPES: dict[str, tuple[int, int, int]] = {
 }
 
 # (training split, test split) images of each dataset; `parts` is generated in code at these sizes
-# (capsmodels.parts.TRAIN_IMAGES, TEST_IMAGES: tests/test_parts.py checks they agree), `sign` is sized by
+# (capsmodels.parts.TRAIN_IMAGES, TEST_IMAGES: tests/capsmodels/test_parts.py checks they agree), `sign` is sized by
 # its config (data.sign_samples) and so is not here.
 SPLIT_SIZES: dict[str, tuple[int, int]] = {
     "fashion_mnist": (60000, 10000), "mnist": (60000, 10000), "mnist5k": (4000, 1000),

@@ -3,7 +3,7 @@
 Why one module: the sweep runner writes MLflow runs that the analysis reads back, possibly on another
 machine and with another version of the code; a tag, status or metric name spelt in two places drifts
 (the analysis once lacked a dataset the data module had). Standard library only, so importing it (and
-so importing `analysis`) never pulls in torch, ray or mlflow; `tests/test_analysis.py` checks that in a
+so importing `analysis`) never pulls in torch, ray or mlflow; `tests/analysis/test_analysis.py` checks that in a
 fresh interpreter. Metric definitions: docs/PROBES.md.
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def resume_command(tags: dict, name: str) -> str:
 # ---- run-config keys the cnn control does not read ----------------------------------------------------
 # `model.arch: cnn` (capsmodels/networks.py CNN) has no routing, squash, capsule init, decoder or capsule
 # remedies; a sweep's controls still carry the base config's values of these keys. Reports leave them out
-# of a cnn configuration's label ("arch=cnn depth=1", not "... iterations=3"). tests/test_networks.py
+# of a cnn configuration's label ("arch=cnn depth=1", not "... iterations=3"). tests/capsmodels/test_networks.py
 # checks that changing any of them leaves a cnn's weights and outputs as they were.
 CNN_UNUSED_KEYS = tuple(f"model.{k}" for k in (
     "routing", "iterations", "detach_inner", "bias", "squash", "init", "init_std", "init_scale", "init_target",

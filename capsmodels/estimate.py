@@ -5,7 +5,7 @@ could ask for 100,000 hidden layers and only fail on the cluster. Everything her
 the config and the dataset's input shape (capsmodels.catalogue), so it answers in microseconds for
 any value; `check` turns an estimate over a bound into one ConfigError line naming the field.
 
-Parameters (exact; tests/test_estimate.py compares with `count_parameters` of the built model):
+Parameters (exact; tests/capsmodels/test_estimate.py compares with `count_parameters` of the built model):
   stem conv l: c_in k^2 c_out + c_out; primary conv: c k_p^2 P d0 + P d0 (N0 = P ph pw capsules);
   capsule layer (I, d_in) -> (J, D): W I J D d_in, + J D with `model.bias`, + the routing family's
   own (EM: 2 J); decoder: K D 512 + 512 + 512 1024 + 1024 + 1024 CHW + CHW.
@@ -19,7 +19,7 @@ the primary conv output (x3: conv output, its capsule layout, the squashed poses
 layer u_hat (I J D, x3: the saved predictions, their gradient and its copy into the GEMM's layout in
 the backward), the couplings of every routing iteration (I J x iterations), for EM routing 2.5 u_hat
 per iteration after the first, and the outputs (J D x 3); dense layers' units (x2).
-tests/test_estimate.py counts what a real training step keeps (16 bytes per parameter plus every
+tests/capsmodels/test_estimate.py counts what a real training step keeps (16 bytes per parameter plus every
 tensor autograd saves for the backward) and finds this estimate 0.63-0.85x of it for dynamic,
 attention, self and efficient routing and the CNN, and for EM routing, whose M-step keeps about 2.5
 more u_hat-sized tensors per iteration after the first (a term of its own below), 0.9-1.0x.

@@ -14,7 +14,7 @@ Modes (train.compile, docs/PROBES.md "Throughput"):
   reduce-overhead  the same, plus CUDA graphs on a GPU: a step is replayed as one launch, which is
                    what a small model bound by kernel launches needs. On a CPU it is the same as default.
 Compiled numbers equal eager ones to float32 rounding (fused kernels sum in another order), not bit for
-bit; tests/test_throughput.py bounds the difference. The first step of each batch shape compiles
+bit; tests/capsmodels/test_throughput.py bounds the difference. The first step of each batch shape compiles
 (tens of seconds to minutes on a small CPU; the last, shorter batch of an epoch is a second shape).
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ FLOPs, bound its step) then does S steps' work per launch. Each seed stays its o
   figures are those of the steps before, as `fit` reports them); its slice then trains on unseen, as
   does a seed that patience has stopped, and neither is reported again.
 The numbers are those of `fit` to float32 rounding, not bit for bit: the batched kernels sum in
-another order (tests/test_throughput.py states the tolerances and checks them).
+another order (tests/capsmodels/test_throughput.py states the tolerances and checks them).
 
 Not here (what the sweep integration still needs, docs/PROBES.md "Throughput"): checkpoints and resume
 of a batched fit, and a Ray Tune trainable that reports several trials from one process (today each

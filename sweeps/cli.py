@@ -356,7 +356,7 @@ def ui_url(base: str, experiment_id: Optional[str]) -> str:
     """The address to open: the sweep experiment's runs. MLflow 3's UI opens an experiment on its GenAI
     traces overview unless the URL (or the browser's saved toggle) says `workflowType=machine_learning`;
     the experiment's `mlflow.experimentKind` tag alone does not switch it (seen in headless Chromium
-    with MLflow 3.17; tests/test_ui.py)."""
+    with MLflow 3.17; tests/sweeps/test_ui.py)."""
     if experiment_id is None:
         return base
     return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"

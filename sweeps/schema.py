@@ -88,7 +88,7 @@ class SweepSpec:
     reuse_actors: bool = True   # one warm trial worker serves the next trial: 10 s less per trial
                                 # (README, Benchmarks); trials then share a process one after another,
                                 # so sweeps/trainable.py frees its GPU memory at the end of each trial
-                                # (tests/test_warm_workers.py: a reused worker gives the same metrics)
+                                # (tests/sweeps/test_warm_workers.py: a reused worker gives the same metrics)
     references: bool = True     # add the depth-0 CapsNet references the space lacks (sweeps/extras.py)
     controls: bool = True       # add model.arch: cnn controls at every depth the sweep takes
     storage_path: str = "ray_results"                # Ray Tune experiment state (resume) lives here

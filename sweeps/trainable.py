@@ -99,7 +99,7 @@ def release_memory() -> None:
     """End of a trial on a worker that Tune may reuse (spec.reuse_actors, the default): collect the
     trial's model, optimiser and state now that nothing refers to them, and hand the CUDA caching
     allocator's blocks back, so the next trial on this worker (or another process sharing the GPU)
-    starts with the GPU's memory free. tests/test_warm_workers.py checks a reused worker's metrics."""
+    starts with the GPU's memory free. tests/sweeps/test_warm_workers.py checks a reused worker's metrics."""
     import gc
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():

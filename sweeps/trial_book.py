@@ -1,6 +1,6 @@
 """The sweep driver's book of its trials: each trial's status, its retries, its run name, whether its start
 was logged and whether it ended. Pure bookkeeping: no Ray, no MLflow, no files, so every rule here is
-tested with plain values (tests/test_trial_book.py).
+tested with plain values (tests/sweeps/test_trial_book.py).
 
 Why apart from the Tune callback (sweeps/tracking.py): the callback turns Tune's hooks into MLflow
 writes; what a trial's final status is, when a Ctrl-C leaves it for --resume, which run names are taken

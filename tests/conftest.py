@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests import pg_helpers
+from tests.helpers import pg as pg_helpers
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +19,7 @@ def cluster_extra() -> list[str]:
 
     from packaging.requirements import Requirement
 
-    from tests.cluster_helpers import cluster_requirements
+    from tests.helpers.cluster import cluster_requirements
     reqs = cluster_requirements()
     missing = []
     for text in reqs:
@@ -42,7 +42,7 @@ def cluster_extra() -> list[str]:
 def postgres():
     """A PostgreSQL server of this machine's Debian package, with the head's max_connections; apt-get
     installs the package first when it is missing (as root; otherwise the tests that need it skip)."""
-    from tests.cluster_helpers import load_cluster, pg_max_connections
+    from tests.helpers.cluster import load_cluster, pg_max_connections
     reason = pg_helpers.ensure_debian_packages({"initdb": "postgresql", "psql": "postgresql-client"})
     if reason:
         pytest.skip(reason)
