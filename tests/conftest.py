@@ -1,5 +1,7 @@
-"""Session fixtures for the cluster tests: the `cluster` extra installed, and one real PostgreSQL server.
-(Imports of the cluster helpers stay inside the fixtures: every test session loads this file.)"""
+"""Fixtures every test package can ask for: a new real SQLite MLflow store (`mlflow_store`, the one store
+factory: tests/helpers/runs.py `make_store`), and for the cluster tests the `cluster` extra installed and
+one real PostgreSQL server. (Imports of the cluster helpers stay inside the fixtures: every test session
+loads this file.)"""
 from __future__ import annotations
 
 import subprocess
@@ -8,6 +10,14 @@ import sys
 import pytest
 
 from tests.helpers import pg as pg_helpers
+
+
+@pytest.fixture
+def mlflow_store(tmp_path):
+    """A new SQLite MLflow store with the experiment `capsweep` (tests.helpers.runs.Store). Module- or
+    package-wide stores call `make_store` on a folder of their own."""
+    from tests.helpers.runs import make_store
+    return make_store(tmp_path / "store")
 
 
 @pytest.fixture(scope="session")

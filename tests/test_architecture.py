@@ -149,3 +149,16 @@ def test_sweeps_reads_analysis_only_through_its_store_module_and_the_cli_entry(g
     bad = sorted((m, t) for m, ts in edges.items() if m.startswith("sweeps") for t in ts if t.startswith("analysis")
                  and t != "analysis.store" and not (m == "sweeps.cli" and t == "analysis.cli"))
     assert [b for b in bad if b[1] != "analysis"] == []      # `from analysis import cli`: the package (empty) too
+
+
+def test_contract_and_analysis_import_neither_ray_mlflow_nor_torch():
+    """A laptop analyses a cluster's sweep without the training stack: checked in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, capsmodels.contract, analysis, analysis.load, analysis.verdict, analysis.report, "
+            "analysis.cli, analysis.mlflowio, analysis.store, analysis.inspect\n"
+            "print(sorted(m for m in ('ray', 'mlflow', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -1,8 +1,8 @@
 """`capsweep ls / status / compare / export`, `--version`, `--dry-run`, `validate` overrides, and exit 2
 with one line for bad input in every subcommand.
 
-The store is built with MlflowClient writing runs shaped as the runner writes them (the tags and
-params of capsmodels/contract.py and sweeps/runner.py `create_parent`), with hand-chosen numbers,
+The store is written through the runner's own RunWriter (tests/helpers/runs.py: the tags and params of
+capsmodels/contract.py, the parent's `sweep.*` params as SweepParams), with hand-chosen numbers,
 so each figure the commands print is checked against a value worked out here by hand.
 """
 from __future__ import annotations
@@ -14,13 +14,12 @@ import json
 import math
 
 import pytest
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from capsmodels.contract import (ROLE_KEY, RUN_PARENT, RUN_TRIAL, TAG_PARENT, TAG_ROLE, TAG_SEED, TAG_STATUS,
-                                 TAG_SWEEP, TAG_TRIAL)
+from capsmodels.contract import (INTERRUPTED, ROLE_KEY, RUNNING, SweepParams)
+from sweeps.write_queue import ParentInterrupt
+from tests.helpers.runs import SweepWriter, make_store
 from sweeps import cli
-from analysis import inspect as si
 from sweeps import best as sweep_best
 
 SPACE = "model.depth,train.lr"
@@ -47,40 +46,39 @@ def _verdict(escaped: str, instrument: str, acc: float, ratio: float, escapes: i
                        "candidates": 4, "controls": 0}}
 
 
-def _parent(c: MlflowClient, eid: str, name: str, metric: str, mode: str, trials: int, status: str) -> str:
-    rid = c.create_run(eid, run_name=name, tags={TAG_ROLE: RUN_PARENT, TAG_SWEEP: name, TAG_STATUS: status}).info.run_id
-    c.log_batch(rid, params=[Param("sweep.space", SPACE), Param("sweep.metric", metric), Param("sweep.mode", mode),
-                             Param("sweep.trials", str(trials))])
-    if status != "running":
-        c.set_terminated(rid, "FINISHED" if status == "finished" else "KILLED")
-    return rid
+def _parent(c: MlflowClient, eid: str, name: str, metric: str, mode: str, trials: int, status: str) -> SweepWriter:
+    sweep = SweepWriter(c, eid, name, params=SweepParams(space=SPACE.split(","), metrics=metric.split(","),
+                                                         modes=mode.split(","), trials=trials))
+    if status == INTERRUPTED:
+        sweep.writer.apply(ParentInterrupt())
+    elif status != RUNNING:
+        sweep.end(status)
+    return sweep
 
 
-def _trial(c, eid, parent, sweep, tid, depth, lr, seed, role, status, metrics: dict) -> None:
-    rid = c.create_run(eid, run_name=f"d{depth}-s{seed}-{tid}", tags={TAG_ROLE: RUN_TRIAL, TAG_SWEEP: sweep, TAG_TRIAL: tid, TAG_SEED: str(seed),
-                                  TAG_STATUS: status, TAG_PARENT: parent}).info.run_id
-    c.log_batch(rid, params=[Param("model.depth", str(depth)), Param("train.lr", str(lr)),
-                             Param("train.seed", str(seed)), Param(ROLE_KEY, role)],
-                metrics=[Metric(k, v, 0, 1) for k, v in metrics.items()])
+def _trial(sweep: SweepWriter, tid, depth, lr, seed, role, status, metrics: dict) -> None:
+    """Two epochs (0, 1) of the same metrics: the export's last epoch is 1."""
+    sweep.trial(tid, {"model.depth": depth, "train.lr": lr, "train.seed": seed, ROLE_KEY: role}, [metrics] * 2,
+                status=status, run_name=f"d{depth}-s{seed}-{tid}")
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    c = MlflowClient(uri)
-    eid = c.create_experiment("capsweep")
-    pa = _parent(c, eid, "alpha", "val_acc", "max", 7, "running")
+    st = make_store(folder)
+    uri, c, eid = st.uri, st.client, st.experiment_id
+    alpha = _parent(c, eid, "alpha", "val_acc", "max", 7, "running")
     for tid, d, lr, seed, role, status, acc in ALPHA:
-        _trial(c, eid, pa, "alpha", tid, d, lr, seed, role, status, {"val_acc": acc, "epoch": 1.0})
-    pb = _parent(c, eid, "beta", "val_acc,grad_ratio", "max,max", 4, "finished")
+        _trial(alpha, tid, d, lr, seed, role, status, {"val_acc": acc})
+    beta = _parent(c, eid, "beta", "val_acc,grad_ratio", "max,max", 4, "finished")
     for tid, d, lr, acc, ratio in BETA:
-        _trial(c, eid, pb, "beta", tid, d, lr, 0, "candidate", "finished", {"val_acc": acc, "grad_ratio": ratio})
-    c.log_text(pb, json.dumps(_verdict("no", "validated", 0.81, 0.02, 0)), "report/verdict.json")
-    pg = _parent(c, eid, "gamma", "val_acc", "max", 1, "interrupted")
-    _trial(c, eid, pg, "gamma", "g1", 2, 0.01, 0, "candidate", "interrupted", {"val_acc": 0.5})
-    c.log_text(pg, json.dumps(_verdict("yes", "control failed", 0.9, 3.5, 2)), "report/verdict.json")
-    return {"uri": uri, "folder": folder, "client": c, "parents": {"alpha": pa, "beta": pb, "gamma": pg}}
+        _trial(beta, tid, d, lr, 0, "candidate", "finished", {"val_acc": acc, "grad_ratio": ratio})
+    c.log_text(beta.parent_id, json.dumps(_verdict("no", "validated", 0.81, 0.02, 0)), "report/verdict.json")
+    gamma = _parent(c, eid, "gamma", "val_acc", "max", 1, "interrupted")
+    _trial(gamma, "g1", 2, 0.01, 0, "candidate", "interrupted", {"val_acc": 0.5})
+    c.log_text(gamma.parent_id, json.dumps(_verdict("yes", "control failed", 0.9, 3.5, 2)), "report/verdict.json")
+    return {"uri": uri, "folder": folder, "client": c,
+            "parents": {"alpha": alpha.parent_id, "beta": beta.parent_id, "gamma": gamma.parent_id}}
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from analysis.load import _trials_table
 from analysis.mlflowio import search_all, search_tagged, sql_engine, sql_metric_histories, sql_search_tagged
+from tests.helpers.runs import make_store
 
 TAGS = {"capsweep.sweep": "s1", "capsweep.role": "trial"}
 
@@ -23,9 +23,8 @@ TAGS = {"capsweep.sweep": "s1", "capsweep.role": "trial"}
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("sqlread")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    c = MlflowClient(uri)
-    exp = c.create_experiment("capsweep", artifact_location=str(root / "a"))
+    st = make_store(root)
+    uri, c, exp = st.uri, st.client, st.experiment_id
     other_exp = c.create_experiment("other", artifact_location=str(root / "b"))
     rng = np.random.default_rng(7)
     ids = {"want": [], "deleted": None}

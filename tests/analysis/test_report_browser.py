@@ -26,7 +26,8 @@ from analysis.report import run_url, write_report
 from analysis.search_views import config_means, objectives_of, param_importances, pareto_mask
 from analysis.verdict import compute_verdict
 from tests.helpers import browser as browser_helpers
-from tests.analysis.test_analysis import BASE, capsnet_metrics, cnn_metrics, log_trial, start_sweep
+from tests.helpers.probe_metrics import BASE, capsnet_metrics, cnn_metrics
+from tests.helpers.runs import log_trial, start_sweep
 
 WIDTH = 1400
 

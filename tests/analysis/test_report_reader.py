@@ -33,7 +33,8 @@ from sweeps.runner import create_parent
 from sweeps.spec import load_spec
 from tests.helpers import browser as browser_helpers
 from tests.helpers.sweep import ROOT, capsweep_cmd, env_for_subprocess
-from tests.analysis.test_analysis import BASE, capsnet_metrics, cnn_metrics, log_trial
+from tests.helpers.probe_metrics import BASE, capsnet_metrics, cnn_metrics
+from tests.helpers.runs import log_trial
 
 UI = "http://127.0.0.1:5000"
 

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from analysis.store import StoreInitError, init_store, lock_path, sqlite_path
 from tests.helpers.sweep import capsweep_cmd, env_for_subprocess, wait_for, write_spec
@@ -177,3 +178,32 @@ def _try_get(url: str):
         return None
 
 
+def test_mlflow_http_env_is_scoped_and_the_users_setting_wins(monkeypatch):
+    from analysis.store import mlflow_http_env
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
+    with mlflow_http_env(max_retries=2, timeout_s=30):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"          # the user's, kept
+        with mlflow_http_env(max_retries=0, timeout_s=5, override=True):
+            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+            assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
+
+
+def test_search_all_reads_every_page(tmp_path):
+    from analysis import store as mlflowio
+    client = MlflowClient(f"sqlite:///{tmp_path / 'pages.db'}")
+    exp = client.create_experiment("pages")
+    for i in range(8):           # 4 of sweep p, 4 of q
+        client.create_run(exp, tags={"capsweep.sweep": "p" if i % 2 else "q"})
+    old = mlflowio.PAGE
+    mlflowio.PAGE = 2            # 4 runs of sweep p over pages of 2: three search calls, the last empty
+    try:
+        runs = mlflowio.search_all(client, exp, "tags.`capsweep.sweep` = 'p'")
+    finally:
+        mlflowio.PAGE = old
+    assert len(runs) == 4 and len({r.info.run_id for r in runs}) == 4

@@ -17,18 +17,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from capsmodels import config as runcfg
-from capsmodels.contract import (CANDIDATE, CONTROL, REFERENCE, ROLE_KEY, RUN_TRIAL, TAG_CONFIRMS, TAG_PARENT,
-                                 TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_SWEEP, TAG_TRIAL)
+from capsmodels.contract import (CANDIDATE, CONTROL, REFERENCE, ROLE_KEY, TAG_CONFIRMS, TAG_STATUS, TAG_SWEEP)
 from sweeps import cli, confirm, extras, search
 from analysis import inspect as si
-from sweeps.run_writer import param_str, run_params
+from sweeps.run_writer import param_str
 from sweeps.spec import SpecError, describe_trials, from_config, resolve_trial, trial_counts
 from tests.helpers.sweep import capsweep_cmd, children, env_for_subprocess, parents, run
 from tests.helpers.procs import free_port
+from tests.helpers.runs import SweepWriter, make_store
 
 # the tiny digits network of tests/helpers/sweep.py, started so that it learns in one epoch
 # (init: data, lr 0.01): its depth-1 candidates are healthy, not dead
@@ -174,15 +173,16 @@ def healthy_metrics(depth: int, acc: float, seed: int, salt: int) -> dict[str, f
 
 
 def write_exploration(client: MlflowClient, folder: Path, name: str, space: dict) -> str:
-    """A finished sweep: runner.create_parent (params, spec.yaml), then each trial's run with the
-    runner's own params and tags and two epochs of healthy metrics."""
-    from sweeps.runner import _TrialParams, create_parent
+    """A finished sweep: runner.create_parent (params, spec.yaml), then each trial's run through the
+    runner's RunWriter (tests/helpers/runs.py) with the runner's own params and two epochs of healthy
+    metrics."""
+    from sweeps.runner import _TrialParams
     spec = from_config({"name": name, "base": BASE, "space": space, "seeds": EXPLORE_SEEDS,
                         "storage_path": str(folder / "ray_results"),
                         "mlflow": {"tracking_uri": f"sqlite:///{folder}/mlflow.db", "experiment": "capsweep"}})
     exp = client.get_experiment_by_name("capsweep")
     exp_id = exp.experiment_id if exp else client.create_experiment("capsweep")
-    parent = create_parent(client, exp_id, spec)
+    sweep = SweepWriter(client, exp_id, name, spec=spec)
     keys = list(spec.space)
     grid = [dict(zip(keys, combo)) for combo in itertools.product(*(e["grid"] for e in spec.space.values()))]
     configs = [{**p, "train.seed": s, ROLE_KEY: CANDIDATE} for p in grid for s in spec.seeds]
@@ -193,27 +193,19 @@ def write_exploration(client: MlflowClient, folder: Path, name: str, space: dict
         acc = (0.97 if cfg.model.arch == "cnn" else 0.95 if cfg.model.depth == 0
                else EXPLORE_ACC[(cfg.model.depth, cfg.model.iterations)])
         final = healthy_metrics(cfg.model.depth, acc, seed, salt=cfg.model.depth + cfg.model.iterations)
-        rid = client.create_run(exp_id, run_name=f"t{i}", tags={
-            TAG_PARENT: parent, TAG_ROLE: RUN_TRIAL, TAG_SWEEP: name, TAG_TRIAL: f"{name}_{i:05d}",
-            TAG_SEED: str(seed), TAG_STATUS: "finished"}).info.run_id
-        metrics = [Metric(k, v * (0.9 if step == 0 else 1.0), 0, step) for step in (0, 1) for k, v in final.items()]
-        metrics += [Metric("epoch", float(step), 0, step) for step in (0, 1)]
-        client.log_batch(rid, metrics=metrics, params=run_params(params))
-        client.set_terminated(rid)
-    client.set_terminated(parent)
-    return parent
+        sweep.trial(f"{name}_{i:05d}", params, [{k: v * 0.9 for k, v in final.items()}, final], run_name=f"t{i}")
+    sweep.end()
+    return sweep.parent_id
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("confirm")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    client = MlflowClient(uri)
+    st = make_store(folder)
+    uri, client = st.uri, st.client
     write_exploration(client, folder, "explo", {"model.depth": {"grid": [1, 2]}, "model.iterations": {"grid": [1, 3]}})
     write_exploration(client, folder, "shallow", {"model.iterations": {"grid": [1, 3]}})   # depth 0: no candidate
-    nospec = client.create_run(client.get_experiment_by_name("capsweep").experiment_id, run_name="nospec",
-                               tags={TAG_ROLE: "parent", TAG_SWEEP: "nospec"}).info.run_id
-    client.set_terminated(nospec)
+    SweepWriter(client, st.experiment_id, "nospec").end()       # a parent without a spec.yaml
     return {"folder": folder, "uri": uri, "client": client}
 
 

@@ -29,6 +29,7 @@ from sweeps.search import journal_storage
 from sweeps.spec import journal_file, load_spec
 from tests.helpers.sweep import ROOT, capsweep_cmd, env_for_subprocess
 from tests.helpers.procs import alive, descendants, free_port, listening_addresses
+from tests.helpers.runs import make_store
 
 N_TRIALS = 5
 
@@ -42,9 +43,8 @@ def _sweep(root: Path, client: MlflowClient, exp: str, name: str, search: str = 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("dash")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("capsweep", artifact_location=str(root / "artifacts"))
+    st = make_store(root)
+    uri, client, exp = st.uri, st.client, st.experiment_id
     spec, parent = _sweep(root, client, exp, "hunt-a")
     study = optuna.create_study(storage=journal_storage(journal_file(spec)), study_name="hunt-a",
                                 directions=["maximize", "maximize", "minimize"],

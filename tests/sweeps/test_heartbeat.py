@@ -13,7 +13,8 @@ import pytest
 from capsmodels.contract import (FAILED, FINISHED, HEARTBEAT_STALE_S, INTERRUPTED, RUNNING, TAG_HEARTBEAT,
                                  resume_command, sweep_state)
 from sweeps.cli import main
-from tests.analysis.test_analysis import capsnet_metrics, log_trial, start_sweep
+from tests.helpers.probe_metrics import capsnet_metrics
+from tests.helpers.runs import log_trial, start_sweep
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):

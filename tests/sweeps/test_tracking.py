@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from capsmodels.contract import (DIVERGED, FAILED, FINISHED, INTERRUPTED, RUN_PARENT, TAG_RETRIES, TAG_ROLE,
-                                 TAG_RUN_NAME, TAG_STATUS, TAG_SWEEP, TAG_TRIAL)
-from sweeps.run_writer import get_or_create_experiment
+from capsmodels.contract import (DIVERGED, FAILED, FINISHED, INTERRUPTED, TAG_RETRIES, TAG_RUN_NAME, TAG_STATUS, TAG_TRIAL)
 from sweeps.tracking import MlflowSweepLogger
+from tests.helpers.runs import start_sweep
 
 SWEEP = "fake"
 
@@ -40,12 +38,9 @@ def trial_yaml(config: dict) -> str:
 
 
 @pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    eid = get_or_create_experiment(client, "capsweep")
-    parent = client.create_run(eid, tags={TAG_ROLE: RUN_PARENT, TAG_SWEEP: SWEEP}, run_name=SWEEP).info.run_id
-    return uri, client, eid, parent, tmp_path
+def store(mlflow_store, tmp_path):
+    parent = start_sweep(mlflow_store.client, mlflow_store.experiment_id, SWEEP)
+    return mlflow_store.uri, mlflow_store.client, mlflow_store.experiment_id, parent, tmp_path
 
 
 def _logger(store, expected: int = 0) -> MlflowSweepLogger:
