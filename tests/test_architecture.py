@@ -162,3 +162,34 @@ def test_contract_and_analysis_import_neither_ray_mlflow_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg"})
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _calls(name: str) -> dict[str, int]:
+    """Module -> how many calls of a function called `name` (plain or attribute) its source makes."""
+    out = {}
+    for mod, f in _modules().items():
+        n = sum(1 for node in ast.walk(ast.parse(f.read_text(), str(f))) if isinstance(node, ast.Call) and
+                (getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name))
+        if n:
+            out[mod] = n
+    return out
+
+
+def test_a_trial_config_is_built_at_the_two_edges_only():
+    """README "Where things live": the driver's readers ask the spec's TrialConfigs (sweeps/schema.py),
+    and a worker builds its trial once, in the trainable; nobody else rebuilds a trial's config."""
+    assert _calls("resolve_trial") == {"sweeps.schema": 1, "sweeps.trainable": 1}
+
+
+def test_the_tracking_uri_is_resolved_in_one_place():
+    """The walk of docs/ARCHITECTURE.md: $MLFLOW_TRACKING_URI is read by analysis/store.py's
+    resolve_tracking_uri alone; every other module is handed the URI (the spec's, or a flag's)."""
+    readers = set()
+    for mod, f in _modules().items():
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("get", "getenv") and node.args:
+                arg = node.args[0]
+                if getattr(arg, "id", None) == "TRACKING_URI_ENV" or getattr(arg, "value", None) == "MLFLOW_TRACKING_URI":
+                    readers.add(mod)
+    assert readers == {"analysis.store"}
+    assert set(_calls("resolve_tracking_uri")) <= {"sweeps.spec", "sweeps.cli", "analysis.cli", "analysis.load"}
