@@ -22,8 +22,8 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import asdict
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -549,23 +549,52 @@ def search_markdown(view: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# HTML
+# The page: one list of sections, each rendered to HTML and to Markdown
 
 NAV = [("configurations", "Configurations"), ("explore", "Explore the trials"), ("search", "Hyperparameter search"),
        ("figures", "Figures"), ("trends", "Trends"), ("reproducibility", "Reproducibility")]
 
 
-def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: Optional[dict] = None) -> str:
-    """views: write_report's extra columns, interactive views and reproducibility lines (None: without them)."""
+@dataclass(frozen=True)
+class Page:
+    """What every section renders from. data: the SweepData (None for Markdown: it names no live run);
+    views: write_report's extra columns, interactive views and reproducibility lines ({}: without them)."""
+    verdict: dict
+    figures: list
+    views: dict
+    columns: list
+    extra: dict
+    data: Any = None
+    out_dir: str = ""
+    ui: Optional[str] = None
+
+    @property
+    def level(self) -> str:
+        return f"{100 * (1 - 2 * self.verdict['thresholds']['alpha']):g}%"
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the report, written once and rendered twice. Why: report.html and report.md must say
+    the same things in the same order; a section that exists only in one format (the interactive explorer)
+    returns no lines in the other."""
+    name: str
+    html: Callable[[Page], list]
+    markdown: Callable[[Page], list]
+
+
+def _page(verdict: dict, figures: list, views: Optional[dict], data=None, out_dir: str = "") -> Page:
     views = views or {}
     extra = views.get("extra", {})
-    columns = columns_for(extra)
-    c = verdict["counts"]
+    ui = (views["ui"] if "ui" in views else ui_base(data.tracking_uri)) if data is not None else None
+    return Page(verdict, figures, views, columns_for(extra), extra, data, out_dir, ui)
+
+
+# ---- the headline: the answer, the instrument, the test, then where the sweep is ----------------------
+def _headline_html(pg: Page) -> list:
+    verdict, data, c = pg.verdict, pg.data, pg.verdict["counts"]
     answer, instrument = _headline(verdict)
-    ui = views["ui"] if "ui" in views else ui_base(data.tracking_uri)
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>capsweep report: {_t(verdict['sweep'])}</title>", f"<style>{CSS}{interactive.CSS}</style></head><body>",
+    return [
         f'<div class="answer {_ANSWER_CLASS[verdict.get("outcome", verdict["escaped"])]}">{_t(answer)}</div>',
         f'<div class="instrument {_INSTRUMENT_CLASS.get(verdict["instrument"], "und")}">{_t(instrument)}. '
         f'<span style="font-weight:400">{_t(verdict["instrument_text"])}.</span></div>',
@@ -576,18 +605,43 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
         f"<h1>capsweep report &mdash; sweep <code>{_t(verdict['sweep'])}</code></h1>",
         f"<p class='muted small'>Experiment <code>{_t(verdict['experiment'])}</code> at "
         f"<code>{_t(verdict['tracking_uri'])}</code>; parent run "
-        f"{_run_id_html(ui, data.experiment_id, verdict['parent_run_id']) if verdict['parent_run_id'] else '<code>None</code>'}; "
+        f"{_run_id_html(pg.ui, data.experiment_id, verdict['parent_run_id']) if verdict['parent_run_id'] else '<code>None</code>'}; "
         f"references from {_t(verdict['reference_source'])}. "
         f"{c['trials']} trials: {_t(_status_text(c))}; {c['configurations']} configurations, "
         f"{c['candidates']} candidate(s), {c['controls']} control(s). Read in {data.load_seconds:.1f} s "
         f"(histories: {_t(data.history_method)}).</p>",
         "<p class='nav small'>" + " &middot; ".join(f"<a href='#{a}'>{t}</a>" for a, t in NAV) + "</p>",
     ]
-    parts += [f'<div class="note">{_t(n)}</div>' for n in verdict["notes"]]
 
-    level = f"{100 * (1 - 2 * verdict['thresholds']['alpha']):g}%"
-    parts.append("<h2 id='configurations'>Configurations</h2>")
-    parts.append(f"<p class='small'>Each cell: mean over the configuration's finished seeds [two-sided {level} "
+
+def _headline_md(pg: Page) -> list:
+    verdict, c = pg.verdict, pg.verdict["counts"]
+    answer, instrument = _headline(verdict)
+    return [f"# {answer}", "", f"**{instrument}.** {verdict['instrument_text']}.", "",
+            f"**Test.** {verdict['test']}.", "", f"**Answer.** {verdict['answer']}.", "",
+            *([f"**The sweep is a family.** {verdict['family']['text']}.", ""] if verdict.get("family") else []),
+            *([f"**Confirmation.** {_link_text(verdict)}.", ""] if _link_text(verdict) else []),
+            f"capsweep report of sweep `{verdict['sweep']}`: experiment `{verdict['experiment']}` at "
+            f"`{verdict['tracking_uri']}`, parent run `{verdict['parent_run_id']}`, references from "
+            f"{verdict['reference_source']}. {c['trials']} trials: {_status_text(c)}; {c['configurations']} "
+            f"configurations, {c['candidates']} candidate(s), {c['controls']} control(s).", ""]
+
+
+# ---- the notes ------------------------------------------------------------------------------------
+def _notes_html(pg: Page) -> list:
+    return [f'<div class="note">{_t(n)}</div>' for n in pg.verdict["notes"]]
+
+
+def _notes_md(pg: Page) -> list:
+    notes = pg.verdict["notes"]
+    return [f"> {n}" for n in notes] + ([""] if notes else [])
+
+
+# ---- the configurations table, each row's checks under it -----------------------------------------------
+def _configurations_html(pg: Page) -> list:
+    verdict, data, columns, ui = pg.verdict, pg.data, pg.columns, pg.ui
+    parts = ["<h2 id='configurations'>Configurations</h2>"]
+    parts.append(f"<p class='small'>Each cell: mean over the configuration's finished seeds [two-sided {pg.level} "
                  "t interval, each end the one-sided bound the verdict uses]; grad ratio and min act_grad: "
                  "geometric mean (their checks work on log10). &Delta; acc: candidate &minus; matched depth-0 "
                  "reference with its Welch bounds. Colour: the check on that column passes (green), fails (red) "
@@ -610,7 +664,7 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
                  + "".join(f"<th>{title}</th>" for _, title, _, _ in columns) + "</tr>")
     lookup = run_lookup(data.trials)
     for cfg in _sorted_configs(verdict):
-        cfg = _with_extra(cfg, extra)
+        cfg = _with_extra(cfg, pg.extra)
         total = sum(cfg["statuses"].values())
         vcls = "unk" if cfg["verdict"] == "to confirm" else _OUTCOME_CLASS.get(cfg["outcome"], "")
         role = f"{cfg['role']}: " if cfg["role"] == CONTROL else ""
@@ -642,61 +696,134 @@ def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: O
             parts.append(f"<tr class='why'><td></td><td colspan='{ncols - 1}'><div class='why-in'>{head}<details>"
                          f"<summary>{summary}</summary><ul class='checks'>{every}</ul></details>{runs}</div></td></tr>")
     parts.append("</table></div>")
+    return parts
 
-    parts.append("<h2>Thresholds and rules</h2><table><tr><th>parameter</th><th>meaning</th><th>value</th></tr>")
+
+def _configurations_md(pg: Page) -> list:
+    verdict, columns = pg.verdict, pg.columns
+    titles = [html.unescape(t) for _, t, _, _ in columns]
+    out = ["## Configurations", "",
+           f"Mean over finished seeds [two-sided {pg.level} t interval]; grad ratio and min act_grad: geometric "
+           "means; delta acc: candidate - reference with its Welch bounds; tree score and routing dyn.: with their "
+           "null (votes permuted across inputs). Checks that did not pass: below the table. n/a: not logged.", "",
+           "| id | configuration | verdict | seeds | " + " | ".join(titles) + " |",
+           "|" + "---|" * (4 + len(columns))]
+    for cfg in _sorted_configs(verdict):
+        cfg = _with_extra(cfg, pg.extra)
+        v = f"**{cfg['verdict']}**" if cfg["escaped"] else cfg["verdict"]
+        if cfg["role"] == CONTROL:
+            v = f"control: {v}"
+        out.append(f"| {cfg['id']} | {_md(cfg['label'])} | {v} | {cfg['n_seeds']}/{sum(cfg['statuses'].values())} | "
+                   + " | ".join(_md(_md_cell(*_cell(cfg, key, null))) for key, _, _, null in columns) + " |")
+    out += ["", "### Why (checks that did not pass)", ""]
+    for cfg in _sorted_configs(verdict):
+        bad = [ch for ch in cfg["checks"] if ch["outcome"] != "pass"]
+        if cfg["checks"]:
+            out.append(f"- **{cfg['id']}** ({cfg['verdict']}): " + ("; ".join(
+                f"{ch['outcome']}: {_md(ch['text'])}" for ch in bad) if bad else "every check passes"))
+    return out
+
+
+# ---- thresholds and rules --------------------------------------------------------------------------
+def _thresholds_html(pg: Page) -> list:
+    verdict = pg.verdict
+    parts = ["<h2>Thresholds and rules</h2><table><tr><th>parameter</th><th>meaning</th><th>value</th></tr>"]
     for key, text in THRESHOLD_TEXT:
         v = verdict["thresholds"].get(key)
         parts.append(f"<tr><td><code>{key}</code></td><td>{_t(text)}</td><td class='num'>{_t(_fmt(v))}</td></tr>")
     parts.append("</table><ol>" + "".join(f"<li>{_t(r)}</li>" for r in verdict["rules"]) + "</ol>"
                  "<p class='muted small'>Definitions of every probe and check: docs/PROBES.md in the capsweep "
                  "repository.</p>")
+    return parts
 
-    parts.append("<h2>Failed, diverged and unfinished trials</h2>")
-    if verdict["failed_trials"]:
-        parts.append("<div class='wide'><table><tr><th>trial</th><th>run id</th><th>seed</th><th>status</th>"
-                     "<th>configuration</th><th>error</th></tr>")
-        for t in verdict["failed_trials"]:
-            parts.append(f"<tr><td>{_t(t['trial_id'])}</td><td>{_run_id_html(ui, data.experiment_id, t['run_id'])}</td>"
-                         f"<td>{_t(t['seed'])}</td><td>{_t(t['status'])}</td>"
-                         f"<td>{t['config_id']}: {_t(t['label'])}</td><td class='err'>{_t(t['error'])}</td></tr>")
-        parts.append("</table></div>")
-    else:
-        parts.append("<p>None: every trial finished.</p>")
 
-    parts.append("<h2 id='explore'>Explore the trials</h2>")
-    parts.append(views.get("explore", "<p class='muted'>Not drawn.</p>"))
-    parts.append("<h2 id='search'>Hyperparameter search</h2>")
-    parts.append(search_html(views.get("search", {"skipped": "not computed"})))
-    parts.append("<h2 id='figures'>Figures</h2>")
-    for fig in figures:
+def _thresholds_md(pg: Page) -> list:
+    verdict = pg.verdict
+    out = ["", "## Thresholds and rules", "", "| parameter | meaning | value |", "|---|---|---|"]
+    out += [f"| `{k}` | {_md(text)} | {_md(_fmt(verdict['thresholds'].get(k)))} |" for k, text in THRESHOLD_TEXT]
+    out += [""] + [f"{i}. {r}" for i, r in enumerate(verdict["rules"], 1)]
+    return out + ["", "Definitions: docs/PROBES.md."]
+
+
+# ---- failed, diverged and unfinished trials ----------------------------------------------------------
+def _failed_html(pg: Page) -> list:
+    failed = pg.verdict["failed_trials"]
+    parts = ["<h2>Failed, diverged and unfinished trials</h2>"]
+    if not failed:
+        return parts + ["<p>None: every trial finished.</p>"]
+    parts.append("<div class='wide'><table><tr><th>trial</th><th>run id</th><th>seed</th><th>status</th>"
+                 "<th>configuration</th><th>error</th></tr>")
+    for t in failed:
+        parts.append(f"<tr><td>{_t(t['trial_id'])}</td><td>{_run_id_html(pg.ui, pg.data.experiment_id, t['run_id'])}</td>"
+                     f"<td>{_t(t['seed'])}</td><td>{_t(t['status'])}</td>"
+                     f"<td>{t['config_id']}: {_t(t['label'])}</td><td class='err'>{_t(t['error'])}</td></tr>")
+    return parts + ["</table></div>"]
+
+
+def _failed_md(pg: Page) -> list:
+    failed = pg.verdict["failed_trials"]
+    out = ["", "## Failed, diverged and unfinished trials", ""]
+    if not failed:
+        return out + ["None: every trial finished."]
+    out += ["| trial | run id | seed | status | configuration | error |", "|---|---|---|---|---|---|"]
+    return out + [f"| {_md(t['trial_id'])} | `{t['run_id']}` | {_md(t['seed'])} | {t['status']} | "
+                  f"{t['config_id']}: {_md(t['label'])} | {_md(t['error'])} |" for t in failed]
+
+
+# ---- the interactive explorer (HTML only) and the hyperparameter search --------------------------------
+def _explore_html(pg: Page) -> list:
+    return ["<h2 id='explore'>Explore the trials</h2>", pg.views.get("explore", "<p class='muted'>Not drawn.</p>")]
+
+
+def _no_lines(pg: Page) -> list:
+    return []
+
+
+def _search_html(pg: Page) -> list:
+    return ["<h2 id='search'>Hyperparameter search</h2>",
+            search_html(pg.views.get("search", {"skipped": "not computed"}))]
+
+
+def _search_md(pg: Page) -> list:
+    return ["", "## Hyperparameter search", ""] + search_markdown(pg.views.get("search", {"skipped": "not computed"}))
+
+
+# ---- figures --------------------------------------------------------------------------------------
+def _figures_html(pg: Page) -> list:
+    parts = ["<h2 id='figures'>Figures</h2>"]
+    for fig in pg.figures:
         if "file" in fig:
-            with open(os.path.join(out_dir, fig["file"]), "rb") as f:
+            with open(os.path.join(pg.out_dir, fig["file"]), "rb") as f:
                 b64 = base64.b64encode(f.read()).decode("ascii")
             parts.append(f"<figure><img alt='{_t(fig['title'])}' src='data:image/png;base64,{b64}'>"
                          f"<figcaption><b>{_t(fig['title'])}.</b> {_t(fig['caption'])}</figcaption></figure>")
-    skipped = [f for f in figures if "skipped" in f]
+    skipped = [f for f in pg.figures if "skipped" in f]
     if skipped:
         parts.append("<p>Not drawn:</p><ul>" + "".join(
             f"<li>{_t(f['title'])}: {_t(f['skipped'])}</li>" for f in skipped) + "</ul>")
-
-    parts.append("<h2 id='trends'>Trends</h2>")
-    parts.append(_trends_html(verdict["trends"], verdict["thresholds"]["alpha"]))
-    parts.append("<h2 id='reproducibility'>Reproducibility</h2><table class='repro'>")
-    parts += [f"<tr><th>{_t(k)}</th><td><code>{_t(v)}</code></td></tr>" for k, v in views.get("repro", [])]
-    parts.append("</table>")
-    parts.append(f"<script>{interactive.SCRIPT}</script></body></html>")
-    return "\n".join(parts) + "\n"
+    return parts
 
 
+def _figures_md(pg: Page) -> list:
+    out = ["", "## Figures", ""]
+    for fig in pg.figures:
+        if "file" in fig:
+            out += [f"![{fig['title']}]({fig['file']})", "", f"*{fig['title']}.* {fig['caption']}", ""]
+    return out + [f"- Not drawn: {fig['title']}: {fig['skipped']}" for fig in pg.figures if "skipped" in fig]
+
+
+# ---- trends ---------------------------------------------------------------------------------------
 TRENDS_TEXT = ("One point per CapsNet configuration (its mean over seeds), never per seed. Numeric factors: "
                "Spearman's rank correlation rho (booleans as 0/1); categorical factors: Kruskal-Wallis H "
                "across levels. Other swept factors vary along with the one tested. p: raw; p (Holm): "
                "adjusted across all {m} tests of this report.")
 
 
-def _trends_html(trends: list[dict], alpha: float) -> str:
+def _trends_html(pg: Page) -> list:
+    trends, alpha = pg.verdict["trends"], pg.verdict["thresholds"]["alpha"]
+    parts = ["<h2 id='trends'>Trends</h2>"]
     if not trends:
-        return "<p>No factor varied across CapsNet configurations.</p>"
+        return parts + ["<p>No factor varied across CapsNet configurations.</p>"]
     m = sum(t["p_value"] is not None for t in trends)
     rows = [f"<p class='small'>{_t(TRENDS_TEXT.format(m=m))} Bold: Holm-adjusted p &lt; {alpha:g}.</p>"
             "<div class='wide'><table><tr><th>factor</th><th>probe</th><th>test</th><th>statistic</th>"
@@ -709,7 +836,57 @@ def _trends_html(trends: list[dict], alpha: float) -> str:
                     f"<td class='num'>{_n(t['p_holm'])}</td><td class='num'>{t['n']}</td>"
                     f"<td class='num'>{t['levels']}</td><td>{_t(t['note'])}</td></tr>")
     rows.append("</table></div>")
-    return "\n".join(rows)
+    return parts + ["\n".join(rows)]
+
+
+def _trends_md(pg: Page) -> list:
+    trends = pg.verdict["trends"]
+    out = ["", "## Trends", ""]
+    if not trends:
+        return out + ["No factor varied across CapsNet configurations."]
+    m = sum(t["p_value"] is not None for t in trends)
+    out += [TRENDS_TEXT.format(m=m), "",
+            "| factor | probe | test | statistic | p | p (Holm) | configurations | levels | note |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    return out + [f"| {t['factor']} | {t['probe']} | {t['test']} | {_n(t['statistic'])} | {_n(t['p_value'])} | "
+                  f"{_n(t['p_holm'])} | {t['n']} | {t['levels']} | {_md(t['note'])} |" for t in trends]
+
+
+# ---- reproducibility ------------------------------------------------------------------------------
+def _repro_html(pg: Page) -> list:
+    return (["<h2 id='reproducibility'>Reproducibility</h2><table class='repro'>"]
+            + [f"<tr><th>{_t(k)}</th><td><code>{_t(v)}</code></td></tr>" for k, v in pg.views.get("repro", [])]
+            + ["</table>"])
+
+
+def _repro_md(pg: Page) -> list:
+    return ["", "## Reproducibility", ""] + [f"- {k}: `{_md(v)}`" for k, v in pg.views.get("repro", [])]
+
+
+SECTIONS = (
+    Section("headline", _headline_html, _headline_md),
+    Section("notes", _notes_html, _notes_md),
+    Section("configurations", _configurations_html, _configurations_md),
+    Section("thresholds", _thresholds_html, _thresholds_md),
+    Section("failed", _failed_html, _failed_md),
+    Section("explore", _explore_html, _no_lines),
+    Section("search", _search_html, _search_md),
+    Section("figures", _figures_html, _figures_md),
+    Section("trends", _trends_html, _trends_md),
+    Section("reproducibility", _repro_html, _repro_md),
+)
+
+
+def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: Optional[dict] = None) -> str:
+    """report.html: SECTIONS in order, self-contained (CSS, script and figures inlined).
+    views: write_report's extra columns, interactive views and reproducibility lines (None: without them)."""
+    pg = _page(verdict, figures, views, data, out_dir)
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>capsweep report: {_t(verdict['sweep'])}</title>",
+             f"<style>{CSS}{interactive.CSS}</style></head><body>"]
+    parts += [line for section in SECTIONS for line in section.html(pg)]
+    parts.append(f"<script>{interactive.SCRIPT}</script></body></html>")
+    return "\n".join(parts) + "\n"
 
 
 def _status_text(counts: dict) -> str:
@@ -726,9 +903,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Markdown
-
 def _md(s) -> str:
     return str(s if s is not None else "").replace("|", "\\|").replace("\n", " ")
 
@@ -739,71 +913,9 @@ def _md_cell(value: str, ci: str, null_text: str) -> str:
 
 
 def render_markdown(verdict: dict, figures: list[dict], views: Optional[dict] = None) -> str:
-    views = views or {}
-    extra = views.get("extra", {})
-    columns = columns_for(extra)
-    c = verdict["counts"]
-    answer, instrument = _headline(verdict)
-    level = f"{100 * (1 - 2 * verdict['thresholds']['alpha']):g}%"
-    out = [f"# {answer}", "", f"**{instrument}.** {verdict['instrument_text']}.", "",
-           f"**Test.** {verdict['test']}.", "", f"**Answer.** {verdict['answer']}.", "",
-           *([f"**The sweep is a family.** {verdict['family']['text']}.", ""] if verdict.get("family") else []),
-           *([f"**Confirmation.** {_link_text(verdict)}.", ""] if _link_text(verdict) else []),
-           f"capsweep report of sweep `{verdict['sweep']}`: experiment `{verdict['experiment']}` at "
-           f"`{verdict['tracking_uri']}`, parent run `{verdict['parent_run_id']}`, references from "
-           f"{verdict['reference_source']}. {c['trials']} trials: {_status_text(c)}; {c['configurations']} "
-           f"configurations, {c['candidates']} candidate(s), {c['controls']} control(s).", ""]
-    out += [f"> {n}" for n in verdict["notes"]] + ([""] if verdict["notes"] else [])
-    titles = [html.unescape(t) for _, t, _, _ in columns]
-    out += ["## Configurations", "",
-            f"Mean over finished seeds [two-sided {level} t interval]; grad ratio and min act_grad: geometric "
-            "means; delta acc: candidate - reference with its Welch bounds; tree score and routing dyn.: with their "
-            "null (votes permuted across inputs). Checks that did not pass: below the table. n/a: not logged.", "",
-            "| id | configuration | verdict | seeds | " + " | ".join(titles) + " |",
-            "|" + "---|" * (4 + len(columns))]
-    for cfg in _sorted_configs(verdict):
-        cfg = _with_extra(cfg, extra)
-        v = f"**{cfg['verdict']}**" if cfg["escaped"] else cfg["verdict"]
-        if cfg["role"] == CONTROL:
-            v = f"control: {v}"
-        out.append(f"| {cfg['id']} | {_md(cfg['label'])} | {v} | {cfg['n_seeds']}/{sum(cfg['statuses'].values())} | "
-                   + " | ".join(_md(_md_cell(*_cell(cfg, key, null))) for key, _, _, null in columns) + " |")
-    out += ["", "### Why (checks that did not pass)", ""]
-    for cfg in _sorted_configs(verdict):
-        bad = [ch for ch in cfg["checks"] if ch["outcome"] != "pass"]
-        if cfg["checks"]:
-            out.append(f"- **{cfg['id']}** ({cfg['verdict']}): " + ("; ".join(
-                f"{ch['outcome']}: {_md(ch['text'])}" for ch in bad) if bad else "every check passes"))
-    out += ["", "## Thresholds and rules", "", "| parameter | meaning | value |", "|---|---|---|"]
-    out += [f"| `{k}` | {_md(text)} | {_md(_fmt(verdict['thresholds'].get(k)))} |" for k, text in THRESHOLD_TEXT]
-    out += [""] + [f"{i}. {r}" for i, r in enumerate(verdict["rules"], 1)]
-    out += ["", "Definitions: docs/PROBES.md.", "", "## Failed, diverged and unfinished trials", ""]
-    if verdict["failed_trials"]:
-        out += ["| trial | run id | seed | status | configuration | error |", "|---|---|---|---|---|---|"]
-        out += [f"| {_md(t['trial_id'])} | `{t['run_id']}` | {_md(t['seed'])} | {t['status']} | "
-                f"{t['config_id']}: {_md(t['label'])} | {_md(t['error'])} |" for t in verdict["failed_trials"]]
-    else:
-        out.append("None: every trial finished.")
-    out += ["", "## Figures", ""]
-    for fig in figures:
-        if "file" in fig:
-            out += [f"![{fig['title']}]({fig['file']})", "", f"*{fig['title']}.* {fig['caption']}", ""]
-    for fig in figures:
-        if "skipped" in fig:
-            out.append(f"- Not drawn: {fig['title']}: {fig['skipped']}")
-    out += ["", "## Trends", ""]
-    if verdict["trends"]:
-        m = sum(t["p_value"] is not None for t in verdict["trends"])
-        out += [TRENDS_TEXT.format(m=m), "",
-                "| factor | probe | test | statistic | p | p (Holm) | configurations | levels | note |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        out += [f"| {t['factor']} | {t['probe']} | {t['test']} | {_n(t['statistic'])} | {_n(t['p_value'])} | "
-                f"{_n(t['p_holm'])} | {t['n']} | {t['levels']} | {_md(t['note'])} |" for t in verdict["trends"]]
-    else:
-        out.append("No factor varied across CapsNet configurations.")
-    out += ["", "## Hyperparameter search", ""] + search_markdown(views.get("search", {"skipped": "not computed"}))
-    out += ["", "## Reproducibility", ""] + [f"- {k}: `{_md(v)}`" for k, v in views.get("repro", [])]
-    return "\n".join(out) + "\n"
+    """report.md: the same SECTIONS as report.html, in the same order (the explorer is HTML only)."""
+    pg = _page(verdict, figures, views)
+    return "\n".join(line for section in SECTIONS for line in section.markdown(pg)) + "\n"
 
 
 def default_out_dir(sweep: str) -> str:

@@ -131,3 +131,23 @@ def test_report_of_an_old_sweep_shows_na_not_zero(store, tmp_path):
     assert cells[4:] == ["0.7", "-0.2", "n/a", "n/a", "n/a", "0.1", "n/a", "0.3 (null n/a)", "0.02 (null n/a)"]
     assert md.splitlines()[0] == "# Inconclusive: no healthy control in the sweep"   # old sweep: no cnn control
     assert "Not drawn: Gradient floor: log10 min act_grad against hidden capsule layers (depth): n/a" in md
+
+
+def test_html_and_markdown_render_the_same_sections_in_the_same_order(s1, tmp_path):
+    """One list of sections (analysis/report.py SECTIONS), rendered twice: the two files' headings agree
+    in order; the interactive explorer is the one section only HTML has."""
+    import re
+
+    from analysis.report import SECTIONS, render_html, render_markdown
+    data, verdict = s1
+    views = {"search": {"skipped": "not computed"}, "repro": [("git", "abc")], "ui": None}
+    figures = [{"title": "a figure", "caption": "c", "skipped": "no data"}]
+    html_text = render_html(data, verdict, figures, str(tmp_path), views)
+    md_text = render_markdown(verdict, figures, views)
+    h2_html = [re.sub(r"<[^>]+>", "", h) for h in re.findall(r"<h2[^>]*>(.*?)</h2>", html_text)]
+    h2_md = [line[3:] for line in md_text.splitlines() if line.startswith("## ")]
+    assert h2_html == ["Configurations", "Thresholds and rules", "Failed, diverged and unfinished trials",
+                       "Explore the trials", "Hyperparameter search", "Figures", "Trends", "Reproducibility"]
+    assert h2_md == [h for h in h2_html if h != "Explore the trials"]
+    assert [s.name for s in SECTIONS][:3] == ["headline", "notes", "configurations"]
+    assert md_text.splitlines()[0].startswith("# ") and "a figure: no data" in md_text and "a figure" in html_text
