@@ -212,10 +212,10 @@ def _run(args: argparse.Namespace, status=None) -> int:
         status.done()
     for note in data.notes:
         print(f"{PROG}: note: {redact(note)}", file=sys.stderr)
-    print(f"escaped: {verdict['escaped']} -- {verdict['answer']}")
-    if verdict.get("confirm", {}).get("command") and verdict.get("outcome") != "yes":
-        print(f"next: {verdict['confirm']['command']}   (re-runs them on fresh seeds; docs/PROBES.md)")
-    print(f"instrument: {verdict['instrument']} -- {verdict['instrument_text']}")
+    print(f"escaped: {verdict.escaped} -- {verdict.answer}")
+    if (verdict.confirm or {}).get("command") and verdict.outcome != "yes":
+        print(f"next: {verdict.confirm['command']}   (re-runs them on fresh seeds; docs/PROBES.md)")
+    print(f"instrument: {verdict.instrument} -- {verdict.instrument_text}")
     print(f"report: {paths['html']} (also report.md, verdict.json in {out})")
     if args.no_log_artifacts:
         return 0

@@ -256,7 +256,8 @@ def verdict_of(client, sweep: Sweep, uri: str) -> tuple[dict, str]:
         data = load_sweep(sweep.experiment, uri, sweep.name, progress=False)
     except AnalysisError as e:
         raise InspectError(f"sweep {sweep.name!r}: {e}") from None
-    return compute_verdict(data, Thresholds(), annotate(data), None), "computed now (default thresholds)"
+    # the same object a logged verdict.json holds (this module reads verdicts as their JSON)
+    return compute_verdict(data, Thresholds(), annotate(data), None).to_json(), "computed now (default thresholds)"
 
 
 def logged_spec(client, sweep: Sweep) -> Optional[str]:
@@ -284,7 +285,7 @@ def confirm_section(sweep: Sweep, uri: str) -> dict:
         data = load_sweep(sweep.experiment, uri, sweep.name, progress=False)
     except AnalysisError as e:
         raise InspectError(f"sweep {sweep.name!r}: {e}") from None
-    return compute_verdict(data)["confirm"]
+    return compute_verdict(data).confirm
 
 
 def key_probes(verdict: dict) -> dict[int, dict]:

@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from analysis.results import Verdict
 from analysis.stats import t_interval
 from analysis.verdict import factor_kind, short_names
 from capsmodels.contract import CANDIDATE, CONTROL, parse_layer_metric
@@ -319,29 +320,29 @@ def plot_layer_profile(trials: pd.DataFrame, swept: list[str], alpha: float, out
     return out
 
 
-def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str) -> dict:
+def plot_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: Verdict, out_dir: str) -> dict:
     """Validation-accuracy curves of the escaping configurations, else of the three most accurate
     candidates."""
-    escaped = [c for c in verdict["configurations"] if c["escaped"]]
+    escaped = [c for c in verdict.configurations if c.escaped]
     if escaped:
         chosen, which = escaped[:6], "escaping configurations"
     else:
-        pool = [c for c in verdict["configurations"] if c["role"] == CANDIDATE] or verdict["configurations"]
-        pool = [c for c in pool if c["figures"]["test_acc"]["mean"] is not None]
-        chosen = sorted(pool, key=lambda c: -c["figures"]["test_acc"]["mean"])[:3]
+        pool = [c for c in verdict.configurations if c.role == CANDIDATE] or verdict.configurations
+        pool = [c for c in pool if c.figures["test_acc"]["mean"] is not None]
+        chosen = sorted(pool, key=lambda c: -c.figures["test_acc"]["mean"])[:3]
         which = "most accurate candidates (none escaped)"
     title = f"Training curves of the {which}"
     if not chosen or histories.empty:
         return {"title": title, "skipped": "no finished configuration with a metric history"}
     fig, (ax,) = _grid(1, width=7.5, height=4.0)
     for c in chosen:
-        runs = trials[(trials["config_id"] == c["id"]) & (trials["status"] == "finished")]["run_id"]
+        runs = trials[(trials["config_id"] == c.id) & (trials["status"] == "finished")]["run_id"]
         h = histories[(histories["key"] == "val_acc") & histories["run_id"].isin(runs)]
         if h.empty:
             continue
         agg = h.groupby("step")["value"].agg(["mean", "min", "max", "count"])
         line, = ax.plot(agg.index, agg["mean"], marker="o",
-                        label=f"{c['id']} ({int(agg['count'].max())} seeds): {c['label']}")
+                        label=f"{c.id} ({int(agg['count'].max())} seeds): {c.label}")
         ax.fill_between(agg.index, agg["min"], agg["max"], color=line.get_color(), alpha=0.2)
     ax.set_ylabel("validation accuracy (fraction)")
     ax.set_xlabel("epoch")
@@ -371,40 +372,40 @@ def budget_curves(histories: pd.DataFrame, run_ids) -> pd.DataFrame:
     return test.where(improved).ffill()
 
 
-def plot_gap_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str) -> dict:
+def plot_gap_curves(trials: pd.DataFrame, histories: pd.DataFrame, verdict: Verdict, out_dir: str) -> dict:
     """The accuracy gap against the budget: for each candidate (left) and control (right), the mean
     over its finished seeds of the test accuracy it would be scored at with E epochs, minus the same
     for its matched depth-0 reference, against E. A gap that closes as E grows is the budget's, not
     the architecture's (docs/PROBES.md, "Which epoch")."""
     title = "Accuracy gap to the depth-0 reference against the training budget"
-    margin = verdict["thresholds"]["acc_margin"]
+    margin = verdict.thresholds["acc_margin"]
     finished = trials[trials["status"] == "finished"]
     runs_of = finished.groupby("config_id")["run_id"].apply(list).to_dict()
-    judged = [c for c in verdict["configurations"] if c["role"] in (CANDIDATE, CONTROL) and c.get("reference")
-              and c["reference"].get("run_ids") and runs_of.get(c["id"])]
+    judged = [c for c in verdict.configurations if c.role in (CANDIDATE, CONTROL) and c.reference
+              and c.reference.get("run_ids") and runs_of.get(c.id)]
     if not judged or histories.empty:
         return {"title": title, "skipped": "no judged configuration with a reference and a metric history"}
-    all_runs = {r for c in judged for r in runs_of[c["id"]] + c["reference"]["run_ids"]}
+    all_runs = {r for c in judged for r in runs_of[c.id] + c.reference["run_ids"]}
     curves = budget_curves(histories, all_runs)
     if curves.empty:
         return {"title": title, "skipped": "the histories hold no val_acc and test_acc per epoch"}
-    highlight = {c["id"] for c in judged if c["escaped"] or c["verdict"] == "to confirm"}
+    highlight = {c.id for c in judged if c.escaped or c.verdict == "to confirm"}
     if not highlight:
-        cands = [c for c in judged if c["role"] == CANDIDATE and c["figures"]["test_acc"]["mean"] is not None]
-        highlight = {c["id"] for c in sorted(cands, key=lambda c: -c["figures"]["test_acc"]["mean"])[:3]}
-    roles = [r for r in (CANDIDATE, CONTROL) if any(c["role"] == r for c in judged)]
+        cands = [c for c in judged if c.role == CANDIDATE and c.figures["test_acc"]["mean"] is not None]
+        highlight = {c.id for c in sorted(cands, key=lambda c: -c.figures["test_acc"]["mean"])[:3]}
+    roles = [r for r in (CANDIDATE, CONTROL) if any(c.role == r for c in judged)]
     fig, axes = _grid(len(roles), width=5.6, height=3.8)
     for ax, role in zip(axes, roles):
-        for c in (c for c in judged if c["role"] == role):
-            mine = [r for r in runs_of[c["id"]] if r in curves.columns]
-            ref = [r for r in c["reference"]["run_ids"] if r in curves.columns]
+        for c in (c for c in judged if c.role == role):
+            mine = [r for r in runs_of[c.id] if r in curves.columns]
+            ref = [r for r in c.reference["run_ids"] if r in curves.columns]
             if not mine or not ref:
                 continue
             gap = (curves[mine].mean(axis=1) - curves[ref].mean(axis=1)).dropna()
             if gap.empty:
                 continue
-            if c["id"] in highlight or role == CONTROL:
-                ax.plot(gap.index, gap.values, marker="o", ms=3, lw=1.5, label=f"{c['id']}: {c['label']}"[:60])
+            if c.id in highlight or role == CONTROL:
+                ax.plot(gap.index, gap.values, marker="o", ms=3, lw=1.5, label=f"{c.id}: {c.label}"[:60])
             else:
                 ax.plot(gap.index, gap.values, color="0.6", lw=0.6, alpha=0.6)
         ax.axhline(-margin, color="crimson", ls="--", lw=1, label=f"-acc_margin = -{margin:g}")
@@ -453,13 +454,13 @@ def _run_job(i: int) -> dict:
         return {"title": title, "skipped": f"could not be drawn ({type(e).__name__}: {e})"}
 
 
-def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: dict, out_dir: str,
+def make_plots(trials: pd.DataFrame, histories: pd.DataFrame, verdict: Verdict, out_dir: str,
                swept: list[str], workers: Optional[int] = None) -> list[dict]:
     """All report figures into out_dir; one dict per figure (written or skipped with its reason), in
     a fixed order. workers: processes drawing them (None: `plot_workers()`); each figure is drawn
     and written whole by one process, so the files are the same for any number."""
     os.makedirs(out_dir, exist_ok=True)
-    th = verdict["thresholds"]
+    th = verdict.thresholds
     alpha = th["alpha"]
     thresholds = {
         "test_acc": (th["chance_accuracy_floor"], f"chance floor 1/K + chance_margin = {th['chance_accuracy_floor']:.3g}"),

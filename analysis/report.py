@@ -22,7 +22,7 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -30,6 +30,7 @@ import pandas as pd
 
 from analysis import interactive, plots, search_views
 from capsmodels.contract import redact
+from analysis.results import ConfigResult, Verdict
 from analysis.staging import staged_dir
 from analysis.stats import t_interval
 from analysis.verdict import Thresholds, annotate, short_names, verdict_json
@@ -124,7 +125,7 @@ def _interval(fig: Optional[dict], signed: bool = False) -> tuple[str, str]:
     return m, f"[{_n(fig['lo'], signed=signed)}, {_n(fig['hi'], signed=signed)}]"
 
 
-def _cell(cfg: dict, key: str, null: Optional[str]) -> tuple[str, str, str]:
+def _cell(cfg: ConfigResult, key: str, null: Optional[str]) -> tuple[str, str, str]:
     """One table cell as (value, interval, null): the figure's mean, its bounds and, for a routing
     statistic, 'null x' (its null's mean); or the accuracy difference with its Welch bounds."""
     if key == "_acc_diff":
@@ -132,68 +133,68 @@ def _cell(cfg: dict, key: str, null: Optional[str]) -> tuple[str, str, str]:
         if not test or test.get("diff") is None:
             return "n/a", "", ""
         return (*_interval({"mean": test["diff"], "lo": test["lo"], "hi": test["hi"]}, signed=True), "")
-    value, ci = _interval(cfg["figures"][key])
-    null_mean = cfg["figures"][null]["mean"] if null else None
+    value, ci = _interval(cfg.figures[key])
+    null_mean = cfg.figures[null]["mean"] if null else None
     return value, ci, f"null {_n(null_mean)}" if null and (value != "n/a" or null_mean is not None) else ""
 
 
-def _check_of(cfg: dict, name: Optional[str]) -> Optional[dict]:
-    return next((c for c in cfg.get("checks") or [] if c["name"] == name), None)
+def _check_of(cfg: ConfigResult, name: Optional[str]) -> Optional[dict]:
+    return cfg.check(name) if name else None
 
 
-def _sorted_configs(verdict: dict) -> list[dict]:
-    return sorted(verdict["configurations"],
-                  key=lambda c: (_ROLE_ORDER.get(c["role"], 3), _VERDICT_ORDER.get(c["verdict"], 3),
-                                 c["depth"] if c["depth"] is not None else -1, c["id"]))
+def _sorted_configs(verdict: Verdict) -> list[ConfigResult]:
+    return sorted(verdict.configurations,
+                  key=lambda c: (_ROLE_ORDER.get(c.role, 3), _VERDICT_ORDER.get(c.verdict, 3),
+                                 c.depth if c.depth is not None else -1, c.id))
 
 
-def _why(cfg: dict) -> str:
+def _why(cfg: ConfigResult) -> str:
     """'fails: accuracy, dead; undecided: frozen' (empty when every check passes)."""
     parts = []
     for outcome, word in (("fail", "fails"), ("inconclusive", "undecided")):
-        names = [c["name"] for c in cfg["checks"] if c["outcome"] == outcome]
+        names = [c["name"] for c in cfg.checks if c["outcome"] == outcome]
         if names:
             parts.append(f"{word}: {', '.join(names)}")
     return "; ".join(parts)
 
 
-def _headline(verdict: dict) -> tuple[str, str]:
+def _headline(verdict: Verdict) -> tuple[str, str]:
     """The report's first line and second line. The first says the answer in the words of
     docs/PROBES.md ("The answer"): Escaped: YES / NO / UNDECIDED, or why there is none yet
     (Inconclusive: the control ...; To confirm: ...). A verdict.json from before `outcome` existed
     reads as its `escaped`."""
-    outcome = verdict.get("outcome", verdict["escaped"])
+    outcome = verdict.outcome
     if outcome == "inconclusive":
-        inst = verdict["instrument"]
+        inst = verdict.instrument
         why = ("no healthy control in the sweep" if inst == "no control" else
                "the healthy control fails the same checks" if inst == "control failed" else
                "the healthy control does not pass the same checks yet")
         first = f"Inconclusive: {why}"
     elif outcome == "to confirm":
-        n = verdict.get("confirm", {}).get("top") or 0
+        n = (verdict.confirm or {}).get("top") or 0
         first = f"To confirm: {n} candidate(s) worth confirming"
     else:
-        first = "Escaped: " + {"yes": "YES", "no": "NO", "undecided": "UNDECIDED"}[verdict["escaped"]]
-    return first, f"Instrument: {verdict['instrument']}"
+        first = "Escaped: " + {"yes": "YES", "no": "NO", "undecided": "UNDECIDED"}[verdict.escaped]
+    return first, f"Instrument: {verdict.instrument}"
 
 
-def _link_text(verdict: dict) -> str:
+def _link_text(verdict: Verdict) -> str:
     """The exploration/confirmation link both reports show (`capsweep confirm`), or ''."""
-    conf = verdict.get("confirm") or {}
+    conf = verdict.confirm or {}
     parts = []
     if conf.get("confirms"):
         parts.append(f"This sweep confirms the exploration {conf['confirms']!r} on fresh seeds; its "
-                     f"verdict, error-controlled over its {verdict['counts']['candidates']} candidate(s), is "
+                     f"verdict, error-controlled over its {verdict.counts['candidates']} candidate(s), is "
                      "the answer")
-    if verdict.get("confirmed_by"):
-        parts.append("Confirmed by: " + ", ".join(verdict["confirmed_by"]) + " (its report gives the answer)")
-    elif conf.get("command") and verdict.get("outcome") in ("to confirm", "inconclusive", "undecided"):
+    if verdict.confirmed_by:
+        parts.append("Confirmed by: " + ", ".join(verdict.confirmed_by) + " (its report gives the answer)")
+    elif conf.get("command") and verdict.outcome in ("to confirm", "inconclusive", "undecided"):
         parts.append(f"Next: `{conf['command']}` re-runs the {conf['top']} most promising candidate(s) on "
                      f"{conf['seeds']} fresh seeds beside fresh references and controls")
     return ". ".join(parts)
 
 
-def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] = None,
+def write_report(data, verdict: Verdict, out_dir: str, annotated: Optional[tuple] = None,
                  ui_url: Optional[str] = None, progress=None) -> dict[str, str]:
     """Write verdict.json, the figures, report.md and report.html into out_dir; return their paths.
     annotated: `annotate(data)` when the caller has it already (it computed the verdict from it).
@@ -207,10 +208,10 @@ def write_report(data, verdict: dict, out_dir: str, annotated: Optional[tuple] =
         figures = plots.make_plots(trials, data.histories, verdict, stage, swept)
         say("writing the interactive views and the documents")
         parent = parent_run_record(data)
-        views = {"extra": extra_figures(trials, verdict["thresholds"]["alpha"]),
-                 "explore": explore_html(trials, swept, {c["id"]: c["label"] for c in verdict["configurations"]}),
+        views = {"extra": extra_figures(trials, verdict.thresholds["alpha"]),
+                 "explore": explore_html(trials, swept, {c.id: c.label for c in verdict.configurations}),
                  "search": search_view(data, trials, swept,
-                                       {c["id"]: c["label"] for c in verdict["configurations"]}, parent),
+                                       {c.id: c.label for c in verdict.configurations}, parent),
                  "repro": reproducibility(data, verdict, parent, out_dir, ui_url),
                  "ui": ui_base(data.tracking_uri, ui_url)}
         texts = {"verdict": verdict_json(verdict), "markdown": render_markdown(verdict, figures, views),
@@ -290,8 +291,9 @@ def columns_for(extra: dict[str, dict[str, dict]]) -> list[tuple]:
     return cols
 
 
-def _with_extra(cfg: dict, extra: dict[str, dict[str, dict]]) -> dict:
-    return {**cfg, "figures": {**cfg["figures"], **extra.get(cfg["id"], {})}} if extra.get(cfg["id"]) else cfg
+def _with_extra(cfg: ConfigResult, extra: dict[str, dict[str, dict]]) -> ConfigResult:
+    """The configuration with the extra columns' figures (a copy; the verdict's own is not changed)."""
+    return replace(cfg, figures={**cfg.figures, **extra[cfg.id]}) if extra.get(cfg.id) else cfg
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,15 +350,15 @@ def recorded_versions(tags: dict, params: dict) -> dict[str, str]:
     return {k: v for k, v in {**params, **tags}.items() if "version" in k.lower()}
 
 
-def report_command(verdict: dict, out_dir: str, ui_url: Optional[str] = None) -> str:
+def report_command(verdict: Verdict, out_dir: str, ui_url: Optional[str] = None) -> str:
     """A `capsweep report` command that rebuilds this report: the sweep, its store, the reference and
     every threshold that differs from the default."""
-    argv = ["capsweep", "report", verdict["sweep"], "--experiment", verdict["experiment"],
-            "--tracking-uri", verdict["tracking_uri"]]
-    src = verdict.get("reference_source") or ""
+    argv = ["capsweep", "report", verdict.sweep, "--experiment", verdict.experiment,
+            "--tracking-uri", verdict.tracking_uri]
+    src = verdict.reference_source or ""
     if src.startswith("sweep "):
         argv += ["--reference", src[len("sweep "):]]
-    th, default = verdict["thresholds"], asdict(Thresholds())
+    th, default = verdict.thresholds, asdict(Thresholds())
     for key in ("alpha", "acc_margin", "grad_margin", "grad_ratio_min", "grad_ratio_max", "starved_frac_max",
                 "dead_frac_max", "frozen_frac_max", "chance_margin"):
         if th.get(key) != default[key]:
@@ -378,7 +380,7 @@ def _invocation() -> Optional[str]:
     return None
 
 
-def reproducibility(data, verdict: dict, parent: dict, out_dir: str,
+def reproducibility(data, verdict: Verdict, parent: dict, out_dir: str,
                     ui_url: Optional[str] = None) -> list[tuple[str, str]]:
     """(what, value) lines of the reproducibility block: the code (git commits of the parent and of the
     trials), the versions the sweep recorded (any parent tag/param naming a version), the versions of
@@ -559,7 +561,7 @@ NAV = [("configurations", "Configurations"), ("explore", "Explore the trials"), 
 class Page:
     """What every section renders from. data: the SweepData (None for Markdown: it names no live run);
     views: write_report's extra columns, interactive views and reproducibility lines ({}: without them)."""
-    verdict: dict
+    verdict: Verdict
     figures: list
     views: dict
     columns: list
@@ -570,7 +572,7 @@ class Page:
 
     @property
     def level(self) -> str:
-        return f"{100 * (1 - 2 * self.verdict['thresholds']['alpha']):g}%"
+        return f"{100 * (1 - 2 * self.verdict.thresholds['alpha']):g}%"
 
 
 @dataclass(frozen=True)
@@ -583,7 +585,7 @@ class Section:
     markdown: Callable[[Page], list]
 
 
-def _page(verdict: dict, figures: list, views: Optional[dict], data=None, out_dir: str = "") -> Page:
+def _page(verdict: Verdict, figures: list, views: Optional[dict], data=None, out_dir: str = "") -> Page:
     views = views or {}
     extra = views.get("extra", {})
     ui = (views["ui"] if "ui" in views else ui_base(data.tracking_uri)) if data is not None else None
@@ -592,21 +594,21 @@ def _page(verdict: dict, figures: list, views: Optional[dict], data=None, out_di
 
 # ---- the headline: the answer, the instrument, the test, then where the sweep is ----------------------
 def _headline_html(pg: Page) -> list:
-    verdict, data, c = pg.verdict, pg.data, pg.verdict["counts"]
+    verdict, data, c = pg.verdict, pg.data, pg.verdict.counts
     answer, instrument = _headline(verdict)
     return [
-        f'<div class="answer {_ANSWER_CLASS[verdict.get("outcome", verdict["escaped"])]}">{_t(answer)}</div>',
-        f'<div class="instrument {_INSTRUMENT_CLASS.get(verdict["instrument"], "und")}">{_t(instrument)}. '
-        f'<span style="font-weight:400">{_t(verdict["instrument_text"])}.</span></div>',
-        f'<p class="test"><b>Test.</b> {_t(verdict["test"])}. <b>Answer.</b> {_tc(verdict["answer"])}.</p>',
-        *([f'<p class="test"><b>The sweep is a family.</b> {_t(verdict["family"]["text"])}.</p>']
-          if verdict.get("family") else []),
+        f'<div class="answer {_ANSWER_CLASS[verdict.outcome]}">{_t(answer)}</div>',
+        f'<div class="instrument {_INSTRUMENT_CLASS.get(verdict.instrument, "und")}">{_t(instrument)}. '
+        f'<span style="font-weight:400">{_t(verdict.instrument_text)}.</span></div>',
+        f'<p class="test"><b>Test.</b> {_t(verdict.test)}. <b>Answer.</b> {_tc(verdict.answer)}.</p>',
+        *([f'<p class="test"><b>The sweep is a family.</b> {_t(verdict.family["text"])}.</p>']
+          if verdict.family else []),
         *([f'<p class="test"><b>Confirmation.</b> {_tc(_link_text(verdict))}.</p>'] if _link_text(verdict) else []),
-        f"<h1>capsweep report &mdash; sweep <code>{_t(verdict['sweep'])}</code></h1>",
-        f"<p class='muted small'>Experiment <code>{_t(verdict['experiment'])}</code> at "
-        f"<code>{_t(verdict['tracking_uri'])}</code>; parent run "
-        f"{_run_id_html(pg.ui, data.experiment_id, verdict['parent_run_id']) if verdict['parent_run_id'] else '<code>None</code>'}; "
-        f"references from {_t(verdict['reference_source'])}. "
+        f"<h1>capsweep report &mdash; sweep <code>{_t(verdict.sweep)}</code></h1>",
+        f"<p class='muted small'>Experiment <code>{_t(verdict.experiment)}</code> at "
+        f"<code>{_t(verdict.tracking_uri)}</code>; parent run "
+        f"{_run_id_html(pg.ui, data.experiment_id, verdict.parent_run_id) if verdict.parent_run_id else '<code>None</code>'}; "
+        f"references from {_t(verdict.reference_source)}. "
         f"{c['trials']} trials: {_t(_status_text(c))}; {c['configurations']} configurations, "
         f"{c['candidates']} candidate(s), {c['controls']} control(s). Read in {data.load_seconds:.1f} s "
         f"(histories: {_t(data.history_method)}).</p>",
@@ -615,25 +617,25 @@ def _headline_html(pg: Page) -> list:
 
 
 def _headline_md(pg: Page) -> list:
-    verdict, c = pg.verdict, pg.verdict["counts"]
+    verdict, c = pg.verdict, pg.verdict.counts
     answer, instrument = _headline(verdict)
-    return [f"# {answer}", "", f"**{instrument}.** {verdict['instrument_text']}.", "",
-            f"**Test.** {verdict['test']}.", "", f"**Answer.** {verdict['answer']}.", "",
-            *([f"**The sweep is a family.** {verdict['family']['text']}.", ""] if verdict.get("family") else []),
+    return [f"# {answer}", "", f"**{instrument}.** {verdict.instrument_text}.", "",
+            f"**Test.** {verdict.test}.", "", f"**Answer.** {verdict.answer}.", "",
+            *([f"**The sweep is a family.** {verdict.family['text']}.", ""] if verdict.family else []),
             *([f"**Confirmation.** {_link_text(verdict)}.", ""] if _link_text(verdict) else []),
-            f"capsweep report of sweep `{verdict['sweep']}`: experiment `{verdict['experiment']}` at "
-            f"`{verdict['tracking_uri']}`, parent run `{verdict['parent_run_id']}`, references from "
-            f"{verdict['reference_source']}. {c['trials']} trials: {_status_text(c)}; {c['configurations']} "
+            f"capsweep report of sweep `{verdict.sweep}`: experiment `{verdict.experiment}` at "
+            f"`{verdict.tracking_uri}`, parent run `{verdict.parent_run_id}`, references from "
+            f"{verdict.reference_source}. {c['trials']} trials: {_status_text(c)}; {c['configurations']} "
             f"configurations, {c['candidates']} candidate(s), {c['controls']} control(s).", ""]
 
 
 # ---- the notes ------------------------------------------------------------------------------------
 def _notes_html(pg: Page) -> list:
-    return [f'<div class="note">{_t(n)}</div>' for n in pg.verdict["notes"]]
+    return [f'<div class="note">{_t(n)}</div>' for n in pg.verdict.notes]
 
 
 def _notes_md(pg: Page) -> list:
-    notes = pg.verdict["notes"]
+    notes = pg.verdict.notes
     return [f"> {n}" for n in notes] + ([""] if notes else [])
 
 
@@ -665,9 +667,9 @@ def _configurations_html(pg: Page) -> list:
     lookup = run_lookup(data.trials)
     for cfg in _sorted_configs(verdict):
         cfg = _with_extra(cfg, pg.extra)
-        total = sum(cfg["statuses"].values())
-        vcls = "unk" if cfg["verdict"] == "to confirm" else _OUTCOME_CLASS.get(cfg["outcome"], "")
-        role = f"{cfg['role']}: " if cfg["role"] == CONTROL else ""
+        total = sum(cfg.statuses.values())
+        vcls = "unk" if cfg.verdict == "to confirm" else _OUTCOME_CLASS.get(cfg.outcome, "")
+        role = f"{cfg.role}: " if cfg.role == CONTROL else ""
         cells = []
         for key, _, check, null in columns:
             chk = _check_of(cfg, check)
@@ -676,19 +678,19 @@ def _configurations_html(pg: Page) -> list:
             cells.append(f"<td class='{cls}'><span class='m'>{_t(value)}</span>"
                          + (f"<br><span class='ci'>{_t(ci).replace(', ', ',<wbr> ')}</span>" if ci else "")
                          + (f"<br><span class='ci'>{_t(null_text)}</span>" if null_text else "") + "</td>")
-        row_cls = "reference" if cfg["role"] == REFERENCE else "main"
-        parts.append(f"<tr class='{row_cls}'><td>{cfg['id']}</td><td>{_t(cfg['label'])}</td>"
-                     f"<td class='v {vcls}'>{_t(role + cfg['verdict'])}</td>"
-                     f"<td class='num'>{cfg['n_seeds']}/{total}</td>{''.join(cells)}</tr>")
-        runs = _runs_html(data, cfg.get("run_ids", []), lookup, ui or "")
-        if not cfg["checks"]:
+        row_cls = "reference" if cfg.role == REFERENCE else "main"
+        parts.append(f"<tr class='{row_cls}'><td>{cfg.id}</td><td>{_t(cfg.label)}</td>"
+                     f"<td class='v {vcls}'>{_t(role + cfg.verdict)}</td>"
+                     f"<td class='num'>{cfg.n_seeds}/{total}</td>{''.join(cells)}</tr>")
+        runs = _runs_html(data, cfg.run_ids, lookup, ui or "")
+        if not cfg.checks:
             parts.append(f"<tr class='refruns'><td></td><td colspan='{ncols - 1}'><div class='why-in'>{runs}</div>"
                          "</td></tr>")
-        if cfg["checks"]:
+        if cfg.checks:
             why = _why(cfg)
-            shown = "".join(f"<li>{_t(ch['text'])}</li>" for ch in cfg["checks"] if ch["outcome"] != "pass")
-            every = "".join(f"<li><b>{_t(ch['outcome'])}</b>: {_t(ch['text'])}</li>" for ch in cfg["checks"])
-            ref = cfg["reference"] or {}
+            shown = "".join(f"<li>{_t(ch['text'])}</li>" for ch in cfg.checks if ch["outcome"] != "pass")
+            every = "".join(f"<li><b>{_t(ch['outcome'])}</b>: {_t(ch['text'])}</li>" for ch in cfg.checks)
+            ref = cfg.reference or {}
             ref_text = (f"reference: {ref.get('how')} depth-0 {ref.get('arch')} from {ref.get('source')}, "
                         f"{ref.get('n_trials')} trial(s)") if ref.get("n_trials") else "no reference"
             head = f"<b>{_t(why)}</b><ul class='checks'>{shown}</ul>" if shown else ""
@@ -710,16 +712,16 @@ def _configurations_md(pg: Page) -> list:
            "|" + "---|" * (4 + len(columns))]
     for cfg in _sorted_configs(verdict):
         cfg = _with_extra(cfg, pg.extra)
-        v = f"**{cfg['verdict']}**" if cfg["escaped"] else cfg["verdict"]
-        if cfg["role"] == CONTROL:
+        v = f"**{cfg.verdict}**" if cfg.escaped else cfg.verdict
+        if cfg.role == CONTROL:
             v = f"control: {v}"
-        out.append(f"| {cfg['id']} | {_md(cfg['label'])} | {v} | {cfg['n_seeds']}/{sum(cfg['statuses'].values())} | "
+        out.append(f"| {cfg.id} | {_md(cfg.label)} | {v} | {cfg.n_seeds}/{sum(cfg.statuses.values())} | "
                    + " | ".join(_md(_md_cell(*_cell(cfg, key, null))) for key, _, _, null in columns) + " |")
     out += ["", "### Why (checks that did not pass)", ""]
     for cfg in _sorted_configs(verdict):
-        bad = [ch for ch in cfg["checks"] if ch["outcome"] != "pass"]
-        if cfg["checks"]:
-            out.append(f"- **{cfg['id']}** ({cfg['verdict']}): " + ("; ".join(
+        bad = [ch for ch in cfg.checks if ch["outcome"] != "pass"]
+        if cfg.checks:
+            out.append(f"- **{cfg.id}** ({cfg.verdict}): " + ("; ".join(
                 f"{ch['outcome']}: {_md(ch['text'])}" for ch in bad) if bad else "every check passes"))
     return out
 
@@ -729,9 +731,9 @@ def _thresholds_html(pg: Page) -> list:
     verdict = pg.verdict
     parts = ["<h2>Thresholds and rules</h2><table><tr><th>parameter</th><th>meaning</th><th>value</th></tr>"]
     for key, text in THRESHOLD_TEXT:
-        v = verdict["thresholds"].get(key)
+        v = verdict.thresholds.get(key)
         parts.append(f"<tr><td><code>{key}</code></td><td>{_t(text)}</td><td class='num'>{_t(_fmt(v))}</td></tr>")
-    parts.append("</table><ol>" + "".join(f"<li>{_t(r)}</li>" for r in verdict["rules"]) + "</ol>"
+    parts.append("</table><ol>" + "".join(f"<li>{_t(r)}</li>" for r in verdict.rules) + "</ol>"
                  "<p class='muted small'>Definitions of every probe and check: docs/PROBES.md in the capsweep "
                  "repository.</p>")
     return parts
@@ -740,14 +742,14 @@ def _thresholds_html(pg: Page) -> list:
 def _thresholds_md(pg: Page) -> list:
     verdict = pg.verdict
     out = ["", "## Thresholds and rules", "", "| parameter | meaning | value |", "|---|---|---|"]
-    out += [f"| `{k}` | {_md(text)} | {_md(_fmt(verdict['thresholds'].get(k)))} |" for k, text in THRESHOLD_TEXT]
-    out += [""] + [f"{i}. {r}" for i, r in enumerate(verdict["rules"], 1)]
+    out += [f"| `{k}` | {_md(text)} | {_md(_fmt(verdict.thresholds.get(k)))} |" for k, text in THRESHOLD_TEXT]
+    out += [""] + [f"{i}. {r}" for i, r in enumerate(verdict.rules, 1)]
     return out + ["", "Definitions: docs/PROBES.md."]
 
 
 # ---- failed, diverged and unfinished trials ----------------------------------------------------------
 def _failed_html(pg: Page) -> list:
-    failed = pg.verdict["failed_trials"]
+    failed = pg.verdict.failed_trials
     parts = ["<h2>Failed, diverged and unfinished trials</h2>"]
     if not failed:
         return parts + ["<p>None: every trial finished.</p>"]
@@ -761,7 +763,7 @@ def _failed_html(pg: Page) -> list:
 
 
 def _failed_md(pg: Page) -> list:
-    failed = pg.verdict["failed_trials"]
+    failed = pg.verdict.failed_trials
     out = ["", "## Failed, diverged and unfinished trials", ""]
     if not failed:
         return out + ["None: every trial finished."]
@@ -820,7 +822,7 @@ TRENDS_TEXT = ("One point per CapsNet configuration (its mean over seeds), never
 
 
 def _trends_html(pg: Page) -> list:
-    trends, alpha = pg.verdict["trends"], pg.verdict["thresholds"]["alpha"]
+    trends, alpha = pg.verdict.trends, pg.verdict.thresholds["alpha"]
     parts = ["<h2 id='trends'>Trends</h2>"]
     if not trends:
         return parts + ["<p>No factor varied across CapsNet configurations.</p>"]
@@ -840,7 +842,7 @@ def _trends_html(pg: Page) -> list:
 
 
 def _trends_md(pg: Page) -> list:
-    trends = pg.verdict["trends"]
+    trends = pg.verdict.trends
     out = ["", "## Trends", ""]
     if not trends:
         return out + ["No factor varied across CapsNet configurations."]
@@ -877,12 +879,12 @@ SECTIONS = (
 )
 
 
-def render_html(data, verdict: dict, figures: list[dict], out_dir: str, views: Optional[dict] = None) -> str:
+def render_html(data, verdict: Verdict, figures: list[dict], out_dir: str, views: Optional[dict] = None) -> str:
     """report.html: SECTIONS in order, self-contained (CSS, script and figures inlined).
     views: write_report's extra columns, interactive views and reproducibility lines (None: without them)."""
     pg = _page(verdict, figures, views, data, out_dir)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>capsweep report: {_t(verdict['sweep'])}</title>",
+             f"<title>capsweep report: {_t(verdict.sweep)}</title>",
              f"<style>{CSS}{interactive.CSS}</style></head><body>"]
     parts += [line for section in SECTIONS for line in section.html(pg)]
     parts.append(f"<script>{interactive.SCRIPT}</script></body></html>")
@@ -912,7 +914,7 @@ def _md_cell(value: str, ci: str, null_text: str) -> str:
     return " ".join(p for p in (value, ci, f"({null_text})" if null_text else "") if p)
 
 
-def render_markdown(verdict: dict, figures: list[dict], views: Optional[dict] = None) -> str:
+def render_markdown(verdict: Verdict, figures: list[dict], views: Optional[dict] = None) -> str:
     """report.md: the same SECTIONS as report.html, in the same order (the explorer is HTML only)."""
     pg = _page(verdict, figures, views)
     return "\n".join(line for section in SECTIONS for line in section.markdown(pg)) + "\n"

@@ -58,6 +58,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from analysis.results import ConfigResult, Verdict
 from analysis.stats import (FAIL, INCONCLUSIVE, PASS, Interval, bound_p, check_bound, finite, holm,
                             noninferiority, t_interval, split_sampling_variance, trend)
 from capsmodels.catalogue import SPLIT_SIZES
@@ -618,7 +619,7 @@ VERDICT_WORDS = {CANDIDATE: {PASS: "escaped", FAIL: "not escaped", INCONCLUSIVE:
 OUTCOMES = ("yes", "no", "undecided", "inconclusive", TO_CONFIRM)
 
 
-def family_step(cands: list[dict], alpha: float, vouched: bool = True) -> None:
+def family_step(cands: list[ConfigResult], alpha: float, vouched: bool = True) -> None:
     """Holm's step-down over the K candidates' intersection-union p-values, in place: each gets
     `p_holm`; a candidate that passes every check escapes when p_holm <= alpha, and is otherwise
     'to confirm'. Holm holds the family-wise error at alpha under any dependence between candidates
@@ -626,20 +627,20 @@ def family_step(cands: list[dict], alpha: float, vouched: bool = True) -> None:
     alpha, whatever K (tests/analysis/test_verdict_calibration.py simulates it at K = 40 and 400).
     `vouched`: whether the healthy controls pass the same checks; while they do not, no candidate is
     called escaped (a family-wise pass is then what to confirm, as the sweep's answer says)."""
-    adjusted = holm([c["p_value"] for c in cands])
+    adjusted = holm([c.p_value for c in cands])
     for c, p in zip(cands, adjusted):
-        c["p_holm"] = _plain(p)
-        if c["outcome"] == PASS:
+        c.p_holm = _plain(p)
+        if c.outcome == PASS:
             survives = p is not None and p <= alpha
-            c["escaped"] = survives and vouched
-            c["verdict"] = VERDICT_WORDS[CANDIDATE][PASS if c["escaped"] else TO_CONFIRM]
+            c.escaped = survives and vouched
+            c.verdict = VERDICT_WORDS[CANDIDATE][PASS if c.escaped else TO_CONFIRM]
             if not survives:
-                c["reasons"] = [f"passes its own test (p = {_f(c['p_value'])}) but not the sweep-wide one "
-                                f"(Holm over {len(cands)} candidates: p = {_f(p)} > {alpha:g}): confirm it "
-                                "on fresh seeds"]
+                c.reasons = [f"passes its own test (p = {_f(c.p_value)}) but not the sweep-wide one "
+                             f"(Holm over {len(cands)} candidates: p = {_f(p)} > {alpha:g}): confirm it "
+                             "on fresh seeds"]
             elif not vouched:
-                c["reasons"] = ["passes every check and the sweep-wide test, but the healthy control does not "
-                                "pass the same checks: confirm it on fresh seeds beside a control that does"]
+                c.reasons = ["passes every check and the sweep-wide test, but the healthy control does not "
+                             "pass the same checks: confirm it on fresh seeds beside a control that does"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -675,11 +676,11 @@ def _select_keys(data, select: Optional[list]) -> list[str]:
 
 
 def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[tuple] = None,
-                    reference=None, select: Optional[list] = None) -> dict:
-    """The verdict for a SweepData (analysis.load) as a JSON-able dict whose first key is 'escaped'
-    ('yes' | 'no' | 'undecided'), then 'instrument' ('validated' | 'control failed' | 'control
-    undecided' | 'no control'), 'outcome' (OUTCOMES: also 'inconclusive' and 'to confirm') and
-    'answer'. annotated: `annotate(data)` when the caller has it already.
+                    reference=None, select: Optional[list] = None) -> Verdict:
+    """The verdict for a SweepData (analysis.load): a typed Verdict (analysis/results.py) with one
+    ConfigResult per configuration. Its `escaped` is 'yes' | 'no' | 'undecided', `instrument`
+    'validated' | 'control failed' | 'control undecided' | 'no control', `outcome` one of OUTCOMES (also
+    'inconclusive' and 'to confirm'); verdict.json is `verdict_json(verdict)`. annotated: `annotate(data)` when the caller has it already.
     reference: another SweepData of the same experiment whose depth-0 trials are the references
     (`capsweep report --reference SWEEP`); None: this sweep's own depth-0 trials.
     select: swept keys tuned on validation (`select_on_validation`); None: the sweep's own `select`."""
@@ -754,8 +755,7 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
                          reasons=[f"tuned on validation: mean val_acc {_f(pick['val'])} below the chosen "
                                   f"{pick['winner']}'s {_f(chosen[pick['winner']]['val']) if pick['winner'] else 'n/a'}"])
         elif role == REFERENCE:
-            entry.update(verdict=f"reference (depth-0 {arch})", outcome=None, escaped=False, checks=[],
-                         reasons=[], reference=None, p_value=None)
+            entry.update(verdict=f"reference (depth-0 {arch})", outcome=None, escaped=False)
         else:
             ref = reference_of(first)
             fin = {p: values[:, k].tolist() for k, p in enumerate(FIGURES)}
@@ -769,27 +769,25 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
                          reasons=[c["text"] for c in checks if c["outcome"] != PASS],
                          reference={k: v for k, v in ref.items() if not k.startswith("_") and k != "trials"},
                          p_value=iut_p(checks))
-        entry.update({
-            "n_seeds": int(len(fin_rows)), "seeds": [_plain(cols["seed"][i]) for i in fin_rows],
-            "statuses": {str(k): int(v) for k, v in Counter(statuses).most_common()},
-            "figures": {p: _figure_dict(p, figs[p]) for p in FIGURES},
-            "run_ids": [cols["run_id"][i] for i in rows],
-        })
-        configs.append(entry)
+        configs.append(ConfigResult(
+            **entry, n_seeds=int(len(fin_rows)), seeds=[_plain(cols["seed"][i]) for i in fin_rows],
+            statuses={str(k): int(v) for k, v in Counter(statuses).most_common()},
+            figures={p: _figure_dict(p, figs[p]) for p in FIGURES},
+            run_ids=[cols["run_id"][i] for i in rows]))
 
-    cands = [c for c in configs if c["role"] == CANDIDATE and c.get("selected", True)]
-    controls = [c for c in configs if c["role"] == CONTROL and c.get("selected", True)]
-    instrument = ("no control" if not controls else "control failed" if any(c["outcome"] == FAIL for c in controls)
-                  else "control undecided" if any(c["outcome"] != PASS for c in controls) else "validated")
+    cands = [c for c in configs if c.role == CANDIDATE and c.selected]
+    controls = [c for c in configs if c.role == CONTROL and c.selected]
+    instrument = ("no control" if not controls else "control failed" if any(c.outcome == FAIL for c in controls)
+                  else "control undecided" if any(c.outcome != PASS for c in controls) else "validated")
     family_step(cands, th.alpha, vouched=instrument == "validated")
-    escapes = [{"id": c["id"], "label": c["label"]} for c in cands if c["escaped"]]
-    nominal = [c for c in cands if c["verdict"] == TO_CONFIRM]
-    undecided = [c["id"] for c in cands if c["outcome"] == INCONCLUSIVE]
+    escapes = [{"id": c.id, "label": c.label} for c in cands if c.escaped]
+    nominal = [c for c in cands if c.verdict == TO_CONFIRM]
+    undecided = [c.id for c in cands if c.outcome == INCONCLUSIVE]
     confirms = _confirms(data)
     outcome = _outcome(cands, escapes, nominal, undecided, instrument, confirms)
     escaped = outcome if outcome in ("yes", "no") else "undecided"
     confirm = _confirm_plan(data, trials, cands, outcome, confirms)
-    few = sorted({c["id"] for c in cands + controls if 0 < c["n_seeds"] < 5})
+    few = sorted({c.id for c in cands + controls if 0 < c.n_seeds < 5})
     if few:
         notes.append(f"{len(few)} candidate/control configuration(s) have fewer than 5 finished seeds "
                      f"({', '.join(_ids(few))}): the non-inferiority test has little power there (each "
@@ -807,40 +805,40 @@ def compute_verdict(data, th: Optional[Thresholds] = None, annotated: Optional[t
               for r in trials.loc[trials["status"] != FINISHED,
                                   [c for c in ("run_id", "trial_id", "seed", "status", "error", "config_id")
                                    if c in trials.columns]].to_dict("records")]
-    capsnet_cfgs = [c for c in configs if c["arch"] == "capsnet" and c["n_seeds"] and c.get("selected", True)]
+    capsnet_cfgs = [c for c in configs if c.arch == "capsnet" and c.n_seeds and c.selected]
     trend_rows = compute_trends(capsnet_cfgs, swept)
     status_counts = trials["status"].value_counts()
-    return {
-        "escaped": escaped,
-        "instrument": instrument,
-        "outcome": outcome,
-        "answer": _answer(outcome, escapes, cands, nominal, undecided, controls, confirm, data.sweep, th),
-        "instrument_text": _instrument_text(instrument, controls),
-        "test": _test_text(th),
-        "family": {"method": "holm", "alpha": th.alpha, "candidates": len(cands),
-                   "text": _family_text(len(cands), th.alpha)},
-        "experiment": data.experiment, "sweep": data.sweep, "tracking_uri": data.tracking_uri,
-        "parent_run_id": data.parent_run_id,
-        "reference_source": source,
-        "thresholds": {**asdict(th), "num_classes": n_classes, "num_classes_source": classes_how,
-                       "chance_accuracy_floor": chance_floor,
-                       "dead_tau": sorted({_plain(v) for v in trials.get("train.dead_tau", pd.Series(
-                           dtype=str)).dropna()}) or "training default (0.01)"},
-        "rules": RULES,
-        "counts": {"trials": int(len(trials)), "configurations": len(configs), "candidates": len(cands),
-                   "controls": len(controls),
-                   **{s: int(status_counts.get(s, 0)) for s in STATUS_ORDER},
-                   **{str(s): int(n) for s, n in status_counts.items() if s not in STATUS_ORDER}},
-        "swept_params": swept,
-        "selected_on_validation": select,
-        "escapes": escapes,
-        "confirm": confirm,
-        "confirmed_by": list(getattr(data, "confirmed_by", []) or []),
-        "configurations": configs,
-        "failed_trials": failed,
-        "trends": [t.as_dict() for t in trend_rows],
-        "notes": notes,
-    }
+    return Verdict(
+        escaped=escaped,
+        instrument=instrument,
+        outcome=outcome,
+        answer=_answer(outcome, escapes, cands, nominal, undecided, controls, confirm, data.sweep, th),
+        instrument_text=_instrument_text(instrument, controls),
+        test=_test_text(th),
+        family={"method": "holm", "alpha": th.alpha, "candidates": len(cands),
+                "text": _family_text(len(cands), th.alpha)},
+        experiment=data.experiment, sweep=data.sweep, tracking_uri=data.tracking_uri,
+        parent_run_id=data.parent_run_id,
+        reference_source=source,
+        thresholds={**asdict(th), "num_classes": n_classes, "num_classes_source": classes_how,
+                    "chance_accuracy_floor": chance_floor,
+                    "dead_tau": sorted({_plain(v) for v in trials.get("train.dead_tau", pd.Series(
+                        dtype=str)).dropna()}) or "training default (0.01)"},
+        rules=RULES,
+        counts={"trials": int(len(trials)), "configurations": len(configs), "candidates": len(cands),
+                "controls": len(controls),
+                **{s: int(status_counts.get(s, 0)) for s in STATUS_ORDER},
+                **{str(s): int(n) for s, n in status_counts.items() if s not in STATUS_ORDER}},
+        swept_params=swept,
+        selected_on_validation=select,
+        escapes=escapes,
+        confirm=confirm,
+        confirmed_by=list(getattr(data, "confirmed_by", []) or []),
+        configurations=configs,
+        failed_trials=failed,
+        trends=[t.as_dict() for t in trend_rows],
+        notes=notes,
+    )
 
 
 def _ids(ids: list[str], most: int = 12) -> list[str]:
@@ -857,7 +855,7 @@ def _outcome(cands: list, escapes: list, nominal: list, undecided: list, instrum
         return "inconclusive"
     if escapes:
         return "yes"
-    if cands and all(c["outcome"] == FAIL for c in cands):
+    if cands and all(c.outcome == FAIL for c in cands):
         return "no"
     if nominal and not confirms:
         return TO_CONFIRM
@@ -875,23 +873,23 @@ def _confirm_plan(data, trials: pd.DataFrame, cands: list, outcome: str, confirm
     smallest intersection-union p-value, then the largest accuracy lower bound), each with every
     config param as logged, and the exploration's seeds (the confirmation takes fresh ones)."""
     def key(c):
-        acc = next((ch for ch in c["checks"] if ch["name"] == "accuracy"), {})
+        acc = next((ch for ch in c.checks if ch["name"] == "accuracy"), {})
         lo = (acc.get("test") or {}).get("lo")
         diff = (acc.get("test") or {}).get("diff")
-        return (c["p_value"] if c["p_value"] is not None else 1.0,
+        return (c.p_value if c.p_value is not None else 1.0,
                 -(lo if lo is not None else -math.inf), -(diff if diff is not None else -math.inf))
-    live = sorted((c for c in cands if c["outcome"] != FAIL), key=key)[:CONFIRM_RANKED]
+    live = sorted((c for c in cands if c.outcome != FAIL), key=key)[:CONFIRM_RANKED]
     cfg_cols = config_params([c for c in data.param_cols if c in trials.columns])
     by_run = trials.set_index("run_id")
     ranked = []
     for c in live:
-        row = by_run.loc[c["run_ids"][0]]
-        acc = next((ch for ch in c["checks"] if ch["name"] == "accuracy"), {})
-        ranked.append({"id": c["id"], "label": c["label"], "outcome": c["outcome"], "p_value": c["p_value"],
-                       "acc_lo": (acc.get("test") or {}).get("lo"), "seeds": c["seeds"],
+        row = by_run.loc[c.run_ids[0]]
+        acc = next((ch for ch in c.checks if ch["name"] == "accuracy"), {})
+        ranked.append({"id": c.id, "label": c.label, "outcome": c.outcome, "p_value": c.p_value,
+                       "acc_lo": (acc.get("test") or {}).get("lo"), "seeds": c.seeds,
                        "params": {k: str(row[k]) for k in cfg_cols if pd.notna(row[k])}})
     seeds = sorted({int(s) for s in trials["seed"] if s is not None and str(s).lstrip("-").isdigit()})
-    worth = sum(c["outcome"] == PASS for c in cands)     # pass their own test: all of them are worth it
+    worth = sum(c.outcome == PASS for c in cands)     # pass their own test: all of them are worth it
     top = worth or min(CONFIRM_TOP, len(ranked))
     command = f"capsweep confirm {data.sweep} --top {top}" if ranked and top and not confirms else None
     return {"ranked": ranked, "top": top, "seeds": CONFIRM_SEEDS, "seeds_used": seeds, "confirms": confirms,
@@ -978,7 +976,7 @@ def _figure_dict(probe: str, iv: Interval) -> dict:
 def _named(cands: list, most: int = 5) -> str:
     """'c05 (depth=2 iterations=3), c07 (...)': ids with their settings, so a terminal reader need
     not look the ids up."""
-    shown = [f"{c['id']} ({c['label']})" for c in cands[:most]]
+    shown = [f"{c.id} ({c.label})" for c in cands[:most]]
     more = f" and {len(cands) - most} more" if len(cands) > most else ""
     return ", ".join(shown) + more
 
@@ -988,14 +986,14 @@ def _answer(outcome: str, escapes: list, cands: list, nominal: list, undecided: 
     n = len(cands)
     what = "candidate configuration(s) (CapsNet, depth >= 1)"
     fam = f"the chance of any false 'yes' held at {th.alpha:g} over all {n} (Holm)"
-    by_id = {c["id"]: c for c in cands}
+    by_id = {c.id: c for c in cands}
     cmd = f": `{confirm['command']}`" if confirm.get("command") else ""
     if outcome == "inconclusive":
-        bad = [c["id"] for c in controls if c["outcome"] != PASS]
+        bad = [c.id for c in controls if c.outcome != PASS]
         why = ("the sweep has no healthy cnn control, so nothing shows its checks let a healthy deep network pass"
-               if not controls else f"the healthy control {'fails' if any(c['outcome'] == FAIL for c in controls) else 'does not pass'} "
+               if not controls else f"the healthy control {'fails' if any(c.outcome == FAIL for c in controls) else 'does not pass'} "
                f"the same checks ({', '.join(_ids(bad))})")
-        would = [c for c in cands if c["outcome"] == PASS]
+        would = [c for c in cands if c.outcome == PASS]
         tail = (f"; {len(would)} candidate(s) would pass and are what to confirm: {_named(would)}{cmd}"
                 if would else "")
         return f"Inconclusive: {why}, so this sweep answers neither yes nor no{tail}"
@@ -1032,7 +1030,7 @@ def _instrument_text(instrument: str, controls: list) -> str:
     if instrument == "validated":
         return (f"all {len(controls)} cnn control configuration(s) (depth >= 1, healthy networks) pass the "
                 "same checks")
-    bad = [c["id"] for c in controls if c["outcome"] != PASS]
+    bad = [c.id for c in controls if c.outcome != PASS]
     if instrument == "control failed":
         return (f"NOT validated: cnn control(s) {', '.join(bad)} fail the same checks, so the thresholds are "
                 "wrong for this sweep and its 'no' may be the instrument's, not the networks'")
@@ -1104,11 +1102,11 @@ def compute_trends(configs: list[dict], swept: list[str]) -> list:
     for factor in swept:
         if factor == "model.arch":
             continue
-        raw = pd.Series([c["params"].get(factor) for c in configs], dtype=object)
+        raw = pd.Series([c.params.get(factor) for c in configs], dtype=object)
         kind = factor_kind(raw)
         xs = factor_values(raw, kind)
         for probe in PROBES:
-            means = [c["figures"][probe]["mean"] for c in configs]
+            means = [c.figures[probe]["mean"] for c in configs]
             if probe in LOG_PROBES:
                 means = [None if m is None or m <= 0 else math.log10(m) for m in means]
             out.append(trend(factor, probe, xs, means, kind))
@@ -1116,8 +1114,10 @@ def compute_trends(configs: list[dict], swept: list[str]) -> list:
     return [replace(t, p_holm=p) for t, p in zip(out, adjusted)]
 
 
-def verdict_json(verdict: dict) -> str:
+def verdict_json(verdict: Verdict | dict) -> str:
     """The verdict as JSON text whose first line reads `{"escaped": "yes", "instrument": ..., "answer": ...,`."""
+    if isinstance(verdict, Verdict):
+        verdict = verdict.to_json()
     head = {k: verdict[k] for k in ("escaped", "instrument", "outcome", "answer") if k in verdict}
     rest = {k: v for k, v in verdict.items() if k not in head}
     body = json.dumps(rest, indent=2, allow_nan=False, default=_plain)

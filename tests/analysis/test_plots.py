@@ -53,9 +53,9 @@ def test_gap_figure_from_a_verdict(tmp_path):
     assert fig.get("file") == "accuracy_gap_vs_budget.png", fig
     assert os.path.getsize(tmp_path / fig["file"]) > 10_000
     # the gap it draws closes: at epoch 0 the deep candidate is 0.05 behind, at the end about even
-    cand = next(c for c in v["configurations"] if c["role"] == "candidate")
-    curves = budget_curves(data.histories, cand["run_ids"] + cand["reference"]["run_ids"])
-    gap = curves[cand["run_ids"]].mean(axis=1) - curves[cand["reference"]["run_ids"]].mean(axis=1)
-    ref_mean = data.trials.set_index("run_id").loc[cand["reference"]["run_ids"], "test_acc"].mean()
+    cand = next(c for c in v.configurations if c.role == "candidate")
+    curves = budget_curves(data.histories, cand.run_ids + cand.reference["run_ids"])
+    gap = curves[cand.run_ids].mean(axis=1) - curves[cand.reference["run_ids"]].mean(axis=1)
+    ref_mean = data.trials.set_index("run_id").loc[cand.reference["run_ids"], "test_acc"].mean()
     assert gap.iloc[0] < -0.04
-    assert abs(gap.iloc[-1] - (cand["figures"]["test_acc"]["mean"] - ref_mean)) < 1e-9   # the verdict's gap
+    assert abs(gap.iloc[-1] - (cand.figures["test_acc"]["mean"] - ref_mean)) < 1e-9   # the verdict's gap

@@ -117,7 +117,7 @@ def test_first_lines_state_answer_instrument_test_margin_and_level(s1, tmp_path)
     # reasons sit under their row (a full-width row), not in a column that widens the table
     text = open(paths["html"]).read()
     assert "why not" not in text and text.count("<tr class='why'>") == sum(
-        1 for c in v["configurations"] if c["role"] != "reference")
+        1 for c in v.configurations if c.role != "reference")
 
 
 def test_report_of_an_old_sweep_shows_na_not_zero(store, tmp_path):

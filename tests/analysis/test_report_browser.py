@@ -188,7 +188,7 @@ def test_report_of_an_optuna_sweep_has_front_importances_links_and_provenance(hu
     data, v = hunt["data"], hunt["verdict"]
     # the Pareto table lists exactly the brute-force front of the candidate configurations' seed means
     raw = data.trials[(data.trials["status"] == "finished") & (data.trials["trial.role"] == "candidate")]
-    cfg_of = {r: c["id"] for c in v["configurations"] for r in c["run_ids"]}
+    cfg_of = {r: c.id for c in v.configurations for r in c.run_ids}
     means = raw.assign(cid=raw["run_id"].map(cfg_of)).groupby("cid")[OBJECTIVES.split(",")].mean()
     front = means.index[_brute_pareto(means.to_numpy(), [True, True, False])].tolist()
     section = text[text.index("id='search'"):text.index("id='figures'")]
@@ -210,8 +210,8 @@ def test_report_of_an_optuna_sweep_has_front_importances_links_and_provenance(hu
     assert f"{np.mean(hunt['recovery'][i0]):.3g}" in re.findall(r"<span class='m'>(.*?)</span>", row)
     # every configuration lists its runs (a sqlite store: ids, with the capsweep ui hint)
     assert "capsweep ui --tracking-uri" in text
-    for c in v["configurations"]:
-        for r in c["run_ids"]:
+    for c in v.configurations:
+        for r in c.run_ids:
             assert f"<code>{r}</code>" in text
     # reproducibility: the parent's commit, versions, the command
     repro = text[text.index("id='reproducibility'"):]
@@ -291,9 +291,9 @@ def test_runs_link_to_the_ui_of_a_tracking_server(hunt):
 
     from analysis.report import _runs_html
     data = replace(hunt["data"], tracking_uri="http://head:5000/")
-    cfg = next(c for c in hunt["verdict"]["configurations"] if len(c["run_ids"]) == 2)
-    got = _runs_html(data, cfg["run_ids"])
-    seeds = data.trials.set_index("run_id").loc[cfg["run_ids"], "seed"].tolist()
+    cfg = next(c for c in hunt["verdict"].configurations if len(c.run_ids) == 2)
+    got = _runs_html(data, cfg.run_ids)
+    seeds = data.trials.set_index("run_id").loc[cfg.run_ids, "seed"].tolist()
     want = [f"<a href='http://head:5000/#/experiments/{data.experiment_id}/runs/{r}'>seed {s}</a>"
-            for r, s in zip(cfg["run_ids"], seeds)]
+            for r, s in zip(cfg.run_ids, seeds)]
     assert got == "<span class='runs'>MLflow runs: " + ", ".join(want) + "</span>"

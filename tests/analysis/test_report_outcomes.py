@@ -67,8 +67,8 @@ ANSWER = {"yes": "Yes: 1 of 1 candidate", "no": "No: each of the 1 candidate", "
 def test_first_lines_for_every_outcome(outcome, tmp_path):
     data = _sweep(outcome)
     v = compute_verdict(data)
-    assert v["outcome"] == outcome, (v["answer"], [c["reasons"] for c in v["configurations"]])
-    assert v["escaped"] == (outcome if outcome in ("yes", "no") else "undecided")
+    assert v.outcome == outcome, (v.answer, [c.reasons for c in v.configurations])
+    assert v.escaped == (outcome if outcome in ("yes", "no") else "undecided")
     if outcome == "to confirm":        # the whole report once (figures are slow); the others: its text
         paths = write_report(data, v, str(tmp_path))
         md_text, html, head = (open(paths[k]).read() for k in ("markdown", "html", "verdict"))
@@ -76,18 +76,18 @@ def test_first_lines_for_every_outcome(outcome, tmp_path):
         md_text, html, head = render_markdown(v, []), render_html(data, v, [], str(tmp_path)), verdict_json(v)
     md = md_text.splitlines()
     assert md[0] == f"# {FIRST[outcome]}", md[:6]
-    assert md[2].startswith(f"**Instrument: {v['instrument']}.**")
+    assert md[2].startswith(f"**Instrument: {v.instrument}.**")
     answer = next(line for line in md if line.startswith("**Answer.**"))
     assert answer.startswith(f"**Answer.** {ANSWER[outcome]}"), answer
     assert any(line.startswith("**The sweep is a family.**") for line in md[:12])
     assert re.search(r'<div class="answer \w+">' + re.escape(FIRST[outcome].replace("'", "&#x27;")), html)
     assert head.splitlines()[0].startswith(
-        json.dumps({"escaped": v["escaped"], "instrument": v["instrument"], "outcome": outcome})[:-1])
+        json.dumps({"escaped": v.escaped, "instrument": v.instrument, "outcome": outcome})[:-1])
     if outcome in ("to confirm", "inconclusive", "undecided"):
         confirm = next((line for line in md[:14] if line.startswith("**Confirmation.**")), "")
-        assert "capsweep confirm" in confirm and f"--top {v['confirm']['top']}" in confirm, md[:14]
+        assert "capsweep confirm" in confirm and f"--top {v.confirm['top']}" in confirm, md[:14]
     if outcome == "to confirm":
-        c = next(c for c in v["configurations"] if c["verdict"] == "to confirm")
-        assert c["p_value"] <= 0.05 < c["p_holm"] and "iterations=1" in v["answer"]
-        assert v["confirm"]["ranked"][0]["id"] == c["id"] and v["confirm"]["top"] == 1
-        assert v["confirm"]["ranked"][0]["params"]["model.iterations"] == "1"
+        c = next(c for c in v.configurations if c.verdict == "to confirm")
+        assert c.p_value <= 0.05 < c.p_holm and "iterations=1" in v.answer
+        assert v.confirm["ranked"][0]["id"] == c.id and v.confirm["top"] == 1
+        assert v.confirm["ranked"][0]["params"]["model.iterations"] == "1"

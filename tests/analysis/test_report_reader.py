@@ -71,7 +71,7 @@ def smoke(tmp_path_factory):
 
 
 def test_cnn_controls_are_labelled_by_what_a_cnn_reads(smoke):
-    labels = {c["id"]: (c["role"], c["label"]) for c in smoke["verdict"]["configurations"]}
+    labels = {c.id: (c.role, c.label) for c in smoke["verdict"].configurations}
     cnn = sorted(label for role, label in labels.values() if label.startswith("arch=cnn"))
     assert cnn == ["arch=cnn depth=0", "arch=cnn depth=1"], labels
     caps = sorted(label for role, label in labels.values() if label.startswith("arch=capsnet"))
@@ -281,8 +281,10 @@ def test_link_bases_never_carry_a_user_or_password():
     assert ui_base("sqlite:///mlflow.db") is None
     assert ui_base("sqlite:///mlflow.db", "http://alice:S3cret@head:5000/#/experiments/1") == "http://head:5000"
     assert ui_base("https://alice:S3cret@head/") == "https://head"
-    v = {"sweep": "s", "experiment": "capsweep", "tracking_uri": "sqlite:///m.db", "thresholds": {}}
-    from analysis.verdict import Thresholds
     from dataclasses import asdict
-    v["thresholds"] = {**asdict(Thresholds()), "num_classes_source": "data"}
+
+    from analysis.results import Verdict
+    from analysis.verdict import Thresholds
+    v = Verdict.from_json({"sweep": "s", "experiment": "capsweep", "tracking_uri": "sqlite:///m.db",
+                           "thresholds": {**asdict(Thresholds()), "num_classes_source": "data"}})
     assert "S3cret" not in report_command(v, "out", "http://alice:S3cret@head:5000")

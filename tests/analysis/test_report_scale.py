@@ -158,21 +158,21 @@ def test_verdict_per_configuration_fields_equal_a_groupby(data):
     t.loc[t.index[7], "status"] = "running"
     d = replace(data, trials=t)
     v = V.compute_verdict(d)
-    by_id = {c["id"]: c for c in v["configurations"]}
+    by_id = {c.id: c for c in v.configurations}
     trials, _, _ = V.annotate(d)
-    alpha = v["thresholds"]["alpha"]
+    alpha = v.thresholds["alpha"]
     assert len(by_id) == trials["config_id"].nunique() == 80
     for cid, g in trials.groupby("config_id"):
         c, fin = by_id[cid], g[g["status"] == FINISHED]
-        assert c["run_ids"] == list(g["run_id"])
-        assert (c["n_seeds"], c["seeds"]) == (len(fin), [V._plain(s) for s in fin["seed"]])
-        assert c["statuses"] == {str(k): int(n) for k, n in g["status"].value_counts().items()}
-        assert c["trial_role"] == sorted({str(r) for r in g["trial.role"].dropna()})
+        assert c.run_ids == list(g["run_id"])
+        assert (c.n_seeds, c.seeds) == (len(fin), [V._plain(s) for s in fin["seed"]])
+        assert c.statuses == {str(k): int(n) for k, n in g["status"].value_counts().items()}
+        assert c.trial_role == sorted({str(r) for r in g["trial.role"].dropna()})
         for p in V.FIGURES:
-            assert c["figures"][p] == V._figure_dict(p, t_interval(fin[p].tolist(), alpha)), (cid, p)
-        if c["role"] != "reference":
-            seeds = next(ch for ch in c["checks"] if ch["name"] == "seeds")
+            assert c.figures[p] == V._figure_dict(p, t_interval(fin[p].tolist(), alpha)), (cid, p)
+        if c.role != "reference":
+            seeds = next(ch for ch in c.checks if ch["name"] == "seeds")
             bad = set(g["status"]) - {FINISHED}
             assert seeds["outcome"] == ("pass" if not bad else "inconclusive" if bad == {"running"} else "fail")
-    assert any(c["trial_role"] == [] for c in by_id.values())
-    assert sum(c["n_seeds"] for c in by_id.values()) == len(trials) - 4
+    assert any(c.trial_role == [] for c in by_id.values())
+    assert sum(c.n_seeds for c in by_id.values()) == len(trials) - 4

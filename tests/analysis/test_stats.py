@@ -167,16 +167,16 @@ def test_trends_use_one_point_per_configuration_and_holm():
     rng = np.random.default_rng(8)
     sweep = synthetic_sweep(rng, HEALTHY + [("capsnet", 1, "healthy"), ("capsnet", 2, "collapsed")])
     v = compute_verdict(sweep)
-    depth = [t for t in v["trends"] if t["factor"] == "model.depth"]
+    depth = [t for t in v.trends if t["factor"] == "model.depth"]
     acc = next(t for t in depth if t["probe"] == "test_acc")
     assert acc["n"] == 4                                # depth 0, 1, 2, 3: 4 configurations, 20 trials
-    means = {c["depth"]: c["figures"]["test_acc"]["mean"] for c in v["configurations"] if c["arch"] == "capsnet"}
+    means = {c.depth: c.figures["test_acc"]["mean"] for c in v.configurations if c.arch == "capsnet"}
     rho = stats.spearmanr(sorted(means), [means[d] for d in sorted(means)]).statistic
     assert acc["statistic"] == pytest.approx(rho)
-    ps = [t["p_value"] for t in v["trends"]]
+    ps = [t["p_value"] for t in v.trends]
     nan = lambda x: math.nan if x is None else x  # noqa: E731   (JSON's null is a missing p-value)
-    assert [nan(t["p_holm"]) for t in v["trends"]] == pytest.approx(holm(ps), nan_ok=True)
-    assert "model.arch" not in {t["factor"] for t in v["trends"]}
+    assert [nan(t["p_holm"]) for t in v.trends] == pytest.approx(holm(ps), nan_ok=True)
+    assert "model.arch" not in {t["factor"] for t in v.trends}
 
 
 def test_reference_is_matched_param_by_param():

@@ -74,9 +74,9 @@ def _verdicts(kinds, draws: int, seed: int) -> list[dict]:
 
 def test_healthy_deep_configuration_escapes_and_controls_pass():
     vs = _verdicts(HEALTHY, 10, 1)
-    yes = sum(v["escaped"] == "yes" for v in vs)
-    controls = sum(v["instrument"] == "validated" for v in vs)
-    why = [c["reasons"] for v in vs for c in v["configurations"] if c["role"] != "reference" and c["reasons"]]
+    yes = sum(v.escaped == "yes" for v in vs)
+    controls = sum(v.instrument == "validated" for v in vs)
+    why = [c.reasons for v in vs for c in v.configurations if c.role != "reference" and c.reasons]
     msg = (f"healthy depth-3 CapsNet, 5 seeds, accuracy sd {ACC_SD}: escaped 'yes' in {yes}/10 draws; "
            f"cnn control validated in {controls}/10; reasons where not: {why[:3]}")
     print(msg)
@@ -86,18 +86,18 @@ def test_healthy_deep_configuration_escapes_and_controls_pass():
 
 def test_collapsed_deep_configuration_never_escapes():
     vs = _verdicts(COLLAPSED, 10, 2)
-    answers = [v["escaped"] for v in vs]
-    cand = [next(c for c in v["configurations"] if c["role"] == "candidate") for v in vs]
-    failed = {ch["name"] for c in cand for ch in c["checks"] if ch["outcome"] == FAIL}
-    controls = sum(v["instrument"] == "validated" for v in vs)
+    answers = [v.escaped for v in vs]
+    cand = [next(c for c in v.configurations if c.role == "candidate") for v in vs]
+    failed = {ch["name"] for c in cand for ch in c.checks if ch["outcome"] == FAIL}
+    controls = sum(v.instrument == "validated" for v in vs)
     msg = (f"collapsed depth-3 CapsNet: answers {answers}; checks that failed: {sorted(failed)}; healthy cnn "
            f"control validated in {controls}/10 (the accuracy test's power at 5 seeds is below 1)")
     print(msg)
     # the candidate fails in every draw; the sweep answers "no" wherever the healthy control passes, and
     # "inconclusive" (escaped: undecided) where it does not: the control gates the answer
-    assert [c["verdict"] for c in cand] == ["not escaped"] * 10, msg
-    assert answers == ["no" if v["instrument"] == "validated" else "undecided" for v in vs], msg
-    assert all(v["outcome"] == ("no" if v["instrument"] == "validated" else "inconclusive") for v in vs), msg
+    assert [c.verdict for c in cand] == ["not escaped"] * 10, msg
+    assert answers == ["no" if v.instrument == "validated" else "undecided" for v in vs], msg
+    assert all(v.outcome == ("no" if v.instrument == "validated" else "inconclusive") for v in vs), msg
     # every symptom of the collapse is caught on its own, not only one of them
     assert {"accuracy", "gradient floor", "grad_ratio", "starved", "dead", "frozen", "chance"} <= failed, msg
     # the control (a cnn as good as its depth-0 twin) passes when its accuracy test has the power, which
@@ -110,16 +110,16 @@ def test_a_sweep_without_reference_or_controls_is_undecided_not_failed():
     cannot be made), never 'not escaped'; without cnn controls the instrument says so."""
     rng = np.random.default_rng(3)
     v = compute_verdict(synthetic_sweep(rng, [("capsnet", 2, "healthy")]))
-    (c,) = v["configurations"]
-    outcomes = {ch["name"]: ch["outcome"] for ch in c["checks"]}
-    assert v["escaped"] == "undecided" and c["verdict"] == "undecided", c["reasons"]
+    (c,) = v.configurations
+    outcomes = {ch["name"]: ch["outcome"] for ch in c.checks}
+    assert v.escaped == "undecided" and c.verdict == "undecided", c.reasons
     assert outcomes["accuracy"] == outcomes["gradient floor"] == "inconclusive"
     assert {n for n, o in outcomes.items() if o != "inconclusive"} == \
         {"seeds", "grad_ratio", "starved", "dead", "frozen", "chance"}
     assert all(o == PASS for n, o in outcomes.items() if n not in ("accuracy", "gradient floor"))
-    assert any("no depth-0 reference" in r for r in c["reasons"])
-    assert v["instrument"] == "no control"
-    assert any("no finished depth-0 CapsNet" in n for n in v["notes"])
+    assert any("no depth-0 reference" in r for r in c.reasons)
+    assert v.instrument == "no control"
+    assert any("no finished depth-0 CapsNet" in n for n in v.notes)
 
 
 def test_reference_from_another_sweep_decides_the_candidate():
@@ -131,12 +131,12 @@ def test_reference_from_another_sweep_decides_the_candidate():
     cand = synthetic_sweep(rng, [("capsnet", 2, "healthy"), ("cnn", 2, "healthy")], seeds=10, name="deep")
     ref = synthetic_sweep(rng, [("capsnet", 0, "healthy"), ("cnn", 0, "healthy")], seeds=10, name="shallow")
     v = compute_verdict(cand, reference=ref)
-    c = next(c for c in v["configurations"] if c["role"] == "candidate")
-    assert v["escaped"] == "yes", c["reasons"]
-    assert c["reference"]["how"] == "matched" and c["reference"]["source"] == "sweep shallow"
-    assert set(c["reference"]["run_ids"]) == set(ref.trials.query("`model.arch` == 'capsnet'")["run_id"])
-    ctrl = next(c for c in v["configurations"] if c["role"] == "control")
-    assert ctrl["reference"]["arch"] == "cnn" and v["instrument"] == "validated"
+    c = next(c for c in v.configurations if c.role == "candidate")
+    assert v.escaped == "yes", c.reasons
+    assert c.reference["how"] == "matched" and c.reference["source"] == "sweep shallow"
+    assert set(c.reference["run_ids"]) == set(ref.trials.query("`model.arch` == 'capsnet'")["run_id"])
+    ctrl = next(c for c in v.configurations if c.role == "control")
+    assert ctrl.reference["arch"] == "cnn" and v.instrument == "validated"
 
 
 def test_a_control_that_fails_says_the_thresholds_are_wrong():
@@ -144,8 +144,8 @@ def test_a_control_that_fails_says_the_thresholds_are_wrong():
     sweep = synthetic_sweep(rng, [("capsnet", 0, "healthy"), ("capsnet", 3, "healthy"), ("cnn", 0, "healthy"),
                                   ("cnn", 3, "healthy")])
     v = compute_verdict(sweep, Thresholds(frozen_frac_max=0.0))   # healthy nets have a few frozen capsules
-    assert v["instrument"] == "control failed"
-    assert v["instrument_text"].startswith("NOT validated") and "thresholds are wrong" in v["instrument_text"]
+    assert v.instrument == "control failed"
+    assert v.instrument_text.startswith("NOT validated") and "thresholds are wrong" in v.instrument_text
 
 
 @pytest.mark.parametrize("old", [True, False])
@@ -159,15 +159,15 @@ def test_absent_probes_are_na_and_never_evidence(old):
                                                                   "tree_score_null", "routing_dynamics_null"))]
         sweep.trials = sweep.trials.drop(columns=drop)
     v = compute_verdict(sweep)
-    c = next(c for c in v["configurations"] if c["role"] == "candidate")
-    outcomes = {ch["name"]: ch["outcome"] for ch in c["checks"]}
+    c = next(c for c in v.configurations if c.role == "candidate")
+    outcomes = {ch["name"]: ch["outcome"] for ch in c.checks}
     if old:
         assert {n for n, o in outcomes.items() if o == "inconclusive"} == \
-            {"gradient floor", "grad_ratio", "starved", "frozen"}, c["reasons"]
-        assert c["figures"]["grad_ratio"]["mean"] is None and c["figures"]["tree_score_null"]["mean"] is None
-        assert v["escaped"] == "undecided"
+            {"gradient floor", "grad_ratio", "starved", "frozen"}, c.reasons
+        assert c.figures["grad_ratio"]["mean"] is None and c.figures["tree_score_null"]["mean"] is None
+        assert v.escaped == "undecided"
     else:
-        assert set(outcomes.values()) == {PASS} and v["escaped"] == "yes"
+        assert set(outcomes.values()) == {PASS} and v.escaped == "yes"
 
 
 @pytest.mark.parametrize("status, verdict", [("failed", "not escaped"), ("running", "undecided")])
@@ -178,8 +178,8 @@ def test_a_candidate_without_finished_seeds(status, verdict):
     sweep = synthetic_sweep(rng, HEALTHY)
     sweep.trials.loc[sweep.trials["model.depth"].eq("3") & sweep.trials["model.arch"].eq("capsnet"), "status"] = status
     v = compute_verdict(sweep)
-    c = next(c for c in v["configurations"] if c["role"] == "candidate")
-    assert c["verdict"] == verdict and c["n_seeds"] == 0
-    assert [ch["outcome"] for ch in c["checks"][1:]] == ["inconclusive"] * 7
-    assert all("no finished seed" in ch["text"] for ch in c["checks"][1:])
-    assert v["escaped"] == ("no" if status == "failed" else "undecided")
+    c = next(c for c in v.configurations if c.role == "candidate")
+    assert c.verdict == verdict and c.n_seeds == 0
+    assert [ch["outcome"] for ch in c.checks[1:]] == ["inconclusive"] * 7
+    assert all("no finished seed" in ch["text"] for ch in c.checks[1:])
+    assert v.escaped == ("no" if status == "failed" else "undecided")

@@ -111,15 +111,15 @@ def test_compute_verdict_applies_the_family_step():
     escapes = nominal = 0
     for _ in range(draws):
         v = compute_verdict(synthetic_sweep(rng, configs, seeds=3))
-        cands = [c for c in v["configurations"] if c["role"] == "candidate"]
-        assert len(cands) == k and v["family"]["candidates"] == k
-        assert all(c["reference"]["n_trials"] == 3 for c in cands)            # one shared reference
-        escapes += any(c["escaped"] for c in cands)
-        nominal += any(c["outcome"] == "pass" for c in cands)
-        passing = [c for c in cands if c["outcome"] == "pass" and not c["escaped"]]
-        assert all(c["verdict"] == "to confirm" for c in passing)
-        if passing and not any(c["escaped"] for c in cands):
-            assert v["confirm"]["top"] == len(passing) and v["confirm"]["ranked"][0]["outcome"] == "pass"
+        cands = [c for c in v.configurations if c.role == "candidate"]
+        assert len(cands) == k and v.family["candidates"] == k
+        assert all(c.reference["n_trials"] == 3 for c in cands)            # one shared reference
+        escapes += any(c.escaped for c in cands)
+        nominal += any(c.outcome == "pass" for c in cands)
+        passing = [c for c in cands if c.outcome == "pass" and not c.escaped]
+        assert all(c.verdict == "to confirm" for c in passing)
+        if passing and not any(c.escaped for c in cands):
+            assert v.confirm["top"] == len(passing) and v.confirm["ranked"][0]["outcome"] == "pass"
     msg = (f"{draws} synthetic sweeps of {k} candidates worse by the margin: a candidate passed its own test in "
            f"{nominal}, escaped family-wise in {escapes}")
     print(msg)
@@ -138,14 +138,14 @@ def test_tuned_on_validation_judges_the_chosen_learning_rate():
     data = synthetic_sweep(rng, configs, seeds=5)
     data.parent_record = {"params": {"sweep.select": "train.lr"}, "tags": {}}
     v = compute_verdict(data)
-    by = {(c["arch"], c["depth"], c["params"]["train.lr"]): c for c in v["configurations"]}
-    assert by[("capsnet", 3, "0.01")]["verdict"] == "not selected"          # collapsed: worse val_acc
-    assert by[("capsnet", 0, "0.01")]["verdict"] == "not selected"          # the reference is tuned too
+    by = {(c.arch, c.depth, c.params["train.lr"]): c for c in v.configurations}
+    assert by[("capsnet", 3, "0.01")].verdict == "not selected"          # collapsed: worse val_acc
+    assert by[("capsnet", 0, "0.01")].verdict == "not selected"          # the reference is tuned too
     chosen = by[("capsnet", 3, "0.001")]
-    assert chosen["role"] == "candidate" and chosen.get("selected", True)
-    assert set(chosen["reference"]["run_ids"]) == set(by[("capsnet", 0, "0.001")]["run_ids"])
-    assert v["family"]["candidates"] == 1 and v["selected_on_validation"] == ["train.lr"]
-    assert any("tuned on validation" in n for n in v["notes"])
+    assert chosen.role == "candidate" and chosen.selected
+    assert set(chosen.reference["run_ids"]) == set(by[("capsnet", 0, "0.001")].run_ids)
+    assert v.family["candidates"] == 1 and v.selected_on_validation == ["train.lr"]
+    assert any("tuned on validation" in n for n in v.notes)
     untuned = compute_verdict(data, select=[])
-    assert untuned["family"]["candidates"] == 2 and not any(c["verdict"] == "not selected"
-                                                            for c in untuned["configurations"])
+    assert untuned.family["candidates"] == 2 and not any(c.verdict == "not selected"
+                                                            for c in untuned.configurations)

@@ -54,8 +54,8 @@ def test_a_planted_drop_fails_the_floor():
     healthy = compute_verdict(synthetic_sweep(rng, configs))
     rng = np.random.default_rng(21)
     dropped = compute_verdict(_with_drop(synthetic_sweep(rng, configs), (1, 2, 3), 1.5))
-    floor = lambda v: next(ch for c in v["configurations"] if c["role"] == "candidate"  # noqa: E731
-                           for ch in c["checks"] if ch["name"] == "gradient floor")
+    floor = lambda v: next(ch for c in v.configurations if c.role == "candidate"  # noqa: E731
+                           for ch in c.checks if ch["name"] == "gradient floor")
     assert floor(healthy)["outcome"] == "pass", floor(healthy)["text"]
     assert floor(dropped)["outcome"] == "fail", floor(dropped)["text"]
     assert floor(dropped)["test"]["diff"] == pytest.approx(-1.5, abs=0.15)
@@ -74,8 +74,8 @@ def test_a_collapsed_class_layer_fails_the_gradient_checks_on_their_own():
     for l in range(5):
         t.loc[deep, f"starved_frac/l{l}"] = 0.0
     v = compute_verdict(sweep)
-    c = next(c for c in v["configurations"] if c["role"] == "candidate")
-    outcomes = {ch["name"]: ch["outcome"] for ch in c["checks"]}
-    assert c["figures"]["grad_ratio"]["mean"] > 1e4 and c["figures"]["starved_worst"]["mean"] == 0.0
-    assert outcomes["grad_ratio"] == "fail" and outcomes["gradient floor"] == "fail", c["reasons"]
-    assert outcomes["starved"] == "pass" and c["verdict"] == "not escaped"
+    c = next(c for c in v.configurations if c.role == "candidate")
+    outcomes = {ch["name"]: ch["outcome"] for ch in c.checks}
+    assert c.figures["grad_ratio"]["mean"] > 1e4 and c.figures["starved_worst"]["mean"] == 0.0
+    assert outcomes["grad_ratio"] == "fail" and outcomes["gradient floor"] == "fail", c.reasons
+    assert outcomes["starved"] == "pass" and c.verdict == "not escaped"

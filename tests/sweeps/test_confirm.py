@@ -347,9 +347,9 @@ def test_confirm_runs_the_chosen_configuration_through_the_tuner(store, tmp_path
     from analysis.verdict import compute_verdict
     conf = compute_verdict(load_sweep("capsweep", store["uri"], "explo-confirm", progress=False))
     explo = compute_verdict(load_sweep("capsweep", store["uri"], "explo", progress=False))
-    assert conf["confirm"]["confirms"] == "explo" and conf["confirm"]["command"] is None
+    assert conf.confirm["confirms"] == "explo" and conf.confirm["command"] is None
     assert "confirms the exploration 'explo'" in _link_text(conf)
-    assert explo["confirmed_by"] == ["explo-confirm"] and "Confirmed by: explo-confirm" in _link_text(explo)
+    assert explo.confirmed_by == ["explo-confirm"] and "Confirmed by: explo-confirm" in _link_text(explo)
 
 
 @pytest.mark.slow
