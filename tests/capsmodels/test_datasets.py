@@ -263,10 +263,8 @@ def test_download_rejects_tampered_file(tmp_path, http_dir, monkeypatch, stem, s
 
 
 def test_download_failure_is_one_line_with_reason(tmp_path, monkeypatch):
-    import socket
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.helpers.procs import free_port
+    port = free_port()          # a port nothing listens on
     monkeypatch.setitem(store.SOURCES, "mnist", tuple(
         Remote(s + ".gz", (f"http://127.0.0.1:{port}/{s}.gz",), "0" * 32) for s in IDX_STEMS))
     with pytest.raises(DataError) as e:
