@@ -13,9 +13,15 @@ capsweep report findings-depth-confirm --out docs/findings/confirm
 # the parse tree on the generated parts dataset (60 trials, about 35 min on 2 cores):
 capsweep run docs/findings/findings-parse-tree.yaml --num-cpus 2
 capsweep report findings-parse-tree --out docs/findings/parse_tree
+# the four candidates it flags, on 12 fresh seeds (120 trials, about 65 min on 2 cores):
+capsweep confirm findings-parse-tree --top 4 --num-cpus 2
+capsweep report findings-parse-tree-confirm --out docs/findings/parse_tree_confirm
 # the slice of the remedies that fits 2 CPU cores (30 trials, about 20 min):
 capsweep run docs/findings/findings-remedies-cpu.yaml --num-cpus 2
 capsweep report findings-remedies-cpu --out docs/findings/remedies_cpu
+# the remedy on attention, efficient and self-routing, both family_defaults (78 trials, about 75 min):
+capsweep run docs/findings/findings-remedies-families.yaml --num-cpus 2
+capsweep report findings-remedies-families --out docs/findings/remedies_families
 #
 # Not re-run under this protocol (its report is the earlier instrument's, commit 61739c6):
 capsweep run docs/findings/findings-remedies.yaml --num-cpus 2
