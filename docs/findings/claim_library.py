@@ -216,16 +216,24 @@ def count(r: Report, sel) -> Num:
 
 @claim()
 def trials(r: Report, sel) -> Num:
-    """How many trials (seeds) the selected configurations hold (sum of n_seeds)."""
-    return Num(int(select(r, sel)["n_seeds"].sum()), ",d")
+    """How many trials the selected configurations ran, finished or not (the sum of their statuses)."""
+    return Num(int(select(r, sel)["n_trials"].sum()), ",d")
 
 
 @claim()
 def finished(r: Report, sel) -> str:
-    """'all finished' when every trial of the selection finished, else 'N finished'."""
+    """'all finished' when every trial of the selection finished, else 'N finished, M diverged, ...'
+    (the statuses of the others, most common first)."""
     rows = select(r, sel)
-    n, done = int(rows["n_seeds"].sum()), int(rows["n_finished"].sum())
-    return "all finished" if n == done else f"{done:,d} finished"
+    n, done = int(rows["n_trials"].sum()), int(rows["n_finished"].sum())
+    if n == done:
+        return "all finished"
+    others: dict = {}
+    for _, row in rows.iterrows():
+        for status, k in (r.config(row["id"]).get("statuses") or {}).items():
+            if status != "finished":
+                others[status] = others.get(status, 0) + int(k)
+    return ", ".join([f"{done:,d} finished"] + [f"{k:,d} {s}" for s, k in sorted(others.items(), key=lambda x: -x[1])])
 
 
 @claim("min")

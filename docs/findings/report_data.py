@@ -120,7 +120,10 @@ def _config_row(c: dict, extra: dict[str, dict]) -> dict:
         row[full] = str(v)
         if param_name(full) != "depth":          # depth stays the verdict's int
             row.setdefault(param_name(full), str(v))
-    row["n_finished"] = int((c.get("statuses") or {}).get("finished", 0))
+    statuses = c.get("statuses") or {}
+    row["n_finished"] = int(statuses.get("finished", 0))
+    # every trial the configuration ran, whatever its end (n_seeds counts the finished ones only)
+    row["n_trials"] = int(sum(statuses.values())) if statuses else int(c.get("n_seeds") or 0)
     figures = {**{k: v for k, v in (c.get("figures") or {}).items() if isinstance(v, dict)},
                **{k: v for k, v in extra.items() if k not in (c.get("figures") or {})}}
     for key, fig in figures.items():
