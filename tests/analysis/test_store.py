@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from analysis.store import StoreInitError, init_store, lock_path, sqlite_path
 from tests.helpers.sweep import capsweep_cmd, env_for_subprocess, wait_for, write_spec
-from tests.helpers.procs import free_port
+from tests.helpers.procs import free_port, kill_group
 
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=5) as r:
@@ -80,11 +80,7 @@ def race_round(folder: Path, use_init: bool) -> tuple[bool, bool, str]:
             detail += f" server exited: {server.stderr.read().strip().splitlines()[-1:]}"
         return ours, theirs, detail
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        server.wait(60)
+        kill_group(server, signal.SIGTERM, 60)
 
 
 def _rounds(tmp_path: Path, n: int, use_init: bool) -> list:

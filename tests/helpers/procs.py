@@ -104,3 +104,24 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
+    """Signal the process group `proc` leads (started with start_new_session=True; a group already gone
+    is fine), then wait for `proc` at most `timeout` seconds."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout)
+
+
+def read_until(stream, *markers: str) -> list[str]:
+    """Lines of `stream` up to and including the first that holds any of `markers` (or to its end).
+    Bounded by the process writing it: the commands these tests start give up after their own timeout."""
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if any(m in line for m in markers):
+            break
+    return lines

@@ -28,7 +28,7 @@ from sweeps.runner import create_parent
 from sweeps.search import journal_storage
 from sweeps.spec import journal_file, load_spec
 from tests.helpers.sweep import ROOT, capsweep_cmd, env_for_subprocess
-from tests.helpers.procs import alive, descendants, free_port, listening_addresses
+from tests.helpers.procs import alive, descendants, free_port, kill_group, listening_addresses, read_until
 from tests.helpers.runs import make_store
 
 N_TRIALS = 5
@@ -83,11 +83,7 @@ def test_dashboard_serves_the_study_read_only_on_loopback_and_stops_with_everyth
                             cwd=store["root"], env=env_for_subprocess(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        lines = []
-        for line in proc.stderr:              # bounded: sweeps/ui.py gives up after START_TIMEOUT_S
-            lines.append(line)
-            if "Optuna dashboard on" in line or "error" in line:
-                break
+        lines = read_until(proc.stderr, "Optuna dashboard on", "error")   # sweeps/ui.py: START_TIMEOUT_S
         m = re.search(r"Optuna dashboard on (http://127\.0\.0\.1:(\d+))/dashboard/studies/(\d+) for sweep 'hunt-a'",
                       lines[-1])
         assert m, lines
@@ -113,11 +109,7 @@ def test_dashboard_serves_the_study_read_only_on_loopback_and_stops_with_everyth
         assert proc.wait(60) == 0
         assert alive(below) == set() and listening_addresses(port) == []
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(30)
+        kill_group(proc, signal.SIGKILL, 30)
 
 
 @pytest.mark.parametrize("args, says", [

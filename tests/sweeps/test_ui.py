@@ -17,7 +17,7 @@ import pytest
 
 from sweeps import ui
 from tests.helpers.sweep import ROOT, capsweep_cmd, env_for_subprocess
-from tests.helpers.procs import alive, descendants, free_port, listening_addresses
+from tests.helpers.procs import alive, descendants, free_port, kill_group, listening_addresses, read_until
 
 
 
@@ -56,11 +56,7 @@ def test_ui_binds_loopback_only_and_its_address_opens_the_runs(tmp_path):
                             env=env_for_subprocess(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        lines = []
-        for line in proc.stderr:            # bounded: sweeps/ui.py gives up after START_TIMEOUT_S
-            lines.append(line)
-            if "MLflow UI on" in line or "error" in line:
-                break
+        lines = read_until(proc.stderr, "MLflow UI on", "error")     # sweeps/ui.py: START_TIMEOUT_S
         m = re.search(r"MLflow UI on (\S+) for", lines[-1])
         assert m, lines
         assert lines[0].startswith("capsweep: starting the MLflow UI")     # said at once, before the wait
@@ -89,11 +85,7 @@ def test_ui_binds_loopback_only_and_its_address_opens_the_runs(tmp_path):
         if binary is None:
             pytest.skip(why)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(30)
+        kill_group(proc, signal.SIGKILL, 30)
 
 
 def test_a_busy_port_is_one_line_and_exit_2_before_anything_starts(tmp_path):
@@ -159,11 +151,7 @@ def test_a_signal_stops_the_servers_whole_group(tmp_path, sig):
         assert proc.wait(30) == 0
         assert alive(below) == set() and not serving(port)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(30)
+        kill_group(proc, signal.SIGKILL, 30)
 
 
 def test_a_server_that_dies_or_never_answers_is_one_error_and_nothing_is_left(tmp_path):
