@@ -310,7 +310,7 @@ def _validate_points(spec: SweepSpec, base: runcfg.RunConfig) -> tuple[int, ...]
             cfg = configs(spec).of(point)
         except runcfg.ConfigError as e:
             _fail(f"{where}: gives an invalid trial: {e}")
-        same = repr(sorted(configs(spec).flat(point).items()))
+        same = repr(sorted(runcfg.flatten(runcfg.to_dict(cfg)).items()))      # the config just built
         if same in seen:
             _fail(f"{where}: the same configuration as points[{seen[same]}]; list each configuration once")
         seen[same] = i
