@@ -64,7 +64,7 @@ from analysis.stats import (FAIL, INCONCLUSIVE, PASS, Interval, bound_p, check_b
 from capsmodels.catalogue import SPLIT_SIZES
 from capsmodels.contract import (CANDIDATE, CNN_UNUSED_KEYS, CONTROL, FINISHED, NUM_CLASSES, REFERENCE, RUNNING,
                                  SEED_KEY, STATUSES, STOPPED, SWEEP_PARAM_PREFIX, TAG_CONFIRMS, SweepParams,
-                                 decode_correct, parse_layer_metric)
+                                 decode_correct, parse_layer_metric, role_of)
 
 # how a trial ran, not what it trained: train.check_every changes nothing, train.compile only rounding
 NON_CONFIG_PARAMS = {SEED_KEY, "train.device", "train.threads", "train.progress", "train.check_every",
@@ -322,13 +322,6 @@ def num_classes_of(trials: pd.DataFrame, th: Thresholds) -> tuple[int, str]:
         return min(known), f"from data.name ({', '.join(sorted(names))})"
     return 2, (f"dataset {', '.join(sorted(names)) or '(unknown)'} has no known class count; "
                "chance taken as 1/2 (the strictest); pass --num-classes")
-
-
-def role_of(arch: str, depth: Optional[int]) -> str:
-    """reference (depth 0), candidate (CapsNet, depth >= 1 or unknown) or control (any other arch)."""
-    if depth == 0:
-        return REFERENCE
-    return CANDIDATE if arch == "capsnet" else CONTROL
 
 
 def scored(trials: pd.DataFrame) -> pd.DataFrame:

@@ -118,11 +118,21 @@ CNN_UNUSED_KEYS = tuple(f"model.{k}" for k in (
     "routing", "iterations", "detach_inner", "bias", "squash", "init", "init_std", "init_scale", "init_target",
     "bias_init", "decoder", "recon_weight", "out_dim", "residual", "residual_dist", "pose_norm"))
 
-# ---- trial roles (the sweep param ROLE_KEY; docs/PROBES.md, "Trial roles") ---------------------------
+# ---- trial roles (the sweep param ROLE_KEY; docs/PROBES.md, "Configurations and roles") ---------------------------
 ROLE_KEY = "trial.role"               # a param of every trial, not a run-config key
 SEED_KEY = "train.seed"               # the run-config key a sweep sets from its `seeds` (never searched over)
 CANDIDATE, REFERENCE, CONTROL = "candidate", "reference", "control"
 ROLES = (CANDIDATE, REFERENCE, CONTROL)
+
+
+def role_of(arch: str, depth: int | None) -> str:
+    """How the verdict judges a trial: reference (depth 0), candidate (a CapsNet at depth >= 1 or of
+    unknown depth) or control (any other arch). Not the ROLE_KEY param, which says who added the trial
+    (the sweep's space: candidate; sweeps/extras.py: reference or control), so a depth-0 CapsNet of the
+    space carries trial.role=candidate and is judged a reference."""
+    if depth == 0:
+        return REFERENCE
+    return CANDIDATE if arch == "capsnet" else CONTROL
 
 # ---- the sweep's settings, as params of its parent run (`sweep.*`) --------------------------------------
 SWEEP_PARAM_PREFIX = "sweep."

@@ -1,6 +1,6 @@
 """The trials a sweep's space forgot: depth-0 CapsNet references and CNN controls.
 
-Why: the verdict (docs/PROBES.md, "Trial roles") judges each deep candidate against a depth-0
+Why: the verdict (docs/PROBES.md, "Configurations and roles") judges each deep candidate against a depth-0
 CapsNet trained the same way, and checks its own thresholds on a healthy network of the same depth
 (the `cnn` control). A sweep over depth 1 and 3 only (`capsdim`), or one where Optuna picks the depth
 (`hunt`), has neither, so no candidate could ever pass. The runner therefore adds them as ordinary
@@ -34,7 +34,7 @@ import math
 from typing import Iterable, Union
 
 from capsmodels import config as runcfg
-from capsmodels.contract import CANDIDATE, CONTROL, REFERENCE, ROLE_KEY
+from capsmodels.contract import CANDIDATE, CONTROL, REFERENCE, ROLE_KEY, role_of
 from sweeps.schema import SEED_KEY, SpecError, SweepSpec, candidate_trials, configs
 
 UNMATCHED = ("model.depth", "model.arch", "model.num_caps", "model.caps_dim")
@@ -175,6 +175,35 @@ def trial_counts(spec: SweepSpec) -> dict:
     roles = [p[ROLE_KEY] for p in extra_trials(spec)]
     return {CANDIDATE: candidate_trials(spec), REFERENCE: roles.count(REFERENCE),
             CONTROL: roles.count(CONTROL)}
+
+
+def judged_counts(spec: SweepSpec) -> dict:
+    """{candidate, reference, control}: trials per role as the verdict will judge them, by arch and
+    depth (capsmodels.contract.role_of: every depth-0 network is a reference, the depth-0 cnn included,
+    and a deeper cnn a control), not by who added them (`trial_counts`, the `trial.role` param).
+    Why: the verdict's error control is over its candidates, and a space that holds depth 0 or a cnn
+    (the depth sweep: depth grid [0, 1, ...]) has references and controls of its own.
+    A space trial whose arch or depth is sampled (optuna, `choice` under random search, a range) is
+    counted a candidate: which role it gets is known only once it is drawn."""
+    out = {CANDIDATE: 0, REFERENCE: 0, CONTROL: 0}
+
+    def add(points: list[dict], each: int) -> None:
+        for p in points:
+            cfg = configs(spec).of(p).model
+            out[role_of(cfg.arch, cfg.depth)] += each
+    add(reference_points(spec) + control_points(spec), len(spec.seeds))
+    own = candidate_trials(spec)
+    if spec.points:
+        add(spec.points, own // len(spec.points))
+        return out
+    kinds = {k: _entry(spec, k)[0] for k in ("model.arch", "model.depth")}
+    if not all(kind is None or _crossed(spec, k) for k, kind in kinds.items()):
+        out[CANDIDATE] += own
+        return out
+    cells = list(itertools.product(_archs(spec), depths(spec)))
+    for arch, depth in cells:
+        out[role_of(arch, int(depth))] += own // len(cells)
+    return out
 
 
 def total_trials(spec: SweepSpec) -> int:

@@ -39,7 +39,7 @@ from capsmodels import config as runcfg
 from analysis.store import resolve_tracking_uri
 from capsmodels.contract import LAYER_METRICS, SCALAR_METRICS, parse_layer_metric
 from sweeps import budget, extras
-from sweeps.extras import total_trials, trial_counts  # noqa: F401 - re-exported
+from sweeps.extras import judged_counts, total_trials, trial_counts  # noqa: F401 - re-exported
 from sweeps.schema import (ALGORITHMS, KEEP_BASE, MODES, NAME_RE, RUN_SECTIONS, SAMPLERS,  # noqa: F401 - re-exported
                            SCHEDULERS, SEED_KEY, SPACE_KINDS, BudgetSpec, MlflowSpec, ResourcesSpec, SchedulerSpec,
                            SearchSpec, SpecError, SweepSpec, _fail, candidate_trials, grid_size, objectives,
@@ -350,8 +350,9 @@ def _validate_space(spec: SweepSpec, base: runcfg.RunConfig) -> None:
 
 
 def describe_trials(spec: SweepSpec) -> str:
-    """'N trials (C candidates, R references, K controls)'."""
-    n = trial_counts(spec)
+    """'N trials (C candidates, R references, K controls)', each trial counted in the role the verdict
+    judges it in (a depth-0 CapsNet of the space is a reference: sweeps/extras.py judged_counts)."""
+    n = judged_counts(spec)
     return (f"{sum(n.values())} trials ({n['candidate']} candidates, {n['reference']} references, "
             f"{n['control']} controls)")
 

@@ -206,17 +206,20 @@ def test_dry_run_prints_the_resolved_spec_and_count_and_starts_nothing(command, 
     assert spec["seeds"] == [0, 1, 2] and spec["name"] == "smoke"
     grid = math.prod(len(v["grid"]) for v in spec["space"].values())
     depths = sorted(set(spec["space"]["model.depth"]["grid"]))
-    # candidates: the grid x seeds; controls: one cnn per swept depth and seed (README, "Run a sweep")
-    n_cand, n_ctrl = grid * 3, len(depths) * 3
-    assert out.splitlines()[-1].startswith(f"# {n_cand + n_ctrl} trials ({n_cand} candidates, 0 references, "
-                                           f"{n_ctrl} controls)")
+    # the grid x seeds and one cnn per swept depth and seed (README, "Run a sweep"), counted as the verdict
+    # judges them: a depth-0 network (CapsNet or cnn) is a reference, a deeper cnn a control
+    deep = sum(d > 0 for d in depths)
+    n_cand = grid * 3 * deep // len(depths)
+    n_ref, n_ctrl = grid * 3 - n_cand + 3, deep * 3
+    assert out.splitlines()[-1].startswith(f"# {n_cand + n_ref + n_ctrl} trials ({n_cand} candidates, {n_ref} "
+                                           f"references, {n_ctrl} controls)")
     assert list(tmp_path.iterdir()) == []          # no store, no Ray state
 
 
 def test_validate_takes_overrides_like_run(capsys):
     code, out, err = run_cli(["validate", "smoke", "seeds=[0]", "--set", "controls=false"], capsys)
     assert code == 0, err
-    assert out.splitlines()[0] == "smoke: ok (4 trials (4 candidates, 0 references, 0 controls), search grid)"
+    assert out.splitlines()[0] == "smoke: ok (4 trials (2 candidates, 2 references, 0 controls), search grid)"
 
 
 def test_every_flag_has_help():

@@ -47,7 +47,7 @@ def test_sweep_logs_one_child_run_per_trial(finished_sweep):
     assert "capsweep report tiny" in proc.stdout
     # Ray's notice that a local Ray has token authentication on (its default, kept) is not shown
     assert "Token authentication" not in proc.stdout + proc.stderr
-    assert "8 trials (2 candidates, 2 references, 4 controls)" in proc.stdout
+    assert "8 trials (2 candidates, 4 references, 2 controls)" in proc.stdout
     (parent,) = parents(client)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["capsweep.sweep"] == "tiny"

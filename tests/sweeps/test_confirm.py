@@ -90,7 +90,8 @@ def test_references_and_controls_of_points():
     assert extras.reference_points(spec) == REFERENCES
     assert extras.control_points(spec) == CONTROLS
     assert trial_counts(spec) == {CANDIDATE: 12, REFERENCE: 4, CONTROL: 6}
-    assert describe_trials(spec) == "22 trials (12 candidates, 4 references, 6 controls)"
+    # judged by arch and depth: the depth-0 point and the depth-0 cnn are references, the cnn point a control
+    assert describe_trials(spec) == "22 trials (8 candidates, 8 references, 6 controls)"
     assert extras.reference_points(spec_of(points=POINTS, references=False)) == []
     assert extras.control_points(spec_of(points=POINTS, controls=False)) == []
 
@@ -123,7 +124,7 @@ def test_run_dry_run_counts_a_points_spec(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"name": "p", "base": BASE, "points": POINTS, "seeds": [0, 1]}))
     assert cli.main(["run", "p.yaml", "--dry-run"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("# 22 trials (12 candidates, 4 references, 6 controls)")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("# 22 trials (8 candidates, 8 references, 6 controls)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
 
 
@@ -262,8 +263,8 @@ def test_dry_run_prints_the_plan_and_the_spec_and_writes_nothing(store, tmp_path
     assert spec["base"]["train"]["epochs"] == 2                         # the override
     assert [resolve_trial(BASE, p) for p in spec["points"]] == \
         [resolve_trial(BASE, confirm.typed_point(BASE, c["params"], c["id"])) for c in ranked]
-    # 2 points x 3 seeds; one shared depth-0 twin per iteration count; cnn at depth 0 and 1
-    assert lines[-2].startswith("# 18 trials (6 candidates, 6 references, 6 controls)")
+    # 2 points x 3 seeds; one shared depth-0 twin per iteration count and the depth-0 cnn; the cnn at depth 1
+    assert lines[-2].startswith("# 18 trials (6 candidates, 9 references, 3 controls)")
     assert lines[-1] == "# --dry-run: nothing written or started; the spec would go to confirm/explo-confirm.yaml"
     assert list(tmp_path.iterdir()) == []
     assert {p.data.tags[TAG_SWEEP] for p in parents(store["client"])} == sweeps_before
@@ -333,7 +334,7 @@ def test_confirm_runs_the_chosen_configuration_through_the_tuner(store, tmp_path
     proc = run(capsweep_cmd("confirm", "explo", "--top", "1", "--seeds", "2", "--num-cpus", "2",
                             "--tracking-uri", store["uri"], "--verbose", "0"), tmp_path, env_for_subprocess())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "capsweep: sweep 'explo-confirm': 8 trials (2 candidates, 2 references, 4 controls)" in proc.stdout
+    assert "capsweep: sweep 'explo-confirm': 8 trials (2 candidates, 4 references, 2 controls)" in proc.stdout
     written = tmp_path / "confirm" / "explo-confirm.yaml"
     assert f"wrote {written.relative_to(tmp_path)}" in proc.stdout
     on_file = yaml.safe_load(written.read_text())

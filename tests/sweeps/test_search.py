@@ -65,7 +65,8 @@ def test_grid_without_depth_zero_gets_matched_references_and_controls_per_seed()
     assert all(c["model.arch"] == "cnn" and c["train.lr"] == 1e-3 and c["model.caps_dim"] == 4
                for c in roles["control"])
     assert len(trials) == total_trials(spec) == 26
-    assert describe_trials(spec) == "26 trials (16 candidates, 4 references, 6 controls)"
+    # as the verdict judges them: the depth-0 cnn is the deeper controls' reference
+    assert describe_trials(spec) == "26 trials (16 candidates, 6 references, 4 controls)"
     for t in trials:                                   # every trial resolves to a valid run config
         cfg = resolve_trial(BASE, t.config)
         assert cfg.model.arch == {"control": "cnn"}.get(t.config["trial.role"], "capsnet")

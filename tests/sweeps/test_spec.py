@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sweeps import cli
-from sweeps.spec import CONFIG_DIR, load_spec, total_trials
+from sweeps.spec import CONFIG_DIR, describe_trials, judged_counts, load_spec, total_trials, trial_counts
 
 GOOD = """
 name: t
@@ -65,8 +65,32 @@ def test_good_spec_counts_trials(workdir, capsys):
     deep = GOOD.replace("grid: [0, 1]", "grid: [2, 3]")
     assert total_trials(load_spec(write(workdir, deep))) == 4 + 2 + 6      # + a depth-0 reference per seed; cnn at 0, 2, 3
     assert cli.main(["validate", write(workdir, deep)]) == 0
-    assert "ok (12 trials (4 candidates, 2 references, 6 controls), search grid)" in capsys.readouterr().out
+    assert "ok (12 trials (4 candidates, 4 references, 4 controls), search grid)" in capsys.readouterr().out
 
+
+
+def test_trials_are_counted_in_the_role_the_verdict_judges_them(workdir):
+    """Every depth-0 network is a reference and every deeper cnn a control (analysis/verdict.py judges
+    by arch and depth), though a space trial's trial.role says the space added it, and the runner's
+    depth-0 cnn is added as a control."""
+    spec = load_spec(write(workdir, GOOD))                     # depth 0/1 x 2 seeds + cnn at 0 and 1
+    assert trial_counts(spec) == {"candidate": 4, "reference": 0, "control": 4}
+    assert judged_counts(spec) == {"candidate": 2, "reference": 4, "control": 2}
+    assert describe_trials(spec) == "8 trials (2 candidates, 4 references, 2 controls)"
+    crossed = GOOD.replace("grid: [0, 1]}", "grid: [0, 1, 2]}\n  model.arch: {grid: [capsnet, cnn]}")
+    # 3 depths x 2 archs x 2 seeds, all in the space (nothing added): capsnet 1 and 2 candidates, both
+    # archs at depth 0 references, cnn 1 and 2 controls
+    assert judged_counts(load_spec(write(workdir, crossed))) == {"candidate": 4, "reference": 4, "control": 4}
+    sampled = GOOD.replace("{grid: [0, 1]}", "{choice: [0, 1]}") + "search: {algorithm: random}\nnum_samples: 3\n"
+    # which depth each of the 3 x 2 samples draws is not known in advance: all candidates until drawn
+    n = judged_counts(load_spec(write(workdir, sampled)))
+    assert n["candidate"] == 6 and sum(n.values()) == total_trials(load_spec(write(workdir, sampled)))
+    points = GOOD.replace("space:\n  model.depth: {grid: [0, 1]}\n",
+                          "space: {}\npoints:\n- {model.depth: 0}\n- {model.depth: 2}\n")
+    spec = load_spec(write(workdir, points))
+    n = judged_counts(spec)
+    # capsnet 0 (its own twin) and cnn 0 references; capsnet 2 a candidate, cnn 2 its control
+    assert n == {"candidate": 2, "reference": 4, "control": 2} and sum(n.values()) == total_trials(spec)
 
 BOOL = "expected true or false"
 DEPTH = "model.depth: {grid: [0, 1]}"
