@@ -22,6 +22,9 @@ capsweep report findings-remedies-cpu --out docs/findings/remedies_cpu
 # the remedy on attention, efficient and self-routing, both family_defaults (78 trials, about 75 min):
 capsweep run docs/findings/findings-remedies-families.yaml --num-cpus 2
 capsweep report findings-remedies-families --out docs/findings/remedies_families
+# its three most promising candidates, on 12 fresh seeds (96 trials, about an hour on 2 cores):
+capsweep confirm findings-remedies-families --top 3 --num-cpus 2
+capsweep report findings-remedies-families-confirm --out docs/findings/remedies_families_confirm
 #
 # Not re-run under this protocol (its report is the earlier instrument's, commit 61739c6):
 capsweep run docs/findings/findings-remedies.yaml --num-cpus 2
