@@ -19,6 +19,9 @@ capsweep report findings-parse-tree-confirm --out docs/findings/parse_tree_confi
 # the slice of the remedies that fits 2 CPU cores (30 trials, about 20 min):
 capsweep run docs/findings/findings-remedies-cpu.yaml --num-cpus 2
 capsweep report findings-remedies-cpu --out docs/findings/remedies_cpu
+# the same six routed layers deep (30 trials, about 17 min on 2 cores):
+capsweep run docs/findings/findings-remedies-depth6.yaml --num-cpus 2
+capsweep report findings-remedies-depth6 --out docs/findings/remedies_depth6
 # the remedy on attention, efficient and self-routing, both family_defaults (78 trials, about 75 min):
 capsweep run docs/findings/findings-remedies-families.yaml --num-cpus 2
 capsweep report findings-remedies-families --out docs/findings/remedies_families
