@@ -28,6 +28,9 @@ capsweep report findings-remedies-families --out docs/findings/remedies_families
 # its three most promising candidates, on 12 fresh seeds (96 trials, about an hour on 2 cores):
 capsweep confirm findings-remedies-families --top 3 --num-cpus 2
 capsweep report findings-remedies-families-confirm --out docs/findings/remedies_families_confirm
+# the same six routed layers deep, against findings-remedies-families' depth-0 references (42 trials, about 25 min):
+capsweep run docs/findings/findings-remedies-families-depth6.yaml --num-cpus 2
+capsweep report findings-remedies-families-depth6 --reference findings-remedies-families --out docs/findings/remedies_families_depth6
 #
 # Not re-run under this protocol (its report is the earlier instrument's, commit 61739c6):
 capsweep run docs/findings/findings-remedies.yaml --num-cpus 2
