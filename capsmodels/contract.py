@@ -118,7 +118,7 @@ CNN_UNUSED_KEYS = tuple(f"model.{k}" for k in (
     "routing", "iterations", "detach_inner", "bias", "squash", "init", "init_std", "init_scale", "init_target",
     "bias_init", "decoder", "recon_weight", "out_dim", "residual", "residual_dist", "pose_norm"))
 
-# ---- trial roles (the sweep param ROLE_KEY; docs/PROBES.md, "Configurations and roles") ---------------------------
+# ---- trial roles (the sweep param ROLE_KEY; docs/PROBES.md, "Configurations and roles") -------------
 ROLE_KEY = "trial.role"               # a param of every trial, not a run-config key
 SEED_KEY = "train.seed"               # the run-config key a sweep sets from its `seeds` (never searched over)
 CANDIDATE, REFERENCE, CONTROL = "candidate", "reference", "control"
