@@ -22,6 +22,9 @@ capsweep report findings-remedies-cpu --out docs/findings/remedies_cpu
 # the same six routed layers deep (30 trials, about 17 min on 2 cores):
 capsweep run docs/findings/findings-remedies-depth6.yaml --num-cpus 2
 capsweep report findings-remedies-depth6 --out docs/findings/remedies_depth6
+# the same with no routing at all, depth 3 and 6 (45 trials, about 12 min on 2 cores):
+capsweep run docs/findings/findings-remedies-uniform.yaml --num-cpus 2
+capsweep report findings-remedies-uniform --out docs/findings/remedies_uniform
 # the remedy on attention, efficient and self-routing, both family_defaults (78 trials, about 75 min):
 capsweep run docs/findings/findings-remedies-families.yaml --num-cpus 2
 capsweep report findings-remedies-families --out docs/findings/remedies_families
