@@ -134,6 +134,7 @@ def role_of(arch: str, depth: int | None) -> str:
         return REFERENCE
     return CANDIDATE if arch == "capsnet" else CONTROL
 
+
 # ---- the sweep's settings, as params of its parent run (`sweep.*`) --------------------------------------
 SWEEP_PARAM_PREFIX = "sweep."
 

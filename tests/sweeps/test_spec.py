@@ -68,7 +68,6 @@ def test_good_spec_counts_trials(workdir, capsys):
     assert "ok (12 trials (4 candidates, 4 references, 4 controls), search grid)" in capsys.readouterr().out
 
 
-
 def test_trials_are_counted_in_the_role_the_verdict_judges_them(workdir):
     """Every depth-0 network is a reference and every deeper cnn a control (analysis/verdict.py judges
     by arch and depth), though a space trial's trial.role says the space added it, and the runner's
@@ -91,6 +90,7 @@ def test_trials_are_counted_in_the_role_the_verdict_judges_them(workdir):
     n = judged_counts(spec)
     # capsnet 0 (its own twin) and cnn 0 references; capsnet 2 a candidate, cnn 2 its control
     assert n == {"candidate": 2, "reference": 4, "control": 2} and sum(n.values()) == total_trials(spec)
+
 
 BOOL = "expected true or false"
 DEPTH = "model.depth: {grid: [0, 1]}"
